@@ -1,0 +1,56 @@
+"""The `mindformers-st` offline tool: one subcommand per module in `mindformers_st.commands`.
+
+Each command module provides `register(subparsers)`, which adds its parser and sets
+`func(args) -> int` (the exit code).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import List, Optional
+
+from .errors import MindformersSTError
+
+# module name in mindformers_st.commands, in the order `--help` lists them
+COMMAND_MODULES = [
+    "inspect", "verify", "merge", "split", "reshard",
+    "convert_hf", "export_hf", "ckpt_to_safetensors",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every available subcommand registered."""
+    parser = argparse.ArgumentParser(prog="mindformers-st", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"mindformers_st.commands.{name}")
+        except ModuleNotFoundError as exc:  # a command not built yet is simply absent
+            if exc.name == f"mindformers_st.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MindformersSTError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

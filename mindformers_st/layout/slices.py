@@ -1,0 +1,83 @@
+"""The one description of a slice of a global tensor: global shape, offset and extent per dim.
+
+Everything that moves bytes (layouts, owners, plans, the engine) speaks in `TensorSlice`s.
+Pure Python; no numpy needed except for `index()` consumers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+from typing import Optional, Tuple
+
+
+@dataclass(frozen=True, order=True)
+class TensorSlice:
+    """A rectangular block of a global tensor.
+
+    `offsets[d]` is where the block starts on dimension d, `sizes[d]` how many elements it spans.
+    A whole tensor is `TensorSlice.whole(shape)`. A 0-d tensor has empty tuples.
+    """
+
+    global_shape: Tuple[int, ...]
+    offsets: Tuple[int, ...]
+    sizes: Tuple[int, ...]
+
+    def __post_init__(self):
+        if not (len(self.global_shape) == len(self.offsets) == len(self.sizes)):
+            raise ValueError(f"TensorSlice rank mismatch: shape {self.global_shape}, "
+                             f"offsets {self.offsets}, sizes {self.sizes}")
+        for d, (g, o, s) in enumerate(zip(self.global_shape, self.offsets, self.sizes)):
+            if o < 0 or s < 0 or o + s > g:
+                raise ValueError(f"TensorSlice dim {d}: offset {o} + size {s} outside global size {g}")
+
+    @staticmethod
+    def whole(shape) -> "TensorSlice":
+        """The slice covering all of a tensor of `shape`."""
+        shape = tuple(int(x) for x in shape)
+        return TensorSlice(shape, (0,) * len(shape), shape)
+
+    @property
+    def numel(self) -> int:
+        """Number of elements in the block."""
+        return prod(self.sizes)
+
+    @property
+    def is_whole(self) -> bool:
+        """True when the block is the entire tensor."""
+        return self.sizes == self.global_shape
+
+    def index(self) -> Tuple[slice, ...]:
+        """Python slices selecting this block out of the global array."""
+        return tuple(slice(o, o + s) for o, s in zip(self.offsets, self.sizes))
+
+    def intersect(self, other: "TensorSlice") -> Optional["TensorSlice"]:
+        """The overlap of two blocks of the same tensor, or None when they do not overlap."""
+        if self.global_shape != other.global_shape:
+            raise ValueError(f"cannot intersect slices of different tensors: "
+                             f"{self.global_shape} vs {other.global_shape}")
+        offs, sizes = [], []
+        for a_o, a_s, b_o, b_s in zip(self.offsets, self.sizes, other.offsets, other.sizes):
+            lo, hi = max(a_o, b_o), min(a_o + a_s, b_o + b_s)
+            if hi <= lo:
+                return None
+            offs.append(lo)
+            sizes.append(hi - lo)
+        return TensorSlice(self.global_shape, tuple(offs), tuple(sizes))
+
+    def relative_to(self, outer: "TensorSlice") -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """(offsets, sizes) of this block inside `outer`'s local array; it must lie within it."""
+        rel = tuple(o - oo for o, oo in zip(self.offsets, outer.offsets))
+        for d, (r, s, os_) in enumerate(zip(rel, self.sizes, outer.sizes)):
+            if r < 0 or r + s > os_:
+                raise ValueError(f"slice {self} is not inside {outer} (dim {d})")
+        return rel, self.sizes
+
+    def to_json(self) -> dict:
+        """JSON-able form used in safetensors `__metadata__` and plans."""
+        return {"global_shape": list(self.global_shape), "offsets": list(self.offsets),
+                "sizes": list(self.sizes)}
+
+    @staticmethod
+    def from_json(obj: dict) -> "TensorSlice":
+        """Inverse of `to_json`."""
+        return TensorSlice(tuple(obj["global_shape"]), tuple(obj["offsets"]), tuple(obj["sizes"]))
