@@ -1,0 +1,72 @@
+"""The safetensors dtype names and the numpy dtypes they map to (bfloat16/float8 via ml_dtypes)."""
+from __future__ import annotations
+
+import logging
+from typing import Dict
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import SafetensorsFormatError
+from ..layout.param_table import ITEMSIZE
+
+logger = logging.getLogger(__name__)
+
+# The full list of dtypes the safetensors format defines that we read and write. Every value is
+# little-endian, as the format stores data little-endian.
+ST_TO_NUMPY: Dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype("<u1"),
+    "I8": np.dtype("<i1"),
+    "I16": np.dtype("<i2"),
+    "U16": np.dtype("<u2"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I32": np.dtype("<i4"),
+    "U32": np.dtype("<u4"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "I64": np.dtype("<i8"),
+    "U64": np.dtype("<u8"),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+
+_NUMPY_TO_ST: Dict[np.dtype, str] = {v: k for k, v in ST_TO_NUMPY.items()}
+
+assert set(ST_TO_NUMPY) == set(ITEMSIZE), "storage and layout disagree on the dtype list"
+assert all(ST_TO_NUMPY[k].itemsize == ITEMSIZE[k] for k in ITEMSIZE)
+
+
+def numpy_to_st(dtype) -> str:
+    """The safetensors dtype name of a numpy dtype (anything `np.dtype()` accepts).
+
+    Native-endian and little-endian spellings are accepted; big-endian arrays, object, string and
+    complex dtypes raise SafetensorsFormatError (safetensors cannot store them).
+    """
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise SafetensorsFormatError(f"{dtype!r} is not a numpy dtype: {exc}") from exc
+    if dt.byteorder == ">":
+        raise SafetensorsFormatError(
+            f"numpy dtype {dt.str} is big-endian; safetensors stores little-endian data. "
+            f"Convert with arr.astype(arr.dtype.newbyteorder('<')) first.")
+    name = _NUMPY_TO_ST.get(dt.newbyteorder("<") if dt.byteorder == "=" else dt)
+    if name is None:
+        name = _NUMPY_TO_ST.get(dt)
+    if name is None:
+        raise SafetensorsFormatError(
+            f"numpy dtype {dt} has no safetensors equivalent; supported: "
+            f"{', '.join(sorted(ST_TO_NUMPY))}. Cast the array to one of them first.")
+    return name
+
+
+def st_to_numpy(name: str) -> np.dtype:
+    """The numpy dtype of a safetensors dtype name; SafetensorsFormatError for unknown names."""
+    try:
+        return ST_TO_NUMPY[name]
+    except (KeyError, TypeError):
+        raise SafetensorsFormatError(
+            f"unknown safetensors dtype {name!r}; the format defines "
+            f"{', '.join(sorted(ST_TO_NUMPY))}") from None

@@ -1,0 +1,380 @@
+"""Read safetensors files: strict header validation, then memory-mapped whole-tensor or block reads.
+
+The header is checked against every rule of the format before a single tensor byte is touched
+(see docs/storage.md for the list). A block (offsets/sizes per dimension) is read through a
+strided view of the memory map, so only the bytes of the block are copied; `byte_ranges()` lists
+those bytes as coalesced (absolute start, length) runs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+from dataclasses import dataclass
+from math import prod
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import CheckpointError, SafetensorsFormatError
+from ..layout.param_table import ITEMSIZE
+from .dtypes import ST_TO_NUMPY
+
+logger = logging.getLogger(__name__)
+
+# The Rust implementation refuses headers above 100 MB; we do the same so that a corrupt length
+# can never make us allocate more than that.
+MAX_HEADER_SIZE = 100_000_000
+METADATA_KEY = "__metadata__"
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as the header describes it; begin/end are byte offsets relative to the data area."""
+
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tensor occupies in the file."""
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return prod(self.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# header validation
+
+def _fail(path, rule: str, tensor: Optional[str] = None) -> SafetensorsFormatError:
+    where = f"tensor {tensor!r}: " if tensor is not None else ""
+    return SafetensorsFormatError(
+        f"{path}: {where}{rule}. The file is not a valid safetensors file (truncated, corrupt or "
+        f"written by a broken writer); re-download or re-save it.")
+
+
+def _reject_duplicates(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _reject_constant(name):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_header(path, raw: bytes, data_len: int) -> Tuple[Dict[str, TensorEntry], Dict[str, str]]:
+    """Validate the header bytes against every rule; return entries (offset order) and metadata."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _fail(path, f"header is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not text.startswith("{"):
+        raise _fail(path, "header must start with '{' (a JSON object)")
+    try:
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+    except _DuplicateKey as exc:
+        raise _fail(path, f"header JSON has the key {exc.args[0]!r} twice (duplicate keys are refused)") from None
+    except RecursionError:
+        raise _fail(path, "header JSON is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, int too long, NaN/Infinity
+        raise _fail(path, f"header is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise _fail(path, f"header must be a JSON object, found {type(obj).__name__}")
+
+    metadata: Dict[str, str] = {}
+    if METADATA_KEY in obj:
+        meta = obj.pop(METADATA_KEY)
+        if not isinstance(meta, dict):
+            raise _fail(path, f"__metadata__ must be a map of strings to strings, found {type(meta).__name__}")
+        for key, value in meta.items():
+            if not isinstance(value, str):
+                raise _fail(path, f"__metadata__[{key!r}] must be a string, found {type(value).__name__}")
+        metadata = meta
+
+    entries: List[TensorEntry] = []
+    for name, info in obj.items():
+        if not isinstance(info, dict):
+            raise _fail(path, f"entry must be an object with dtype, shape, data_offsets; found "
+                              f"{type(info).__name__}", name)
+        missing, extra = _ENTRY_KEYS - info.keys(), info.keys() - _ENTRY_KEYS
+        if missing:
+            raise _fail(path, f"entry lacks {sorted(missing)} (dtype, shape, data_offsets are required)", name)
+        if extra:
+            raise _fail(path, f"entry has unknown keys {sorted(extra)} (only dtype, shape, data_offsets are allowed)", name)
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in ST_TO_NUMPY:
+            raise _fail(path, f"dtype {dtype!r} is not one of the format's dtypes "
+                              f"({', '.join(ST_TO_NUMPY)})", name)
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise _fail(path, f"shape {_short(shape)} must be a list of non-negative integers", name)
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(_is_int(o) and o >= 0 for o in offsets)):
+            raise _fail(path, f"data_offsets {_short(offsets)} must be [start, end], two non-negative integers", name)
+        begin, end = offsets
+        if begin > end:
+            raise _fail(path, f"data_offsets [{begin}, {end}] have start after end", name)
+        if end > data_len:
+            raise _fail(path, f"data_offsets [{begin}, {end}] lie outside the data area of {data_len} "
+                              f"bytes (the file may be truncated)", name)
+        # prod() of a long list of huge ints is still bounded: every factor came from a header of
+        # at most MAX_HEADER_SIZE bytes, and we only compare the result.
+        need = prod(shape) * ITEMSIZE[dtype]
+        if end - begin != need:
+            raise _fail(path, f"data_offsets [{begin}, {end}] span {end - begin} bytes but shape "
+                              f"{shape} of {dtype} needs {need} (rule: end - start == prod(shape) * itemsize)", name)
+        entries.append(TensorEntry(name, dtype, tuple(shape), begin, end))
+
+    # Sorted by offset, the tensors must tile the data area exactly: no overlap, no hole.
+    entries.sort(key=lambda e: (e.begin, e.end))
+    cursor, prev = 0, None
+    for e in entries:
+        if e.begin < cursor:
+            raise _fail(path, f"data_offsets [{e.begin}, {e.end}] overlap tensor {prev!r} which ends at {cursor}", e.name)
+        if e.begin > cursor:
+            raise _fail(path, f"data_offsets start at {e.begin} but the previous tensor ends at {cursor}: "
+                              f"{e.begin - cursor} bytes are not covered by any tensor (holes are refused)", e.name)
+        cursor, prev = e.end, e.name
+    if cursor != data_len:
+        raise _fail(path, f"the tensors cover {cursor} bytes but the data area holds {data_len}: "
+                          f"{data_len - cursor} trailing bytes belong to no tensor")
+    return {e.name: e for e in entries}, metadata
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _read_header_fd(path, fd) -> Tuple[Dict[str, TensorEntry], Dict[str, str], int, int]:
+    size = os.fstat(fd).st_size
+    if size < 8:
+        raise _fail(path, f"file is {size} bytes, shorter than the 8-byte header length prefix")
+    prefix = os.pread(fd, 8, 0)
+    if len(prefix) != 8:
+        raise _fail(path, "could not read the 8-byte header length prefix (file shrank while reading?)")
+    n = int.from_bytes(prefix, "little")
+    # Check the length before reading anything: a corrupt prefix must not make us allocate.
+    if n > MAX_HEADER_SIZE:
+        raise _fail(path, f"header length {n} exceeds the limit of {MAX_HEADER_SIZE} bytes")
+    if n > size - 8:
+        raise _fail(path, f"header length {n} runs past the end of the {size}-byte file (truncated?)")
+    if n == 0:
+        raise _fail(path, "header length is 0; a header is at least '{}'")
+    raw = os.pread(fd, n, 8)
+    if len(raw) != n:
+        raise _fail(path, "header could not be read in full (file shrank while reading?)")
+    data_start = 8 + n
+    tensors, metadata = _parse_header(path, raw, size - data_start)
+    return tensors, metadata, data_start, size
+
+
+def read_header(path) -> Tuple[Dict[str, TensorEntry], Dict[str, str], int]:
+    """Validate and parse the header of `path` without mapping the data.
+
+    Returns (tensors in offset order, __metadata__ ({} if absent), absolute data-area offset).
+    Raises SafetensorsFormatError naming the file, tensor and rule for any violation.
+    """
+    path = os.fspath(path)
+    fd = _open_fd(path)
+    try:
+        tensors, metadata, data_start, _ = _read_header_fd(path, fd)
+    finally:
+        os.close(fd)
+    return tensors, metadata, data_start
+
+
+def _open_fd(path: str) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such safetensors file; check the path") from None
+    if not os.path.isfile(path):
+        os.close(fd)
+        raise CheckpointError(f"{path}: not a regular file; point at a .safetensors file")
+    return fd
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks
+
+def normalize_block(name: str, shape: Sequence[int], offsets, sizes) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Check a block request against a tensor shape; None offsets/sizes mean the whole tensor.
+
+    Raises CheckpointError when the block has the wrong rank or leaves the tensor.
+    """
+    shape = tuple(shape)
+    offsets = (0,) * len(shape) if offsets is None else tuple(int(o) for o in offsets)
+    sizes = tuple(s - o for s, o in zip(shape, offsets)) if sizes is None else tuple(int(s) for s in sizes)
+    if len(offsets) != len(shape) or len(sizes) != len(shape):
+        raise CheckpointError(f"tensor {name!r} of shape {list(shape)}: block offsets {list(offsets)} / "
+                              f"sizes {list(sizes)} must have one entry per dimension")
+    for d, (g, o, s) in enumerate(zip(shape, offsets, sizes)):
+        if o < 0 or s < 0 or o + s > g:
+            raise CheckpointError(f"tensor {name!r} of shape {list(shape)}: block offsets {list(offsets)} "
+                                  f"sizes {list(sizes)} leave the tensor on dimension {d}")
+    return offsets, sizes
+
+
+def block_runs(shape: Sequence[int], itemsize: int, offsets: Sequence[int],
+               sizes: Sequence[int]) -> np.ndarray:
+    """Byte runs of a rectangular block inside a C-ordered tensor, relative to the tensor start.
+
+    Returns an int64 array of shape (n, 2) of (start, length), in block C order, maximally
+    coalesced: the trailing dimensions the block spans fully are merged into each run, so runs
+    never touch each other. An empty block gives no runs.
+    """
+    ndim = len(shape)
+    if prod(sizes) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    strides = [itemsize] * ndim
+    for d in range(ndim - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    # k: the last dimension the block does not cover fully; everything after it is contiguous.
+    k = ndim - 1
+    while k >= 0 and sizes[k] == shape[k]:
+        k -= 1
+    if k < 0:
+        return np.array([[0, prod(shape) * itemsize]], dtype=np.int64)
+    run_len = sizes[k] * strides[k]
+    starts = np.array([sum(o * s for o, s in zip(offsets, strides))], dtype=np.int64)
+    for d in range(k - 1, -1, -1):
+        if sizes[d] > 1:
+            steps = np.arange(sizes[d], dtype=np.int64) * strides[d]
+            starts = (steps[:, None] + starts[None, :]).reshape(-1)
+    return np.stack([starts, np.full_like(starts, run_len)], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the file
+
+class SafetensorsFile:
+    """An open safetensors file: validated header plus a read-only memory map of the data.
+
+    Use as a context manager or call close(). Arrays returned by read() are fresh copies, so they
+    stay valid after close().
+    """
+
+    def __init__(self, path):
+        self.path: str = os.fspath(path)
+        self._mmap: Optional[mmap.mmap] = None
+        fd = _open_fd(self.path)
+        try:
+            self.tensors, self.metadata, self.data_start, self._size = _read_header_fd(self.path, fd)
+            # The header is validated; now map the file (never empty here: the prefix is 8 bytes).
+            self._mmap = mmap.mmap(fd, self._size, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+
+    # -- context manager
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SafetensorsFile({self.path!r}, {len(self.tensors)} tensors)"
+
+    def keys(self) -> List[str]:
+        """Tensor names in file (offset) order."""
+        return list(self.tensors)
+
+    def entry(self, name: str) -> TensorEntry:
+        """The header entry of `name`; CheckpointError naming the file if it is absent."""
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r} (the file holds "
+                                  f"{len(self.tensors)} tensors)") from None
+
+    def byte_ranges(self, name: str, offsets=None, sizes=None) -> List[Tuple[int, int]]:
+        """The coalesced (absolute file offset, length) runs a block of `name` occupies."""
+        e = self.entry(name)
+        offsets, sizes = normalize_block(name, e.shape, offsets, sizes)
+        runs = block_runs(e.shape, ITEMSIZE[e.dtype], offsets, sizes)
+        base = self.data_start + e.begin
+        return [(int(s) + base, int(n)) for s, n in runs]
+
+    def _view(self, e: TensorEntry) -> np.ndarray:
+        if self._mmap is None:
+            raise CheckpointError(f"{self.path}: file is closed; open it again to read {e.name!r}")
+        return np.ndarray(e.shape, dtype=ST_TO_NUMPY[e.dtype], buffer=self._mmap,
+                          offset=self.data_start + e.begin)
+
+    def read_into(self, name: str, out: np.ndarray, offsets=None, sizes=None) -> None:
+        """Copy a block of `name` into `out` (any strides, e.g. a view into a bigger array).
+
+        `out` must have the block's shape and the tensor's dtype. Only the block's bytes are read.
+        """
+        e = self.entry(name)
+        offsets, sizes = normalize_block(name, e.shape, offsets, sizes)
+        want = ST_TO_NUMPY[e.dtype]
+        if tuple(out.shape) != sizes:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: output array has shape {list(out.shape)} "
+                                  f"but the block is {list(sizes)}")
+        if out.dtype != want:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is {e.dtype} but the output array is "
+                                  f"{out.dtype}; pass an array of {want} and cast afterwards")
+        if out.size == 0:
+            return
+        view = self._view(e)
+        try:
+            np.copyto(out, view[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))])
+        finally:
+            del view  # drop the export of the mmap so close() can unmap it
+
+    def read(self, name: str, offsets=None, sizes=None) -> np.ndarray:
+        """The whole tensor, or the block offsets/sizes of it, as a fresh C-contiguous array."""
+        e = self.entry(name)
+        offsets, sizes = normalize_block(name, e.shape, offsets, sizes)
+        out = np.empty(sizes, dtype=ST_TO_NUMPY[e.dtype])
+        self.read_into(name, out, offsets, sizes)
+        return out
+
+    def raw_bytes(self, name: str) -> memoryview:
+        """A zero-copy read-only view of the stored bytes of `name` (release it before close())."""
+        e = self.entry(name)
+        if self._mmap is None:
+            raise CheckpointError(f"{self.path}: file is closed")
+        return memoryview(self._mmap)[self.data_start + e.begin:self.data_start + e.end]
+
+    def close(self) -> None:
+        """Unmap the file. Arrays from read() stay valid; views from raw_bytes() must be released."""
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                # Someone still holds a raw_bytes() view; the map is freed when it is dropped.
+                logger.debug("%s: mmap still exported at close; leaving it to the GC", self.path)
+            self._mmap = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def open_safetensors(path) -> SafetensorsFile:
+    """Open `path`, validate its header strictly, and memory-map it for reading."""
+    return SafetensorsFile(path)
