@@ -1,0 +1,1 @@
+"""Parallel runtime: msrun environment -> rank, world size, data- and tensor-parallel groups."""

@@ -1,0 +1,70 @@
+"""Model registry: the names usable in YAML `model.arch.type` / `model.model_config.type`.
+
+`register_model` is a class decorator; `research/qwen2` style plug-ins call it from the file
+given to `--register_path`. The registry itself is pure; the built-in Llama model registers
+itself when `mindformers_st.models.llama` is imported (which `get_model` does on first use).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional, Tuple
+
+from ..errors import ConfigError
+from .config import LlamaConfig
+
+logger = logging.getLogger(__name__)
+
+_MODELS: Dict[str, Tuple[type, type]] = {}
+_CONFIGS: Dict[str, type] = {"LlamaConfig": LlamaConfig}
+
+
+def register_model(name: str, config_cls: type = LlamaConfig):
+    """Class decorator registering a model class under `name` with its config class.
+
+    The config class is also registered under its own class name, so `model_config.type`
+    resolves. Re-registering a name with a different class replaces it (with a warning).
+    """
+    def deco(cls):
+        old = _MODELS.get(name)
+        if old is not None and old[0] is not cls:
+            logger.warning("register_model: %s re-registered (%s -> %s)", name,
+                           old[0].__qualname__, cls.__qualname__)
+        _MODELS[name] = (cls, config_cls)
+        _CONFIGS.setdefault(config_cls.__name__, config_cls)
+        return cls
+    return deco
+
+
+def _load_builtin() -> None:
+    # Importing llama registers LlamaForCausalLM; done lazily so the registry stays importable
+    # (and `config/` can validate names) without paying for a MindSpore import.
+    from . import llama  # noqa: F401
+
+
+def get_model(name: str) -> Tuple[type, type]:
+    """(model class, config class) registered as `name`; ConfigError listing the known names."""
+    if name not in _MODELS:
+        _load_builtin()
+    if name not in _MODELS:
+        raise ConfigError(f"model.arch.type {name!r} is not a registered model; known: "
+                          f"{sorted(_MODELS)}. Register yours with --register_path "
+                          "(a file using mindformers_st.models.registry.register_model).")
+    return _MODELS[name]
+
+
+def get_config_class(name: Optional[str]) -> type:
+    """The config class registered as `name` (model_config.type); LlamaConfig when None."""
+    if name is None:
+        return LlamaConfig
+    if name not in _CONFIGS:
+        _load_builtin()
+    if name not in _CONFIGS:
+        raise ConfigError(f"model.model_config.type {name!r} is not a known config class; "
+                          f"known: {sorted(_CONFIGS)}")
+    return _CONFIGS[name]
+
+
+def registered_models() -> Dict[str, Tuple[type, type]]:
+    """A copy of the registry (name -> (model class, config class))."""
+    _load_builtin()
+    return dict(_MODELS)

@@ -1,0 +1,164 @@
+"""The parallel context: rank, world size and the data/tensor-parallel groups of this process.
+
+`init_parallel` reads the msrun environment (through `mindspore.communication.init`), checks
+that dp x mp x pp equals the world size, and creates one communication group per data-parallel
+and per model-parallel replica set. Rank order is MindSpore's: rank = stage*dp*mp + dp_idx*mp +
+mp_idx (the last axis varies fastest), the same as `layout.rank_coords`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+from ..errors import ConfigError, LayoutError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ParallelContext:
+    """What this process is in the parallel job.
+
+    dp_group / mp_group are MindSpore communication group names, or None when that axis has
+    size 1 (no communication needed). `config` is the ParallelConfig actually in force (all
+    ones when use_parallel is False).
+    """
+
+    rank: int
+    world_size: int
+    config: Any                    # layout.ParallelConfig
+    dp_group: Optional[str] = None
+    mp_group: Optional[str] = None
+    world_group: Optional[str] = None
+    device_target: str = "CPU"
+    use_parallel: bool = False
+    seed: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0 (the one that writes shared files)."""
+        return self.rank == 0
+
+    @property
+    def coords(self) -> Tuple[int, int, int]:
+        """(stage, dp_idx, mp_idx) of this rank."""
+        dp, mp = self.config.data_parallel, self.config.model_parallel
+        per_stage = dp * mp
+        stage, local = divmod(self.rank, per_stage)
+        return stage, local // mp, local % mp
+
+    @property
+    def dp_rank(self) -> int:
+        """Index of this rank in its data-parallel group."""
+        return self.coords[1]
+
+    @property
+    def mp_rank(self) -> int:
+        """Index of this rank in its model-parallel (tensor-parallel) group."""
+        return self.coords[2]
+
+    @property
+    def dp_size(self) -> int:
+        return self.config.data_parallel
+
+    @property
+    def mp_size(self) -> int:
+        return self.config.model_parallel
+
+    def layouts(self, table) -> Dict[str, Any]:
+        """`plan_layouts(table, self.config)`: every parameter's TensorLayout for this job."""
+        from ..layout.parallel_config import plan_layouts
+        return plan_layouts(table, self.config)
+
+    def barrier(self) -> None:
+        """Block until every rank of the job reaches this point (no-op on one card).
+
+        An AllReduce of one number on the world group: CPU supports it everywhere, and
+        reading the result back forces completion.
+        """
+        if self.world_size <= 1 or self.world_group is None:
+            return
+        import numpy as np
+        from mindspore import Tensor, ops
+        ops.AllReduce(group=self.world_group)(Tensor(np.zeros(1, np.float32))).asnumpy()
+
+
+def _single_card_config(pc):
+    """`pc` with every parallel axis set to 1 (keeps vocab_emb_dp and other flags)."""
+    changes = {"data_parallel": 1, "model_parallel": 1, "pipeline_stage": 1}
+    if hasattr(pc, "optimizer_shard"):
+        changes["optimizer_shard"] = False
+    if hasattr(pc, "micro_batch_num"):
+        changes["micro_batch_num"] = 1
+    return dataclasses.replace(pc, **changes)
+
+
+def init_parallel(pc, use_parallel: bool, device_target: str = "CPU",
+                  seed: int = 0) -> ParallelContext:
+    """Set the MindSpore device and mode, and (use_parallel) init communication and groups.
+
+    - use_parallel False: one card, no communication; the returned config is `pc` with dp, mp,
+      pp set to 1 (a warning is logged if `pc` asked for more).
+    - use_parallel True: `mindspore.communication.init()` under msrun; LayoutError if
+      dp*mp*pp != world size; one group per dp replica set and per mp set (created only for
+      the sets this rank belongs to, which is what CPU collectives need).
+    Seeds MindSpore's global RNG with `seed` (same on every rank).
+    """
+    import mindspore as ms
+
+    if not isinstance(device_target, str) or not device_target:
+        raise ConfigError(f"context.device_target must be a device name such as 'CPU' or "
+                          f"'Ascend', got {device_target!r}")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ms.set_device(device_target)
+    ms.set_seed(int(seed))
+    dp, mp, pp = pc.data_parallel, pc.model_parallel, pc.pipeline_stage
+    for key, v in (("data_parallel", dp), ("model_parallel", mp), ("pipeline_stage", pp)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"parallel_config.{key} must be a positive int, got {v!r}")
+
+    if not use_parallel:
+        if dp * mp * pp != 1:
+            logger.warning("use_parallel is False: ignoring parallel_config dp=%d mp=%d pp=%d "
+                           "and running on one card", dp, mp, pp)
+        return ParallelContext(rank=0, world_size=1, config=_single_card_config(pc),
+                               device_target=device_target, use_parallel=False, seed=seed)
+
+    from mindspore.communication import GlobalComm, create_group, get_group_size, get_rank, init
+    if "MS_WORKER_NUM" not in os.environ and "RANK_SIZE" not in os.environ:
+        logger.warning("use_parallel is True but no msrun environment was found "
+                       "(MS_WORKER_NUM unset); launch with msrun / scripts/msrun_launcher.sh")
+    init()
+    rank, world = get_rank(), get_group_size()
+    if dp * mp * pp != world:
+        raise LayoutError(
+            f"parallel_config data_parallel({dp}) x model_parallel({mp}) x pipeline_stage({pp}) "
+            f"= {dp * mp * pp}, but msrun started {world} workers; make them equal "
+            "(change parallel_config or --worker_num).")
+    world_group = GlobalComm.WORLD_COMM_GROUP
+    per_stage = dp * mp
+    stage, local = divmod(rank, per_stage)
+    dp_idx, mp_idx = divmod(local, mp)
+    base = stage * per_stage
+    dp_ranks = [base + i * mp + mp_idx for i in range(dp)]
+    mp_ranks = [base + dp_idx * mp + j for j in range(mp)]
+    dp_group = _group(f"mfst_dp_s{stage}_m{mp_idx}", dp_ranks, world, world_group, create_group)
+    mp_group = _group(f"mfst_mp_s{stage}_d{dp_idx}", mp_ranks, world, world_group, create_group)
+    logger.info("rank %d/%d: stage %d dp %d/%d mp %d/%d, dp_group=%s mp_group=%s", rank, world,
+                stage, dp_idx, dp, mp_idx, mp, dp_group, mp_group)
+    return ParallelContext(rank=rank, world_size=world, config=pc, dp_group=dp_group,
+                           mp_group=mp_group, world_group=world_group,
+                           device_target=device_target, use_parallel=True, seed=seed)
+
+
+def _group(name, ranks, world, world_group, create_group) -> Optional[str]:
+    """A group over `ranks`: None for one rank, the world group when it is everyone."""
+    if len(ranks) == 1:
+        return None
+    if len(ranks) == world:
+        return world_group
+    create_group(name, ranks)
+    return name
