@@ -1,0 +1,445 @@
+"""The one engine that runs every `Plan`: bounded memory, parallel reads, streaming writes.
+
+How it moves bytes:
+- sources are memory-mapped read-only (page cache pages, not anonymous memory); only the byte
+  ranges the plan names are touched, and `posix_fadvise(WILLNEED)` starts reading a tensor's
+  ranges before it is copied, so disk reads overlap copying and writing;
+- a target tensor is produced in row blocks along dim 0. A block that one source block fills
+  with whole contiguous rows is written straight from the mmap; any other block is assembled in
+  a per-thread staging buffer of `CHUNK_BYTES` (reused, so its pages fault in once);
+- writes go through `storage.writer.SafetensorsWriter` (pwrite, xxh3 checksums, fsync, rename);
+- the output folder is built under a hidden sibling name and renamed at the end, so it appears
+  complete or not at all.
+Peak anonymous memory is about `workers * CHUNK_BYTES` (+ one row when a row is larger), whatever
+the model size.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import secrets
+import shutil
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from math import prod
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import CheckpointError, PlanError
+from ..layout.param_table import ITEMSIZE
+from ..storage.dtypes import ST_TO_NUMPY
+from ..storage.reader import read_header
+from ..storage.writer import SafetensorsWriter, fsync_dir
+from .plan import CopyOp, Plan, TargetFile, TargetTensor
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 32 << 20      # staging buffer per worker thread
+DIRECT_PIECE = 64 << 20     # largest single write straight from a source mapping
+
+
+# --------------------------------------------------------------------------- sources
+class _Source:
+    """One memory-mapped source file (read-only)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tensors, _, self.data_start = read_header(path)
+        self.fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(self.fd).st_size
+        self.mm = mmap.mmap(self.fd, size, access=mmap.ACCESS_READ) if size else None
+        if self.mm is not None and hasattr(self.mm, "madvise"):
+            self.mm.madvise(mmap.MADV_SEQUENTIAL)
+
+    def view(self, name: str) -> np.ndarray:
+        e = self.tensors[name]
+        return np.ndarray(e.shape, dtype=ST_TO_NUMPY[e.dtype], buffer=self.mm,
+                          offset=self.data_start + e.begin)
+
+    def prefetch(self, name: str, row0: int, rows: int) -> None:
+        """Ask the kernel to start reading rows [row0, row0+rows) of tensor `name`."""
+        e = self.tensors[name]
+        if not e.shape:
+            return
+        row_bytes = (e.end - e.begin) // max(1, e.shape[0])
+        try:
+            os.posix_fadvise(self.fd, self.data_start + e.begin + row0 * row_bytes,
+                             rows * row_bytes, os.POSIX_FADV_WILLNEED)
+        except (AttributeError, OSError):   # not everywhere; only a speed hint
+            pass
+
+    def close(self) -> None:
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:   # a view still exported; the GC unmaps it
+                pass
+        os.close(self.fd)
+
+
+class _Sources:
+    """Lazily opened source files, shared by the worker threads."""
+
+    def __init__(self):
+        self._open: Dict[str, _Source] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> _Source:
+        with self._lock:
+            s = self._open.get(path)
+            if s is None:
+                s = self._open[path] = _Source(path)
+            return s
+
+    def close(self) -> None:
+        for s in self._open.values():
+            s.close()
+        self._open.clear()
+
+
+def read_source_shapes(plan: Plan) -> Dict[Tuple[str, str], Tuple[Tuple[int, ...], str]]:
+    """(source file, tensor) -> (stored shape, dtype) for every source the plan reads, from the
+    headers. CheckpointError when a file or tensor the plan names is not there."""
+    out: Dict[Tuple[str, str], Tuple[Tuple[int, ...], str]] = {}
+    headers: Dict[str, dict] = {}
+    for f in plan.files:
+        for t in f.tensors:
+            for op in t.ops:
+                key = (op.src_file, op.src_name)
+                if key in out:
+                    continue
+                if op.src_file not in headers:
+                    headers[op.src_file] = read_header(op.src_file)[0]
+                entry = headers[op.src_file].get(op.src_name)
+                if entry is None:
+                    raise CheckpointError(f"{op.src_file}: has no tensor {op.src_name!r} (needed "
+                                          f"for {t.name!r}); the source changed since planning?")
+                out[key] = (tuple(entry.shape), entry.dtype)
+    return out
+
+
+def validate_plan(plan: Plan, shapes=None) -> None:
+    """PlanError unless every op stays inside its source and target, dtypes match, each target
+    tensor is covered exactly once (counted by elements), and output paths are unique."""
+    shapes = read_source_shapes(plan) if shapes is None else shapes
+    paths = [f.path for f in plan.files] + [p for p, _ in plan.side_files]
+    if len(set(paths)) != len(paths):
+        raise PlanError(f"plan writes the same output path twice: {sorted(paths)}")
+    for f in plan.files:
+        if os.path.isabs(f.path) or ".." in f.path.split("/"):
+            raise PlanError(f"output path {f.path!r} must stay inside the output folder")
+        names = [t.name for t in f.tensors]
+        if len(set(names)) != len(names):
+            raise PlanError(f"{f.path}: a tensor name appears twice")
+        for t in f.tensors:
+            total = 0
+            for op in t.ops:
+                shape, dtype = shapes[(op.src_file, op.src_name)]
+                if dtype != t.dtype:
+                    raise PlanError(f"{f.path}: {t.name!r} is {t.dtype} but its source "
+                                    f"{op.src_name!r} in {op.src_file} is {dtype}; plans never cast")
+                for what, offs, lim in (("source", op.src_offsets, shape), ("target", op.dst_offsets, t.shape)):
+                    if len(offs) != len(lim) or len(op.sizes) != len(lim) or any(
+                            o < 0 or o + s > g for o, s, g in zip(offs, op.sizes, lim)):
+                        raise PlanError(f"{f.path}: {t.name!r}: copy {op} leaves the {what} "
+                                        f"tensor of shape {list(lim)}")
+                total += op.numel
+            if total != prod(t.shape):
+                raise PlanError(f"{f.path}: {t.name!r}: copies fill {total} of {prod(t.shape)} "
+                                f"elements; every element must come from exactly one copy")
+
+
+# --------------------------------------------------------------------------- scheduling
+def _segments(t: TargetTensor, shapes) -> List[Tuple[int, int, List[CopyOp], bool]]:
+    """Row ranges [a, b) of the target with the ops filling them, and whether the range can be
+    written straight from the single source (whole contiguous rows) without staging."""
+    if not t.shape:
+        return [(0, 1, list(t.ops), True)]
+    bounds = {0, t.shape[0]}
+    for op in t.ops:
+        bounds.add(op.dst_offsets[0])
+        bounds.add(op.dst_offsets[0] + op.sizes[0])
+    bounds = sorted(bounds)
+    out = []
+    for a, b in zip(bounds, bounds[1:]):
+        ops = [op for op in t.ops if op.dst_offsets[0] <= a and b <= op.dst_offsets[0] + op.sizes[0]]
+        direct = False
+        if len(ops) == 1:
+            op = ops[0]
+            src_shape = shapes[(op.src_file, op.src_name)][0]
+            direct = (tuple(op.sizes[1:]) == tuple(t.shape[1:]) and
+                      tuple(src_shape[1:]) == tuple(op.sizes[1:]))
+        out.append((a, b, ops, direct))
+    return out
+
+
+def _row_bytes(t: TargetTensor) -> int:
+    return prod(t.shape[1:]) * ITEMSIZE[t.dtype] if t.shape else ITEMSIZE[t.dtype]
+
+
+def staging_bytes(t: TargetTensor, shapes) -> int:
+    """Largest staging buffer the engine uses for target tensor `t` (0 when every row range is
+    written straight from a source mapping)."""
+    row = _row_bytes(t)
+    rows = max(1, CHUNK_BYTES // max(1, row))
+    peak = 0
+    for a, b, _, direct in _segments(t, shapes):
+        if not direct:
+            peak = max(peak, min(b - a, rows) * row)
+    return peak
+
+
+# --------------------------------------------------------------------------- copying
+class _Staging(threading.local):
+    buf: Optional[np.ndarray] = None
+
+    def get(self, nbytes: int) -> np.ndarray:
+        if self.buf is None or self.buf.nbytes < nbytes:
+            self.buf = np.empty(max(nbytes, CHUNK_BYTES), dtype=np.uint8)
+        return self.buf[:nbytes]
+
+
+def _fill(block: np.ndarray, row0: int, ops: Sequence[CopyOp], sources: _Sources) -> None:
+    """Copy into `block` (target rows [row0, row0+len(block))) the parts of `ops` it spans."""
+    rows = block.shape[0]
+    for op in ops:
+        lo = max(row0, op.dst_offsets[0])
+        hi = min(row0 + rows, op.dst_offsets[0] + op.sizes[0])
+        if hi <= lo:
+            continue
+        src = sources.get(op.src_file).view(op.src_name)
+        s0 = op.src_offsets[0] + (lo - op.dst_offsets[0])
+        src_idx = (slice(s0, s0 + hi - lo),) + tuple(
+            slice(o, o + s) for o, s in zip(op.src_offsets[1:], op.sizes[1:]))
+        dst_idx = (slice(lo - row0, hi - row0),) + tuple(
+            slice(o, o + s) for o, s in zip(op.dst_offsets[1:], op.sizes[1:]))
+        np.copyto(block[dst_idx], src[src_idx])
+        del src
+
+
+def _prefetch(t: TargetTensor, sources: _Sources) -> None:
+    for op in t.ops:
+        if op.sizes and op.numel:
+            sources.get(op.src_file).prefetch(op.src_name, op.src_offsets[0], op.sizes[0])
+
+
+def _write_tensor(t: TargetTensor, writer: SafetensorsWriter, shapes, sources: _Sources,
+                  staging: _Staging, progress: Callable[[int], None]) -> None:
+    dtype = ST_TO_NUMPY[t.dtype]
+    if not t.shape:   # 0-d scalar
+        op = t.ops[0]
+        writer.write(t.name, np.array(sources.get(op.src_file).view(op.src_name)))
+        progress(ITEMSIZE[t.dtype])
+        return
+    if prod(t.shape) == 0:
+        writer.write(t.name, np.empty(t.shape, dtype=dtype))
+        return
+    row = _row_bytes(t)
+    chunk_rows = max(1, CHUNK_BYTES // max(1, row))
+    direct_rows = max(1, DIRECT_PIECE // max(1, row))
+    for a, b, ops, direct in _segments(t, shapes):
+        if direct:
+            op = ops[0]
+            src = sources.get(op.src_file).view(op.src_name)
+            s0 = op.src_offsets[0] + (a - op.dst_offsets[0])
+            for r in range(a, b, direct_rows):
+                e = min(b, r + direct_rows)
+                writer.write_block(t.name, (r,) + (0,) * (len(t.shape) - 1),
+                                   src[s0 + r - a:s0 + e - a])
+                progress((e - r) * row)
+            del src
+            continue
+        for r in range(a, b, chunk_rows):
+            e = min(b, r + chunk_rows)
+            block = staging.get((e - r) * row).view(dtype).reshape((e - r,) + tuple(t.shape[1:]))
+            _fill(block, r, ops, sources)
+            writer.write_block(t.name, (r,) + (0,) * (len(t.shape) - 1), block)
+            progress((e - r) * row)
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self._bar = None
+        self._lock = threading.Lock()
+        if enabled:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+
+    def __call__(self, n: int) -> None:
+        if self._bar is not None:
+            with self._lock:
+                self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def execute_files(plan: Plan, folder: str, workers: int = 4, progress: bool = True,
+                  shapes=None) -> List[str]:
+    """Write `plan.files` into the existing `folder` (no side files, no folder rename): the part
+    a worker runs when several share one output (see `split_plan`). Each file is committed
+    atomically by the writer; on error every unfinished file is removed. Returns the paths."""
+    shapes = read_source_shapes(plan) if shapes is None else shapes
+    validate_plan(plan, shapes)
+    folder = os.path.abspath(folder)
+    sources = _Sources()
+    staging = _Staging()
+    bar = _Progress(sum(f.nbytes for f in plan.files), progress, plan.kind)
+    writers: Dict[str, SafetensorsWriter] = {}
+    remaining: Dict[str, int] = {}
+    lock = threading.Lock()
+    done: List[str] = []
+    tasks: List[Tuple[TargetFile, TargetTensor]] = []
+    try:
+        for f in plan.files:
+            path = os.path.join(folder, f.path)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            writers[f.path] = SafetensorsWriter(
+                path, [(t.name, t.dtype, t.shape) for t in f.tensors], dict(f.metadata))
+            remaining[f.path] = len(f.tensors)
+            tasks.extend((f, t) for t in f.tensors)
+        for f in plan.files:   # files without tensors commit now
+            if not f.tensors:
+                done.append(writers[f.path].commit())
+
+        def run(i: int) -> None:
+            f, t = tasks[i]
+            _prefetch(t, sources)
+            if i + 1 < len(tasks):   # start reading the next tensor while this one copies
+                _prefetch(tasks[i + 1][1], sources)
+            _write_tensor(t, writers[f.path], shapes, sources, staging, bar)
+            with lock:
+                remaining[f.path] -= 1
+                last = remaining[f.path] == 0
+            if last:
+                path = writers[f.path].commit()
+                with lock:
+                    done.append(path)
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = [pool.submit(run, i) for i in range(len(tasks))]
+            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for fut in futures:
+                if fut.done() and fut.exception() is not None:
+                    for other in futures:
+                        other.cancel()
+                    raise fut.exception()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        bar.close()
+        sources.close()
+    return sorted(done)
+
+
+def _check_destination(out_dir: str, overwrite: bool) -> None:
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise CheckpointError(f"{out_dir}: exists and is not a folder; choose another output")
+        if os.listdir(out_dir) and not overwrite:
+            raise CheckpointError(f"{out_dir}: exists and is not empty; choose another output "
+                                  f"folder or pass --overwrite (overwrite=True)")
+
+
+def staging_folder(out_dir: str) -> str:
+    """Create and return a hidden sibling of `out_dir` to build it in."""
+    out_dir = os.path.abspath(out_dir)
+    parent, base = os.path.split(out_dir.rstrip("/"))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(tmp)
+    return tmp
+
+
+def write_side_files(plan: Plan, folder: str) -> List[str]:
+    """Write the plan's side files (index json and the like) into `folder`, fsynced."""
+    out = []
+    for rel, text in plan.side_files:
+        path = os.path.join(folder, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        out.append(path)
+    return out
+
+
+def commit_folder(tmp: str, out_dir: str, overwrite: bool = False) -> str:
+    """Rename the finished staging folder `tmp` to `out_dir` (replacing an empty folder, or a
+    full one when `overwrite`), fsync the parent. Returns `out_dir`."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir.rstrip("/"))
+    for root, _, _ in os.walk(tmp):
+        fsync_dir(root)
+    trash = None
+    if os.path.exists(out_dir):
+        _check_destination(out_dir, overwrite)
+        trash = f"{tmp}.old"
+        os.rename(out_dir, trash)
+    os.rename(tmp, out_dir)
+    fsync_dir(parent)
+    if trash:
+        shutil.rmtree(trash, ignore_errors=True)
+    return out_dir
+
+
+def execute(plan: Plan, out_dir: str, workers: int = 4, progress: bool = True,
+            overwrite: bool = False, finalize: Optional[Callable[[str], None]] = None) -> List[str]:
+    """Run `plan` into `out_dir`: validate it against the source headers, stream every file with
+    at most `workers` tensors in flight, write side files, call `finalize(staging_folder)` (e.g.
+    to add strategy files), then rename the staging folder into place. The folder appears
+    complete or not at all; an existing non-empty `out_dir` is refused unless `overwrite`.
+    Returns the final paths of the safetensors files written."""
+    out_dir = os.path.abspath(out_dir)
+    _check_destination(out_dir, overwrite)
+    shapes = read_source_shapes(plan)
+    validate_plan(plan, shapes)   # refuse a bad plan before creating anything
+    tmp = staging_folder(out_dir)
+    try:
+        written = execute_files(plan, tmp, workers, progress, shapes)
+        write_side_files(plan, tmp)
+        if finalize is not None:
+            finalize(tmp)
+        commit_folder(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("%s: wrote %d file(s), %.1f MiB", out_dir, len(written),
+                sum(f.nbytes for f in plan.files) / 2 ** 20)
+    return [os.path.join(out_dir, os.path.relpath(p, tmp)) for p in written]
+
+
+def execute_to_memory(plan: Plan, workers: int = 4) -> Dict[str, np.ndarray]:
+    """Run `plan` into fresh numpy arrays (for the load hook): {tensor name: array} over all the
+    plan's files (names must be unique across them). Holds exactly the target bytes."""
+    shapes = read_source_shapes(plan)
+    validate_plan(plan, shapes)
+    tensors = [t for f in plan.files for t in f.tensors]
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise PlanError("execute_to_memory: a tensor name appears in two target files")
+    out = {t.name: np.empty(t.shape, dtype=ST_TO_NUMPY[t.dtype]) for t in tensors}
+    sources = _Sources()
+
+    def run(t: TargetTensor) -> None:
+        _prefetch(t, sources)
+        arr = out[t.name]
+        if not t.shape:
+            op = t.ops[0]
+            arr[()] = sources.get(op.src_file).view(op.src_name)
+            return
+        _fill(arr, 0, t.ops, sources)
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for fut in [pool.submit(run, t) for t in tensors]:
+                fut.result()
+    finally:
+        sources.close()
+    return out

@@ -1,0 +1,384 @@
+"""What a source checkpoint holds: for every global tensor, which stored tensors in which files
+carry which slice of it. Built from safetensors headers (and strategy files) only, never data.
+
+Three shapes of input are understood:
+- complete: one file, or a folder with `param_name_map.json` (MindSpore) or
+  `model.safetensors.index.json` (Hugging Face), or a folder of `*.safetensors` without index;
+  every stored tensor is whole. `hyper_param.safetensors` holds the hyper values.
+- distributed: `rank_{r}/*.safetensors`, one file per rank (with several steps in a folder the
+  `file_suffix` "{epoch}_{step}" picks one, else the newest), described by MindSpore strategy
+  files or by the `__metadata__["mindformers_st"]["slices"]` our own files carry. Files saved with
+  `remove_redundancy` hold only some slices: the headers say which, never rank 0 by assumption.
+Non-sliced values (global_step, epoch_num, step_num, loss_scale, scalars not in the strategy) are
+"hyper" values and travel whole.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from math import prod
+from typing import Dict, List, Mapping, Optional, Tuple, Union
+
+from ..errors import CheckpointError, LayoutError
+from ..layout.param_table import ITEMSIZE
+from ..layout.slices import TensorSlice
+from ..storage.checksum import decode_checksums
+from ..storage.index import read_index
+from ..storage.reader import read_header
+
+logger = logging.getLogger(__name__)
+
+HYPER_FILE = "hyper_param.safetensors"
+# Values MindSpore / MindSpore Transformers store next to the weights that are never sliced.
+HYPER_NAMES = frozenset({
+    "global_step", "epoch_num", "step_num", "loss_scale", "global_batch_size",
+    "current_iterator_step", "last_overflow_iterator_step", "scale_sense",
+})
+_RANK_DIR = re.compile(r"^rank_(\d+)$")
+_SUFFIX = re.compile(r"-(\d+)_(\d+)\.safetensors$")
+
+
+@dataclass(frozen=True)
+class SourceChunk:
+    """One stored tensor: `name` in `file` (absolute path) holds `slice` of global tensor
+    `global_name`, with safetensors dtype `dtype`. The stored array's shape is `slice.sizes`."""
+
+    file: str
+    name: str
+    dtype: str
+    global_name: str
+    slice: TensorSlice
+
+
+@dataclass
+class SourceCheckpoint:
+    """Everything a planner needs to know about a source, without its data.
+
+    chunks: global name -> the stored pieces of it (replicas of the same slice may repeat).
+    global_shapes / dtypes: per global name.
+    hyper: name -> the whole stored value (a `SourceChunk` with a whole slice) of non-sliced values.
+    kind: "complete" or "distributed"; epoch/step when the source says so (file name or metadata).
+    """
+
+    chunks: Dict[str, List[SourceChunk]]
+    global_shapes: Dict[str, Tuple[int, ...]]
+    dtypes: Dict[str, str]
+    hyper: Dict[str, SourceChunk] = field(default_factory=dict)
+    kind: str = "complete"
+    root: str = ""
+    epoch: Optional[int] = None
+    step: Optional[int] = None
+
+    @property
+    def names(self) -> List[str]:
+        """Global tensor names in source order."""
+        return list(self.chunks)
+
+    @property
+    def files(self) -> List[str]:
+        """Every file a chunk or hyper value lives in, sorted."""
+        out = {c.file for cs in self.chunks.values() for c in cs}
+        out.update(c.file for c in self.hyper.values())
+        return sorted(out)
+
+    def add(self, chunk: SourceChunk) -> None:
+        """Record one stored piece, checking it agrees with what is known about its tensor."""
+        g = chunk.global_name
+        shape = tuple(chunk.slice.global_shape)
+        if g in self.global_shapes and self.global_shapes[g] != shape:
+            raise CheckpointError(
+                f"tensor {g!r}: {chunk.file} says global shape {shape}, another file says "
+                f"{self.global_shapes[g]}; the files come from different models or strategies")
+        if g in self.dtypes and self.dtypes[g] != chunk.dtype:
+            raise CheckpointError(
+                f"tensor {g!r}: dtype {chunk.dtype} in {chunk.file} but {self.dtypes[g]} elsewhere; "
+                f"a checkpoint must store one dtype per tensor")
+        self.global_shapes[g] = shape
+        self.dtypes[g] = chunk.dtype
+        self.chunks.setdefault(g, []).append(chunk)
+
+    def check_complete(self) -> None:
+        """Raise CheckpointError naming the first tensor whose stored pieces leave a hole."""
+        for g, chunks in self.chunks.items():
+            hole = uncovered(TensorSlice.whole(self.global_shapes[g]), [c.slice for c in chunks])
+            if hole:
+                files = sorted({os.path.relpath(c.file, self.root or "/") for c in chunks})
+                raise CheckpointError(
+                    f"tensor {g!r}: block {hole[0].to_json()} is in no file (pieces found in "
+                    f"{files}); a rank file is missing or was saved with remove_redundancy by a "
+                    f"run whose files are not all here")
+
+
+# --------------------------------------------------------------------------- box arithmetic
+def subtract(box: TensorSlice, cut: TensorSlice) -> List[TensorSlice]:
+    """`box` minus `cut` as disjoint boxes (at most 2 per dimension)."""
+    inter = box.intersect(cut)
+    if inter is None:
+        return [box]
+    out = []
+    offs, sizes = list(box.offsets), list(box.sizes)
+    for d in range(len(offs)):
+        lo, hi = offs[d], offs[d] + sizes[d]
+        ilo, ihi = inter.offsets[d], inter.offsets[d] + inter.sizes[d]
+        if ilo > lo:
+            o, s = list(offs), list(sizes)
+            o[d], s[d] = lo, ilo - lo
+            out.append(TensorSlice(box.global_shape, tuple(o), tuple(s)))
+        if ihi < hi:
+            o, s = list(offs), list(sizes)
+            o[d], s[d] = ihi, hi - ihi
+            out.append(TensorSlice(box.global_shape, tuple(o), tuple(s)))
+        offs[d], sizes[d] = ilo, ihi - ilo   # continue inside the intersection on this dim
+    return out
+
+
+def uncovered(target: TensorSlice, pieces) -> List[TensorSlice]:
+    """The parts of `target` that none of `pieces` covers ([] when fully covered)."""
+    rest = [target] if target.numel else []
+    for p in pieces:
+        if not rest:
+            break
+        rest = [r for box in rest for r in subtract(box, p)]
+    return [r for r in rest if r.numel]
+
+
+# --------------------------------------------------------------------------- header access
+def _header(path: str):
+    return read_header(path)
+
+
+def _chunk_whole(path: str, name: str, entry) -> SourceChunk:
+    return SourceChunk(path, name, entry.dtype, name, TensorSlice.whole(entry.shape))
+
+
+# --------------------------------------------------------------------------- complete
+def describe_complete(folder_or_file: str) -> SourceCheckpoint:
+    """Describe complete (unsliced) weights: one file, or a folder with a MindSpore or Hugging
+    Face index, or a folder of `*.safetensors`. Tensors in `hyper_param.safetensors` and known
+    hyper names (global_step, epoch_num, ...) become hyper values."""
+    path = os.path.abspath(folder_or_file)
+    if os.path.isfile(path):
+        files, root = [path], os.path.dirname(path)
+    elif os.path.isdir(path):
+        root = path
+        index = read_index(path)
+        if index is not None:
+            files = sorted({os.path.join(path, f) for f in index.weight_map.values()})
+            missing = [f for f in files if not os.path.isfile(f)]
+            if missing:
+                raise CheckpointError(
+                    f"{path}: the index names {missing[0]} which does not exist; restore the file "
+                    f"or rebuild the index")
+            hyper_path = os.path.join(path, HYPER_FILE)
+            if os.path.isfile(hyper_path) and hyper_path not in files:
+                files.append(hyper_path)
+        else:
+            files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise CheckpointError(f"{path}: no *.safetensors file and no index; point at a "
+                                  f"folder of complete weights, a file, or a folder of rank_x/")
+    else:
+        raise CheckpointError(f"{path}: no such file or folder")
+    src = SourceCheckpoint({}, {}, {}, kind="complete", root=root)
+    for f in files:
+        tensors, metadata, _ = _header(f)
+        is_hyper_file = os.path.basename(f) == HYPER_FILE
+        for name, entry in tensors.items():
+            chunk = _chunk_whole(f, name, entry)
+            if is_hyper_file or name in HYPER_NAMES:
+                src.hyper.setdefault(name, chunk)
+            elif name in src.chunks:
+                raise CheckpointError(f"tensor {name!r} is stored twice in complete weights "
+                                      f"({src.chunks[name][0].file} and {f}); remove one copy")
+            else:
+                src.add(chunk)
+    return src
+
+
+# --------------------------------------------------------------------------- distributed
+def rank_folders(folder: str) -> Dict[int, str]:
+    """rank number -> `folder/rank_{r}` for every rank folder present."""
+    out = {}
+    for entry in os.listdir(folder):
+        m = _RANK_DIR.match(entry)
+        if m and os.path.isdir(os.path.join(folder, entry)):
+            out[int(m.group(1))] = os.path.join(folder, entry)
+    return dict(sorted(out.items()))
+
+
+def pick_rank_file(rank_dir: str, file_suffix: Optional[str] = None) -> str:
+    """The one safetensors file of a rank folder to use: the one ending in `-{file_suffix}`,
+    else the only one, else the one with the highest (epoch, step) in its name, else the newest."""
+    files = sorted(f for f in glob.glob(os.path.join(rank_dir, "*.safetensors")))
+    if not files:
+        raise CheckpointError(f"{rank_dir}: no *.safetensors file in this rank folder")
+    if file_suffix:
+        hits = [f for f in files if f.endswith(f"-{file_suffix}.safetensors")]
+        if len(hits) != 1:
+            raise CheckpointError(
+                f"{rank_dir}: {len(hits)} files end in '-{file_suffix}.safetensors' (have "
+                f"{[os.path.basename(f) for f in files]}); pass a file_suffix that names one step")
+        return hits[0]
+    if len(files) == 1:
+        return files[0]
+    stepped = [(tuple(int(x) for x in m.groups()), f) for f in files
+               if (m := _SUFFIX.search(f))]
+    if stepped:
+        return max(stepped)[1]
+    return max(files, key=os.path.getmtime)
+
+
+def _our_metadata(metadata: Mapping[str, str], path: str) -> Optional[dict]:
+    raw = metadata.get("mindformers_st")
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: __metadata__['mindformers_st'] is not JSON ({exc}); the "
+                              f"file was damaged, pass --src-strategy to ignore it") from exc
+    return meta
+
+
+def _load_layouts(strategy) -> Optional[dict]:
+    if strategy is None or isinstance(strategy, Mapping):
+        return strategy
+    from ..layout.strategy import read_strategy
+    return read_strategy(strategy)
+
+
+def describe_distributed(folder: str, strategy=None, file_suffix: Optional[str] = None,
+                         ) -> SourceCheckpoint:
+    """Describe `folder/rank_{r}/*.safetensors` from headers only.
+
+    `strategy` is None (use each file's `mindformers_st` slices metadata), a strategy path (one
+    file, a folder of per-rank files, or pipeline-merged; see layout.strategy.read_strategy) or
+    a `{name: TensorLayout}` mapping. Tensors neither in the strategy nor in the slices metadata
+    are hyper values. Raises CheckpointError before anything is written when a rank folder is
+    missing, a stored shape disagrees with the strategy, or a tensor has a hole no file covers.
+    """
+    folder = os.path.abspath(folder)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: no such folder")
+    ranks = rank_folders(folder)
+    if not ranks:
+        raise CheckpointError(f"{folder}: no rank_x/ folders; for complete weights use "
+                              f"describe_complete (the commands detect this themselves)")
+    layouts = _load_layouts(strategy)
+    expected = set(range(max(ranks) + 1))
+    if layouts:
+        expected |= {r for lay in layouts.values() for r in lay.ranks()}
+    src = SourceCheckpoint({}, {}, {}, kind="distributed", root=folder)
+    metas = {}
+    digests: Dict[Tuple[str, str], str] = {}
+    for r in sorted(expected):
+        if r not in ranks:
+            raise CheckpointError(
+                f"{folder}: rank_{r}/ is missing (found ranks {sorted(ranks)}); copy every rank's "
+                f"folder, or pass the strategy of the run that wrote these files")
+        path = pick_rank_file(ranks[r], file_suffix)
+        tensors, metadata, _ = _header(path)
+        meta = _our_metadata(metadata, path)
+        metas[r] = meta
+        if layouts is None and meta is None and len(ranks) > 1:
+            raise CheckpointError(
+                f"{path}: no strategy given and the file carries no mindformers_st slice "
+                f"metadata; pass --src-strategy (the strategy files of the run that saved it)")
+        if r == min(ranks):
+            m = _SUFFIX.search(path)
+            if m:
+                src.epoch, src.step = int(m.group(1)), int(m.group(2))
+            if meta and meta.get("step") is not None:
+                src.epoch, src.step = meta.get("epoch"), meta.get("step")
+        try:
+            digests.update({(path, n): d for n, d in (decode_checksums(metadata) or {}).items()})
+        except ValueError:
+            pass   # a damaged checksum record only costs us this cross-check
+        slices_meta = (meta or {}).get("slices", {})
+        for name, entry in tensors.items():
+            lay = layouts.get(name) if layouts else None
+            if lay is not None:
+                if r not in lay.ranks():
+                    raise CheckpointError(
+                        f"{path}: holds {name!r} but the strategy puts it on ranks "
+                        f"{list(lay.ranks())[:8]}..., not rank {r}; the strategy does not match "
+                        f"these files (pipeline stages?), pass the strategy of the run that saved them")
+                if lay.global_shape is None:   # strategy files carry no shapes
+                    try:
+                        lay = lay.with_local_shape(entry.shape)
+                    except LayoutError as exc:
+                        raise CheckpointError(
+                            f"{path}: tensor {name!r} of shape {tuple(entry.shape)} cannot be a "
+                            f"block of the strategy's layout ({exc}); the strategy does not match "
+                            f"these files, pass the one of the run that saved them") from exc
+                sl = lay.slice_for(r)
+                if name in slices_meta and TensorSlice.from_json(slices_meta[name]) != sl:
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r}: the file says it holds "
+                        f"{slices_meta[name]} but the strategy says {sl.to_json()}; the "
+                        f"strategy does not match these files (omit it to use the files' own "
+                        f"metadata)")
+            elif name in slices_meta:
+                sl = TensorSlice.from_json(slices_meta[name])
+            elif layouts is None and meta is None:   # a single rank without description: whole
+                sl = None if name in HYPER_NAMES else TensorSlice.whole(entry.shape)
+            else:
+                sl = None
+            if sl is None:
+                src.hyper.setdefault(name, _chunk_whole(path, name, entry))
+                continue
+            if tuple(sl.sizes) != tuple(entry.shape):
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} is stored with shape {tuple(entry.shape)} but the "
+                    f"{'strategy' if lay is not None else 'slice metadata'} says rank {r} holds "
+                    f"{tuple(sl.sizes)} of {tuple(sl.global_shape)}; the strategy does not match "
+                    f"these files, pass the one of the run that saved them")
+            src.add(SourceChunk(path, name, entry.dtype, name, sl))
+    if layouts:
+        absent = [n for n in layouts if n not in src.chunks]
+        if absent:
+            logger.warning("%d tensors of the strategy are in no rank file (e.g. %s); they are "
+                           "skipped", len(absent), absent[:3])
+    src.check_complete()
+    _check_replicas_agree(src, digests)
+    return src
+
+
+def _check_replicas_agree(src: SourceCheckpoint, digests: Mapping[Tuple[str, str], str]) -> None:
+    """Replicas of one block must hold the same bytes. Files that record checksums let us check
+    that without reading data; a difference means the layout (strategy) read them wrongly."""
+    for g, chunks in src.chunks.items():
+        seen: Dict[TensorSlice, SourceChunk] = {}
+        for c in chunks:
+            d = digests.get((c.file, c.name))
+            first = seen.setdefault(c.slice, c)
+            d0 = digests.get((first.file, first.name))
+            if first is not c and d is not None and d0 is not None and d != d0:
+                raise CheckpointError(
+                    f"tensor {g!r}: {first.file} and {c.file} should hold the same block "
+                    f"{c.slice.to_json()} but their checksums differ; the strategy does not "
+                    f"match these files, pass the one of the run that saved them")
+
+
+def is_distributed(path: str) -> bool:
+    """True when `path` is a folder holding rank_x/ subfolders."""
+    return os.path.isdir(path) and bool(rank_folders(path))
+
+
+def describe_source(path: str, strategy=None, file_suffix: Optional[str] = None,
+                    ) -> SourceCheckpoint:
+    """Describe whatever `path` is: a folder of rank_x/ (distributed) or complete weights."""
+    if is_distributed(path):
+        return describe_distributed(path, strategy, file_suffix)
+    if strategy is not None:
+        logger.warning("%s holds complete weights; the source strategy is not needed", path)
+    return describe_complete(path)
+
+
+def chunk_nbytes(chunk: SourceChunk) -> int:
+    """Bytes of one stored piece."""
+    return prod(chunk.slice.sizes) * ITEMSIZE[chunk.dtype]
