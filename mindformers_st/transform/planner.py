@@ -138,7 +138,7 @@ def _world(layouts: Mapping, pc) -> List[int]:
     return sorted(ranks)
 
 
-def _with_shapes(src: SourceCheckpoint, layouts: Mapping) -> Dict:
+def with_source_shapes(src: SourceCheckpoint, layouts: Mapping) -> Dict:
     """Layouts read from strategy files have no shapes: take them from the source."""
     return {n: (lay.with_global_shape(src.global_shapes[n])
                 if lay.global_shape is None and n in src.global_shapes else lay)
@@ -171,7 +171,7 @@ def plan_distributed(src: SourceCheckpoint, layouts: Mapping, pc=None,
     metadata (slices, parallel config, remove_redundancy, epoch/step) and the hyper values.
     With `remove_redundancy` each distinct slice is stored only in its owner's file
     (layout.owners.assign_owners). `strict` refuses source tensors the layouts do not place."""
-    layouts = _with_shapes(src, layouts)
+    layouts = with_source_shapes(src, layouts)
     _check_shapes(src, layouts)
     extra = [n for n in src.chunks if n not in layouts]
     if extra and strict:
@@ -215,7 +215,7 @@ def plan_rank_slices(src: SourceCheckpoint, layouts: Mapping, rank: int,
     """The blocks rank `rank` holds under `layouts`, as one in-memory target (for
     `execute_to_memory`). Source tensors the layouts do not mention are ignored; a layout tensor
     the source lacks is a PlanError. Reads prefer the rank's own files."""
-    layouts = _with_shapes(src, {n: lay for n, lay in layouts.items() if rank in lay.ranks()})
+    layouts = with_source_shapes(src, {n: lay for n, lay in layouts.items() if rank in lay.ranks()})
     _check_shapes(src, layouts)
     own = {c.file for cs in src.chunks.values() for c in cs
            if os.path.basename(os.path.dirname(c.file)) == f"rank_{rank}"}

@@ -272,6 +272,11 @@ def describe_distributed(folder: str, strategy=None, file_suffix: Optional[str] 
     expected = set(range(max(ranks) + 1))
     if layouts:
         expected |= {r for lay in layouts.values() for r in lay.ranks()}
+    else:   # our files know the world size: a missing last rank is caught too
+        first = pick_rank_file(ranks[min(ranks)], file_suffix)
+        world = (_our_metadata(_header(first)[1], first) or {}).get("world_size")
+        if isinstance(world, int):
+            expected |= set(range(world))
     src = SourceCheckpoint({}, {}, {}, kind="distributed", root=folder)
     metas = {}
     digests: Dict[Tuple[str, str], str] = {}
