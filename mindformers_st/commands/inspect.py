@@ -1,0 +1,276 @@
+"""`mindformers-st inspect PATH [--json]`: what a checkpoint holds, from its headers only.
+
+PATH is one safetensors file, a complete folder (MindSpore `param_name_map.json`, Hugging Face
+index or a lone `model.safetensors`, or just `*.safetensors`) or a distributed `rank_x/` folder.
+Prints one row per stored tensor (dtype, shape, bytes, file; for rank files the block of the
+global tensor it holds, from our `__metadata__` or `--strategy`), step/epoch/metadata, totals.
+`--json` prints the same as one JSON object. Exit 0 when readable; on any error the message and 1.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from ..errors import CheckpointError, LayoutError
+from ..layout.slices import TensorSlice
+from ..storage.index import read_index
+from ..storage.reader import TensorEntry, open_safetensors, read_header
+
+logger = logging.getLogger(__name__)
+
+HYPER_FILE = "hyper_param.safetensors"
+# Small values worth printing (MindSpore / MindSpore Transformers hyper values)
+HYPER_NAMES = ("global_step", "epoch_num", "step_num", "loss_scale", "global_batch_size")
+_RANK_DIR = re.compile(r"^rank_(\d+)$")
+_SUFFIX = re.compile(r"-(\d+)_(\d+)\.safetensors$")
+
+
+@dataclass
+class StoredFile:
+    """One safetensors file of a checkpoint, its header parsed (never its data)."""
+
+    path: str
+    rank: Optional[int]
+    tensors: Dict[str, TensorEntry]
+    metadata: Dict[str, str]
+    ours: Optional[dict] = None       # the parsed __metadata__["mindformers_st"], if any
+    slices: Dict[str, TensorSlice] = field(default_factory=dict)
+
+
+@dataclass
+class Checkpoint:
+    """What PATH is and which files make it up (see `scan`)."""
+
+    path: str
+    kind: str                          # "file" | "complete" | "distributed"
+    files: List[StoredFile]
+    index: Optional[object] = None     # storage.index.WeightIndex for complete folders
+    missing_ranks: List[int] = field(default_factory=list)
+
+
+def rank_folders(folder: str) -> Dict[int, str]:
+    """rank -> folder/rank_{r} for every rank folder present, sorted by rank."""
+    out = {int(m.group(1)): os.path.join(folder, e) for e in os.listdir(folder)
+           if (m := _RANK_DIR.match(e)) and os.path.isdir(os.path.join(folder, e))}
+    return dict(sorted(out.items()))
+
+
+def pick_rank_file(rank_dir: str) -> str:
+    """The rank folder's file: the only one, else the highest `-{epoch}_{step}`, else newest."""
+    files = sorted(glob.glob(os.path.join(rank_dir, "*.safetensors")))
+    if not files:
+        raise CheckpointError(f"{rank_dir}: no *.safetensors file in this rank folder")
+    if len(files) == 1:
+        return files[0]
+    stepped = [(tuple(int(x) for x in m.groups()), f) for f in files if (m := _SUFFIX.search(f))]
+    return max(stepped)[1] if stepped else max(files, key=os.path.getmtime)
+
+
+def parse_ours(metadata: Dict[str, str], path: str) -> Optional[dict]:
+    """Our `mindformers_st` self-description of a file, or None when absent."""
+    raw = metadata.get("mindformers_st")
+    if raw is None:
+        return None
+    try:
+        obj = json.loads(raw)
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+        return obj
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: __metadata__['mindformers_st'] is not a JSON object "
+                              f"({exc}); the file is damaged") from exc
+
+
+def load_file(path: str, rank: Optional[int] = None) -> StoredFile:
+    """Parse and validate one file's header (SafetensorsFormatError / CheckpointError)."""
+    tensors, metadata, _ = read_header(path)
+    ours = parse_ours(metadata, path)
+    sf = StoredFile(path, rank, tensors, metadata, ours)
+    for name, obj in ((ours or {}).get("slices") or {}).items():
+        try:
+            sf.slices[name] = TensorSlice.from_json(obj)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: tensor {name!r}: its slice in __metadata__ "
+                                  f"['mindformers_st'] is malformed ({exc})") from exc
+    return sf
+
+
+def complete_files(folder: str):
+    """(index or None, [file paths]) of a complete folder; CheckpointError if it has none."""
+    index = read_index(folder)
+    if index is not None:
+        files = sorted({index.path_of(n) for n in index.weight_map})
+        hyper = os.path.join(folder, HYPER_FILE)
+        if os.path.isfile(hyper) and hyper not in files:
+            files.append(hyper)
+        return index, files
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors files, no index and no rank_x/ "
+                              f"folders; this is not a checkpoint")
+    return None, files
+
+
+def scan(path: str, strategy: Optional[str] = None) -> Checkpoint:
+    """Find and parse every file of the checkpoint at `path`; the first bad header raises."""
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        return Checkpoint(path, "file", [load_file(path)])
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such file or folder")
+    ranks = rank_folders(path)
+    if not ranks:
+        index, files = complete_files(path)
+        return Checkpoint(path, "complete", [load_file(f) for f in files], index)
+    files = [load_file(pick_rank_file(d), r) for r, d in ranks.items()]
+    world = max([max(ranks) + 1] + [int(f.ours["world_size"]) for f in files
+                                    if f.ours and isinstance(f.ours.get("world_size"), int)])
+    ckpt = Checkpoint(path, "distributed", files,
+                      missing_ranks=[r for r in range(world) if r not in ranks])
+    if strategy:
+        apply_strategy(ckpt, strategy)
+    return ckpt
+
+
+def apply_strategy(ckpt: Checkpoint, strategy: str) -> None:
+    """Set every rank file's slices from a MindSpore strategy (overriding its own metadata)."""
+    from ..layout.strategy import read_strategy
+    layouts = read_strategy(strategy)
+    for f in ckpt.files:
+        f.slices = {}
+        for name, entry in f.tensors.items():
+            lay = layouts.get(name)
+            if lay is None:
+                continue
+            if f.rank not in lay.ranks():
+                raise CheckpointError(f"{f.path}: holds {name!r} but the strategy {strategy} puts "
+                                      f"it on ranks {lay.ranks().start}..{lay.ranks().stop - 1}; "
+                                      f"pass the strategy of the run that saved these files")
+            try:
+                full = lay.with_local_shape(entry.shape) if lay.global_shape is None else lay
+            except LayoutError as exc:
+                raise CheckpointError(f"{f.path}: tensor {name!r} of shape {entry.shape} does not "
+                                      f"fit the strategy ({exc})") from exc
+            f.slices[name] = full.slice_for(f.rank)
+
+
+def _hyper_values(f: StoredFile) -> Dict[str, list]:
+    out = {}
+    wanted = [n for n in HYPER_NAMES if n in f.tensors and f.tensors[n].numel <= 16]
+    if wanted:
+        with open_safetensors(f.path) as sf:
+            for n in wanted:
+                out[n] = sf.read(n).reshape(-1).tolist()
+    return out
+
+
+def summarize(ckpt: Checkpoint) -> dict:
+    """The JSON-able description `inspect` prints."""
+    root = ckpt.path if ckpt.kind != "file" else os.path.dirname(ckpt.path)
+    rows, files, step, epoch, pcfg, dedup, hyper = [], [], None, None, None, None, {}
+    for f in ckpt.files:
+        rel = os.path.relpath(f.path, root)
+        nbytes = sum(e.nbytes for e in f.tensors.values())
+        meta = {k: v for k, v in f.metadata.items() if k not in ("checksums", "mindformers_st")}
+        files.append({"file": rel, "rank": f.rank, "tensors": len(f.tensors), "bytes": nbytes,
+                      "metadata": meta, "checksums": "checksums" in f.metadata})
+        for name, e in f.tensors.items():
+            row = {"name": name, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes,
+                   "file": rel}
+            if f.rank is not None:
+                row["rank"] = f.rank
+            if name in f.slices:
+                row.update(f.slices[name].to_json())
+            rows.append(row)
+        if f.ours:
+            step = f.ours.get("step", step) if step is None else step
+            epoch = f.ours.get("epoch", epoch) if epoch is None else epoch
+            pcfg = pcfg or f.ours.get("parallel_config")
+            dedup = f.ours.get("remove_redundancy", dedup) if dedup is None else dedup
+        if dedup is None and "remove_redundancy" in f.metadata:
+            dedup = f.metadata["remove_redundancy"] == "True"
+        m = _SUFFIX.search(f.path)
+        if m and step is None:
+            epoch, step = int(m.group(1)), int(m.group(2))
+        for k, v in _hyper_values(f).items():
+            hyper.setdefault(k, v)
+    if step is None and "global_step" in hyper:
+        step = hyper["global_step"][0]
+    if epoch is None and "epoch_num" in hyper:
+        epoch = hyper["epoch_num"][0]
+    global_names = {r["name"] for r in rows}
+    return {
+        "path": ckpt.path, "kind": ckpt.kind,
+        "index": ({"kind": ckpt.index.kind, "total_size": ckpt.index.total_size}
+                  if ckpt.index is not None else None),
+        "step": step, "epoch": epoch, "parallel_config": pcfg, "remove_redundancy": dedup,
+        "hyper": hyper, "missing_ranks": ckpt.missing_ranks, "files": files, "tensors": rows,
+        "totals": {"files": len(files), "stored_tensors": len(rows),
+                   "global_tensors": len(global_names),
+                   "bytes": sum(f["bytes"] for f in files)},
+    }
+
+
+def _fmt_block(row: dict) -> str:
+    if "offsets" not in row:
+        return ""
+    dims = ", ".join(f"{o}:{o + s}" for o, s in zip(row["offsets"], row["sizes"]))
+    return f"[{dims}] of {tuple(row['global_shape'])}"
+
+
+def print_table(summary: dict) -> None:
+    """Human form of `summarize`'s result."""
+    print(f"{summary['kind']} checkpoint: {summary['path']}")
+    for key in ("step", "epoch", "remove_redundancy", "parallel_config", "index"):
+        if summary.get(key) is not None:
+            print(f"  {key}: {summary[key]}")
+    for k, v in summary["hyper"].items():
+        print(f"  {k}: {v if len(v) > 1 else v[0]}")
+    if summary["missing_ranks"]:
+        print(f"  missing ranks: {summary['missing_ranks']}")
+    distributed = summary["kind"] == "distributed"
+    head = ["tensor", "dtype", "shape", "bytes", "file"] + (["rank", "slice"] if distributed else [])
+    body = [[r["name"], r["dtype"], str(tuple(r["shape"])), str(r["bytes"]), r["file"]]
+            + ([str(r.get("rank", "")),
+                 _fmt_block(r) or ("whole (hyper value)" if r["name"] in HYPER_NAMES else "?")]
+               if distributed else [])
+            for r in summary["tensors"]]
+    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    for b in body:
+        print("  ".join(c.ljust(w) for c, w in zip(b, widths)).rstrip())
+    for f in summary["files"]:
+        if f["metadata"]:
+            print(f"metadata {f['file']}: {json.dumps(f['metadata'], sort_keys=True)}")
+    t = summary["totals"]
+    print(f"total: {t['files']} files, {t['stored_tensors']} stored tensors "
+          f"({t['global_tensors']} distinct names), {t['bytes']} bytes")
+
+
+def run(args) -> int:
+    """The command body: 0 when every header is readable (errors propagate to cli.main)."""
+    try:
+        summary = summarize(scan(args.path, getattr(args, "strategy", None)))
+    except OSError as exc:
+        raise CheckpointError(f"{args.path}: cannot read ({exc})") from exc
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print_table(summary)
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `inspect` to the CLI."""
+    p = subparsers.add_parser("inspect", help="list the tensors, slices and metadata of a checkpoint",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("path", help="a safetensors file, a complete folder or a rank_x/ folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--strategy", help="MindSpore strategy file or folder giving the slices of "
+                                      "rank files (default: the files' own metadata)")
+    p.set_defaults(func=run)
