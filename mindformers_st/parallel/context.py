@@ -68,6 +68,17 @@ class ParallelContext:
     def mp_size(self) -> int:
         return self.config.model_parallel
 
+    def local_batch(self, global_batch):
+        """The rows of `global_batch` (first dim = global batch size) this rank trains on:
+        the contiguous dp_rank-th of data_parallel equal shares (same rows on every mp rank)."""
+        dp = self.config.data_parallel
+        n = len(global_batch)
+        if n % dp:
+            raise ConfigError(f"global batch of {n} rows is not divisible by data_parallel {dp}; "
+                              "set batch_size so that batch_size * data_parallel rows are fed")
+        k = n // dp
+        return global_batch[self.dp_rank * k:(self.dp_rank + 1) * k]
+
     def layouts(self, table) -> Dict[str, Any]:
         """`plan_layouts(table, self.config)`: every parameter's TensorLayout for this job."""
         from ..layout.parallel_config import plan_layouts

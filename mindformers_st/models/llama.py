@@ -1,0 +1,253 @@
+"""The Llama-family causal LM (Llama 2/3, Qwen2) with explicit tensor parallelism, in MindSpore.
+
+Reads top to bottom like the paper: embedding -> N x (RMSNorm, rotary GQA attention, residual,
+RMSNorm, SwiGLU, residual) -> RMSNorm -> lm_head -> cross-entropy. The parallel pieces live in
+`layers.py`. Parameter names are exactly MindSpore Transformers' (`model.layers.0.attention.wq.
+weight`, `model.tok_embeddings.embedding_weight`, `lm_head.weight`, ...), and each rank holds
+exactly the slice `plan_layouts(llama_param_table(cfg), ctx.config)` gives it; the constructor
+checks this. Weights start from global tensors generated from (seed, name), so every layout
+starts from the same model.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from ..errors import CheckpointError, ConfigError, LayoutError
+from ..layout.param_table import ParamTable
+from ..layout.slices import TensorSlice
+from ..parallel.comm import CopyToModelParallel, ms_dtype
+from .config import LlamaConfig
+from .layers import (Attention, ColumnParallelLinear, FeedForward, RMSNorm, VocabEmbedding,
+                     VocabParallelCrossEntropy, rotary_cos_sin)
+from .param_table import llama_param_table
+from .registry import register_model
+
+logger = logging.getLogger(__name__)
+
+NEG_INF = -1e9   # additive mask value; finite so fully padded rows stay NaN-free
+
+KVCache = List[Tuple[Tensor, Tensor]]
+
+
+def global_init(name: str, shape: Tuple[int, ...], seed: int, std: float) -> np.ndarray:
+    """The initial GLOBAL value of parameter `name`, a pure function of (seed, name, shape).
+
+    Norm weights are ones, biases zeros, everything else normal(0, std). The per-parameter seed
+    is a SHA-256 of "seed:name", so values do not depend on creation order or on the layout.
+    """
+    if name.endswith("norm.weight") or name.endswith("norm_out.weight"):
+        return np.ones(shape, np.float32)
+    if name.endswith(".bias"):
+        return np.zeros(shape, np.float32)
+    key = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+    return np.random.default_rng(key).normal(0.0, std, size=shape).astype(np.float32)
+
+
+class DecoderLayer(nn.Cell):
+    """x + attn(norm(x)), then h + ffn(norm(h))."""
+
+    def __init__(self, cfg: LlamaConfig, mp: int, group, param_dtype, compute_dtype):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype)
+        self.attention = Attention(cfg, mp, group, param_dtype, compute_dtype)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype)
+        self.feed_forward = FeedForward(cfg, mp, group, param_dtype, compute_dtype)
+
+    def construct(self, x, cos, sin, mask, past=None):
+        attn, present = self.attention(self.attention_norm(x), cos, sin, mask, past)
+        h = x + attn
+        return h + self.feed_forward(self.ffn_norm(h)), present
+
+
+class LlamaModel(nn.Cell):
+    """Embedding, decoder layers and final norm (MindSpore Transformers' `model.` prefix)."""
+
+    def __init__(self, cfg: LlamaConfig, split_vocab: bool, mp_rank: int, mp: int, group,
+                 param_dtype, compute_dtype):
+        super().__init__()
+        self.tok_embeddings = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, split_vocab,
+                                             mp_rank, mp, group, param_dtype, compute_dtype)
+        self.layers = nn.CellList([DecoderLayer(cfg, mp, group, param_dtype, compute_dtype)
+                                   for _ in range(cfg.num_layers)])
+        self.norm_out = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype)
+
+    def construct(self, input_ids, cos, sin, mask, cache=None):
+        h = self.tok_embeddings(input_ids)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            h, present = layer(h, cos, sin, mask, None if cache is None else cache[i])
+            presents.append(present)
+        return self.norm_out(h), presents
+
+
+@register_model("LlamaForCausalLM")
+class LlamaForCausalLM(nn.Cell):
+    """Causal LM. `construct(input_ids, labels=None) -> loss` as MindSpore Transformers:
+
+    input_ids [B, seq_length+1]; the model reads tokens[:, :-1] and predicts labels[:, 1:]
+    (labels default to input_ids). Tokens equal to pad_token_id and labels equal to
+    ignore_token_id do not count; the loss is the mean over counted tokens of this rank's
+    batch (data parallel averages it across dp in TrainStep).
+    """
+
+    def __init__(self, cfg: LlamaConfig, ctx):
+        super().__init__()
+        pc = ctx.config
+        if pc.pipeline_stage > 1:
+            raise LayoutError(
+                f"pipeline_stage {pc.pipeline_stage}: executing pipeline stages is not possible "
+                "on this backend (no Send/Receive on CPU). Checkpoints and layouts support pp "
+                "(convert/reshard them offline); train or predict with pipeline_stage 1.")
+        if getattr(pc, "optimizer_shard", False):
+            raise ConfigError("parallel_config.optimizer_shard True cannot be executed by this "
+                              "model (it needs AllGather on dp groups, unavailable on CPU); set "
+                              "it False here, checkpoints with optimizer shard still reshard "
+                              "offline.")
+        if cfg.qkv_concat:
+            raise ConfigError("model_config.qkv_concat True (fused w_qkv / w_gate_hidden) is not "
+                              "implemented by this model; set qkv_concat False (HF weights "
+                              "convert to separate wq/wk/wv).")
+        mp = pc.model_parallel
+        if cfg.num_heads % mp or cfg.n_kv_heads % mp:
+            raise LayoutError(f"num_heads {cfg.num_heads} and n_kv_heads {cfg.n_kv_heads} must "
+                              f"both be divisible by model_parallel {mp} (heads are not split)")
+        self.cfg, self.ctx = cfg, ctx
+        self.mp, self.mp_rank = mp, ctx.mp_rank
+        group = ctx.mp_group
+        # MatMul on CPU supports float32 only (measured): bf16/fp16 parameters are kept in
+        # their dtype and computed in float32 there.
+        self.param_dtype = ms_dtype(cfg.param_init_type)
+        compute = cfg.compute_dtype if ctx.device_target != "CPU" else "float32"
+        self.compute_dtype = ms_dtype(compute)
+        split_vocab = (not pc.vocab_emb_dp) and mp > 1
+        self.split_vocab = split_vocab
+        if cfg.embedding_init_type not in (None, cfg.param_init_type):
+            raise ConfigError(f"model_config.embedding_init_type {cfg.embedding_init_type!r} "
+                              f"differs from param_init_type {cfg.param_init_type!r}; this model "
+                              "keeps one parameter dtype (leave embedding_init_type unset)")
+        self.model = LlamaModel(cfg, split_vocab, self.mp_rank, mp, group, self.param_dtype,
+                                self.compute_dtype)
+        self.tied = cfg.tie_word_embeddings
+        self.lm_enter = CopyToModelParallel(group if split_vocab else None)
+        if not self.tied:
+            self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size,
+                                                mp if split_vocab else 1, False,
+                                                self.param_dtype, self.compute_dtype)
+        self.loss_fn = VocabParallelCrossEntropy(split_vocab, self.mp_rank, mp, group)
+        self._table = llama_param_table(cfg)
+        self._layouts = ctx.layouts(self._table)
+        self._params = {p.name: p for p in self.get_parameters()}
+        self._check_and_init(ctx.seed)
+
+    # ---- parameters, slices and numpy access -------------------------------------------
+    def param_table(self) -> ParamTable:
+        """The global parameter table (`llama_param_table(cfg)`)."""
+        return self._table
+
+    def layouts(self):
+        """Every parameter's TensorLayout under this model's ParallelConfig."""
+        return self._layouts
+
+    def local_slices(self) -> Dict[str, TensorSlice]:
+        """name -> the slice of the global tensor this rank holds."""
+        return {n: self._layouts[n].slice_for(self.ctx.rank) for n in self._params}
+
+    def get_local_params(self) -> Dict[str, np.ndarray]:
+        """name -> this rank's slice as numpy (bf16 as ml_dtypes.bfloat16), a copy."""
+        return {n: np.array(p.asnumpy()) for n, p in self._params.items()}
+
+    def set_local_params(self, arrays: Mapping[str, np.ndarray], strict: bool = True) -> List[str]:
+        """Assign this rank's slices from `arrays` (cast to each parameter's dtype).
+
+        CheckpointError for a shape mismatch, or (strict) for missing or unexpected names.
+        Returns the names that were set."""
+        missing = sorted(set(self._params) - set(arrays))
+        unexpected = sorted(set(arrays) - set(self._params))
+        if strict and (missing or unexpected):
+            raise CheckpointError(f"set_local_params: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                                  f"unexpected {unexpected[:8]}; the checkpoint does not match "
+                                  f"this model config")
+        done = []
+        for name, value in arrays.items():
+            if name not in self._params:
+                continue
+            param = self._params[name]
+            if tuple(value.shape) != tuple(param.shape):
+                raise CheckpointError(f"set_local_params: {name} has shape {tuple(value.shape)}, "
+                                      f"this rank holds {tuple(param.shape)} "
+                                      f"({self._layouts[name].slice_for(self.ctx.rank)})")
+            param.set_data(Tensor(np.asarray(value, np.float32)).astype(param.dtype))
+            done.append(name)
+        return done
+
+    def _check_and_init(self, seed: int) -> None:
+        """Fail loudly if names or local shapes disagree with plan_layouts; init from (seed, name)."""
+        names = set(self._params)
+        expected = {p.name for p in self._table}
+        if names != expected:
+            raise LayoutError(f"model parameters differ from llama_param_table: extra "
+                              f"{sorted(names - expected)}, missing {sorted(expected - names)}")
+        specs = self._table.by_name()
+        for name, param in self._params.items():
+            sl = self._layouts[name].slice_for(self.ctx.rank)
+            if tuple(sl.sizes) != tuple(param.shape):
+                raise LayoutError(f"{name}: this model holds {tuple(param.shape)} but "
+                                  f"plan_layouts gives rank {self.ctx.rank} {sl}")
+            full = global_init(name, specs[name].shape, seed, self.cfg.initializer_range)
+            param.set_data(Tensor(np.ascontiguousarray(full[sl.index()])).astype(param.dtype))
+
+    # ---- forward -----------------------------------------------------------------------
+    def _lm_weight(self):
+        if self.tied:
+            return self.model.tok_embeddings.embedding_weight
+        return self.lm_head.weight
+
+    def forward_logits(self, input_ids: Tensor, attention_mask: Optional[np.ndarray] = None,
+                       position_ids: Optional[np.ndarray] = None,
+                       cache: Optional[KVCache] = None) -> Tuple[Tensor, KVCache]:
+        """Logits of this rank's vocab shard [B, S, V/mp] (V if not split) in float32.
+
+        attention_mask [B, past+S] (1 = real token) covers the cached and the new tokens;
+        position_ids [B, S] default to past + arange(S). Returns the logits and the KV cache
+        extended by these tokens (pass it back for incremental decoding)."""
+        b, s = input_ids.shape
+        past = 0 if cache is None else int(cache[0][0].shape[2])
+        if position_ids is None:
+            position_ids = np.broadcast_to(np.arange(past, past + s), (b, s))
+        cos, sin = rotary_cos_sin(np.asarray(position_ids), self.cfg.head_dim, self.cfg.theta)
+        mask = _additive_mask(b, s, past, attention_mask)
+        h, presents = self.model(input_ids, cos, sin, mask, cache)
+        h = self.lm_enter(h)
+        w = self._lm_weight().astype(self.compute_dtype)
+        logits = ops.matmul(h.astype(self.compute_dtype), w.T).astype(ms.float32)
+        return logits, presents
+
+    def construct(self, input_ids, labels=None):
+        b, s = input_ids.shape
+        tokens = input_ids[:, :s - 1]
+        labels = input_ids[:, 1:] if labels is None else labels[:, 1:]
+        logits, _ = self.forward_logits(tokens)
+        flat_labels = labels.reshape(-1).astype(ms.int32)
+        per_token = self.loss_fn(logits.reshape(b * (s - 1), -1), flat_labels)
+        weight = ops.logical_and(tokens.reshape(-1) != self.cfg.pad_token_id,
+                                 flat_labels != self.cfg.ignore_token_id).astype(ms.float32)
+        return (per_token * weight).sum() / ops.maximum(weight.sum(), 1.0)
+
+
+def _additive_mask(b: int, s: int, past: int, attention_mask: Optional[np.ndarray]) -> Tensor:
+    """[B, 1, S, past+S] float32: 0 where query i may see key j (j <= past+i and key real)."""
+    total = past + s
+    causal = np.arange(total)[None, :] <= (past + np.arange(s))[:, None]       # [S, T]
+    allowed = np.broadcast_to(causal, (b, s, total))
+    if attention_mask is not None:
+        am = np.asarray(attention_mask).astype(bool)
+        if am.shape != (b, total):
+            raise ValueError(f"attention_mask shape {am.shape}, expected {(b, total)}")
+        allowed = allowed & am[:, None, :]
+    return Tensor(np.where(allowed, 0.0, NEG_INF).astype(np.float32)[:, None])

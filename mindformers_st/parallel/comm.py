@@ -1,0 +1,90 @@
+"""Collectives for explicit tensor and data parallelism on any MindSpore backend (CPU included).
+
+MindSpore's AllReduce is differentiable but its backward is again an AllReduce, which is wrong
+for Megatron's conjugate pair; so the pair is written as Cells with custom `bprop`:
+`CopyToModelParallel` (f: identity forward, all-reduce backward) and `ReduceFromModelParallel`
+(g: all-reduce forward, identity backward). Only SUM is used: on CPU AllReduce supports nothing
+else (measured: "AllReduce only support reduce sum on CPU"), and AllGather works only on the world
+group, so gathers are written as the all-reduce of a zero-padded buffer.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+
+class CopyToModelParallel(nn.Cell):
+    """f: identity forward; backward sums the gradient over the mp group.
+
+    Placed where a replicated activation enters column-parallel layers: each mp rank only
+    sees the gradient through its own shard, and the true gradient is their sum.
+    """
+
+    def __init__(self, group: Optional[str]):
+        super().__init__()
+        self.group = group
+        self.all_reduce = ops.AllReduce(group=group) if group else None
+
+    def construct(self, x):
+        return x
+
+    def bprop(self, x, out, dout):
+        if self.all_reduce is None:
+            return (dout,)
+        return (self.all_reduce(dout),)
+
+
+class ReduceFromModelParallel(nn.Cell):
+    """g: forward sums partial results over the mp group; backward is the identity."""
+
+    def __init__(self, group: Optional[str]):
+        super().__init__()
+        self.group = group
+        self.all_reduce = ops.AllReduce(group=group) if group else None
+
+    def construct(self, x):
+        if self.all_reduce is None:
+            return x
+        return self.all_reduce(x)
+
+    def bprop(self, x, out, dout):
+        return (dout,)
+
+
+def all_reduce_sum(x: Tensor, group: Optional[str]) -> Tensor:
+    """Sum `x` over `group` (not for use inside differentiated code); identity when group is None."""
+    if group is None:
+        return x
+    return ops.AllReduce(group=group)(x)
+
+
+def gather_last_dim(local: Tensor, group: Optional[str], index: int, size: int) -> Tensor:
+    """Concatenate equal shards of the last dim across `group` (rank `index` of `size`).
+
+    Written as the all-reduce of a zero-padded buffer because AllGather only works on the world
+    group on CPU. Every rank gets bit-identical results (the same sum), which generation relies on.
+    Not differentiable on purpose (used on logits for decoding only).
+    """
+    if group is None or size == 1:
+        return local
+    width = local.shape[-1]
+    arr = local.asnumpy().astype(np.float32)
+    buf = np.zeros(arr.shape[:-1] + (width * size,), np.float32)
+    buf[..., index * width:(index + 1) * width] = arr
+    return ops.AllReduce(group=group)(Tensor(buf))
+
+
+def scalar_all_reduce(value: float, group: Optional[str]) -> float:
+    """Sum a Python float over `group` (fp64 is not guaranteed on every backend: fp32 used)."""
+    if group is None:
+        return float(value)
+    out = ops.AllReduce(group=group)(Tensor(np.array([value], np.float32)))
+    return float(out.asnumpy()[0])
+
+
+def ms_dtype(name: str):
+    """MindSpore dtype for a YAML dtype name ("float32", "float16", "bfloat16")."""
+    return {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[name]

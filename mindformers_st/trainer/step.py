@@ -1,0 +1,92 @@
+"""One training step: forward, backward, dp-mean gradient all-reduce, global-norm clipping, AdamW.
+
+Input is THIS rank's data-parallel share of the global batch (`ParallelContext.local_batch`
+cuts it); every mp rank of a dp group gets the same rows. The loss returned is the dp mean of
+the local losses (the global-batch loss when every share counts the same number of tokens).
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from ..parallel.comm import all_reduce_sum
+
+logger = logging.getLogger(__name__)
+
+
+class TrainStep:
+    """`step(input_ids, labels=None) -> float loss`; after a call, `last_lr`, `last_grad_norm`,
+    `last_loss` describe it and `step_count` is the optimizer's global_step.
+
+    Gradient norm: sum of squares of mp-split parameters' local gradients is summed over the mp
+    group; replicated parameters (identical gradients on every mp rank) are counted once. Every
+    rank therefore uses the same clipping factor and replicated weights stay identical.
+    clip_norm <= 0 or None disables clipping (the norm is still computed and reported).
+    """
+
+    def __init__(self, model, optimizer, ctx, clip_norm: Optional[float] = 1.0):
+        self.model, self.optimizer, self.ctx = model, optimizer, ctx
+        self.clip_norm = clip_norm
+        self.params = list(optimizer.params)
+        layouts = model.layouts()
+        self.split = [any(_split(e) for e in layouts[p.name].tensor_map) for p in self.params]
+        self.grad_fn = ms.value_and_grad(model, None, self.params)
+        self.last_lr: Optional[float] = None
+        self.last_grad_norm: Optional[float] = None
+        self.last_loss: Optional[float] = None
+
+    @property
+    def step_count(self) -> int:
+        return self.optimizer.step_count
+
+    def __call__(self, input_ids, labels=None) -> float:
+        ids = _tensor(input_ids)
+        lab = None if labels is None else _tensor(labels)
+        loss, grads = self.grad_fn(ids, lab) if lab is not None else self.grad_fn(ids)
+        grads = [g.astype(ms.float32) for g in grads]
+        grads, loss_value = self._dp_mean(grads, loss)
+        norm = self._global_norm(grads)
+        if self.clip_norm and self.clip_norm > 0 and norm > self.clip_norm:
+            scale = self.clip_norm / (norm + 1e-6)
+            grads = [g * scale for g in grads]
+        self.last_lr = float(self.optimizer(grads))
+        self.last_grad_norm, self.last_loss = norm, loss_value
+        return loss_value
+
+    def _dp_mean(self, grads: List[Tensor], loss: Tensor):
+        """Average gradients and the loss over the dp group with ONE all-reduce (flat buffer)."""
+        group, dp = self.ctx.dp_group, self.ctx.config.data_parallel
+        if group is None:
+            return grads, float(loss.asnumpy())
+        flat = ops.concat([g.reshape(-1) for g in grads] + [loss.astype(ms.float32).reshape(1)])
+        flat = all_reduce_sum(flat, group) / float(dp)
+        out, off = [], 0
+        for g in grads:
+            n = int(np.prod(g.shape))
+            out.append(flat[off:off + n].reshape(g.shape))
+            off += n
+        return out, float(flat[off:off + 1].asnumpy()[0])
+
+    def _global_norm(self, grads: List[Tensor]) -> float:
+        split_sq = sum(float(ops.sum(g * g).asnumpy()) for g, s in zip(grads, self.split) if s)
+        repl_sq = sum(float(ops.sum(g * g).asnumpy()) for g, s in zip(grads, self.split) if not s)
+        if self.ctx.mp_group is not None:
+            split_sq = float(all_reduce_sum(Tensor(np.array([split_sq], np.float32)),
+                                            self.ctx.mp_group).asnumpy()[0])
+        return float(np.sqrt(split_sq + repl_sq))
+
+
+def _split(entry) -> bool:
+    if isinstance(entry, tuple):
+        return any(e != -1 for e in entry)
+    return entry != -1
+
+
+def _tensor(x) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.astype(ms.int32)
+    return Tensor(np.asarray(x).astype(np.int32))
