@@ -138,13 +138,17 @@ def _blocks_for(rule: FuseRule, part_rows: Sequence[int], num_heads, n_kv_heads,
 
 
 def _files_by_source(assigned: List[Tuple[TargetTensor, str]], kind: str, rename_sources: bool,
-                     ) -> Tuple[List[TargetFile], Dict[str, str], int]:
-    """Group targets by the source file they were assigned to (sorted by basename)."""
+                     n_sources: int = 0) -> Tuple[List[TargetFile], Dict[str, str], int]:
+    """Group targets by the source file they were assigned to (sorted by basename). Source
+    names are kept only when every one of the `n_sources` files still gets a tensor (a shard
+    holding only k/v loses them to q's file when fused); otherwise shards are renumbered so
+    "-of-0000n" stays true."""
     groups: Dict[str, List[TargetTensor]] = {}
     for t, src_file in assigned:
         groups.setdefault(src_file, []).append(t)
     order = sorted(groups, key=os.path.basename)
     n = len(order)
+    rename_sources = rename_sources or n != n_sources
     fmt = (("format", "pt"),) if kind == "hf" else (("format", "ms"),)
     files = []
     for k, path in enumerate(order):
@@ -218,7 +222,8 @@ def plan_convert_hf(src: SourceCheckpoint, family: str, qkv_concat: bool = False
         ops = tuple(_block_op(parts[b.part], b.part_row, b.fused_row, b.rows) for b in blocks)
         shape = (sum(part_rows),) + tuple(parts[0].slice.sizes[1:])
         assigned.append((TargetTensor(fused_name, parts[0].dtype, shape, ops), parts[0].file))
-    files, weight_map, total = _files_by_source(assigned, "ms", rename_sources=False)
+    files, weight_map, total = _files_by_source(assigned, "ms", rename_sources=False,
+                                                n_sources=len({c.file for c in chunks.values()}))
     return Plan("convert_hf", tuple(files), ((MS_INDEX, _index_text(weight_map, total)),),
                 f"Hugging Face {family} -> MindSpore Transformers ({len(weight_map)} tensors, "
                 f"{num_layers} layers{', qkv_concat' if qkv_concat else ''}) from {src.root}")

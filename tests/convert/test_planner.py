@@ -155,3 +155,23 @@ def test_plan_convert_hf_needs_heads_for_qkv_concat(tmp_path):
     hf = write_hf_folder(str(tmp_path / "hf"), hf_tensors())
     with pytest.raises(ConversionError, match="num_heads"):
         plan_convert_hf(describe_complete(hf), "llama", qkv_concat=True)
+
+
+def test_a_shard_emptied_by_fusing_renumbers_the_shards(tmp_path):
+    """A shard holding only k/v loses them to q's shard when fused: "-of-0000n" must stay true."""
+    from mindformers_st.storage.writer import save_tensors
+    tensors = hf_tensors(layers=1)
+    kv = {n: a for n, a in tensors.items() if "k_proj" in n or "v_proj" in n}
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_tensors(str(hf / "model-00001-of-00002.safetensors"),
+                 {n: a for n, a in tensors.items() if n not in kv})
+    save_tensors(str(hf / "model-00002-of-00002.safetensors"), kv)
+    with open(hf / "config.json", "w") as fh:
+        json.dump(hf_config("llama", layers=1), fh)
+    convert_hf_folder(str(hf), str(tmp_path / "fused"), qkv_concat=True, progress=False)
+    assert [f for f in os.listdir(tmp_path / "fused") if f.endswith(".safetensors")] == \
+        ["model.safetensors"]
+    convert_hf_folder(str(hf), str(tmp_path / "plain"), progress=False)
+    assert sorted(f for f in os.listdir(tmp_path / "plain") if f.endswith(".safetensors")) == \
+        ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
