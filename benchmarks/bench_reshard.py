@@ -1,0 +1,410 @@
+"""Benchmark: our merge / reshard against the disk floor and MindSpore's built-ins.
+
+Generates a synthetic Llama-like fp32 model (default 2 GiB) saved as mp=4 rank files (and as
+dp=2 x mp=2 with remove_redundancy), then times, each op in its own child process, medians of
+--reps interleaved rounds, with the source files evicted from the page cache before every run
+(`sync; echo 3 > drop_caches` when permitted, else posix_fadvise(DONTNEED) on every file):
+
+  floor          read the source bytes + write as many with fsync (the physical floor)
+  merge          mindformers-st merge (mp4 -> complete)
+  merge_dedup    mindformers-st merge of the de-duplicated dp2 x mp2 save
+  reshard        mindformers-st reshard mp4 -> mp2 (rank files to rank files)
+  ms_unified     mindspore.unified_safetensors on the same mp4 input
+  ms_transform   mindspore.transform_checkpoints mp4 -> mp2 (output checked bit for bit)
+
+Peak anonymous memory (RssAnon summed over the child's process tree) is sampled every 10 ms.
+Results go to docs/bench/reshard.json (keyed by size, so 2 GiB and 8 GiB runs sit side by side)
+and a PNG chart next to it. Usage:
+
+    .venv/bin/python benchmarks/bench_reshard.py [--size 2GiB] [--reps 3] [--skip-mindspore]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from typing import Dict, List, Optional
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mindformers_st.layout.parallel_config import ParallelConfig, plan_layouts  # noqa: E402
+from mindformers_st.layout.owners import assign_owners  # noqa: E402
+from mindformers_st.layout.strategy import write_strategy_file  # noqa: E402
+from mindformers_st.models.config import LlamaConfig  # noqa: E402
+from mindformers_st.models.param_table import llama_param_table  # noqa: E402
+from mindformers_st.commands.reshard import parse_size  # noqa: E402
+
+OPS = ["floor", "merge", "merge_dedup", "reshard", "ms_unified", "ms_transform"]
+MS_OPS = {"ms_unified", "ms_transform"}
+SRC_PC = ParallelConfig(model_parallel=4, vocab_emb_dp=False)
+DEDUP_PC = ParallelConfig(data_parallel=2, model_parallel=2, vocab_emb_dp=False)
+DST_PC = ParallelConfig(model_parallel=2, vocab_emb_dp=False)
+
+
+# --------------------------------------------------------------------------- the model
+def model_config(size: int) -> LlamaConfig:
+    """A Llama-like config of about `size` bytes in fp32 (big: 2048 hidden as a 1B-class model)."""
+    if size >= 2 ** 30:
+        vocab, hidden, inter, heads = 32000, 2048, 6912, 16
+    else:
+        vocab, hidden, inter, heads = 4096, 512, 1536, 8
+    emb = 2 * vocab * hidden * 4
+    layer = (4 * hidden * hidden + 3 * hidden * inter + 2 * hidden) * 4
+    layers = max(1, round((size - emb) / layer))
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                       intermediate_size=inter, seq_length=128)
+
+
+def global_value(name: str, shape) -> np.ndarray:
+    """The reproducible value of one global tensor (regenerated to check outputs)."""
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
+def generate(work: str, size: int) -> dict:
+    """Write the mp4 and dedup dp2xmp2 sources and the strategy files MindSpore needs."""
+    from mindformers_st.storage.writer import SafetensorsWriter
+    cfg = model_config(size)
+    table = llama_param_table(cfg)
+    info = {"vocab": cfg.vocab_size, "hidden": cfg.hidden_size, "layers": cfg.num_layers,
+            "intermediate": cfg.intermediate_size, "tensors": len(table),
+            "bytes": table.total_bytes}
+    stamp = os.path.join(work, "model.json")
+    if os.path.exists(stamp) and json.load(open(stamp)) == info:
+        return info
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    for tag, pc, dedup in (("src_mp4", SRC_PC, False), ("src_dedup", DEDUP_PC, True)):
+        layouts = plan_layouts(table, pc)
+        owners = assign_owners(layouts, {p.name: p.dtype for p in table}) if dedup else None
+        writers = {}
+        per_rank = {r: [] for r in range(pc.world_size)}
+        for name, lay in layouts.items():
+            for r in lay.ranks():
+                sl = lay.slice_for(r)
+                if owners is None or owners[(name, sl)] == r:
+                    per_rank[r].append((name, sl))
+        for r, items in per_rank.items():
+            os.makedirs(os.path.join(work, tag, f"rank_{r}"))
+            meta = {"version": 1, "rank": r, "world_size": pc.world_size,
+                    "parallel_config": pc.to_json(), "remove_redundancy": dedup, "epoch": 1,
+                    "step": 1, "slices": {n: sl.to_json() for n, sl in items}}
+            specs = [(n, "F32", sl.sizes) for n, sl in items] + [("global_step", "I32", (1,))]
+            writers[r] = SafetensorsWriter(
+                os.path.join(work, tag, f"rank_{r}", f"checkpoint_rank_{r}.safetensors"), specs,
+                {"format": "ms", "remove_redundancy": str(dedup), "mindformers_st": json.dumps(meta)})
+            writers[r].write("global_step", np.array([1], dtype=np.int32))
+        for name, lay in layouts.items():
+            value = global_value(name, lay.global_shape)
+            for r, items in per_rank.items():
+                for n, sl in items:
+                    if n == name:
+                        writers[r].write(n, value[sl.index()])
+            del value
+        for w in writers.values():
+            w.commit()
+        write_strategy_file(os.path.join(work, f"strategy_{tag}.ckpt"), layouts)
+    write_strategy_file(os.path.join(work, "strategy_dst_mp2.ckpt"), plan_layouts(table, DST_PC))
+    json.dump(info, open(stamp, "w"))
+    return info
+
+
+# --------------------------------------------------------------------------- the ops (child side)
+def _files(folder: str) -> List[str]:
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
+                  if f.endswith(".safetensors"))
+
+
+def _anon_kib(pid="self") -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run_op(op: str, work: str, out: str, workers: int) -> dict:
+    """Run one op in this (child) process; returns its in-process seconds."""
+    before = _anon_kib()
+    if op in MS_OPS:
+        import mindspore as ms   # imported before the clock starts, as the other ops' imports
+    from mindformers_st.transform import (describe_distributed, execute, plan_distributed,
+                                          plan_merge)
+    src = os.path.join(work, "src_dedup" if op == "merge_dedup" else "src_mp4")
+    t0 = time.perf_counter()
+    if op == "floor":
+        buf = bytearray(16 << 20)
+        total = 0
+        for f in _files(src):
+            with open(f, "rb", buffering=0) as fh:
+                while True:
+                    n = fh.readinto(buf)
+                    if not n:
+                        break
+                    total += n
+        os.makedirs(out)
+        with open(os.path.join(out, "floor.bin"), "wb", buffering=0) as fh:
+            left = total
+            while left:
+                n = fh.write(memoryview(buf)[:min(left, len(buf))])
+                left -= n
+            os.fsync(fh.fileno())
+    elif op in ("merge", "merge_dedup"):
+        execute(plan_merge(describe_distributed(src)), out, workers=workers, progress=False)
+    elif op == "reshard":
+        table = llama_param_table(model_config_from(work))
+        execute(plan_distributed(describe_distributed(src), plan_layouts(table, DST_PC), DST_PC),
+                out, workers=workers, progress=False)
+    elif op == "ms_unified":
+        ms.unified_safetensors(src, os.path.join(work, "strategy_src_mp4.ckpt"), out)
+    elif op == "ms_transform":
+        ms.transform_checkpoints(src, out, "checkpoint_",
+                                 os.path.join(work, "strategy_src_mp4.ckpt"),
+                                 os.path.join(work, "strategy_dst_mp2.ckpt"),
+                                 output_format="safetensors")
+    else:
+        raise SystemExit(f"unknown op {op}")
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "anon_before_kib": before}
+
+
+def model_config_from(work: str) -> LlamaConfig:
+    info = json.load(open(os.path.join(work, "model.json")))
+    return LlamaConfig(vocab_size=info["vocab"], hidden_size=info["hidden"],
+                       num_layers=info["layers"], num_heads=16 if info["hidden"] >= 2048 else 8,
+                       intermediate_size=info["intermediate"], seq_length=128)
+
+
+# --------------------------------------------------------------------------- the parent side
+def evict(work: str) -> str:
+    """Drop the page cache (if allowed) or evict every benchmark file from it; returns how."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+        return "drop_caches"
+    except OSError:
+        pass
+    for f in _files(work):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return "fadvise_dontneed"
+
+
+def _tree_anon_kib(pid: int) -> int:
+    import psutil
+    total = _anon_kib(pid)
+    try:
+        for c in psutil.Process(pid).children(recursive=True):
+            total += _anon_kib(c.pid)
+    except psutil.Error:
+        pass
+    return total
+
+
+def run_child(op: str, work: str, out: str, workers: int, timeout: float) -> dict:
+    """Run `op` in a child process, sampling the anonymous memory of its process tree."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", op, "--work", work,
+           "--out", out, "--workers", str(workers)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _tree_anon_kib(proc.pid))
+            stop.wait(0.01)
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import psutil
+        for c in psutil.Process(proc.pid).children(recursive=True):
+            c.kill()
+        proc.kill()
+        proc.communicate()
+        stop.set()
+        return {"error": f"timed out after {timeout:.0f} s (killed)", "peak_anon_mib": peak[0] / 1024}
+    finally:
+        stop.set()
+        th.join()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"error": (stderr or "")[-800:], "peak_anon_mib": peak[0] / 1024}
+    res = json.loads(stdout.strip().splitlines()[-1])
+    res.update(wall=wall, peak_anon_mib=peak[0] / 1024)
+    return res
+
+
+def verify(work: str, outs: Dict[str, str]) -> Dict[str, dict]:
+    """Compare every output tensor with the regenerated global value: {op: {checked, wrong}}."""
+    from mindformers_st.storage.reader import open_safetensors
+    table = llama_param_table(model_config_from(work))
+    dst = plan_layouts(table, DST_PC)
+    opened = {op: [open_safetensors(f) for f in _files(d)] for op, d in outs.items()
+              if d and os.path.isdir(d)}
+    result = {op: {"checked": 0, "wrong": [], "missing": []} for op in opened}
+    for p in table:
+        value = global_value(p.name, p.shape)
+        for op, files in opened.items():
+            held = [f for f in files if p.name in f.tensors]
+            if not held:
+                result[op]["missing"].append(p.name)
+                continue
+            for f in held:
+                if op in ("reshard", "ms_transform"):
+                    rank = int(os.path.basename(os.path.dirname(f.path)).split("_")[1])
+                    want = value[dst[p.name].slice_for(rank).index()]
+                else:
+                    want = value
+                got = f.read(p.name)
+                result[op]["checked"] += 1
+                if got.shape != want.shape or not np.array_equal(got, want):
+                    result[op]["wrong"].append(f"{os.path.relpath(f.path, outs[op])}:{p.name}")
+        del value
+    for files in opened.values():
+        for f in files:
+            f.close()
+    for r in result.values():
+        r["ok"] = not r["wrong"] and not r["missing"]
+        r["wrong_count"] = len(r["wrong"])
+        r["wrong"] = r["wrong"][:10]
+    return result
+
+
+def chart(results: dict, path: str) -> Optional[str]:
+    """Bar chart of median seconds per op and size, floor as a line; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e .[bench]); no chart", file=sys.stderr)
+        return None
+    sizes = sorted(results["runs"], key=lambda k: results["runs"][k]["model"]["bytes"])
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
+    for ax, key in zip(axes[0], sizes):
+        run = results["runs"][key]
+        ops = [o for o in OPS if o in run["ops"] and run["ops"][o].get("median") is not None]
+        meds = [run["ops"][o]["median"] for o in ops]
+        colors = ["grey" if o == "floor" else ("tab:orange" if o in MS_OPS else "tab:blue")
+                  for o in ops]
+        ax.bar(ops, meds, color=colors)
+        for i, o in enumerate(ops):
+            ax.text(i, meds[i], f"{meds[i]:.2f}s\n{run['ops'][o]['peak_anon_mib']:.0f} MiB",
+                    ha="center", va="bottom", fontsize=7)
+        ax.set_title(f"{key} fp32, cold cache ({run['cache']})")
+        ax.set_ylabel("seconds (median, in-process)")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="2GiB", help="model size, e.g. 2GiB, 8GiB, 64MiB")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--work", default="/tmp/mindformers_st_bench",
+                    help="scratch folder (on the disk being measured)")
+    ap.add_argument("--json", default=os.path.join(ROOT, "docs", "bench", "reshard.json"))
+    ap.add_argument("--skip-mindspore", action="store_true")
+    ap.add_argument("--ops", default=None, help="comma-separated subset of " + ",".join(OPS))
+    ap.add_argument("--timeout", type=float, default=600.0, help="per op run (unified can hang)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated sources")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_op(args.child, args.work, args.out, args.workers)))
+        return 0
+
+    size = parse_size(args.size)
+    key = args.size
+    work = os.path.join(os.path.abspath(args.work), key)
+    t = time.perf_counter()
+    info = generate(work, size)
+    print(f"model {key}: {info} (generated/found in {time.perf_counter() - t:.1f} s)", flush=True)
+    ops = args.ops.split(",") if args.ops else list(OPS)
+    if args.skip_mindspore:
+        ops = [o for o in ops if o not in MS_OPS]
+    import psutil
+    avail = psutil.virtual_memory().available
+    if "ms_transform" in ops and 3.5 * info["bytes"] > 0.45 * avail:
+        print("ms_transform skipped: it needs ~3.2x the model in RAM", flush=True)
+        ops.remove("ms_transform")
+    samples: Dict[str, List[dict]] = {o: [] for o in ops}
+    cache = "warm"
+    for rep in range(args.reps):
+        for op in ops:       # interleaved rounds: each op sees the same machine state
+            out = os.path.join(work, f"out_{op}")
+            shutil.rmtree(out, ignore_errors=True)
+            cache = evict(work)
+            res = run_child(op, work, out, args.workers, args.timeout)
+            samples[op].append(res)
+            print(f"rep {rep} {op}: " + (f"{res['seconds']:.2f} s (wall {res['wall']:.2f}), "
+                                         f"peak anon {res['peak_anon_mib']:.0f} MiB"
+                                         if "error" not in res else f"FAILED {res['error'][-300:]}"),
+                  flush=True)
+    outs = {op: os.path.join(work, f"out_{op}") for op in ops if op != "floor"}
+    checks = verify(work, outs)
+    run = {"model": info, "cache": cache, "reps": args.reps, "workers": args.workers, "ops": {}}
+    for op in ops:
+        good = [s for s in samples[op] if "error" not in s]
+        run["ops"][op] = {
+            "seconds": [round(s["seconds"], 3) for s in good],
+            "wall": [round(s["wall"], 3) for s in good],
+            "median": round(statistics.median([s["seconds"] for s in good]), 3) if good else None,
+            "peak_anon_mib": round(max(s["peak_anon_mib"] for s in samples[op]), 1),
+            "errors": [s["error"][-300:] for s in samples[op] if "error" in s],
+            "check": checks.get(op)}
+    med = {op: r["median"] for op, r in run["ops"].items()}
+
+    def ratio(a, b):
+        return round(med[a] / med[b], 2) if med.get(a) and med.get(b) else None
+    run["ratios"] = {"merge/floor": ratio("merge", "floor"),
+                     "merge_dedup/floor": ratio("merge_dedup", "floor"),
+                     "reshard/floor": ratio("reshard", "floor"),
+                     "ms_unified/merge": ratio("ms_unified", "merge"),
+                     "ms_transform/reshard": ratio("ms_transform", "reshard")}
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    results = json.load(open(args.json)) if os.path.exists(args.json) else {"runs": {}}
+    results["machine"] = {"cpus": os.cpu_count(), "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
+                          "python": platform.python_version(),
+                          "note": "shared VM (other jobs running); 2 cores; ext4 on virtio"}
+    results["runs"][key] = run
+    with open(args.json, "w") as fh:
+        json.dump(results, fh, indent=2)
+    png = chart(results, os.path.join(os.path.dirname(args.json), "reshard.png"))
+    print(json.dumps({"ratios": run["ratios"], "peak_anon_mib": {o: r["peak_anon_mib"] for o, r in run["ops"].items()},
+                      "checks": {o: (c or {}).get("ok") for o, c in checks.items()}}, indent=1))
+    print(f"results: {args.json}" + (f", chart: {png}" if png else ""))
+    for op in ops:
+        shutil.rmtree(os.path.join(work, f"out_{op}"), ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
