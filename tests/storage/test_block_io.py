@@ -1,0 +1,59 @@
+"""Block reads touch about the block's share of a tensor, measured in the page cache with mincore."""
+import ctypes
+import mmap
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from mindformers_st.storage import open_safetensors, save_tensors
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore/posix_fadvise are Linux")
+
+
+def _resident_bytes(path, start, length):
+    """Bytes of [start, start+length) of `path` that are in the page cache."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mm = mmap.mmap(fd, os.fstat(fd).st_size, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    try:
+        lo = start // mmap.PAGESIZE * mmap.PAGESIZE
+        view = np.frombuffer(mm, np.uint8)
+        n = (start + length - lo + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * n)()
+        rc = libc.mincore(ctypes.c_void_p(view.ctypes.data + lo), ctypes.c_size_t(start + length - lo), vec)
+        assert rc == 0, os.strerror(ctypes.get_errno())
+        del view
+        return sum(v & 1 for v in vec) * mmap.PAGESIZE
+    finally:
+        mm.close()
+
+
+def _evict(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_a_one_eighth_column_block_faults_in_about_one_eighth_of_the_tensor(tmp_path):
+    rows, cols = 256, 16384                                  # 16 MiB of F32, 64 KiB rows
+    arr = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
+    path = save_tensors(tmp_path / "big.safetensors", {"w": arr}, checksums=False)
+    with open_safetensors(path) as f:
+        start, nbytes = f.data_start + f.tensors["w"].begin, f.tensors["w"].nbytes
+    _evict(path)
+    if _resident_bytes(path, start, nbytes) > nbytes // 16:
+        pytest.skip("this filesystem keeps file pages resident (tmpfs?); cannot measure")
+    with open_safetensors(path) as f:
+        block = f.read("w", (0, 2 * cols // 8), (rows, cols // 8))
+        assert sum(n for _, n in f.byte_ranges("w", (0, 2 * cols // 8), (rows, cols // 8))) == nbytes // 8
+    np.testing.assert_array_equal(block, arr[:, 2 * cols // 8:3 * cols // 8])
+    touched = _resident_bytes(path, start, nbytes)
+    # 8 KiB runs start unaligned, so each spans 3 pages: 12/64 of a row at most, plus some slack.
+    assert touched <= nbytes * 0.25, f"read {touched / nbytes:.0%} of the tensor for a 1/8 block"
