@@ -195,9 +195,10 @@ class DatasetConfig:
 
 @dataclass
 class ArchConfig:
-    """`model.arch:` — which registered model class to build."""
+    """`model.arch:` — which registered model class to build (None: LlamaForCausalLM, or the
+    family of an HF `load_checkpoint` folder)."""
 
-    type: str = "LlamaForCausalLM"
+    type: Optional[str] = None
 
 
 @dataclass

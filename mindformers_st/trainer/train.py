@@ -1,0 +1,139 @@
+"""The train / finetune loop: model, optimizer, lr and TrainStep from the config, data sharded
+over data-parallel ranks, callbacks after every step.
+
+Global batch = runner_config.batch_size x data_parallel; each dp rank reads its own rows (see
+data/mindrecord.py for the order). The run lasts `runner_config.epochs` epochs, or exactly
+`runner_config.train_steps` optimizer steps when that is set (> 0). Finetune differs from
+train only in the data columns: a `labels` column (prompt masked with -100) is used when the
+dataset has one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+from ..errors import ConfigError
+from .callbacks import TrainState, build_callbacks
+
+logger = logging.getLogger(__name__)
+
+
+def total_steps_of(config, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: train_steps when set, else epochs x steps per epoch."""
+    rc = config.runner_config
+    return rc.train_steps if rc.train_steps > 0 else rc.epochs * steps_per_epoch
+
+
+def build_model(config, resolved, ctx):
+    """The registered model class of `resolved.arch` built for `ctx` (weights initialised)."""
+    from ..models.registry import get_model
+
+    model_cls, _ = get_model(resolved.arch)
+    return model_cls(resolved.config, ctx)
+
+
+def write_strategy_files(config, model, ctx) -> Optional[str]:
+    """Rank 0 writes `{output_dir}/strategy/ckpt_strategy_rank_{r}.ckpt` for every rank (the
+    layouts of parameters and AdamW moments); returns the folder on rank 0."""
+    if not ctx.is_main:
+        return None
+    from ..layout.parallel_config import plan_layouts
+    from ..layout.strategy import write_rank_strategy_files
+
+    folder = os.path.join(config.output_dir, "strategy")
+    os.makedirs(folder, exist_ok=True)
+    layouts = plan_layouts(model.param_table().with_optimizer_states(), ctx.config)
+    write_rank_strategy_files(folder, layouts, ctx.config)
+    return folder
+
+
+def _columns(config, data_dir: str):
+    """input_ids, plus labels when the dataset stores them (finetune data)."""
+    import mindspore.dataset as ds
+
+    from ..data.mindrecord import mindrecord_files
+
+    wanted = list(config.train_dataset.input_columns or ["input_ids"])
+    schema = ds.MindDataset(mindrecord_files(data_dir), shuffle=False).get_col_names()
+    missing = [c for c in wanted if c not in schema]
+    if missing:
+        raise ConfigError(f"train_dataset.input_columns {missing} are not in {data_dir} "
+                          f"(it has {schema})")
+    if "labels" in schema and "labels" not in wanted:
+        wanted.append("labels")
+    return wanted
+
+
+def run_train(config, resolved, ctx) -> TrainState:
+    """Train or finetune as `config` says; returns the final TrainState (losses in `.losses`)."""
+    from ..data.mindrecord import TrainData
+    from .lr import build_lr_schedule
+    from .optim import build_optimizer
+    from .step import TrainStep
+
+    rc, td = config.runner_config, config.train_dataset
+    data_dir = td.data_loader.dataset_dir
+    seq_len = resolved.config.seq_length
+    data = TrainData(data_dir, _columns(config, data_dir), rc.batch_size,
+                     ctx.config.data_parallel, ctx.dp_rank, config.seed,
+                     shuffle=td.data_loader.shuffle, num_samples=td.data_loader.num_samples,
+                     drop_remainder=td.drop_remainder,
+                     num_parallel_workers=min(td.num_parallel_workers, 2))
+    total = total_steps_of(config, data.steps_per_epoch)
+    if rc.gradient_accumulation_steps != 1:
+        logger.warning("runner_config.gradient_accumulation_steps %d: each step here uses one "
+                       "batch (no accumulation)", rc.gradient_accumulation_steps)
+
+    model = build_model(config, resolved, ctx)
+    lr = build_lr_schedule(config.lr_schedule, total)
+    optimizer = build_optimizer(model, config.optimizer, lr)
+    loaded = None
+    if config.load_checkpoint or config.resume_training:   # after the optimizer: resume restores its moments and step
+        from ..checkpoint.loader import load_weights
+        loaded = load_weights(model, ctx, config, optimizer)
+    wrapper = config.runner_wrapper
+    step = TrainStep(model, optimizer, ctx,
+                     clip_norm=wrapper.max_grad_norm if wrapper.use_clip_grad else None)
+    folder = write_strategy_files(config, model, ctx)
+    if folder:
+        logger.info("strategy files written to %s", folder)
+
+    state = TrainState(config=config, model=model, optimizer=optimizer, ctx=ctx, train_step=step,
+                       steps_per_epoch=data.steps_per_epoch, total_steps=total,
+                       global_batch_size=data.plan.global_batch)
+    if loaded is not None and loaded.resume is not None:
+        from ..checkpoint.resume import apply_resume
+        apply_resume(state, loaded.resume)
+    callbacks = build_callbacks(config)
+    for cb in callbacks:
+        cb.on_train_begin(state)
+    start = state.global_step
+    epoch, step_in_epoch = divmod(start, data.steps_per_epoch)
+    if ctx.is_main:
+        print(f"training {total} steps ({data.steps_per_epoch} per epoch, global batch "
+              f"{data.plan.global_batch} x {seq_len + 1} tokens, {ctx.world_size} ranks)", flush=True)
+    while state.global_step < total:
+        for batch in data.batches(epoch, step_in_epoch):
+            if state.global_step >= total:
+                break
+            t0 = time.time()
+            ids = batch["input_ids"]
+            if ids.shape[1] != seq_len + 1:
+                raise ConfigError(f"dataset rows have {ids.shape[1]} tokens but model_config."
+                                  f"seq_length is {seq_len} (rows must be seq_length + 1)")
+            loss = step(ids, batch.get("labels"))
+            step_in_epoch += 1
+            state.global_step += 1
+            state.epoch, state.step_in_epoch = epoch, step_in_epoch
+            state.loss, state.lr, state.grad_norm = loss, step.last_lr, step.last_grad_norm
+            state.step_time = time.time() - t0
+            state.tokens_per_step = data.plan.global_batch * seq_len
+            state.losses.append(loss)
+            for cb in callbacks:
+                cb.on_step_end(state)
+        epoch, step_in_epoch = epoch + 1, 0
+    for cb in callbacks:
+        cb.on_train_end(state)
+    return state
