@@ -1,0 +1,346 @@
+"""`CheckpointMonitor`: the training callback that saves checkpoints (MindSpore Transformers keys).
+
+Policy lives here (when to save, how many to keep); what a save holds is `state.py`; the commit
+records are `commit.py`; bytes go through `storage/`. One save:
+
+1. at a step where `global_step % save_checkpoint_steps == 0`, snapshot this rank's arrays
+   (views for a synchronous save, copies for `async_save`);
+2. write `rank_{r}/{prefix}_rank_{r}-{epoch}_{step}.{safetensors|ckpt}` (and the
+   checkpoint_network/ or checkpoint_trainable/ extra file) atomically — on this thread, or on
+   a background thread with `async_save`;
+3. commit, on the main thread only: this rank writes `meta.json`; all ranks agree that every
+   rank succeeded (one all-reduce on the world group, which is also the barrier); rank 0 appends
+   the save to `committed.json`, dropping the oldest beyond `keep_checkpoint_max`; a barrier;
+   every rank deletes its own files of the dropped saves.
+
+Collectives happen on the main thread, in the same order on every rank: an async save is
+committed at the first step end where every rank's writer has finished (an all-reduce per step
+while one is pending), before the next save starts, or at train end.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError
+from ..trainer.callbacks import Callback
+from . import commit as cm
+from .state import owned_names, snapshot_rank, write_rank_file
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("ckpt", "safetensors")
+
+
+@dataclass
+class _Save:
+    """A save between its snapshot and its commit."""
+
+    epoch: int
+    step: int
+    global_step: int
+    paths: List[str]                      # main file first, then extra files
+    nbytes: int
+    blocked: float = 0.0                  # seconds the training loop waited at the trigger
+    write_time: float = 0.0
+    error: Optional[BaseException] = None
+    thread: Optional[threading.Thread] = None
+
+    @property
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+
+@dataclass
+class SaveStats:
+    """What one save cost (the benchmark and the log read these)."""
+
+    global_step: int
+    nbytes: int
+    blocked: float           # training-loop time at the trigger (snapshot, and the write when sync)
+    write_time: float        # time spent writing files (on whichever thread)
+    commit_time: float       # the commit on the main thread (meta.json, agreement, committed.json)
+    wait_time: float = 0.0   # async only: time the loop waited for an unfinished writer
+    async_save: bool = False
+
+    @property
+    def total_blocked(self) -> float:
+        return self.blocked + self.commit_time + self.wait_time
+
+
+class CheckpointMonitor(Callback):
+    """Save this rank's parameters, optimizer state and resume values every N steps.
+
+    Options keep MindSpore Transformers' names and defaults (see docs/checkpoint-saving.md).
+    `directory` None means `{output_dir}/checkpoint`. ConfigError for invalid combinations
+    (remove_redundancy with ckpt, a prefix with '/', non-positive step counts).
+    """
+
+    def __init__(self, prefix: str = "CKP", directory: Optional[str] = None,
+                 save_checkpoint_steps: int = 1, keep_checkpoint_max: int = 5,
+                 checkpoint_format: str = "ckpt", remove_redundancy: bool = False,
+                 async_save: bool = False, save_network_params: bool = False,
+                 save_trainable_params: bool = False, integrated_save: bool = True,
+                 global_batch_size: Optional[int] = None, output_dir: str = "./output",
+                 save_checkpoint_seconds: int = 0, keep_checkpoint_per_n_minutes: int = 0):
+        if not isinstance(prefix, str) or not prefix or "/" in prefix or "\\" in prefix:
+            raise ConfigError(f"CheckpointMonitor prefix must be a non-empty name without '/', got {prefix!r}")
+        if checkpoint_format not in FORMATS:
+            raise ConfigError(f"CheckpointMonitor checkpoint_format must be one of {FORMATS}, "
+                              f"got {checkpoint_format!r}")
+        if remove_redundancy and checkpoint_format != "safetensors":
+            raise ConfigError("CheckpointMonitor remove_redundancy: True needs checkpoint_format: "
+                              f"safetensors (got {checkpoint_format!r}); set the format or drop "
+                              "remove_redundancy")
+        for key, v in (("save_checkpoint_steps", save_checkpoint_steps),
+                       ("keep_checkpoint_max", keep_checkpoint_max)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"CheckpointMonitor {key} must be an int >= 1, got {v!r}")
+        if save_checkpoint_seconds or keep_checkpoint_per_n_minutes:
+            # Time-based triggers would differ between ranks; saves are collective here.
+            logger.warning("CheckpointMonitor: save_checkpoint_seconds / keep_checkpoint_per_n_minutes "
+                           "are not supported; saving every %d steps, keeping %d",
+                           save_checkpoint_steps, keep_checkpoint_max)
+        if not integrated_save:
+            logger.debug("integrated_save False: accepted (rank files are always per-rank slices)")
+        self.prefix = prefix
+        self.output_dir = output_dir
+        self.directory = os.path.abspath(directory or os.path.join(output_dir, "checkpoint"))
+        self.save_steps = save_checkpoint_steps
+        self.keep_max = keep_checkpoint_max
+        self.fmt = checkpoint_format
+        self.remove_redundancy = bool(remove_redundancy)
+        self.async_save = bool(async_save)
+        self.save_network_params = bool(save_network_params)
+        self.save_trainable_params = bool(save_trainable_params)
+        self.global_batch_size = global_batch_size
+        self.stats: List[SaveStats] = []
+        self._pending: Optional[_Save] = None
+        self._committed: List[cm.CommittedSave] = []
+        self._owned = None
+        self._ctx = None
+
+    @classmethod
+    def from_config(cls, cb_cfg, config) -> "CheckpointMonitor":
+        """Build from a validated `CheckpointMonitorConfig` and the run config (for output_dir)."""
+        return cls(prefix=cb_cfg.prefix, directory=cb_cfg.directory,
+                   save_checkpoint_steps=cb_cfg.save_checkpoint_steps,
+                   keep_checkpoint_max=cb_cfg.keep_checkpoint_max,
+                   checkpoint_format=cb_cfg.checkpoint_format,
+                   remove_redundancy=cb_cfg.remove_redundancy, async_save=cb_cfg.async_save,
+                   save_network_params=cb_cfg.save_network_params,
+                   save_trainable_params=cb_cfg.save_trainable_params,
+                   integrated_save=cb_cfg.integrated_save,
+                   global_batch_size=cb_cfg.global_batch_size,
+                   output_dir=getattr(config, "output_dir", "./output"),
+                   save_checkpoint_seconds=cb_cfg.save_checkpoint_seconds,
+                   keep_checkpoint_per_n_minutes=cb_cfg.keep_checkpoint_per_n_minutes)
+
+    # ---- paths -------------------------------------------------------------------------------
+    def _extra_root(self, kind: str) -> str:
+        # checkpoint_network/ and checkpoint_trainable/ sit next to the checkpoint folder.
+        return os.path.join(os.path.dirname(self.directory), f"checkpoint_{kind}")
+
+    def _paths(self, rank: int, epoch: int, step: int) -> List[str]:
+        """This rank's files of a save: the checkpoint, then the extra file if any."""
+        r = cm.rank_dir_name(rank)
+        out = [os.path.join(self.directory, r, cm.ckpt_file_name(self.prefix, rank, epoch, step, self.fmt))]
+        if self.save_trainable_params:   # takes precedence over save_network_params, as MindSpore Transformers
+            out.append(os.path.join(self._extra_root("trainable"), r,
+                                    cm.ckpt_file_name(self.prefix, rank, epoch, step, self.fmt, "trainable_params")))
+        elif self.save_network_params:
+            out.append(os.path.join(self._extra_root("network"), r,
+                                    cm.ckpt_file_name(self.prefix, rank, epoch, step, self.fmt, "network")))
+        return out
+
+    # ---- callback hooks --------------------------------------------------------------------
+    def on_train_begin(self, state) -> None:
+        """Create this rank's folders; learn the saves already committed in `directory` (rank 0
+        reads committed.json and shares it, so every rank prunes the same saves)."""
+        ctx = self._ctx = state.ctx
+        if self.remove_redundancy and ctx.world_size == 1:
+            logger.info("remove_redundancy on one rank: the file holds everything (nothing is replicated)")
+        for p in self._paths(ctx.rank, 0, 0):
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+        entries = None
+        if ctx.is_main:
+            entries = [e.to_json() for e in cm.load_committed_entries(self.directory)]
+        entries = _broadcast_json(ctx, entries)
+        self._committed = [cm.CommittedSave.from_json(e, self.directory, cm.COMMITTED_FILE)
+                           for e in entries]
+        if self.remove_redundancy:
+            self._owned = owned_names(state.model, ctx)
+        logger.info("CheckpointMonitor: %s every %d steps to %s (keep %d, %s%s)", self.fmt,
+                    self.save_steps, self.directory, self.keep_max,
+                    "async" if self.async_save else "sync",
+                    ", remove_redundancy" if self.remove_redundancy else "")
+
+    def on_step_end(self, state) -> None:
+        """Commit a finished async save; save when the step is a multiple of save_checkpoint_steps."""
+        if self._pending is not None:
+            if _all_ranks(state.ctx, self._pending.done):
+                self._commit(state.ctx, self._pending)
+        if state.global_step % self.save_steps == 0:
+            self.save(state)
+
+    def on_train_end(self, state) -> None:
+        """Wait for and commit an async save still in flight."""
+        if self._pending is not None:
+            self._wait_and_commit(state.ctx)
+
+    # ---- saving ------------------------------------------------------------------------------
+    def save(self, state) -> None:
+        """Save now (every rank must call this at the same step)."""
+        ctx = state.ctx
+        if self._pending is not None:   # the previous async save must commit first
+            self._wait_and_commit(ctx)
+        t0 = time.perf_counter()
+        epoch, step = int(state.epoch) + 1, int(state.step_in_epoch)
+        gbs = int(self.global_batch_size or state.global_batch_size or 0)
+        hyper = {"epoch_num": epoch, "step_num": int(state.global_step),
+                 "loss_scale": float(state.extra.get("loss_scale", 1.0)),
+                 "global_batch_size": gbs,
+                 "learning_rate": float(state.lr if state.lr is not None else 0.0),
+                 "data_position": int(state.extra.get("data_position", state.global_step * gbs)),
+                 "seed": int(getattr(state.config, "seed", getattr(ctx, "seed", 0)))}
+        snap = snapshot_rank(state.model, state.optimizer, ctx, epoch=epoch, step=step, hyper=hyper,
+                             remove_redundancy=self.remove_redundancy, owned=self._owned,
+                             copy=self.async_save)
+        paths = self._paths(ctx.rank, epoch, step)
+        pending = _Save(epoch, step, int(state.global_step), paths, snap.nbytes)
+        jobs = [(paths[0], snap)]
+        if len(paths) > 1:
+            names = snap.trainable_names if self.save_trainable_params else snap.network_names
+            jobs.append((paths[1], snap.subset(names)))
+
+        def write():
+            tw = time.perf_counter()
+            try:
+                for path, s in jobs:
+                    write_rank_file(path, s, self.fmt)
+            except BaseException as exc:   # reported at commit, on the main thread
+                pending.error = exc
+                logger.error("rank %d: writing %s failed: %s", ctx.rank, paths[0], exc)
+            pending.write_time = time.perf_counter() - tw
+
+        if self.async_save:
+            pending.thread = threading.Thread(target=write, name=f"ckpt-save-{state.global_step}",
+                                              daemon=True)
+            pending.thread.start()
+            pending.blocked = time.perf_counter() - t0
+            self._pending = pending
+            logger.info("step %d: async save started (%.1f MB), training blocked %.1f ms",
+                        state.global_step, pending.nbytes / 1e6, pending.blocked * 1e3)
+        else:
+            write()
+            pending.blocked = time.perf_counter() - t0
+            self._commit(ctx, pending)
+
+    def _wait_and_commit(self, ctx) -> None:
+        pending = self._pending
+        t0 = time.perf_counter()
+        if pending.thread is not None:
+            pending.thread.join()
+        waited = time.perf_counter() - t0
+        self._commit(ctx, pending, waited)
+        if waited > 1e-3:
+            logger.info("step %d: waited %.1f ms for the async save to finish", pending.global_step,
+                        waited * 1e3)
+
+    def _commit(self, ctx, pending: _Save, waited: float = 0.0) -> None:
+        """Make `pending` count on every rank, or raise CheckpointError on every rank."""
+        self._pending = None
+        t0 = time.perf_counter()
+        name = os.path.basename(pending.paths[0])
+        rank_dir = os.path.dirname(pending.paths[0])
+        mine = [e.files[ctx.rank] for e in self._committed if ctx.rank in e.files]
+        rel = os.path.relpath(pending.paths[0], self.directory)
+        ok = pending.error is None
+        if ok:
+            try:
+                cm.write_rank_meta(rank_dir, pending.epoch, pending.step, name,
+                                   [os.path.basename(f) for f in mine] + [name])
+            except OSError as exc:
+                pending.error, ok = exc, False
+                logger.error("rank %d: writing meta.json failed: %s", ctx.rank, exc)
+        if not _all_ranks(ctx, ok):   # also the barrier: every rank's file is durable past here
+            why = f"this rank: {pending.error}" if pending.error else "another rank failed (see its log)"
+            raise CheckpointError(f"save of global step {pending.global_step} ({name}) failed and was "
+                                  f"not committed ({why}); the last committed save in {self.directory} "
+                                  f"is still valid. Fix the cause (disk space? permissions?) and resume.")
+        files = {r: os.path.join(cm.rank_dir_name(r), cm.ckpt_file_name(self.prefix, r, pending.epoch,
+                                                                        pending.step, self.fmt))
+                 for r in range(ctx.world_size)}
+        assert files[ctx.rank] == rel
+        entry = cm.CommittedSave(pending.epoch, pending.step, pending.global_step, files, self.directory,
+                                 {"world_size": ctx.world_size, "format": self.fmt})
+        self._committed = [e for e in self._committed if e.key != entry.key] + [entry]
+        self._committed.sort(key=lambda e: e.key)
+        dropped = self._committed[:max(0, len(self._committed) - self.keep_max)]
+        self._committed = self._committed[len(dropped):]
+        if ctx.is_main:
+            cm.write_committed(self.directory, ctx.world_size, self._committed)
+        _all_ranks(ctx, True)   # committed.json no longer names the dropped saves past here
+        if dropped:
+            self._prune(ctx, dropped)
+            cm.write_rank_meta(rank_dir, pending.epoch, pending.step, name,
+                               [os.path.basename(e.files[ctx.rank]) for e in self._committed
+                                if ctx.rank in e.files])
+        commit_time = time.perf_counter() - t0
+        self.stats.append(SaveStats(pending.global_step, pending.nbytes, pending.blocked,
+                                    pending.write_time, commit_time, waited, pending.thread is not None))
+        logger.info("step %d: committed %s (%.1f MB; blocked %.1f ms, write %.1f ms, commit %.1f ms)%s",
+                    pending.global_step, name, pending.nbytes / 1e6, pending.blocked * 1e3,
+                    pending.write_time * 1e3, commit_time * 1e3,
+                    f"; pruned {[e.key for e in dropped]}" if dropped else "")
+
+    def _prune(self, ctx, dropped: List[cm.CommittedSave]) -> None:
+        """Delete this rank's files of saves no record names any more (rank 0 also removes
+        files of ranks beyond the current world, left by an earlier larger run)."""
+        paths = []
+        for e in dropped:
+            ranks = [ctx.rank] + ([r for r in e.files if r >= ctx.world_size] if ctx.is_main else [])
+            for r in ranks:
+                if r in e.files:
+                    main = e.path(r)
+                    paths.append(main)
+                    fmt = "ckpt" if main.endswith(".ckpt") else "safetensors"
+                    for kind, root in (("network", "network"), ("trainable_params", "trainable")):
+                        paths.append(os.path.join(self._extra_root(root), cm.rank_dir_name(r),
+                                                  cm.ckpt_file_name(self.prefix, r, e.epoch, e.step, fmt, kind)))
+        cm.remove_files(paths)
+
+
+# ---- agreement between ranks (main thread only) --------------------------------------------
+
+def _all_reduce(ctx, values: np.ndarray) -> np.ndarray:
+    from mindspore import Tensor, ops
+    return ops.AllReduce(group=ctx.world_group)(Tensor(values)).asnumpy()
+
+
+def _all_ranks(ctx, flag: bool) -> bool:
+    """True on every rank iff `flag` is True on every rank (one all-reduce; also a barrier)."""
+    if ctx.world_size <= 1 or ctx.world_group is None:
+        return bool(flag)
+    total = _all_reduce(ctx, np.array([1 if flag else 0], np.int32))
+    return int(total[0]) == ctx.world_size
+
+
+def _broadcast_json(ctx, obj):
+    """Rank 0's `obj` (JSON-serialisable) on every rank, as two sum all-reduces."""
+    if ctx.world_size <= 1 or ctx.world_group is None:
+        return obj
+    raw = json.dumps(obj).encode() if ctx.is_main else b""
+    n = int(_all_reduce(ctx, np.array([len(raw)], np.int32))[0])
+    buf = np.zeros(max(n, 1), np.int32)
+    if ctx.is_main:
+        buf[:n] = np.frombuffer(raw, np.uint8)
+    data = _all_reduce(ctx, buf)[:n].astype(np.uint8).tobytes()
+    return json.loads(data.decode())

@@ -1,0 +1,184 @@
+"""What one rank's training checkpoint holds, and how that file is written.
+
+`snapshot_rank` collects this rank's local slices of the parameters and AdamW moments, the
+optimizer's `global_step` and the whole-valued hyper tensors a resume needs (epoch_num,
+step_num, loss_scale, global_batch_size, learning_rate, data_position, seed), plus the
+`__metadata__` self-description of contracts.md. Under `remove_redundancy` only the slices this
+rank owns (layout.owners: each distinct slice written once, balanced over its replicas) are
+taken; scalars are written by every rank, as MindSpore does for tensors without a layout.
+
+`write_rank_file` writes a snapshot as safetensors (streaming writer, xxh3 checksums, atomic)
+or as a MindSpore `.ckpt` (mindspore.save_checkpoint, then fsync and rename: atomic too).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import Dict, Mapping, Optional, Set
+
+import numpy as np
+
+from ..errors import CheckpointError
+from ..layout.owners import assign_owners, owned_by
+from ..layout.parallel_config import plan_layouts
+from ..layout.slices import TensorSlice
+from ..storage.dtypes import numpy_to_st
+from ..storage.writer import SafetensorsWriter, fsync_dir
+
+logger = logging.getLogger(__name__)
+
+# Whole-valued tensors of every save, with their numpy dtype (names as MindSpore Transformers'
+# append_dict where it has one; learning_rate, data_position and seed are ours).
+HYPER_DTYPES = {
+    "epoch_num": np.int64, "step_num": np.int64, "loss_scale": np.float32,
+    "global_batch_size": np.int64, "learning_rate": np.float32,
+    "data_position": np.int64, "seed": np.int64,
+}
+FORMAT_VERSION = 1
+
+
+@dataclass
+class RankSnapshot:
+    """The arrays of one rank's save, in file order, and how to describe them.
+
+    `slices` has an entry for every sliced tensor (parameters and moments); scalars have none.
+    Arrays are views of live parameters unless `copied` (async saves must copy)."""
+
+    arrays: Dict[str, np.ndarray]
+    slices: Dict[str, TensorSlice]
+    metadata: Dict[str, str]
+    copied: bool = False
+    network_names: tuple = ()        # the parameters among `arrays` (for checkpoint_network/)
+    trainable_names: tuple = ()      # the trainable ones (for checkpoint_trainable/)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays.values()))
+
+    def subset(self, names) -> "RankSnapshot":
+        """A snapshot of `names` only (same metadata, slices filtered)."""
+        names = [n for n in self.arrays if n in set(names)]
+        meta = dict(self.metadata)
+        ours = json.loads(meta["mindformers_st"])
+        ours["slices"] = {n: s for n, s in ours["slices"].items() if n in names}
+        meta["mindformers_st"] = json.dumps(ours, separators=(",", ":"))
+        return RankSnapshot({n: self.arrays[n] for n in names}, {n: self.slices[n] for n in names
+                                                                 if n in self.slices}, meta, self.copied)
+
+
+def save_layouts(model, ctx):
+    """Layouts of every parameter and AdamW moment of `model` under `ctx.config`, and their dtypes."""
+    table = model.param_table().with_optimizer_states()
+    return plan_layouts(table, ctx.config), {spec.name: spec.dtype for spec in table}
+
+
+def owned_names(model, ctx) -> Set[str]:
+    """Names of the tensors (parameters and moments) this rank writes under remove_redundancy.
+
+    Every rank computes the same assignment alone (layout.owners is deterministic); a rank holds
+    one block per tensor, so owning a tensor means owning exactly the slice it holds."""
+    layouts, dtypes = save_layouts(model, ctx)
+    mine = owned_by(assign_owners(layouts, dtypes), ctx.rank)
+    for name, block in mine.items():
+        held = layouts[name].slice_for(ctx.rank)
+        if block != held:   # would mean owners.py and the layouts disagree: never write wrong bytes
+            raise CheckpointError(f"{name}: remove_redundancy gave rank {ctx.rank} the block {block} "
+                                  f"but it holds {held}; the owner assignment is inconsistent")
+    return set(mine)
+
+
+def _live(param, copy: bool) -> np.ndarray:
+    # asnumpy() shares the parameter's memory on CPU: a save that runs while training
+    # continues (async) must copy, a synchronous one can write straight from it.
+    arr = param.asnumpy()
+    return np.array(arr, copy=True) if copy else arr
+
+
+def snapshot_rank(model, optimizer, ctx, *, epoch: int, step: int, hyper: Mapping[str, float],
+                  remove_redundancy: bool = False, owned: Optional[Set[str]] = None,
+                  copy: bool = False) -> RankSnapshot:
+    """This rank's save: parameters, adam_m./adam_v. moments, global_step, hyper tensors.
+
+    `epoch`/`step` are the file-name numbers; `hyper` gives a value for every HYPER_DTYPES name.
+    With remove_redundancy, `owned` (from owned_names) limits the sliced tensors written."""
+    missing = sorted(set(HYPER_DTYPES) - set(hyper))
+    if missing:
+        raise CheckpointError(f"snapshot: hyper values {missing} are missing; a save needs all of "
+                              f"{sorted(HYPER_DTYPES)}")
+    layouts, _ = save_layouts(model, ctx)
+    params = {p.name: p for p in model.get_parameters()}
+    state = {p.name: p for p in list(optimizer.adam_m) + list(optimizer.adam_v)}
+    unknown = sorted(n for n in list(params) + list(state) if n not in layouts)
+    if unknown:
+        raise CheckpointError(f"snapshot: {unknown[:5]} have no layout in the model's parameter table; "
+                              f"the model and its table disagree, so this save could not be resharded")
+    keep = (lambda n: n in owned) if remove_redundancy else (lambda n: True)
+    if remove_redundancy and owned is None:
+        raise CheckpointError("snapshot: remove_redundancy needs the owned tensor names (owned_names)")
+
+    arrays: Dict[str, np.ndarray] = {}
+    slices: Dict[str, TensorSlice] = {}
+    for name, p in list(params.items()) + list(state.items()):
+        if not keep(name):
+            continue
+        sl = layouts[name].slice_for(ctx.rank)
+        arr = _live(p, copy)
+        if tuple(arr.shape) != tuple(sl.sizes):
+            raise CheckpointError(f"snapshot: {name} holds {tuple(arr.shape)} on rank {ctx.rank} but its "
+                                  f"layout says {tuple(sl.sizes)}; refusing to save a wrong slice")
+        arrays[name], slices[name] = arr, sl
+    arrays["global_step"] = np.array(optimizer.global_step.asnumpy(), copy=True).astype(np.int32)
+    for name, dtype in HYPER_DTYPES.items():
+        arrays[name] = np.array(hyper[name], dtype=dtype)
+
+    pc = ctx.config
+    ours = {"version": FORMAT_VERSION, "rank": int(ctx.rank), "world_size": int(ctx.world_size),
+            "parallel_config": pc.to_json() if hasattr(pc, "to_json") else {},
+            "remove_redundancy": bool(remove_redundancy), "epoch": int(epoch), "step": int(step),
+            "slices": {n: s.to_json() for n, s in slices.items()}}
+    metadata = {"format": "ms", "remove_redundancy": str(bool(remove_redundancy)),
+                "mindformers_st": json.dumps(ours, separators=(",", ":"))}
+    network = tuple(n for n in params if n in arrays)
+    trainable = tuple(n for n in network if params[n].requires_grad)
+    return RankSnapshot(arrays, slices, metadata, copy, network, trainable)
+
+
+def write_rank_file(path: str, snap: RankSnapshot, fmt: str = "safetensors") -> str:
+    """Write `snap` to `path` atomically and durably; returns the path.
+
+    safetensors: streamed, checksummed, fsynced and renamed by storage.SafetensorsWriter.
+    ckpt: mindspore.save_checkpoint into a hidden temporary name, then fsync, rename, folder fsync
+    (MindSpore renames but does not fsync, and a crash must never leave a half file under `path`)."""
+    if fmt == "safetensors":
+        specs = [(n, numpy_to_st(a.dtype), a.shape) for n, a in snap.arrays.items()]
+        with SafetensorsWriter(path, specs, metadata=snap.metadata) as w:
+            for n, a in snap.arrays.items():
+                w.write(n, a)
+        return path
+    if fmt != "ckpt":
+        raise CheckpointError(f"checkpoint_format {fmt!r}: use 'safetensors' or 'ckpt'")
+    import mindspore as ms
+
+    folder, base = os.path.split(os.path.abspath(path))
+    # Hidden, and ending in .ckpt so MindSpore does not append another suffix.
+    tmp = os.path.join(folder, f".{base}.{os.getpid()}-{secrets.token_hex(4)}.tmp.ckpt")
+    items = [{"name": n, "data": ms.Tensor(a)} for n, a in snap.arrays.items()]
+    try:
+        ms.save_checkpoint(items, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(folder)
+    return path
