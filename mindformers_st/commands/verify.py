@@ -27,7 +27,9 @@ from .inspect import (Checkpoint, StoredFile, apply_strategy, load_file, pick_ra
 logger = logging.getLogger(__name__)
 
 _HYPER = {"global_step", "epoch_num", "step_num", "loss_scale", "global_batch_size",
-          "current_iterator_step", "last_overflow_iterator_step", "scale_sense"}
+          "current_iterator_step", "last_overflow_iterator_step", "scale_sense",
+          # whole-valued resume tensors of training saves (contracts.md, "checkpoint/")
+          "learning_rate", "data_position", "seed"}
 
 
 def _try_load(path: str, rank: Optional[int], problems: List[str]) -> Optional[StoredFile]:
