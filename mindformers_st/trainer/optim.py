@@ -70,7 +70,10 @@ class AdamW(nn.Cell):
             if decay and self.weight_decay:
                 w = w * (1.0 - lr * self.weight_decay)
             w = w - lr * (m_new / c1) / (ops.sqrt(v_new / c2) + self.eps)
-            ops.assign(p, w.astype(p.dtype))
+            if p.dtype == ms.bfloat16:
+                p.set_data(w.astype(p.dtype))   # CPU Assign has no bf16 kernel (measured)
+            else:
+                ops.assign(p, w.astype(p.dtype))
         self.global_step.set_data(Tensor(np.array([t], np.int32)))
         return lr
 
