@@ -6,13 +6,14 @@ default keeps the whole file well under 30 s.
 """
 import json
 import os
+import re
 import tempfile
 import tracemalloc
 
 import numpy as np
 import pytest
 import safetensors.numpy
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from mindformers_st.errors import SafetensorsFormatError
@@ -69,8 +70,11 @@ def _check(raw: bytes) -> None:
                     f.read(name, (0,) * len(half), half)
                     assert sum(n for _, n in f.byte_ranges(name)) == e.nbytes
             verify_checksums(f)
-    except SafetensorsFormatError:
-        pass
+        event("file accepted and fully read")
+    except SafetensorsFormatError as exc:
+        # The rule that refused the file, for --hypothesis-show-statistics.
+        rule = re.sub(r"'[^']*'|\[[^\]]*\]|\d+", "_", str(exc)[len(_PATH) + 2:])
+        event("refused: " + " ".join(rule.replace("tensor _: ", "").split()[:4]))
     finally:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
