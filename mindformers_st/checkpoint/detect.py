@@ -1,0 +1,171 @@
+"""What `load_checkpoint` points at: Hugging Face weights, complete MindSpore weights, a folder of
+`rank_x/` distributed weights, one file, or MindSpore `.ckpt` files.
+
+Detection reads directory listings and safetensors headers only (never tensor data), so it is
+cheap enough to run on every rank. It also enforces `load_ckpt_format`: a folder that holds the
+other format is a ConfigError that says which value to set, instead of loading nothing.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import List, Optional
+
+from ..convert.rules import ALL_RENAMES, translate
+from ..errors import ConfigError, CheckpointError
+from ..storage.index import HF_INDEX, MS_INDEX, read_index
+from ..storage.reader import read_header
+from ..transform.sources import HYPER_FILE, rank_folders
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("ckpt", "safetensors")
+_RANK_DIR = re.compile(r"^rank_(\d+)$")
+# "{prefix}_rank_{r}-{epoch}_{step}.{ext}" (MindSpore may add "_N" to the prefix)
+_STEP_SUFFIX = re.compile(r"-(\d+)_(\d+)\.(?:safetensors|ckpt)$")
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """The result of detection.
+
+    kind: "hf" (Hugging Face names, converted before use), "complete" (MindSpore names, every
+        tensor whole) or "distributed" (a folder of `rank_x/`).
+    format: "safetensors" or "ckpt".
+    path: the folder (or the single complete file) to read.
+    file_suffix: "{epoch}_{step}" when a rank file was named, so every rank takes that step.
+    files: the weight files found (top level for complete/hf; rank 0's folder for distributed).
+    """
+
+    kind: str
+    format: str
+    path: str
+    file_suffix: Optional[str] = None
+    files: tuple = ()
+
+    @property
+    def is_single_file(self) -> bool:
+        return os.path.isfile(self.path)
+
+
+def step_suffix(file_name: str) -> Optional[str]:
+    """"{epoch}_{step}" from a checkpoint file name ending in `-{epoch}_{step}.safetensors`
+    (or `.ckpt`), else None. Matching is anchored, so step 1_1 never matches 11_1."""
+    m = _STEP_SUFFIX.search(os.path.basename(file_name))
+    return f"{m.group(1)}_{m.group(2)}" if m else None
+
+
+def _ext(fmt: str) -> str:
+    return ".safetensors" if fmt == "safetensors" else ".ckpt"
+
+
+def _other(fmt: str) -> str:
+    return "ckpt" if fmt == "safetensors" else "safetensors"
+
+
+def _files(folder: str, fmt: str) -> List[str]:
+    return sorted(glob.glob(os.path.join(folder, "*" + _ext(fmt))))
+
+
+def _wrong_format(path: str, found: str, fmt: str) -> ConfigError:
+    return ConfigError(
+        f"load_checkpoint {path} holds {found} files but load_ckpt_format is {fmt!r}; set "
+        f"load_ckpt_format: {found!r} (in the YAML or --load_ckpt_format {found})")
+
+
+def tensor_names(path: str) -> List[str]:
+    """Tensor names of a complete safetensors folder (from its index, else every file's header)
+    or of one file. Hyper values (hyper_param.safetensors) are left out."""
+    if os.path.isfile(path):
+        return list(read_header(path)[0])
+    index = read_index(path)
+    if index is not None:
+        return list(index.weight_map)
+    names: List[str] = []
+    for f in _files(path, "safetensors"):
+        if os.path.basename(f) != HYPER_FILE:
+            names.extend(read_header(f)[0])
+    return names
+
+
+def is_hf_names(names) -> bool:
+    """True when the names are Hugging Face Llama-family names (`model.embed_tokens.weight`,
+    `...self_attn.q_proj.weight`, ...) that convert to different MindSpore names."""
+    return any(translate(n, ALL_RENAMES, 0) not in (None, n) for n in names)
+
+
+def detect_checkpoint(path: str, load_ckpt_format: str = "ckpt") -> CheckpointSource:
+    """Classify `load_checkpoint`.
+
+    - a file: `.safetensors` / `.ckpt` (must match `load_ckpt_format`); inside `rank_{r}/` it
+      names a step of distributed weights (every rank loads the file of that step), otherwise it
+      is complete weights in one file (Hugging Face names are detected);
+    - a folder with `rank_x/` subfolders: distributed weights;
+    - a folder with weight files: complete weights, Hugging Face when `config.json` /
+      `model.safetensors.index.json` or the tensor names say so.
+    CheckpointError when the path does not exist or holds no weights; ConfigError when it holds
+    only the other format than `load_ckpt_format`.
+    """
+    if load_ckpt_format not in FORMATS:
+        raise ConfigError(f"load_ckpt_format must be one of {FORMATS}, got {load_ckpt_format!r}")
+    fmt = load_ckpt_format
+    if not path:
+        raise ConfigError("load_checkpoint is empty; set it to a weights file or folder")
+    path = os.path.abspath(path.rstrip("/") or "/")
+    if not os.path.exists(path):
+        raise CheckpointError(f"load_checkpoint {path} does not exist; check the path (relative "
+                              f"paths are taken from the working directory {os.getcwd()})")
+    if os.path.isfile(path):
+        return _detect_file(path, fmt)
+    ranks = rank_folders(path)
+    if ranks:
+        first = ranks[min(ranks)]
+        files = _files(first, fmt)
+        if not files:
+            if _files(first, _other(fmt)):
+                raise _wrong_format(path, _other(fmt), fmt)
+            raise CheckpointError(f"{first}: no {_ext(fmt)} file in this rank folder; every "
+                                  f"rank_x/ folder of distributed weights needs its file(s)")
+        return CheckpointSource("distributed", fmt, path, None, tuple(files))
+    files = _files(path, fmt)
+    if not files:
+        if _files(path, _other(fmt)):
+            raise _wrong_format(path, _other(fmt), fmt)
+        raise CheckpointError(
+            f"load_checkpoint {path}: no {_ext(fmt)} file and no rank_x/ folder; point it at a "
+            f"folder of complete weights, a folder of rank_x/ distributed weights, or one file")
+    kind = "complete"
+    if fmt == "safetensors":
+        has_hf_index = os.path.isfile(os.path.join(path, HF_INDEX))
+        has_ms_index = os.path.isfile(os.path.join(path, MS_INDEX))
+        names = tensor_names(path)
+        if is_hf_names(names):
+            kind = "hf"
+        elif has_hf_index and not has_ms_index and not names:
+            kind = "hf"
+    return CheckpointSource(kind, fmt, path, None, tuple(files))
+
+
+def _detect_file(path: str, fmt: str) -> CheckpointSource:
+    ext = os.path.splitext(path)[1]
+    if ext not in (".safetensors", ".ckpt"):
+        raise CheckpointError(f"load_checkpoint {path}: not a .safetensors or .ckpt file")
+    found = ext[1:]
+    if found != fmt:
+        raise _wrong_format(path, found, fmt)
+    parent = os.path.dirname(path)
+    if _RANK_DIR.match(os.path.basename(parent)):
+        # A rank file names a step of distributed weights: MindSpore Transformers globbed
+        # `<file>/rank_r/...` here and silently loaded nothing; we load that step on every rank.
+        suffix = step_suffix(path)
+        if suffix is None:
+            raise CheckpointError(
+                f"load_checkpoint {path} is a file inside {os.path.basename(parent)}/ but its "
+                f"name has no '-{{epoch}}_{{step}}' suffix to find the other ranks' files; point "
+                f"load_checkpoint at the folder holding the rank_x/ folders")
+        return CheckpointSource("distributed", fmt, os.path.dirname(parent), suffix, (path,))
+    kind = "hf" if fmt == "safetensors" and is_hf_names(read_header(path)[0]) else "complete"
+    return CheckpointSource(kind, fmt, path, None, (path,))

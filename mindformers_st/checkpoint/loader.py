@@ -1,0 +1,516 @@
+"""The load hook: put the weights `load_checkpoint` points at into this rank's model (and, when
+resuming, its optimizer), whatever their form and however they are cut.
+
+The flow on every rank (see docs/checkpoint-loading.md):
+1. detect what the path is (`checkpoint.detect`); `.ckpt` files are first copied to safetensors
+   (`{output_dir}/ckpt_safetensors`), Hugging Face folders converted to MindSpore names
+   (`{output_dir}/ms_safetensors`). Both are shared folders built once, split over the ranks,
+   committed by rank 0 behind barriers, and reused while their source fingerprint (file names,
+   sizes, mtimes, options) is unchanged;
+2. decide by `use_parallel` and `auto_trans_ckpt` how the slices must be produced:
+   - complete weights: one card loads them whole; under use_parallel they are cut online
+     (auto_trans_ckpt must be True), each rank reading only its slices;
+   - distributed weights, auto_trans_ckpt False: the files must already be cut as this run's
+     layout (checked; a mismatch names both layouts);
+   - distributed weights, auto_trans_ckpt True: merged online into `{output_dir}/unified_checkpoint`
+     (the merge split over all ranks), then cut; `direct_reshard: True` cuts straight from the
+     rank files instead;
+3. run `plan_rank_slices` + `execute_to_memory` and set the parameters. Missing and unexpected
+   names are always reported; a missing weight is a CheckpointError, missing optimizer state is
+   one only when resuming.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from math import ceil
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError, PlanError
+from ..layout.param_table import OPTIMIZER_STATE_PREFIXES
+from ..transform.execute import (commit_folder, execute_files, execute_to_memory,
+                                 write_side_files)
+from ..transform.planner import DEFAULT_MAX_SHARD_SIZE, plan_merge, plan_rank_slices, split_plan
+from ..transform.sources import (HYPER_FILE, SourceCheckpoint, describe_complete,
+                                 describe_distributed)
+from .detect import CheckpointSource, detect_checkpoint
+
+logger = logging.getLogger(__name__)
+
+MS_SAFETENSORS = "ms_safetensors"
+UNIFIED = "unified_checkpoint"
+CKPT_SAFETENSORS = "ckpt_safetensors"
+FINGERPRINT_FILE = "source_fingerprint.json"
+LOAD_WORKERS = 2
+
+
+# --------------------------------------------------------------------------- options, report
+@dataclass
+class LoadOptions:
+    """The config keys the load hook reads (MindSpore Transformers' names).
+
+    direct_reshard: with auto_trans_ckpt on distributed weights, cut each rank's slices straight
+        from the rank files instead of writing `{output_dir}/unified_checkpoint` first.
+    """
+
+    load_checkpoint: str
+    load_ckpt_format: str = "ckpt"
+    auto_trans_ckpt: bool = False
+    use_parallel: bool = False
+    src_strategy_path_or_dir: str = ""
+    output_dir: str = "./output"
+    remove_redundancy: bool = False
+    direct_reshard: bool = False
+
+    @staticmethod
+    def from_config(config) -> "LoadOptions":
+        """Options from a RunConfig (or any object with those attributes)."""
+        return LoadOptions(
+            load_checkpoint=config.load_checkpoint,
+            load_ckpt_format=getattr(config, "load_ckpt_format", "ckpt"),
+            auto_trans_ckpt=bool(getattr(config, "auto_trans_ckpt", False)),
+            use_parallel=bool(getattr(config, "use_parallel", False)),
+            src_strategy_path_or_dir=getattr(config, "src_strategy_path_or_dir", "") or "",
+            output_dir=getattr(config, "output_dir", "./output"),
+            remove_redundancy=bool(getattr(config, "remove_redundancy", False)),
+            direct_reshard=bool(getattr(config, "direct_reshard", False)))
+
+
+@dataclass
+class LoadReport:
+    """What a load did.
+
+    mode: "whole" (one card, complete weights), "cut" (complete weights cut online),
+        "same_layout" (distributed, this run's layout), "merge_and_cut" (merged online into
+        unified_checkpoint, then cut) or "direct_reshard".
+    path: the folder or file finally read (after any conversion or merge).
+    loaded / missing / unexpected: parameter names; optimizer_ignored: optimizer states present
+        in the checkpoint but not loaded (not resuming).
+    hyper: non-sliced values of the checkpoint (global_step, epoch_num, step_num, ...), as numpy.
+    """
+
+    source: CheckpointSource
+    mode: str
+    path: str
+    loaded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    optimizer_loaded: bool = False
+    optimizer_ignored: List[str] = field(default_factory=list)
+    hyper: Dict[str, np.ndarray] = field(default_factory=dict)
+    epoch: Optional[int] = None
+    step: Optional[int] = None
+    resume: Any = None   # resume.ResumeInfo when this load resumed training
+
+    def summary(self) -> str:
+        """One line for the log."""
+        return (f"loaded {len(self.loaded)} tensors from {self.source.kind} "
+                f"{self.source.format} {self.path} (mode {self.mode}); missing "
+                f"{len(self.missing)}{_names(self.missing)}, unexpected "
+                f"{len(self.unexpected)}{_names(self.unexpected)}"
+                + (", optimizer state restored" if self.optimizer_loaded else "")
+                + (f", {len(self.optimizer_ignored)} optimizer states not loaded (not resuming)"
+                   if self.optimizer_ignored else ""))
+
+
+def _names(names: Sequence[str], k: int = 5) -> str:
+    if not names:
+        return ""
+    return f" {list(names[:k])}{' ...' if len(names) > k else ''}"
+
+
+def is_optimizer_state(name: str) -> bool:
+    """True for AdamW moments and the step counter (`adam_m.*`, `adam_v.*`, `global_step`)."""
+    return name.startswith(OPTIMIZER_STATE_PREFIXES) or name == "global_step"
+
+
+# --------------------------------------------------------------------------- shared folders
+def _stat_entries(paths: Sequence[str], root: str) -> List[list]:
+    out = []
+    for p in sorted(set(paths)):
+        st = os.stat(p)
+        out.append([os.path.relpath(p, root), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def fingerprint(paths: Sequence[str], root: str, options: Mapping[str, Any]) -> Dict[str, Any]:
+    """What identifies a source for a derived folder: its absolute root, every file's relative
+    name, size and mtime, and the options of the derivation. Equal fingerprints mean the
+    derived folder can be reused."""
+    return {"version": 1, "source": os.path.abspath(root),
+            "files": _stat_entries(paths, root), "options": dict(options)}
+
+
+def read_fingerprint(folder: str) -> Optional[Dict[str, Any]]:
+    """The fingerprint a derived folder was built from, or None (absent or unreadable)."""
+    try:
+        with open(os.path.join(folder, FINGERPRINT_FILE), encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def _barrier(ctx) -> None:
+    if ctx is not None:
+        ctx.barrier()
+
+
+def _rank_world(ctx):
+    if ctx is None:
+        return 0, 1
+    return ctx.rank, ctx.world_size
+
+
+def build_shared_folder(out_dir: str, fp: Dict[str, Any], plan, ctx, what: str) -> bool:
+    """Make `out_dir` hold the result of `plan` for the source fingerprint `fp`, together on
+    every rank: reused when its recorded fingerprint equals `fp`, else rebuilt — the plan's
+    files split over all ranks (`split_plan`), written into one staging folder, then rank 0
+    writes the side files and the fingerprint and renames the folder into place. Every rank
+    must call this (it contains barriers). Returns True when the folder was rebuilt."""
+    rank, world = _rank_world(ctx)
+    reuse = read_fingerprint(out_dir) == fp
+    _barrier(ctx)   # every rank has decided before rank 0 may touch the folder
+    if reuse:
+        logger.info("%s: reusing %s (source unchanged)", what, out_dir)
+        return False
+    staging = out_dir.rstrip("/") + ".building"
+    if rank == 0:
+        logger.info("%s: building %s (%d file(s) over %d rank(s))", what, out_dir,
+                    len(plan.files), world)
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    _barrier(ctx)
+    parts = split_plan(plan, world)
+    execute_files(parts[rank], staging, workers=LOAD_WORKERS, progress=False)
+    _barrier(ctx)
+    if rank == 0:
+        absent = [f.path for f in plan.files if not os.path.isfile(os.path.join(staging, f.path))]
+        if absent:   # a rank that did not take part must never yield a half folder
+            raise CheckpointError(f"{what}: {len(absent)} file(s) of {out_dir} were not written "
+                                  f"(e.g. {absent[0]}); every rank must run the load hook")
+        write_side_files(plan, staging)
+        with open(os.path.join(staging, FINGERPRINT_FILE), "w", encoding="utf-8") as fh:
+            json.dump(fp, fh, indent=1)
+        commit_folder(staging, out_dir, overwrite=True)
+    _barrier(ctx)
+    return True
+
+
+# --------------------------------------------------------------------------- conversions
+def _ckpt_to_safetensors(source: CheckpointSource, opts: LoadOptions, ctx) -> CheckpointSource:
+    """`.ckpt` weights -> the same layout in safetensors under `{output_dir}/ckpt_safetensors`
+    (MindSpore reads them; files split over ranks), then detected again."""
+    from ..commands.ckpt_to_safetensors import convert_file, find_ckpt_files
+    rank, world = _rank_world(ctx)
+    root = source.path if os.path.isdir(source.path) else os.path.dirname(source.path)
+    rels = ([os.path.basename(source.path)] if os.path.isfile(source.path)
+            else find_ckpt_files(root))
+    out_dir = os.path.join(os.path.abspath(opts.output_dir), CKPT_SAFETENSORS)
+    fp = fingerprint([os.path.join(root, r) for r in rels], root, {"kind": "ckpt"})
+    reuse = read_fingerprint(out_dir) == fp
+    _barrier(ctx)
+    if not reuse:
+        staging = out_dir + ".building"
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        _barrier(ctx)
+        for i, rel in enumerate(rels):
+            if i % world == rank:
+                dst = os.path.join(staging, os.path.splitext(rel)[0] + ".safetensors")
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                convert_file(os.path.join(root, rel), dst)
+        _barrier(ctx)
+        if rank == 0:
+            with open(os.path.join(staging, FINGERPRINT_FILE), "w", encoding="utf-8") as fh:
+                json.dump(fp, fh, indent=1)
+            commit_folder(staging, out_dir, overwrite=True)
+        _barrier(ctx)
+    path = out_dir
+    if os.path.isfile(source.path):
+        path = os.path.join(out_dir, os.path.splitext(rels[0])[0] + ".safetensors")
+    elif source.file_suffix:
+        path = out_dir
+    found = detect_checkpoint(path, "safetensors")
+    if source.file_suffix:
+        found = CheckpointSource(found.kind, found.format, found.path, source.file_suffix,
+                                 found.files)
+    logger.info(".ckpt weights %s read as safetensors from %s", source.path, path)
+    return found
+
+
+def convert_hf_online(source: CheckpointSource, opts: LoadOptions, ctx) -> CheckpointSource:
+    """Hugging Face folder -> `{output_dir}/ms_safetensors` (MindSpore names, same shard names,
+    `param_name_map.json`) through the convert plans, reused while the HF folder is unchanged."""
+    from ..convert.folders import plan_hf_folder
+    result = plan_hf_folder(source.path)
+    root = source.path if os.path.isdir(source.path) else os.path.dirname(source.path)
+    if os.path.isdir(source.path):
+        inputs = [os.path.join(root, f) for f in os.listdir(root)
+                  if f.endswith((".safetensors", ".json"))]
+    else:
+        inputs = [source.path]
+    out_dir = os.path.join(os.path.abspath(opts.output_dir), MS_SAFETENSORS)
+    fp = fingerprint(inputs, root, {"kind": "hf", "family": result.family, "qkv_concat": False})
+    build_shared_folder(out_dir, fp, result.plan, ctx, f"Hugging Face {result.family} weights")
+    return CheckpointSource("complete", "safetensors", out_dir, None,
+                            tuple(sorted(os.path.join(out_dir, f.path) for f in result.plan.files)))
+
+
+# --------------------------------------------------------------------------- layouts
+def _pc_text(pc) -> str:
+    if pc is None:
+        return "unknown layout"
+    if isinstance(pc, Mapping):
+        get = pc.get
+    else:
+        def get(k, d=None):
+            return getattr(pc, k, d)
+    return (f"data_parallel={get('data_parallel')} model_parallel={get('model_parallel')} "
+            f"pipeline_stage={get('pipeline_stage')} optimizer_shard={get('optimizer_shard')} "
+            f"vocab_emb_dp={get('vocab_emb_dp')}")
+
+
+def _source_layout_text(src: SourceCheckpoint) -> str:
+    from ..storage.reader import read_header
+    files = sorted({c.file for cs in src.chunks.values() for c in cs})
+    n_ranks = len({os.path.dirname(f) for f in files})
+    if files:
+        raw = read_header(files[0])[1].get("mindformers_st")
+        if raw:
+            try:
+                meta = json.loads(raw)
+                return (f"{_pc_text(meta.get('parallel_config'))} over "
+                        f"{meta.get('world_size')} rank(s)")
+            except ValueError:
+                pass
+    return f"a strategy of {n_ranks} rank(s) (no parallel_config recorded)"
+
+
+def check_same_layout(src: SourceCheckpoint, layouts: Mapping, names: Sequence[str], ctx,
+                      path: str) -> None:
+    """CheckpointError unless every tensor in `names` is cut in `src` exactly as `layouts` cut
+    it (the same set of distinct slices), naming both layouts and the fix."""
+    for n in names:
+        want = set(layouts[n].with_global_shape(src.global_shapes[n]).distinct_slices()
+                   if layouts[n].global_shape is None else layouts[n].distinct_slices())
+        have = {c.slice for c in src.chunks[n]}
+        if want != have:
+            example = sorted(have, key=lambda s: s.offsets)[0]
+            target = layouts[n].slice_for(ctx.rank if ctx else 0)
+            raise CheckpointError(
+                f"load_checkpoint {path}: the distributed weights are cut differently from this "
+                f"run: they were saved with {_source_layout_text(src)}, this run uses "
+                f"{_pc_text(ctx.config if ctx else None)} over {ctx.world_size if ctx else 1} "
+                f"rank(s) (e.g. {n!r}: the files hold blocks like {example.to_json()}, this rank "
+                f"needs {target.to_json()}). Set auto_trans_ckpt: True (with "
+                f"src_strategy_path_or_dir when the files do not describe themselves) to re-cut "
+                f"them online, or launch with the strategy they were saved with.")
+
+
+# --------------------------------------------------------------------------- the hook
+def _expected(model, optimizer, ctx, with_optimizer: bool):
+    """(model names, optimizer names, layouts for all of them)."""
+    table = model.param_table()
+    weights = [p.name for p in table]
+    opt_names: List[str] = []
+    if with_optimizer:
+        table = table.with_optimizer_states()
+        opt_names = [p.name for p in table if p.name not in set(weights)]
+    if ctx is not None:
+        layouts = ctx.layouts(table)
+    else:
+        from ..layout.parallel_config import ParallelConfig, plan_layouts
+        layouts = plan_layouts(table, ParallelConfig())
+    return weights, opt_names, layouts
+
+
+def _check_mode(source: CheckpointSource, opts: LoadOptions) -> None:
+    """The combinations MindSpore Transformers users know, as ConfigErrors with the fix."""
+    if source.kind in ("complete", "hf"):
+        if opts.use_parallel and not opts.auto_trans_ckpt:
+            raise ConfigError(
+                f"load_checkpoint {source.path} holds complete weights and use_parallel is True: "
+                f"set auto_trans_ckpt: True so they are cut online to this run's parallel_config "
+                f"(or use_parallel: False to load them on one card)")
+        if not opts.use_parallel and opts.auto_trans_ckpt:
+            raise ConfigError(
+                f"load_checkpoint {source.path} holds complete weights and use_parallel is False "
+                f"(one card): set auto_trans_ckpt: False, there is nothing to cut")
+
+
+def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: bool = False,
+                    file_suffix: Optional[str] = None) -> LoadReport:
+    """Load `opts.load_checkpoint` into this rank's `model` (and `optimizer` when `resume`).
+
+    `file_suffix` ("{epoch}_{step}") picks one step of distributed weights (resume uses it).
+    Every rank must call this (conversions and merges are collective). Raises ConfigError for
+    a wrong combination of keys, CheckpointError for missing weights (or, when resuming,
+    missing optimizer state) or weights cut differently from this run without auto_trans_ckpt.
+    """
+    source = detect_checkpoint(opts.load_checkpoint, opts.load_ckpt_format)
+    if file_suffix and source.kind == "distributed":
+        source = CheckpointSource(source.kind, source.format, source.path, file_suffix,
+                                  source.files)
+    original = source
+    _check_mode(source, opts)
+    if source.format == "ckpt":
+        source = _ckpt_to_safetensors(source, opts, ctx)
+    if source.kind == "hf":
+        source = convert_hf_online(source, opts, ctx)
+    weights, opt_names, layouts = _expected(model, optimizer, ctx, resume and optimizer is not None)
+    if resume and optimizer is None:
+        raise CheckpointError("resume_training needs the optimizer to restore its state")
+    strategy = opts.src_strategy_path_or_dir or None
+
+    if source.kind == "complete":
+        mode = "cut" if opts.use_parallel else "whole"
+        src = describe_complete(source.path)
+        path = source.path
+    elif not opts.auto_trans_ckpt:
+        mode = "same_layout"
+        src = _describe_rank_files(source, strategy, layouts)
+        path = source.path
+        check_same_layout(src, layouts, [n for n in weights + opt_names if n in src.chunks],
+                          ctx, source.path)
+    else:
+        src = _describe_rank_files(source, strategy, None)
+        if opts.direct_reshard:
+            mode, path = "direct_reshard", source.path
+        else:
+            mode = "merge_and_cut"
+            path = merge_online(src, opts, ctx, strategy)
+            src = describe_complete(path)
+
+    report = _load_slices(src, source, mode, path, weights, opt_names, layouts, model,
+                          optimizer, ctx, resume)
+    report.source = original
+    if report.epoch is None and source.file_suffix:
+        report.epoch, report.step = (int(x) for x in source.file_suffix.split("_"))
+    logger.info("rank %d: %s", ctx.rank if ctx else 0, report.summary())
+    if ctx is None or ctx.is_main:
+        print(f"[load_checkpoint] {report.summary()}", flush=True)
+    return report
+
+
+def _describe_rank_files(source: CheckpointSource, strategy, target_layouts) -> SourceCheckpoint:
+    """Describe distributed weights from their own metadata, a given source strategy, or (when
+    neither exists and the files must be this run's layout) the target layouts themselves."""
+    try:
+        return describe_distributed(source.path, strategy, source.file_suffix)
+    except CheckpointError as exc:
+        if strategy is None and "no strategy given" in str(exc):
+            if target_layouts is not None:
+                return _describe_with_target(source, target_layouts)
+            raise CheckpointError(
+                f"load_checkpoint {source.path}: the rank files do not describe their slices "
+                f"(saved by MindSpore, not by this package); set src_strategy_path_or_dir to the "
+                f"strategy file or folder of the run that saved them") from exc
+        raise
+
+
+def _describe_with_target(source: CheckpointSource, layouts) -> SourceCheckpoint:
+    try:
+        return describe_distributed(source.path, layouts, source.file_suffix)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"load_checkpoint {source.path}: the rank files carry no slice metadata and do not "
+            f"fit this run's layout ({exc}). Set auto_trans_ckpt: True and "
+            f"src_strategy_path_or_dir to the strategy of the run that saved them") from exc
+
+
+def merge_online(src: SourceCheckpoint, opts: LoadOptions, ctx, strategy=None) -> str:
+    """Merge distributed `src` into `{output_dir}/unified_checkpoint` (complete weights,
+    `param_name_map.json`, `hyper_param.safetensors`), the work split over every rank; reused
+    while the rank files (and strategy) are unchanged. Returns the folder."""
+    out_dir = os.path.join(os.path.abspath(opts.output_dir), UNIFIED)
+    _, world = _rank_world(ctx)
+    total = sum(src.dtypes and int(np.prod(src.global_shapes[n])) *
+                _itemsize(src.dtypes[n]) for n in src.chunks)
+    shard = min(DEFAULT_MAX_SHARD_SIZE, max(1 << 20, ceil(total / max(1, world))))
+    plan = plan_merge(src, max_shard_size=shard)
+    inputs = list(src.files)
+    if strategy and os.path.exists(strategy):
+        inputs += ([os.path.join(strategy, f) for f in os.listdir(strategy)]
+                   if os.path.isdir(strategy) else [strategy])
+    fp = fingerprint(inputs, src.root, {"kind": "merge", "shard": shard,
+                                        "epoch": src.epoch, "step": src.step})
+    build_shared_folder(out_dir, fp, plan, ctx, "online merge of distributed weights")
+    return out_dir
+
+
+def _itemsize(dtype: str) -> int:
+    from ..layout.param_table import ITEMSIZE
+    return ITEMSIZE[dtype]
+
+
+def _load_slices(src: SourceCheckpoint, source: CheckpointSource, mode: str, path: str,
+                 weights: List[str], opt_names: List[str], layouts, model, optimizer, ctx,
+                 resume: bool) -> LoadReport:
+    report = LoadReport(source, mode, path, epoch=src.epoch, step=src.step)
+    wanted = set(weights) | set(opt_names)
+    report.missing = [n for n in weights + opt_names if n not in src.chunks]
+    if resume and "global_step" not in src.hyper:
+        report.missing.append("global_step")
+    report.unexpected = [n for n in src.chunks
+                         if n not in wanted and not (is_optimizer_state(n) and not resume)]
+    report.optimizer_ignored = [n for n in src.chunks if n not in wanted and is_optimizer_state(n)
+                                and not resume]
+    missing_weights = [n for n in report.missing if n in set(weights)]
+    if missing_weights:
+        raise CheckpointError(
+            f"load_checkpoint {path}: {len(missing_weights)} weight(s) of the model are in no "
+            f"file: {missing_weights[:8]}{' ...' if len(missing_weights) > 8 else ''} "
+            f"(unexpected names in the checkpoint: {report.unexpected[:8]}); check that "
+            f"model_config matches the checkpoint (num_layers, tie_word_embeddings, qkv_has_bias)")
+    if resume and report.missing:
+        raise CheckpointError(
+            f"load_checkpoint {path}: resume_training needs the optimizer state but "
+            f"{len(report.missing)} entries are missing (e.g. {report.missing[:4]}); the "
+            f"checkpoint holds weights only — finetune from it (resume_training: False) or "
+            f"point at a training checkpoint")
+    if report.unexpected:
+        logger.warning("load_checkpoint %s: %d tensor(s) in the checkpoint are not in the model "
+                       "and are ignored: %s", path, len(report.unexpected), report.unexpected[:8])
+    rank = ctx.rank if ctx is not None else 0
+    names = [n for n in weights + opt_names if n in src.chunks]
+    try:
+        plan = plan_rank_slices(src, {n: layouts[n] for n in names}, rank, include_hyper=True)
+    except PlanError as exc:
+        raise CheckpointError(f"load_checkpoint {path}: {exc}") from exc
+    arrays = execute_to_memory(plan, workers=LOAD_WORKERS)
+    report.loaded = model.set_local_params({n: arrays[n] for n in weights}, strict=True)
+    report.hyper = {n: arrays[n] for n in src.hyper if n in arrays}
+    if resume:
+        state = {n: arrays[n] for n in opt_names}
+        state["global_step"] = arrays["global_step"]
+        report.loaded += optimizer.set_state_arrays(state, strict=True)
+        report.optimizer_loaded = True
+    return report
+
+
+def load_weights(model, ctx, config, optimizer=None) -> Optional[LoadReport]:
+    """The runtime's entry point: load what the RunConfig asks for into `model` (and, when
+    resuming a train/finetune run, `optimizer`), or return None when `load_checkpoint` is
+    empty. With `resume_training` (True or a file name) the step is chosen by
+    `checkpoint.resume` and the report's `.resume` (a ResumeInfo) holds the counters to put
+    back into the loop (`resume.apply_resume`)."""
+    if not getattr(config, "load_checkpoint", ""):
+        if getattr(config, "resume_training", False) or getattr(config, "auto_trans_ckpt", False):
+            raise ConfigError("resume_training / auto_trans_ckpt is set but load_checkpoint is "
+                              "empty; set load_checkpoint to the checkpoint folder")
+        return None
+    opts = LoadOptions.from_config(config)
+    resume = getattr(config, "resume_training", False)
+    if resume and getattr(config, "run_mode", "train") in ("train", "finetune"):
+        if optimizer is None:
+            raise CheckpointError("resume_training needs the optimizer: build it before "
+                                  "calling load_weights(model, ctx, config, optimizer)")
+        from .resume import resume_checkpoint
+        return resume_checkpoint(opts, resume, model, optimizer, ctx)
+    return load_checkpoint(opts, model, optimizer, ctx)

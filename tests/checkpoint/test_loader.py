@@ -1,0 +1,405 @@
+"""The load hook on a tiny real Llama: complete weights (one card, cut for mp2), distributed
+weights (same layout, remove_redundancy, other layout refused, merged online, direct reshard),
+Hugging Face folders converted online and reused, .ckpt files, and the missing/unexpected
+report. Checkpoint files are made with our own storage and transform engine."""
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from mindformers_st.checkpoint.loader import (FINGERPRINT_FILE, LoadOptions, build_shared_folder,
+                                              fingerprint, load_checkpoint)
+from mindformers_st.errors import CheckpointError, ConfigError
+from mindformers_st.layout.parallel_config import ParallelConfig, plan_layouts
+from mindformers_st.models.config import LlamaConfig
+from mindformers_st.models.llama import LlamaForCausalLM
+from mindformers_st.models.param_table import llama_param_table
+from mindformers_st.parallel.context import ParallelContext, init_parallel
+from mindformers_st.storage.index import write_index
+from mindformers_st.storage.writer import save_tensors
+from mindformers_st.transform import describe_complete, execute, plan_distributed, plan_merge
+
+TINY = dict(vocab_size=64, hidden_size=16, num_layers=2, num_heads=4, n_kv_heads=2,
+            intermediate_size=32, seq_length=8)
+
+
+# --------------------------------------------------------------------------- helpers
+def tiny_cfg(**over):
+    return LlamaConfig.from_dict({**TINY, **over})
+
+
+def make_ctx(pc=ParallelConfig(), rank=0, use_parallel=None):
+    """A ParallelContext for `rank` of `pc` without communication (loading needs none)."""
+    init_parallel(ParallelConfig(), False, "CPU", seed=0)   # sets the MindSpore context
+    return ParallelContext(rank=rank, world_size=pc.world_size, config=pc,
+                           use_parallel=pc.world_size > 1 if use_parallel is None else use_parallel)
+
+
+def make_model(cfg, ctx):
+    return LlamaForCausalLM(cfg, ctx)
+
+
+def make_optimizer(model):
+    from mindformers_st.trainer.lr import build_lr_schedule
+    from mindformers_st.trainer.optim import build_optimizer
+    return build_optimizer(model, {"type": "AdamW"}, build_lr_schedule({"type": "ConstantWarmUpLR",
+                                                                        "learning_rate": 1e-3}, 10))
+
+
+def global_values(cfg, seed=0, optimizer=True):
+    """Distinct random global tensors for every parameter (and AdamW moments)."""
+    table = llama_param_table(cfg)
+    if optimizer:
+        table = table.with_optimizer_states()
+    rng = np.random.default_rng(seed)
+    return {p.name: rng.standard_normal(p.shape).astype(np.float32) for p in table}
+
+
+HYPER = {"global_step": np.array([6], np.int32), "epoch_num": np.array([1], np.int32),
+         "step_num": np.array([6], np.int32)}
+
+
+def write_complete(folder, values, hyper=HYPER):
+    """Complete MindSpore weights: one shard, param_name_map.json, hyper_param.safetensors."""
+    os.makedirs(folder, exist_ok=True)
+    shard = "model-00001-of-00001.safetensors"
+    path = save_tensors(os.path.join(folder, shard), values)
+    write_index(folder, "ms", {n: shard for n in values}, os.path.getsize(path))
+    if hyper:
+        save_tensors(os.path.join(folder, "hyper_param.safetensors"), hyper)
+    return folder
+
+
+def write_distributed(folder, cfg, values, pc, remove_redundancy=False, suffix="1_6",
+                      prefix="llama"):
+    """rank_x/ weights as training under `pc` saves them (through the transform engine)."""
+    complete = write_complete(str(folder) + "_complete_src", values)
+    table = llama_param_table(cfg)
+    if any(n.startswith("adam_") for n in values):
+        table = table.with_optimizer_states()
+    src = describe_complete(complete)
+    if suffix:   # the step goes into every rank file's metadata, as training writes it
+        src.epoch, src.step = (int(x) for x in suffix.split("_"))
+    plan = plan_distributed(src, plan_layouts(table, pc), pc,
+                            remove_redundancy=remove_redundancy, prefix=prefix)
+    execute(plan, folder, workers=1, progress=False)
+    if suffix:
+        for r in range(pc.world_size):
+            d = os.path.join(folder, f"rank_{r}")
+            os.rename(os.path.join(d, f"{prefix}_rank_{r}.safetensors"),
+                      os.path.join(d, f"{prefix}_rank_{r}-{suffix}.safetensors"))
+    return folder
+
+
+def expected_local(values, cfg, pc, rank, names):
+    layouts = plan_layouts(llama_param_table(cfg).with_optimizer_states(), pc)
+    return {n: values[n][layouts[n].slice_for(rank).index()] for n in names}
+
+
+def assert_weights(model, values, cfg, pc, rank):
+    got = model.get_local_params()
+    want = expected_local(values, cfg, pc, rank, got)
+    for n in got:
+        np.testing.assert_array_equal(got[n], want[n], err_msg=n)
+
+
+def opts(path, tmp_path, **kw):
+    return LoadOptions(load_checkpoint=str(path), load_ckpt_format=kw.pop("fmt", "safetensors"),
+                       output_dir=str(tmp_path / "output"), **kw)
+
+
+# --------------------------------------------------------------------------- complete weights
+def test_complete_weights_load_whole_on_one_card(tmp_path):
+    cfg = tiny_cfg()
+    values = global_values(cfg, optimizer=False)
+    folder = write_complete(tmp_path / "complete", values)
+    ctx = make_ctx()
+    model = make_model(cfg, ctx)
+    report = load_checkpoint(opts(folder, tmp_path), model, None, ctx)
+    assert report.mode == "whole" and not report.missing and not report.unexpected
+    assert sorted(report.loaded) == sorted(model.get_local_params())
+    assert int(report.hyper["global_step"][0]) == 6
+    assert_weights(model, values, cfg, ParallelConfig(), 0)
+
+
+def test_complete_weights_are_cut_for_each_rank_of_mp2(tmp_path):
+    cfg = tiny_cfg()
+    values = global_values(cfg, optimizer=False)
+    folder = write_complete(tmp_path / "complete", values)
+    pc = ParallelConfig(model_parallel=2, vocab_emb_dp=False)
+    for rank in (0, 1):
+        ctx = make_ctx(pc, rank)
+        model = make_model(cfg, ctx)
+        report = load_checkpoint(opts(folder, tmp_path, use_parallel=True, auto_trans_ckpt=True),
+                                 model, None, ctx)
+        assert report.mode == "cut"
+        assert_weights(model, values, cfg, pc, rank)
+
+
+def test_complete_weights_refuse_the_wrong_auto_trans_combination(tmp_path):
+    cfg = tiny_cfg()
+    folder = write_complete(tmp_path / "complete", global_values(cfg, optimizer=False))
+    pc = ParallelConfig(model_parallel=2)
+    ctx = make_ctx(pc, 0)
+    with pytest.raises(ConfigError, match="auto_trans_ckpt: True"):
+        load_checkpoint(opts(folder, tmp_path, use_parallel=True), make_model(cfg, ctx), None, ctx)
+    ctx1 = make_ctx()
+    with pytest.raises(ConfigError, match="auto_trans_ckpt: False"):
+        load_checkpoint(opts(folder, tmp_path, auto_trans_ckpt=True), make_model(cfg, ctx1),
+                        None, ctx1)
+
+
+def test_one_complete_file_loads(tmp_path):
+    cfg = tiny_cfg()
+    values = global_values(cfg, optimizer=False)
+    path = save_tensors(str(tmp_path / "model.safetensors"), values)
+    ctx = make_ctx()
+    model = make_model(cfg, ctx)
+    load_checkpoint(opts(path, tmp_path), model, None, ctx)
+    assert_weights(model, values, cfg, ParallelConfig(), 0)
+
+
+def test_missing_weight_is_an_error_and_unexpected_names_are_reported(tmp_path):
+    cfg = tiny_cfg()
+    values = global_values(cfg, optimizer=False)
+    del values["model.norm_out.weight"]
+    values["model.extra.weight"] = np.ones((2,), np.float32)
+    folder = write_complete(tmp_path / "complete", values)
+    ctx = make_ctx()
+    with pytest.raises(CheckpointError, match=r"model\.norm_out\.weight.*model\.extra\.weight"):
+        load_checkpoint(opts(folder, tmp_path), make_model(cfg, ctx), None, ctx)
+    values["model.norm_out.weight"] = np.ones((cfg.hidden_size,), np.float32)
+    folder2 = write_complete(tmp_path / "complete2", values)
+    report = load_checkpoint(opts(folder2, tmp_path), make_model(cfg, ctx), None, ctx)
+    assert report.unexpected == ["model.extra.weight"] and not report.missing
+
+
+def test_missing_optimizer_state_is_fine_to_finetune_but_not_to_resume(tmp_path):
+    cfg = tiny_cfg()
+    folder = write_complete(tmp_path / "complete", global_values(cfg, optimizer=False))
+    ctx = make_ctx()
+    model = make_model(cfg, ctx)
+    report = load_checkpoint(opts(folder, tmp_path), model, make_optimizer(model), ctx)
+    assert not report.optimizer_loaded
+    with pytest.raises(CheckpointError, match="resume_training needs the optimizer state"):
+        load_checkpoint(opts(folder, tmp_path), model, make_optimizer(model), ctx, resume=True)
+
+
+def test_finetune_ignores_optimizer_state_resume_restores_it(tmp_path):
+    cfg = tiny_cfg()
+    values = global_values(cfg)
+    folder = write_complete(tmp_path / "complete", values)
+    ctx = make_ctx()
+    model = make_model(cfg, ctx)
+    optimizer = make_optimizer(model)
+    report = load_checkpoint(opts(folder, tmp_path), model, optimizer, ctx)
+    assert report.optimizer_ignored and not report.unexpected and optimizer.step_count == 0
+    report = load_checkpoint(opts(folder, tmp_path), model, optimizer, ctx, resume=True)
+    assert report.optimizer_loaded and optimizer.step_count == 6
+    state = optimizer.get_state_arrays()
+    np.testing.assert_array_equal(state["adam_m.lm_head.weight"], values["adam_m.lm_head.weight"])
+
+
+# --------------------------------------------------------------------------- distributed
+@pytest.mark.parametrize("remove_redundancy", [False, True])
+def test_distributed_same_layout_loads_each_rank(tmp_path, remove_redundancy):
+    cfg = tiny_cfg()
+    values = global_values(cfg)
+    pc = ParallelConfig(data_parallel=2, model_parallel=2)
+    folder = write_distributed(tmp_path / "dist", cfg, values, pc, remove_redundancy)
+    for rank in range(4):
+        ctx = make_ctx(pc, rank)
+        model = make_model(cfg, ctx)
+        optimizer = make_optimizer(model)
+        report = load_checkpoint(opts(folder, tmp_path, use_parallel=True), model, optimizer,
+                                 ctx, resume=True)
+        assert report.mode == "same_layout" and not report.missing
+        assert (report.epoch, report.step) == (1, 6)
+        assert_weights(model, values, cfg, pc, rank)
+        want = expected_local(values, cfg, pc, rank, ["adam_v.model.layers.1.attention.wo.weight"])
+        got = optimizer.get_state_arrays()["adam_v.model.layers.1.attention.wo.weight"]
+        np.testing.assert_array_equal(got, want["adam_v.model.layers.1.attention.wo.weight"])
+
+
+def test_distributed_other_layout_without_auto_trans_names_both_layouts(tmp_path):
+    cfg = tiny_cfg()
+    folder = write_distributed(tmp_path / "dist", cfg, global_values(cfg),
+                               ParallelConfig(data_parallel=2))
+    pc = ParallelConfig(model_parallel=2)
+    ctx = make_ctx(pc, 1)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(opts(folder, tmp_path, use_parallel=True), make_model(cfg, ctx), None, ctx)
+    msg = str(err.value)
+    assert "data_parallel=2 model_parallel=1" in msg and "data_parallel=1 model_parallel=2" in msg
+    assert "auto_trans_ckpt: True" in msg and "src_strategy_path_or_dir" in msg
+
+
+@pytest.mark.parametrize("remove_redundancy", [False, True])
+def test_distributed_auto_trans_merges_online_then_loads(tmp_path, remove_redundancy):
+    cfg = tiny_cfg()
+    values = global_values(cfg)
+    folder = write_distributed(tmp_path / "dist", cfg, values,
+                               ParallelConfig(data_parallel=2, model_parallel=2), remove_redundancy)
+    ctx = make_ctx()
+    model = make_model(cfg, ctx)
+    optimizer = make_optimizer(model)
+    report = load_checkpoint(opts(folder, tmp_path, auto_trans_ckpt=True), model, optimizer, ctx,
+                             resume=True)
+    assert report.mode == "merge_and_cut"
+    unified = tmp_path / "output" / "unified_checkpoint"
+    assert (unified / "param_name_map.json").is_file() and (unified / "hyper_param.safetensors").is_file()
+    assert_weights(model, values, cfg, ParallelConfig(), 0)
+    assert optimizer.step_count == 6
+    # the same source again: the merged copy is reused, not rebuilt
+    before = os.stat(unified / FINGERPRINT_FILE).st_mtime_ns
+    load_checkpoint(opts(folder, tmp_path, auto_trans_ckpt=True), make_model(cfg, ctx), None, ctx)
+    assert os.stat(unified / FINGERPRINT_FILE).st_mtime_ns == before
+
+
+def test_direct_reshard_cuts_from_rank_files_without_a_complete_copy(tmp_path):
+    cfg = tiny_cfg()
+    values = global_values(cfg)
+    folder = write_distributed(tmp_path / "dist", cfg, values, ParallelConfig(data_parallel=2),
+                               remove_redundancy=True)
+    pc = ParallelConfig(model_parallel=2, vocab_emb_dp=False)
+    ctx = make_ctx(pc, 1)
+    model = make_model(cfg, ctx)
+    report = load_checkpoint(opts(folder, tmp_path, use_parallel=True, auto_trans_ckpt=True,
+                                  direct_reshard=True), model, None, ctx)
+    assert report.mode == "direct_reshard"
+    assert not (tmp_path / "output" / "unified_checkpoint").exists()
+    assert_weights(model, values, cfg, pc, 1)
+
+
+def test_rank_file_path_loads_that_step_on_every_rank(tmp_path):
+    cfg = tiny_cfg()
+    values = global_values(cfg, optimizer=False)
+    pc = ParallelConfig(model_parallel=2)
+    folder = write_distributed(tmp_path / "dist", cfg, values, pc, suffix="1_6")
+    # another, later step with different values must not be picked
+    write_distributed(tmp_path / "later", cfg, global_values(cfg, seed=9, optimizer=False), pc,
+                      suffix="1_8")
+    for r in range(2):
+        os.rename(tmp_path / "later" / f"rank_{r}" / f"llama_rank_{r}-1_8.safetensors",
+                  folder / f"rank_{r}" / f"llama_rank_{r}-1_8.safetensors")
+    ctx = make_ctx(pc, 1)
+    model = make_model(cfg, ctx)
+    named = folder / "rank_0" / "llama_rank_0-1_6.safetensors"
+    report = load_checkpoint(opts(named, tmp_path, use_parallel=True), model, None, ctx)
+    assert report.source.file_suffix == "1_6"
+    assert_weights(model, values, cfg, pc, 1)
+
+
+def test_shared_folder_is_built_by_all_ranks_together(tmp_path):
+    """Two ranks (threads with a real barrier) split one merge plan and commit once."""
+    cfg = tiny_cfg()
+    values = global_values(cfg)
+    folder = write_distributed(tmp_path / "dist", cfg, values, ParallelConfig(data_parallel=2))
+    from mindformers_st.transform import describe_distributed
+    src = describe_distributed(str(folder))
+    plan = plan_merge(src, max_shard_size=4096)
+    assert len(plan.files) > 2
+    barrier = threading.Barrier(2)
+
+    class Ctx:
+        def __init__(self, rank):
+            self.rank, self.world_size = rank, 2
+
+        def barrier(self):
+            barrier.wait(timeout=60)
+
+    out = str(tmp_path / "unified")
+    fp = fingerprint(src.files, src.root, {"kind": "merge"})
+    results, errors = {}, []
+
+    def run(rank):
+        try:
+            results[rank] = build_shared_folder(out, fp, plan, Ctx(rank), "test merge")
+        except Exception as exc:   # surfaced below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and results == {0: True, 1: True}
+    merged = describe_complete(out)
+    from mindformers_st.storage.reader import open_safetensors
+    for name in ("model.layers.0.attention.wq.weight", "adam_m.lm_head.weight"):
+        chunk = merged.chunks[name][0]
+        with open_safetensors(chunk.file) as f:
+            np.testing.assert_array_equal(f.read(name), values[name])
+    assert json.load(open(os.path.join(out, FINGERPRINT_FILE))) == fp
+
+
+# --------------------------------------------------------------------------- Hugging Face
+def _hf_folder(tmp_path, cfg, values, dtype=np.float32):
+    from mindformers_st.convert import export_hf_folder
+    weights = {n: v.astype(dtype) for n, v in values.items() if not n.startswith("adam_")}
+    ms_dir = write_complete(tmp_path / "ms_for_hf", weights, hyper=None)
+    model_config = {**TINY, "rms_norm_eps": 1e-5, "theta": 10000.0}
+    hf = str(tmp_path / "hf")
+    export_hf_folder(str(ms_dir), hf, model_config, progress=False)
+    return hf
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_hf_folder_is_converted_once_reused_and_rebuilt_when_changed(tmp_path, bf16):
+    import ml_dtypes
+    cfg = tiny_cfg(param_init_type="bfloat16" if bf16 else "float32")
+    values = global_values(cfg, optimizer=False)
+    dtype = ml_dtypes.bfloat16 if bf16 else np.float32
+    hf = _hf_folder(tmp_path, cfg, values, dtype)
+    ctx = make_ctx()
+    model = make_model(cfg, ctx)
+    report = load_checkpoint(opts(hf, tmp_path), model, None, ctx)
+    assert report.source.kind == "hf" and report.mode == "whole"
+    converted = tmp_path / "output" / "ms_safetensors"
+    assert (converted / "param_name_map.json").is_file()
+    want = {n: v.astype(dtype) for n, v in values.items()}
+    for n, got in model.get_local_params().items():
+        np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                      np.asarray(want[n], np.float32), err_msg=n)
+    stamp = os.stat(converted / FINGERPRINT_FILE).st_mtime_ns
+    load_checkpoint(opts(hf, tmp_path), make_model(cfg, ctx), None, ctx)
+    assert os.stat(converted / FINGERPRINT_FILE).st_mtime_ns == stamp   # reused
+    shard = [f for f in os.listdir(hf) if f.endswith(".safetensors")][0]
+    st = os.stat(os.path.join(hf, shard))
+    os.utime(os.path.join(hf, shard), ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    load_checkpoint(opts(hf, tmp_path), make_model(cfg, ctx), None, ctx)
+    assert os.stat(converted / FINGERPRINT_FILE).st_mtime_ns != stamp   # rebuilt
+
+
+def test_hf_folder_cut_for_mp2(tmp_path):
+    cfg = tiny_cfg()
+    values = global_values(cfg, optimizer=False)
+    hf = _hf_folder(tmp_path, cfg, values)
+    one = make_ctx()   # converts (a lone fake rank of 2 cannot build the shared copy alone)
+    load_checkpoint(opts(hf, tmp_path), make_model(cfg, one), None, one)
+    pc = ParallelConfig(model_parallel=2)
+    ctx = make_ctx(pc, 1)
+    model = make_model(cfg, ctx)
+    load_checkpoint(opts(hf, tmp_path, use_parallel=True, auto_trans_ckpt=True), model, None, ctx)
+    assert_weights(model, values, cfg, pc, 1)
+
+
+# --------------------------------------------------------------------------- .ckpt
+def test_ckpt_files_load_through_a_safetensors_copy(tmp_path):
+    import mindspore as ms
+    cfg = tiny_cfg()
+    values = global_values(cfg, optimizer=False)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    ms.save_checkpoint([{"name": n, "data": ms.Tensor(v)} for n, v in values.items()],
+                       str(folder / "llama.ckpt"))
+    ctx = make_ctx()
+    with pytest.raises(ConfigError, match="load_ckpt_format: 'ckpt'"):
+        load_checkpoint(opts(folder, tmp_path), make_model(cfg, ctx), None, ctx)
+    model = make_model(cfg, ctx)
+    load_checkpoint(opts(folder, tmp_path, fmt="ckpt"), model, None, ctx)
+    assert (tmp_path / "output" / "ckpt_safetensors" / "llama.safetensors").is_file()
+    assert_weights(model, values, cfg, ParallelConfig(), 0)
