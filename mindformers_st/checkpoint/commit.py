@@ -151,20 +151,20 @@ def read_committed(directory: str) -> Optional[dict]:
 
 
 def load_committed_entries(directory: str) -> List[CommittedSave]:
-    """Every entry of `committed.json` as recorded (not validated), oldest first; [] without one."""
+    """Every entry of `committed.json` as recorded (not validated), in commit order (oldest
+    first); [] without one."""
     directory = os.path.abspath(directory)
     obj = read_committed(directory)
     if obj is None:
         return []
     where = os.path.join(directory, COMMITTED_FILE)
-    entries = [CommittedSave.from_json(e, directory, where) for e in obj["saves"]]
-    return sorted(entries, key=lambda e: e.key)
+    return [CommittedSave.from_json(e, directory, where) for e in obj["saves"]]
 
 
 def write_committed(directory: str, world_size: int, entries: Sequence[CommittedSave]) -> str:
-    """Atomically replace `committed.json` with `entries` (sorted oldest first)."""
+    """Atomically replace `committed.json` with `entries` (in commit order, oldest first)."""
     path = os.path.join(directory, COMMITTED_FILE)
-    saves = [e.to_json() for e in sorted(entries, key=lambda e: e.key)]
+    saves = [e.to_json() for e in entries]
     atomic_write_text(path, json.dumps({"format": COMMIT_FORMAT, "world_size": int(world_size),
                                         "saves": saves}, indent=1))
     return path
@@ -172,12 +172,11 @@ def write_committed(directory: str, world_size: int, entries: Sequence[Committed
 
 def add_committed(directory: str, world_size: int, entry: CommittedSave,
                   keep: Optional[int] = None) -> List[CommittedSave]:
-    """Record `entry` in committed.json (replacing one with the same epoch/step); with `keep`,
-    drop the oldest entries beyond it from the record. Returns the entries dropped (their files
-    may now be deleted: the record no longer points at them)."""
+    """Append `entry` to committed.json (an entry with the same epoch/step is replaced, the new
+    one counts as newest); with `keep`, drop the oldest-committed entries beyond it. Returns the
+    entries dropped (their files may now be deleted: the record no longer points at them)."""
     entries = [e for e in load_committed_entries(directory) if e.key != entry.key]
     entries.append(entry)
-    entries.sort(key=lambda e: e.key)
     dropped: List[CommittedSave] = []
     if keep is not None and len(entries) > keep:
         dropped, entries = entries[:len(entries) - keep], entries[len(entries) - keep:]
@@ -229,7 +228,9 @@ def validate_save(save: CommittedSave, world_size: Optional[int] = None) -> List
 
 def committed_saves(directory: str) -> List[CommittedSave]:
     """The saves of `directory` that resume may load: entries of committed.json whose every rank
-    file exists and whose headers validate, oldest first (newest last).
+    file exists and whose headers validate, in commit order (newest last: resume takes [-1]).
+    Commit order, not (epoch, step) order: a run restarted from step 0 in the same folder makes
+    newer saves with smaller numbers, and those are the ones to resume from (and to keep).
 
     [] when there is no committed.json (a MindSpore Transformers folder: fall back to meta.json).
     Entries that fail validation are skipped with a warning naming the problem."""

@@ -169,6 +169,9 @@ class CheckpointMonitor(Callback):
             logger.info("remove_redundancy on one rank: the file holds everything (nothing is replicated)")
         for p in self._paths(ctx.rank, 0, 0):
             os.makedirs(os.path.dirname(p), exist_ok=True)
+            _sweep_temporaries(os.path.dirname(p))
+        if ctx.is_main:
+            _sweep_temporaries(self.directory)
         entries = None
         if ctx.is_main:
             entries = [e.to_json() for e in cm.load_committed_entries(self.directory)]
@@ -281,8 +284,9 @@ class CheckpointMonitor(Callback):
         assert files[ctx.rank] == rel
         entry = cm.CommittedSave(pending.epoch, pending.step, pending.global_step, files, self.directory,
                                  {"world_size": ctx.world_size, "format": self.fmt})
+        # Commit order decides what is oldest (as MindSpore prunes by file age): the save just
+        # made is newest, so it is never the one dropped.
         self._committed = [e for e in self._committed if e.key != entry.key] + [entry]
-        self._committed.sort(key=lambda e: e.key)
         dropped = self._committed[:max(0, len(self._committed) - self.keep_max)]
         self._committed = self._committed[len(dropped):]
         if ctx.is_main:
@@ -316,6 +320,19 @@ class CheckpointMonitor(Callback):
                         paths.append(os.path.join(self._extra_root(root), cm.rank_dir_name(r),
                                                   cm.ckpt_file_name(self.prefix, r, e.epoch, e.step, fmt, kind)))
         cm.remove_files(paths)
+
+
+def _sweep_temporaries(folder: str) -> None:
+    """Remove hidden `.*.tmp*` files a killed save left behind (never a file a record names:
+    writers only rename a temporary file into place once it is complete)."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    stale = [os.path.join(folder, n) for n in names if n.startswith(".") and ".tmp" in n]
+    if stale:
+        logger.info("%s: removing %d temporary file(s) left by an interrupted save", folder, len(stale))
+        cm.remove_files(stale)
 
 
 # ---- agreement between ranks (main thread only) --------------------------------------------
