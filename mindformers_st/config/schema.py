@@ -372,6 +372,8 @@ class RunConfig:
     auto_trans_ckpt: bool = False
     remove_redundancy: bool = False
     src_strategy_path_or_dir: str = ""
+    # auto_trans_ckpt on rank_x/ weights: cut straight from the rank files, no unified_checkpoint
+    direct_reshard: bool = False
     resume_training: Union[bool, str] = False
     only_save_strategy: bool = False
     transform_process_num: int = 1
