@@ -12,13 +12,14 @@
 # Differences from MindSpore Transformers (docs/runtime.md): JOIN defaults to True so that this
 # script waits and exits non-zero when a worker fails (printing the tail of its log);
 # MF_LAUNCH_TIMEOUT=SECONDS kills the whole job (exit 124) when it runs longer;
-# MF_BIND_CORE=True passes --bind_core=True (off by default: CPU workers share few cores).
+# MF_BIND_CORE=True passes --bind_core=True (off by default: CPU workers share few cores);
+# MF_MASTER_PORT changes the default port 8118 of the 1- and 2-argument forms.
 set -u
 
 WORKER_NUM=8
 LOCAL_WORKER=8
 MASTER_ADDR="127.0.0.1"
-MASTER_PORT=8118
+MASTER_PORT=${MF_MASTER_PORT:-8118}   # MF_MASTER_PORT: default port for the 1/2-argument forms
 NODE_RANK=0
 LOG_DIR="output/msrun_log"
 JOIN="True"
