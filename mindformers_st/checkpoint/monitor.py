@@ -338,15 +338,18 @@ def _sweep_temporaries(folder: str) -> None:
 # ---- agreement between ranks (main thread only) --------------------------------------------
 
 def _all_reduce(ctx, values: np.ndarray) -> np.ndarray:
+    """Sum over the world group. CPU AllReduce takes float only (measured on 2.10); the values
+    here are flags, byte values and lengths below 2**24, all exact in float32."""
     from mindspore import Tensor, ops
-    return ops.AllReduce(group=ctx.world_group)(Tensor(values)).asnumpy()
+    out = ops.AllReduce(group=ctx.world_group)(Tensor(values.astype(np.float32))).asnumpy()
+    return np.rint(out).astype(np.int64)
 
 
 def _all_ranks(ctx, flag: bool) -> bool:
     """True on every rank iff `flag` is True on every rank (one all-reduce; also a barrier)."""
     if ctx.world_size <= 1 or ctx.world_group is None:
         return bool(flag)
-    total = _all_reduce(ctx, np.array([1 if flag else 0], np.int32))
+    total = _all_reduce(ctx, np.array([1 if flag else 0]))
     return int(total[0]) == ctx.world_size
 
 
@@ -355,8 +358,10 @@ def _broadcast_json(ctx, obj):
     if ctx.world_size <= 1 or ctx.world_group is None:
         return obj
     raw = json.dumps(obj).encode() if ctx.is_main else b""
-    n = int(_all_reduce(ctx, np.array([len(raw)], np.int32))[0])
-    buf = np.zeros(max(n, 1), np.int32)
+    n = int(_all_reduce(ctx, np.array([len(raw)]))[0])
+    if n >= 1 << 24:
+        raise CheckpointError(f"committed.json is {n} bytes; too large to share between ranks")
+    buf = np.zeros(max(n, 1), np.int64)
     if ctx.is_main:
         buf[:n] = np.frombuffer(raw, np.uint8)
     data = _all_reduce(ctx, buf)[:n].astype(np.uint8).tobytes()
