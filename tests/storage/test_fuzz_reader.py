@@ -4,9 +4,11 @@ SafetensorsFormatError — never another exception, a hang, or a big allocation.
 `MFST_FUZZ_EXAMPLES=200000 pytest tests/storage/test_fuzz_reader.py` runs a long campaign; the
 default keeps the whole file well under 30 s.
 """
+import atexit
 import json
 import os
 import re
+import shutil
 import tempfile
 import tracemalloc
 
@@ -30,6 +32,7 @@ TIMEOUT = max(120, EXAMPLES // 50)
 ALLOC_LIMIT = 16 << 20   # the files are < 4 KiB; anything near this means a length was trusted
 
 _DIR = tempfile.mkdtemp(prefix="mfst-fuzz-")
+atexit.register(shutil.rmtree, _DIR, True)
 _PATH = os.path.join(_DIR, "f.safetensors")
 
 json_scalars = st.one_of(
