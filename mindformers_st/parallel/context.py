@@ -97,6 +97,22 @@ class ParallelContext:
         ops.AllReduce(group=self.world_group)(Tensor(np.zeros(1, np.float32))).asnumpy()
 
 
+_COMM_READY = False
+_GROUPS: set = set()
+
+
+def _set_device(ms, device_target: str) -> None:
+    """Set the device once; MindSpore refuses a second set_device even with the same value."""
+    try:
+        ms.set_device(device_target)
+    except RuntimeError as err:
+        current = ms.get_context("device_target")
+        if current != device_target:
+            raise ConfigError(f"device_target {device_target!r} requested but this process "
+                              f"already runs on {current!r}; MindSpore cannot switch devices "
+                              "within a process") from err
+
+
 def _single_card_config(pc):
     """`pc` with every parallel axis set to 1 (keeps vocab_emb_dp and other flags)."""
     changes = {"data_parallel": 1, "model_parallel": 1, "pipeline_stage": 1}
@@ -124,7 +140,7 @@ def init_parallel(pc, use_parallel: bool, device_target: str = "CPU",
         raise ConfigError(f"context.device_target must be a device name such as 'CPU' or "
                           f"'Ascend', got {device_target!r}")
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    ms.set_device(device_target)
+    _set_device(ms, device_target)
     ms.set_seed(int(seed))
     dp, mp, pp = pc.data_parallel, pc.model_parallel, pc.pipeline_stage
     for key, v in (("data_parallel", dp), ("model_parallel", mp), ("pipeline_stage", pp)):
@@ -142,7 +158,10 @@ def init_parallel(pc, use_parallel: bool, device_target: str = "CPU",
     if "MS_WORKER_NUM" not in os.environ and "RANK_SIZE" not in os.environ:
         logger.warning("use_parallel is True but no msrun environment was found "
                        "(MS_WORKER_NUM unset); launch with msrun / scripts/msrun_launcher.sh")
-    init()
+    global _COMM_READY
+    if not _COMM_READY:       # init() may run once per process; later calls reuse it
+        init()
+        _COMM_READY = True
     rank, world = get_rank(), get_group_size()
     if dp * mp * pp != world:
         raise LayoutError(
@@ -171,5 +190,7 @@ def _group(name, ranks, world, world_group, create_group) -> Optional[str]:
         return None
     if len(ranks) == world:
         return world_group
-    create_group(name, ranks)
+    if name not in _GROUPS:       # a group name can be created only once per process
+        create_group(name, ranks)
+        _GROUPS.add(name)
     return name

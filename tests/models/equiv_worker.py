@@ -50,8 +50,8 @@ def main(out, dp, mp, vocab_emb_dp):
         record["lrs"].append(step.last_lr)
         record["grad_norms"].append(step.last_grad_norm)
     record["tokens"] = generate(model, ctx, [[3, 17, 42, 99], [5, 6], [200, 1, 2]],
-                               max_new_tokens=6, pad_token_id=0)
-    record["sampled"] = generate(model, ctx, [[3, 17, 42, 99]], max_new_tokens=6,
+                               max_new_tokens=4, pad_token_id=0)
+    record["sampled"] = generate(model, ctx, [[3, 17, 42, 99]], max_new_tokens=4,
                                 do_sample=True, top_k=20, top_p=0.9, temperature=0.8, seed=5)
     record.update(rank=ctx.rank, dp_rank=ctx.dp_rank, mp_rank=ctx.mp_rank)
     arrays = {}
