@@ -83,6 +83,19 @@ def dump_truth(model, opt, ctx, out_dir):
         json.dump(meta, fh)
 
 
+class _PrintSteps:
+    """Tells a parent process how far training got (the crash test times its kill from it)."""
+
+    def on_train_begin(self, state):
+        print("begin", flush=True)
+
+    def on_step_end(self, state):
+        print(f"step {state.global_step}", flush=True)
+
+    def on_train_end(self, state):
+        pass
+
+
 def parse_monitor(spec, out_dir):
     opts = {"checkpoint_format": "safetensors", "output_dir": out_dir}
     for part in filter(None, spec.split(",")):
@@ -104,6 +117,7 @@ def main(argv=None):
     ap.add_argument("--monitor", action="append", default=[])
     ap.add_argument("--hidden", type=int, default=None)
     ap.add_argument("--vocab", type=int, default=None)
+    ap.add_argument("--print-steps", action="store_true", help="print 'step N' after every step")
     args = ap.parse_args(argv)
     from mindformers_st.checkpoint.monitor import CheckpointMonitor
 
@@ -114,8 +128,10 @@ def main(argv=None):
     if args.vocab:
         kw["vocab_size"] = args.vocab
     model, opt, step, ctx = build_run(args.dp, args.mp, use_parallel, model_kwargs=kw)
-    monitors = [CheckpointMonitor(**parse_monitor(s, args.out_dir)) for s in args.monitor]
-    train(model, opt, step, ctx, monitors, args.steps, args.out_dir)
+    callbacks = [CheckpointMonitor(**parse_monitor(s, args.out_dir)) for s in args.monitor]
+    if args.print_steps:
+        callbacks.append(_PrintSteps())
+    train(model, opt, step, ctx, callbacks, args.steps, args.out_dir)
     dump_truth(model, opt, ctx, args.out_dir)
     print(f"rank {ctx.rank} done", flush=True)
     return 0
