@@ -357,6 +357,8 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
     if file_suffix and source.kind == "distributed":
         source = CheckpointSource(source.kind, source.format, source.path, file_suffix,
                                   source.files)
+    if source.kind == "distributed" and not source.file_suffix:
+        source = _newest_committed(source)
     original = source
     _check_mode(source, opts)
     if source.format == "ckpt":
@@ -396,6 +398,20 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
     if ctx is None or ctx.is_main:
         print(f"[load_checkpoint] {report.summary()}", flush=True)
     return report
+
+
+def _newest_committed(source: CheckpointSource) -> CheckpointSource:
+    """A training checkpoint folder (with committed.json) loads its newest committed save, never
+    a newer file a crashed save left behind; other folders keep `pick_rank_file`'s choice."""
+    from .commit import committed_saves
+    saves = committed_saves(source.path)
+    if not saves:
+        return source
+    newest = saves[-1]
+    logger.info("%s: loading the newest committed save, epoch %d step %d", source.path,
+                newest.epoch, newest.step)
+    return CheckpointSource(source.kind, source.format, source.path,
+                            f"{newest.epoch}_{newest.step}", source.files)
 
 
 def _describe_rank_files(source: CheckpointSource, strategy, target_layouts) -> SourceCheckpoint:

@@ -403,3 +403,23 @@ def test_ckpt_files_load_through_a_safetensors_copy(tmp_path):
     load_checkpoint(opts(folder, tmp_path, fmt="ckpt"), model, None, ctx)
     assert (tmp_path / "output" / "ckpt_safetensors" / "llama.safetensors").is_file()
     assert_weights(model, values, cfg, ParallelConfig(), 0)
+
+
+def test_training_folder_loads_its_newest_committed_save_not_a_crashed_one(tmp_path):
+    from mindformers_st.checkpoint.commit import CommittedSave, add_committed
+    cfg = tiny_cfg()
+    values = global_values(cfg, optimizer=False)
+    pc = ParallelConfig(model_parallel=2)
+    folder = write_distributed(tmp_path / "ckpt", cfg, values, pc, suffix="1_6")
+    add_committed(str(folder), 2, CommittedSave(
+        1, 6, 6, {r: f"rank_{r}/llama_rank_{r}-1_6.safetensors" for r in range(2)}))
+    crashed = write_distributed(tmp_path / "crashed", cfg, global_values(cfg, 3, False), pc,
+                                suffix="1_8")
+    for r in range(2):   # step 8 was written by both ranks but never committed
+        name = f"llama_rank_{r}-1_8.safetensors"
+        os.rename(crashed / f"rank_{r}" / name, folder / f"rank_{r}" / name)
+    ctx = make_ctx(pc, 0)
+    model = make_model(cfg, ctx)
+    report = load_checkpoint(opts(folder, tmp_path, use_parallel=True), model, None, ctx)
+    assert report.source.file_suffix == "1_6"
+    assert_weights(model, values, cfg, pc, 0)
