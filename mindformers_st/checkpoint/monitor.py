@@ -126,6 +126,7 @@ class CheckpointMonitor(Callback):
         self._committed: List[cm.CommittedSave] = []
         self._owned = None
         self._ctx = None
+        self._buffers = {}   # async snapshot buffers, reused once the previous save is written
 
     @classmethod
     def from_config(cls, cb_cfg, config) -> "CheckpointMonitor":
@@ -197,6 +198,7 @@ class CheckpointMonitor(Callback):
         """Wait for and commit an async save still in flight."""
         if self._pending is not None:
             self._wait_and_commit(state.ctx)
+        self._buffers = {}
 
     # ---- saving ------------------------------------------------------------------------------
     def save(self, state) -> None:
@@ -215,7 +217,7 @@ class CheckpointMonitor(Callback):
                  "seed": int(getattr(state.config, "seed", getattr(ctx, "seed", 0)))}
         snap = snapshot_rank(state.model, state.optimizer, ctx, epoch=epoch, step=step, hyper=hyper,
                              remove_redundancy=self.remove_redundancy, owned=self._owned,
-                             copy=self.async_save)
+                             copy=self.async_save, buffers=self._buffers if self.async_save else None)
         paths = self._paths(ctx.rank, epoch, step)
         pending = _Save(epoch, step, int(state.global_step), paths, snap.nbytes)
         jobs = [(paths[0], snap)]
