@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 32 << 20      # staging buffer per worker thread
 DIRECT_PIECE = 64 << 20     # largest single write straight from a source mapping
+SMALL_DIRECT_BYTES = 1 << 20  # direct ranges below this are staged with their neighbours
 
 
 # --------------------------------------------------------------------------- sources
@@ -162,9 +163,17 @@ def _segments(t: TargetTensor, shapes) -> List[Tuple[int, int, List[CopyOp], boo
         bounds.add(op.dst_offsets[0])
         bounds.add(op.dst_offsets[0] + op.sizes[0])
     bounds = sorted(bounds)
-    out = []
+    # Sweep the row boundaries once with the ops sorted by first row: every boundary is some op's
+    # start or end, so the ops active at `a` span all of [a, b). Linear in ops, not ops x rows
+    # (a fused w_gate_hidden has one op per row).
+    pending = sorted(t.ops, key=lambda op: op.dst_offsets[0])
+    nxt, active, out = 0, [], []
     for a, b in zip(bounds, bounds[1:]):
-        ops = [op for op in t.ops if op.dst_offsets[0] <= a and b <= op.dst_offsets[0] + op.sizes[0]]
+        while nxt < len(pending) and pending[nxt].dst_offsets[0] <= a:
+            active.append(pending[nxt])
+            nxt += 1
+        active = [op for op in active if op.dst_offsets[0] + op.sizes[0] > a]
+        ops = list(active)
         direct = False
         if len(ops) == 1:
             op = ops[0]
@@ -239,7 +248,35 @@ def _write_tensor(t: TargetTensor, writer: SafetensorsWriter, shapes, sources: _
     row = _row_bytes(t)
     chunk_rows = max(1, CHUNK_BYTES // max(1, row))
     direct_rows = max(1, DIRECT_PIECE // max(1, row))
+    staged_from, staged_ops, staged_set = None, [], set()   # small row ranges share a chunk
+
+    def flush(end: int) -> None:
+        for r in range(staged_from, end, chunk_rows):
+            e = min(end, r + chunk_rows)
+            block = staging.get((e - r) * row).view(dtype).reshape((e - r,) + tuple(t.shape[1:]))
+            _fill(block, r, staged_ops, sources)
+            writer.write_block(t.name, (r,) + (0,) * (len(t.shape) - 1), block)
+            progress((e - r) * row)
+
     for a, b, ops, direct in _segments(t, shapes):
+        # A direct range too small to be worth its own pwrite (e.g. the one-row copies of an
+        # interleaved w_gate_hidden) is staged with its neighbours instead.
+        if direct and (b - a) * row < SMALL_DIRECT_BYTES:
+            direct = False
+        if not direct:
+            if staged_from is not None and (b - staged_from > chunk_rows):
+                flush(a)
+                staged_from, staged_ops, staged_set = None, [], set()
+            if staged_from is None:
+                staged_from = a
+            for op in ops:   # an op spanning several ranges is staged once
+                if op not in staged_set:
+                    staged_set.add(op)
+                    staged_ops.append(op)
+            continue
+        if staged_from is not None:
+            flush(a)
+            staged_from, staged_ops, staged_set = None, [], set()
         if direct:
             op = ops[0]
             src = sources.get(op.src_file).view(op.src_name)
@@ -250,13 +287,8 @@ def _write_tensor(t: TargetTensor, writer: SafetensorsWriter, shapes, sources: _
                                    src[s0 + r - a:s0 + e - a])
                 progress((e - r) * row)
             del src
-            continue
-        for r in range(a, b, chunk_rows):
-            e = min(b, r + chunk_rows)
-            block = staging.get((e - r) * row).view(dtype).reshape((e - r,) + tuple(t.shape[1:]))
-            _fill(block, r, ops, sources)
-            writer.write_block(t.name, (r,) + (0,) * (len(t.shape) - 1), block)
-            progress((e - r) * row)
+    if staged_from is not None:
+        flush(t.shape[0])
 
 
 class _Progress:
