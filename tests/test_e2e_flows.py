@@ -1,0 +1,234 @@
+"""End to end on 2 msrun workers (tiny Llama, CPU), through scripts/msrun_launcher.sh: pretrain
+(dp2, de-redundant safetensors) -> `mindformers-st merge` -> finetune from complete weights cut
+for mp2 and from distributed weights (same strategy) -> predict from an HF folder, complete and
+distributed weights (all three give the same text) -> resume with the same strategy (losses
+bit-identical to the uninterrupted run) and with a changed strategy dp2 -> mp2 (fp32 tolerance).
+
+One pretrain (8 steps, saves at 4 and 8) is shared by the module. A kill after step 4 is
+reproduced exactly by copying its checkpoint folder and dropping the step-8 commit: the step-8
+files stay behind as a crashed, uncommitted save that resume must ignore."""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mindformers_st.checkpoint.commit import load_committed_entries, write_committed
+from mindformers_st.storage.reader import open_safetensors
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+PRETRAIN = os.path.join(ROOT, "configs", "llama2", "pretrain_llama2_tiny.yaml")
+PREDICT = os.path.join(ROOT, "configs", "llama2", "predict_llama2_tiny.yaml")
+LAUNCH_TIMEOUT = 420
+LOSS = re.compile(r"global step:\[(\d+)/(\d+)\], loss: ([0-9.]+)")
+PROMPTS = ["I love Beijing, because", "The red fox lives"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    return dict(os.environ, PATH=BIN + os.pathsep + os.environ.get("PATH", ""), GLOG_v="3",
+                OMP_NUM_THREADS="1", MF_LAUNCH_TIMEOUT=str(LAUNCH_TIMEOUT))
+
+
+class Flow:
+    """The shared files of the module: data, tokenizer, and the pretrain output."""
+
+    def __init__(self, base):
+        self.base = str(base)
+        self.tokenizer = os.path.join(self.base, "tiny", "tokenizer.json")
+        self.data = os.path.join(self.base, "tiny", "wiki.mindrecord")
+        self.out = os.path.join(self.base, "pretrain")
+        self.pretrain_log = ""
+
+    def launch(self, name, args, config=PRETRAIN):
+        """Run run_mindformer.py on 2 workers; returns worker 0's log (asserts success)."""
+        log_dir = os.path.join(self.base, "logs", name)
+        cmd = " ".join([os.path.join(ROOT, "run_mindformer.py"), "--config", config,
+                        "--use_parallel", "True",
+                        "--processor.tokenizer.tokenizer_file", self.tokenizer] + list(args))
+        os.makedirs(log_dir, exist_ok=True)
+        # output to a file, not a pipe: a process left behind must not keep us waiting for EOF
+        with open(os.path.join(log_dir, "launcher.out"), "wb") as out:
+            proc = subprocess.run(
+                ["bash", os.path.join(ROOT, "scripts", "msrun_launcher.sh"), cmd, "2",
+                 str(_free_port()), log_dir, "True", str(LAUNCH_TIMEOUT)],
+                cwd=self.base, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                timeout=LAUNCH_TIMEOUT + 60)
+        launcher = open(os.path.join(log_dir, "launcher.out"), errors="replace").read()
+        logs = {}
+        for w in (0, 1):
+            path = os.path.join(log_dir, f"worker_{w}.log")
+            logs[w] = open(path, errors="replace").read() if os.path.exists(path) else ""
+        assert proc.returncode == 0, (f"{name} failed (exit {proc.returncode}):\n"
+                                      f"{launcher[-3000:]}\n"
+                                      + "\n".join(_tail(t) for t in logs.values()))
+        return logs[0]
+
+    def train_args(self, out, steps, *extra):
+        return ["--run_mode", "train", "--train_dataset_dir", self.data, "--output_dir", out,
+                "--runner_config.train_steps", str(steps), "--callbacks.0.per_print_times", "1",
+                "--callbacks.1.save_checkpoint_steps", "4", "--callbacks.1.keep_checkpoint_max",
+                "5"] + list(extra)
+
+
+def _tail(text, n=40):
+    return "\n".join(l for l in text.splitlines() if "[WARNING]" not in l and "[INFO]" not in l)[-4000:]
+
+
+def losses(log):
+    """{global step: printed loss string} from an MFLossMonitor log."""
+    return {int(m.group(1)): m.group(3) for m in LOSS.finditer(log)}
+
+
+def load_line(log):
+    lines = [l for l in log.splitlines() if "[load_checkpoint]" in l]
+    assert lines, "no [load_checkpoint] report in the log"
+    return lines[-1]
+
+
+def interrupted_copy(flow, name):
+    """The pretrain output as a kill after the step-4 commit leaves it: checkpoint and strategy
+    copied, committed.json truncated to the first save, the later files left as a crashed save."""
+    out = os.path.join(flow.base, name)
+    shutil.copytree(os.path.join(flow.out, "checkpoint"), os.path.join(out, "checkpoint"))
+    shutil.copytree(os.path.join(flow.out, "strategy"), os.path.join(out, "src_strategy"))
+    ckpt = os.path.join(out, "checkpoint")
+    entries = load_committed_entries(ckpt)
+    assert len(entries) == 2
+    write_committed(ckpt, 2, entries[:1])
+    return out, ckpt
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    f = Flow(tmp_path_factory.mktemp("e2e"))
+    assets = os.path.join(ROOT, "mindformers_st", "data", "assets")
+    py = sys.executable
+    for cmd in (["train-tokenizer", "--input", os.path.join(assets, "tiny_corpus.txt"),
+                 "--vocab_size", "512", "--output", f.tokenizer],
+                ["pretrain", "--input", os.path.join(assets, "tiny_corpus.txt"), "--tokenizer",
+                 f.tokenizer, "--seq_length", "64", "--output", f.data]):
+        subprocess.run([py, "-m", "mindformers_st.data"] + cmd, check=True, cwd=f.base,
+                       env=_env(), stdout=subprocess.DEVNULL, timeout=300)
+    f.pretrain_log = f.launch("pretrain", f.train_args(f.out, 8))
+    return f
+
+
+@pytest.fixture(scope="module")
+def merged(flow):
+    dst = os.path.join(flow.base, "merged")
+    subprocess.run([os.path.join(BIN, "mindformers-st"), "merge",
+                    os.path.join(flow.out, "checkpoint"), dst, "--no-progress"],
+                   check=True, env=_env(), timeout=300)
+    return dst
+
+
+def test_pretrain_saves_deduplicated_safetensors_and_merges_offline(flow, merged):
+    assert sorted(losses(flow.pretrain_log)) == list(range(1, 9))
+    entries = load_committed_entries(os.path.join(flow.out, "checkpoint"))
+    assert [e.global_step for e in entries] == [4, 8]
+    sizes = []
+    for r in (0, 1):
+        with open_safetensors(entries[-1].path(r)) as f:
+            assert f.metadata["remove_redundancy"] == "True"
+            sizes.append(len(f.tensors))
+    assert sizes[0] != sizes[1] or sizes[0] < 30   # each rank holds only its share
+    index = json.load(open(os.path.join(merged, "param_name_map.json")))
+    assert "model.tok_embeddings.embedding_weight" in index["weight_map"]
+    assert os.path.isfile(os.path.join(merged, "hyper_param.safetensors"))
+
+
+def test_finetune_from_complete_mp2_and_from_distributed_same_strategy_agree(flow, merged):
+    cut = flow.launch("ft_complete", [
+        "--run_mode", "finetune", "--train_dataset_dir", flow.data, "--output_dir",
+        os.path.join(flow.base, "ft_complete"), "--load_checkpoint", merged,
+        "--auto_trans_ckpt", "True", "--parallel_config.data_parallel", "1",
+        "--parallel_config.model_parallel", "2", "--runner_config.batch_size", "8",
+        "--runner_config.train_steps", "2", "--callbacks.0.per_print_times", "1"])
+    assert "mode cut" in load_line(cut) and "missing 0" in load_line(cut)
+    same = flow.launch("ft_distributed", [
+        "--run_mode", "finetune", "--train_dataset_dir", flow.data, "--output_dir",
+        os.path.join(flow.base, "ft_distributed"), "--load_checkpoint",
+        os.path.join(flow.out, "checkpoint"), "--runner_config.train_steps", "2",
+        "--callbacks.0.per_print_times", "1"])
+    assert "mode same_layout" in load_line(same)
+    a, b = losses(cut), losses(same)
+    assert sorted(a) == sorted(b) == [1, 2]
+    # same weights, same global batch: mp2 and dp2 see the same loss (fp32 tolerance)
+    for step in a:
+        assert abs(float(a[step]) - float(b[step])) < 1e-4, (a, b)
+
+
+def test_predict_from_hf_complete_and_distributed_gives_the_same_text(flow, merged):
+    hf = os.path.join(flow.base, "hf")
+    subprocess.run([os.path.join(BIN, "mindformers-st"), "export-hf", merged, hf, "--config",
+                    PRETRAIN, "--no-progress"], check=True, env=_env(), timeout=300)
+    texts = {}
+    for name, path, extra in (
+            ("hf", hf, []), ("complete", merged, []),
+            ("distributed", os.path.join(flow.out, "checkpoint"),
+             ["--src_strategy_path_or_dir", os.path.join(flow.out, "strategy")])):
+        out = os.path.join(flow.base, f"predict_{name}")
+        log = flow.launch(f"predict_{name}", [
+            "--run_mode", "predict", "--load_checkpoint", path, "--auto_trans_ckpt", "True",
+            "--output_dir", out, "--predict_data"] + [f"'{p}'" for p in PROMPTS] + extra,
+            config=PREDICT)
+        assert "missing 0" in load_line(log)
+        texts[name] = [r["output_ids"] for r in json.load(open(os.path.join(out, "predict",
+                                                                            "results.json")))]
+    assert os.path.isfile(os.path.join(flow.base, "predict_hf", "ms_safetensors",
+                                       "param_name_map.json"))
+    assert os.path.isdir(os.path.join(flow.base, "predict_distributed", "unified_checkpoint"))
+    assert texts["hf"] == texts["complete"] == texts["distributed"]
+
+
+def _tensors(path):
+    with open_safetensors(path) as f:
+        return {n: f.read(n) for n in f.tensors}
+
+
+def test_resume_same_strategy_is_bit_identical(flow):
+    out, ckpt = interrupted_copy(flow, "resume_same")
+    log = flow.launch("resume_same", flow.train_args(
+        out, 8, "--load_checkpoint", ckpt, "--resume_training", "True"))
+    assert "optimizer state restored" in load_line(log)
+    straight, resumed = losses(flow.pretrain_log), losses(log)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert all(resumed[s] == straight[s] for s in resumed), (straight, resumed)
+    # the step-8 save of the resumed run holds exactly the bytes of the uninterrupted one
+    new = load_committed_entries(ckpt)[-1]
+    old = load_committed_entries(os.path.join(flow.out, "checkpoint"))[-1]
+    assert new.global_step == old.global_step == 8
+    for r in (0, 1):
+        a, b = _tensors(new.path(r)), _tensors(old.path(r))
+        assert sorted(a) == sorted(b)
+        for n in a:
+            np.testing.assert_array_equal(a[n], b[n], err_msg=n)
+
+
+def test_resume_with_changed_strategy_dp2_to_mp2_continues(flow):
+    out, ckpt = interrupted_copy(flow, "resume_mp2")
+    log = flow.launch("resume_mp2", flow.train_args(
+        out, 8, "--load_checkpoint", ckpt, "--resume_training", "True",
+        "--auto_trans_ckpt", "True", "--src_strategy_path_or_dir",
+        os.path.join(out, "src_strategy"), "--parallel_config.data_parallel", "1",
+        "--parallel_config.model_parallel", "2", "--runner_config.batch_size", "8"))
+    line = load_line(log)
+    assert "mode merge_and_cut" in line and "optimizer state restored" in line
+    straight, resumed = losses(flow.pretrain_log), losses(log)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for s in resumed:
+        assert abs(float(resumed[s]) - float(straight[s])) < 2e-4, (straight, resumed)
