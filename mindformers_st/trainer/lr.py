@@ -30,8 +30,9 @@ class WarmupSchedule(LearningRateSchedule):
 
     def __init__(self, learning_rate: float, warmup_steps: int, total_steps: int,
                  lr_end: float = 0.0, warmup_lr_init: float = 0.0, num_cycles: float = 0.5,
-                 cosine: bool = True):
+                 cosine: bool = True, decay_steps: Optional[int] = None):
         super().__init__()
+        self.decay_steps = decay_steps
         self.learning_rate, self.lr_end = float(learning_rate), float(lr_end)
         self.warmup_steps, self.total_steps = int(warmup_steps), int(total_steps)
         self.warmup_lr_init, self.num_cycles, self.cosine = float(warmup_lr_init), num_cycles, cosine
@@ -44,7 +45,7 @@ class WarmupSchedule(LearningRateSchedule):
             return self.warmup_lr_init + (self.learning_rate - self.warmup_lr_init) * frac
         if not self.cosine:
             return self.learning_rate
-        decay = max(1, self.total_steps - self.warmup_steps)
+        decay = max(1, self.decay_steps or (self.total_steps - self.warmup_steps))
         progress = min(1.0, (step - self.warmup_steps) / decay)
         percent = max(0.0, 0.5 * (1.0 + math.cos(math.pi * self.num_cycles * 2.0 * progress)))
         return self.lr_end + (self.learning_rate - self.lr_end) * percent
@@ -57,7 +58,8 @@ def build_lr_schedule(lr_cfg: Optional[Dict[str, Any]], total_steps: int) -> War
     """The schedule described by YAML `lr_schedule` for a run of `total_steps` updates.
 
     Keys: type (CosineWithWarmUpLR | ConstantWarmUpLR), learning_rate, lr_end, warmup_ratio or
-    warmup_steps, warmup_lr_init, num_cycles, total_steps (-1/None = the run's total_steps).
+    warmup_steps, warmup_lr_init, num_cycles, decay_steps (default total - warmup), total_steps
+    (-1/None = the run's total_steps).
     ConfigError names unknown keys, wrong types, and a warmup longer than the run.
     """
     cfg = dict(lr_cfg or {"type": "ConstantWarmUpLR", "learning_rate": 1e-4})
@@ -84,8 +86,12 @@ def build_lr_schedule(lr_cfg: Optional[Dict[str, Any]], total_steps: int) -> War
         warmup = int(total * float(cfg.get("warmup_ratio") or 0.0))
     if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= total:
         raise ConfigError(f"lr_schedule warmup steps {warmup!r} must be an int in [0, {total}]")
+    decay_steps = cfg.get("decay_steps")
+    if decay_steps is not None and (isinstance(decay_steps, bool) or not isinstance(decay_steps, int)
+                                    or decay_steps < 1):
+        raise ConfigError(f"lr_schedule.decay_steps must be a positive int, got {decay_steps!r}")
     sched = WarmupSchedule(cfg["learning_rate"], warmup, total, cfg.get("lr_end", 0.0) or 0.0,
                            cfg.get("warmup_lr_init", 0.0) or 0.0, cfg.get("num_cycles", 0.5),
-                           cosine=(kind == "CosineWithWarmUpLR"))
+                           cosine=(kind == "CosineWithWarmUpLR"), decay_steps=decay_steps)
     logger.info("lr schedule %s: lr %g, warmup %d, total %d", kind, sched.learning_rate, warmup, total)
     return sched

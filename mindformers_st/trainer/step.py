@@ -72,8 +72,9 @@ class TrainStep:
         return out, float(flat[off:off + 1].asnumpy()[0])
 
     def _global_norm(self, grads: List[Tensor]) -> float:
-        split_sq = sum(float(ops.sum(g * g).asnumpy()) for g, s in zip(grads, self.split) if s)
-        repl_sq = sum(float(ops.sum(g * g).asnumpy()) for g, s in zip(grads, self.split) if not s)
+        squares = ops.stack([ops.sum(g * g) for g in grads]).asnumpy().astype(np.float64)
+        split = np.array(self.split, bool)
+        split_sq, repl_sq = float(squares[split].sum()), float(squares[~split].sum())
         if self.ctx.mp_group is not None:
             split_sq = float(all_reduce_sum(Tensor(np.array([split_sq], np.float32)),
                                             self.ctx.mp_group).asnumpy()[0])

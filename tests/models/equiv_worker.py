@@ -22,13 +22,20 @@ from mindformers_st.trainer.step import TrainStep
 
 TINY = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, n_kv_heads=2,
             intermediate_size=128, seq_length=32, qkv_has_bias=True, pad_token_id=0)
+# the second variant covers tied embeddings (lm_head = the, possibly vocab-split, table) and MHA
+VARIANTS = {"gqa_bias": TINY,
+            "tied_mha": dict(TINY, n_kv_heads=4, qkv_has_bias=False, tie_word_embeddings=True)}
 GLOBAL_BATCH, STEPS = 4, 3
 
 
 def main(out, dp, mp, vocab_emb_dp):
     pc = ParallelConfig(data_parallel=dp, model_parallel=mp, vocab_emb_dp=vocab_emb_dp)
     ctx = init_parallel(pc, use_parallel=dp * mp > 1, device_target="CPU", seed=1234)
-    cfg = LlamaConfig.from_dict(TINY)
+    for variant, model_config in VARIANTS.items():
+        run_variant(out, ctx, variant, LlamaConfig.from_dict(model_config))
+
+
+def run_variant(out, ctx, variant, cfg):
     model = LlamaForCausalLM(cfg, ctx)
     # random non-zero biases so the bias code paths are exercised by the comparison
     params = model.get_local_params()
@@ -61,8 +68,8 @@ def main(out, dp, mp, vocab_emb_dp):
         arrays["shape:" + name] = np.array(sl.global_shape, np.int64)
     for name, value in opt.get_state_arrays().items():
         arrays[name] = value
-    np.savez(os.path.join(out, f"rank_{ctx.rank}.npz"), **arrays)
-    with open(os.path.join(out, f"rank_{ctx.rank}.json"), "w") as f:
+    np.savez(os.path.join(out, f"{variant}_rank_{ctx.rank}.npz"), **arrays)
+    with open(os.path.join(out, f"{variant}_rank_{ctx.rank}.json"), "w") as f:
         json.dump(record, f)
 
 

@@ -14,6 +14,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from equiv_worker import VARIANTS  # noqa: E402
 from msrun_util import run_msrun  # noqa: E402
 
 WORKER = os.path.join(HERE, "equiv_worker.py")
@@ -30,12 +31,14 @@ def _single(out):
 
 
 def _load(out, n):
-    runs = []
-    for r in range(n):
-        with open(os.path.join(out, f"rank_{r}.json")) as f:
-            rec = json.load(f)
-        rec["arrays"] = dict(np.load(os.path.join(out, f"rank_{r}.npz")))
-        runs.append(rec)
+    """{variant: [record of rank r]} from the worker's files."""
+    runs = {}
+    for variant in VARIANTS:
+        for r in range(n):
+            with open(os.path.join(out, f"{variant}_rank_{r}.json")) as f:
+                rec = json.load(f)
+            rec["arrays"] = dict(np.load(os.path.join(out, f"{variant}_rank_{r}.npz")))
+            runs.setdefault(variant, []).append(rec)
     return runs
 
 
@@ -59,14 +62,21 @@ def reference(tmp_path_factory):
     return _single(tmp_path_factory.mktemp("single"))
 
 
-@pytest.mark.parametrize("dp,mp,vocab_emb_dp", [(1, 2, False), (2, 1, True), (2, 2, False)])
+# (1, 2, True): mp with whole embedding/lm_head; (2, 2, False): vocab-parallel embedding,
+# lm_head and cross-entropy under dp x mp. Each run trains both VARIANTS.
+@pytest.mark.parametrize("dp,mp,vocab_emb_dp", [(1, 2, True), (2, 1, True), (2, 2, False)])
 def test_layout_matches_single_card(reference, tmp_path, dp, mp, vocab_emb_dp):
     out = tmp_path / "run"
     out.mkdir()
     rc, logs = run_msrun(WORKER, [out, dp, mp, int(vocab_emb_dp)], dp * mp, tmp_path / "logs",
                          timeout=600)
     assert rc == 0, logs
-    runs = _load(out, dp * mp)
+    all_runs = _load(out, dp * mp)
+    for variant in VARIANTS:
+        _compare(reference[variant], all_runs[variant], dp, mp)
+
+
+def _compare(reference, runs, dp, mp):
     ref = reference[0]
     for rec in runs:
         np.testing.assert_allclose(rec["losses"], ref["losses"], rtol=1e-5)
@@ -80,6 +90,15 @@ def test_layout_matches_single_card(reference, tmp_path, dp, mp, vocab_emb_dp):
     for name in ref_params:
         np.testing.assert_allclose(got[name], ref_params[name], rtol=1e-4, atol=1e-5,
                                    err_msg=name)
+    # parameters replicated over mp (norms; whole embedding/lm_head) stay bit-identical on
+    # every mp rank: same gradients and the same clip factor everywhere
+    for name, value in runs[0]["arrays"].items():
+        if ":" in name or name == "global_step":
+            continue
+        param = name.split(".", 1)[1] if name.startswith(("adam_m.", "adam_v.")) else name
+        if tuple(value.shape) == tuple(runs[0]["arrays"]["shape:" + param]):   # whole tensor
+            for r in range(1, mp):
+                np.testing.assert_array_equal(runs[r]["arrays"][name], value, err_msg=name)
     # every dp replica holds the same slices after the update (gradients were averaged)
     for r in range(mp, dp * mp):
         for name, value in runs[r]["arrays"].items():
