@@ -229,17 +229,22 @@ def test_unsupported_setups_fail_with_clear_errors():
         LlamaForCausalLM(LlamaConfig.from_dict({**TINY, "qkv_concat": True}), ctx)
 
 
-def test_hf_llama_gives_the_same_logits():
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_hf_model_gives_the_same_logits(family):
+    """Our weights under HF names in transformers' Llama / Qwen2 (q/k/v biases) give our logits."""
     torch = pytest.importorskip("torch", reason="torch not installed")
     transformers = pytest.importorskip("transformers", reason="transformers not installed")
-    cfg, model = make(qkv_has_bias=False)
+    cfg, model = make(qkv_has_bias=(family == "qwen2"))
     params = randomize_biases(model)
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.n_kv_heads, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.theta,
-        tie_word_embeddings=False, attention_bias=False)
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                  intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                  num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.n_kv_heads,
+                  rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.theta, tie_word_embeddings=False)
+    if family == "llama":
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(attention_bias=False, **common))
+    else:
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    hf = hf.eval()
     rename = {"tok_embeddings.embedding_weight": "embed_tokens.weight", "attention.wq": "self_attn.q_proj",
               "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
               "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",

@@ -29,6 +29,9 @@ def test_cosine_with_warmup_follows_mindformers_formula():
     assert s.lr_at(10) == pytest.approx(1e-3)
     assert s.lr_at(55) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
     assert s.lr_at(100) == pytest.approx(1e-5) and s.lr_at(500) == pytest.approx(1e-5)
+    d = build_lr_schedule({"type": "CosineWithWarmUpLR", "learning_rate": 1e-3,
+                           "decay_steps": 10}, 100)
+    assert d.lr_at(5) == pytest.approx(5e-4) and d.lr_at(10) == 0.0
     c = build_lr_schedule({"type": "ConstantWarmUpLR", "learning_rate": 2e-4, "warmup_steps": 2}, 9)
     assert [c.lr_at(i) for i in (0, 1, 2, 8)] == pytest.approx([0, 1e-4, 2e-4, 2e-4])
 
