@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end on CPU: build the tiny tokenizer and datasets, pretrain the tiny
-# Llama on 2 msrun workers (data_parallel 2, de-redundant safetensors checkpoints), then
-# predict on 2 workers with model_parallel 2 from that checkpoint (re-cut online).
+# Llama on 2 msrun workers (data_parallel 2, de-redundant safetensors checkpoints), merge them
+# offline (mindformers-st merge) into complete weights, then
+# predict on 2 workers with model_parallel 2 from the merged weights (cut online).
 #   bash scripts/setup.sh && bash scripts/demo.sh
 # Env: OUT (default ./output), DEMO_STEPS (default 40), MF_LAUNCH_TIMEOUT (default 900 s).
 set -euo pipefail
@@ -37,10 +38,12 @@ bash scripts/msrun_launcher.sh "run_mindformer.py --config configs/llama2/pretra
   2 "$(free_port)" "$OUT/msrun_log_pretrain" True 600 || fail "pretrain"
 grep -h "training done" "$OUT/msrun_log_pretrain/worker_0.log" || true
 
-step "3/4 predict: 2 workers, model_parallel 2, weights re-cut from the dp2 checkpoint"
+step "3/4 merge the de-redundant rank files offline, predict on 2 workers (model_parallel 2)"
+"$ROOT/.venv/bin/mindformers-st" merge "$OUT/checkpoint" "$OUT/merged" --overwrite --no-progress \
+  || fail "merge"
 bash scripts/msrun_launcher.sh "run_mindformer.py --config configs/llama2/predict_llama2_tiny.yaml \
-  --run_mode predict --use_parallel True --load_checkpoint $OUT/checkpoint --auto_trans_ckpt True \
-  --src_strategy_path_or_dir $OUT/strategy --output_dir $OUT \
+  --run_mode predict --use_parallel True --load_checkpoint $OUT/merged --auto_trans_ckpt True \
+  --output_dir $OUT \
   --processor.tokenizer.tokenizer_file $TINY/tokenizer.json \
   --predict_data 'I love Beijing, because' 'The red fox lives'" \
   2 "$(free_port)" "$OUT/msrun_log_predict" True 600 || fail "predict"
@@ -50,6 +53,7 @@ step "4/4 what was written where"
 echo "tokenizer and data:     $TINY/{tokenizer.json,wiki.mindrecord,alpaca.mindrecord}"
 echo "strategy files:         $(ls "$OUT"/strategy/ckpt_strategy_rank_*.ckpt 2>/dev/null | tr '\n' ' ')"
 echo "checkpoints:            $(find "$OUT/checkpoint" -name '*.safetensors' 2>/dev/null | sort | tr '\n' ' ')"
+echo "merged (complete):      $OUT/merged/{model-*.safetensors,param_name_map.json,hyper_param.safetensors}"
 echo "predictions:            $OUT/predict/results.json"
 echo "worker logs:            $OUT/msrun_log_pretrain/ $OUT/msrun_log_predict/"
 [ -s "$OUT/predict/results.json" ] || fail "no $OUT/predict/results.json"
