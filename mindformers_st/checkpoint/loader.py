@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, PlanError
-from ..layout.param_table import OPTIMIZER_STATE_PREFIXES
+from ..layout.param_table import ITEMSIZE, OPTIMIZER_STATE_PREFIXES
 from ..transform.execute import (commit_folder, execute_files, execute_to_memory,
                                  write_side_files)
 from ..transform.planner import DEFAULT_MAX_SHARD_SIZE, plan_merge, plan_rank_slices, split_plan
@@ -446,8 +446,8 @@ def merge_online(src: SourceCheckpoint, opts: LoadOptions, ctx, strategy=None) -
     while the rank files (and strategy) are unchanged. Returns the folder."""
     out_dir = os.path.join(os.path.abspath(opts.output_dir), UNIFIED)
     _, world = _rank_world(ctx)
-    total = sum(src.dtypes and int(np.prod(src.global_shapes[n])) *
-                _itemsize(src.dtypes[n]) for n in src.chunks)
+    total = sum(int(np.prod(src.global_shapes[n])) * ITEMSIZE[src.dtypes[n]] for n in src.chunks)
+    # about one shard per rank, so the merge is split evenly (MindSpore's 5 GB cap kept)
     shard = min(DEFAULT_MAX_SHARD_SIZE, max(1 << 20, ceil(total / max(1, world))))
     plan = plan_merge(src, max_shard_size=shard)
     inputs = list(src.files)
@@ -458,11 +458,6 @@ def merge_online(src: SourceCheckpoint, opts: LoadOptions, ctx, strategy=None) -
                                         "epoch": src.epoch, "step": src.step})
     build_shared_folder(out_dir, fp, plan, ctx, "online merge of distributed weights")
     return out_dir
-
-
-def _itemsize(dtype: str) -> int:
-    from ..layout.param_table import ITEMSIZE
-    return ITEMSIZE[dtype]
 
 
 def _load_slices(src: SourceCheckpoint, source: CheckpointSource, mode: str, path: str,

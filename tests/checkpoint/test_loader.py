@@ -423,3 +423,50 @@ def test_training_folder_loads_its_newest_committed_save_not_a_crashed_one(tmp_p
     report = load_checkpoint(opts(folder, tmp_path, use_parallel=True), model, None, ctx)
     assert report.source.file_suffix == "1_6"
     assert_weights(model, values, cfg, pc, 0)
+
+
+def _strip_metadata(folder, world):
+    """Rewrite every rank file as MindSpore saves it: tensors only, no slice metadata."""
+    from mindformers_st.storage.writer import load_tensors
+    for r in range(world):
+        d = os.path.join(folder, f"rank_{r}")
+        for name in os.listdir(d):
+            path = os.path.join(d, name)
+            save_tensors(path, load_tensors(path), metadata={"format": "ms"})
+
+
+def test_mindspore_rank_files_need_the_source_strategy_to_be_recut(tmp_path):
+    from mindformers_st.layout.strategy import write_rank_strategy_files
+    cfg = tiny_cfg()
+    values = global_values(cfg)
+    src_pc = ParallelConfig(data_parallel=2, model_parallel=2)
+    folder = write_distributed(tmp_path / "dist", cfg, values, src_pc, remove_redundancy=True)
+    _strip_metadata(folder, 4)
+    strategy = str(tmp_path / "strategy")
+    write_rank_strategy_files(strategy, plan_layouts(
+        llama_param_table(cfg).with_optimizer_states(), src_pc), src_pc)
+    ctx = make_ctx()
+    with pytest.raises(CheckpointError, match="set src_strategy_path_or_dir"):
+        load_checkpoint(opts(folder, tmp_path, auto_trans_ckpt=True), make_model(cfg, ctx), None, ctx)
+    model = make_model(cfg, ctx)
+    optimizer = make_optimizer(model)
+    load_checkpoint(opts(folder, tmp_path, auto_trans_ckpt=True, src_strategy_path_or_dir=strategy),
+                    model, optimizer, ctx, resume=True)
+    assert_weights(model, values, cfg, ParallelConfig(), 0)
+    assert optimizer.step_count == 6
+
+
+def test_mindspore_rank_files_of_this_layout_load_without_a_strategy(tmp_path):
+    cfg = tiny_cfg()
+    values = global_values(cfg, optimizer=False)
+    pc = ParallelConfig(model_parallel=2)
+    folder = write_distributed(tmp_path / "dist", cfg, values, pc)
+    _strip_metadata(folder, 2)
+    ctx = make_ctx(pc, 1)
+    model = make_model(cfg, ctx)
+    load_checkpoint(opts(folder, tmp_path, use_parallel=True), model, None, ctx)
+    assert_weights(model, values, cfg, pc, 1)
+    other = ParallelConfig(model_parallel=2, vocab_emb_dp=False)   # embedding cut differently
+    ctx2 = make_ctx(other, 0)
+    with pytest.raises(CheckpointError, match="auto_trans_ckpt: True"):
+        load_checkpoint(opts(folder, tmp_path, use_parallel=True), make_model(cfg, ctx2), None, ctx2)
