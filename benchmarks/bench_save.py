@@ -71,6 +71,9 @@ def main():
         ids = rng.integers(1, args.vocab, size=(2, 33))
         t0 = time.perf_counter()
         state.loss = step(ids)
+        # PyNative queues the optimizer's updates (ms.runtime.synchronize is not supported on
+        # CPU): read one updated tensor so the step's own work is not billed to the save.
+        opt.adam_v[-1].asnumpy()
         state.global_step += 1
         state.epoch, state.step_in_epoch = 0, state.global_step
         state.lr = step.last_lr
@@ -135,6 +138,8 @@ def main():
         "raw_MBps": nbytes / med(raw_times) / 1e6,
         "sync_over_raw": med(sync_times) / med(raw_times),
         "async_over_sync": med(async_blocked) / med(sync_times),
+        # after the first save (buffer allocation) and without the train-end wait for the last writer
+        "async_steady_over_sync": med([s.blocked + s.commit_time for s in asy.stats[1:]]) / med(sync_times),
         "goals": {"sync_over_raw": 1.2, "async_over_sync": 0.1},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "note": "2 shared cores; other jobs ran at the same time"},
@@ -143,7 +148,8 @@ def main():
           f"({result['raw_MBps']:.0f} MB/s), sync save blocked {result['median_sync_s']:.3f} s, "
           f"async save blocked {result['median_async_s']:.3f} s")
     print(f"sync / raw   = {result['sync_over_raw']:.2f}  (goal <= 1.2)")
-    print(f"async / sync = {result['async_over_sync']:.3f} (goal < 0.1)")
+    print(f"async / sync = {result['async_over_sync']:.3f} (goal < 0.1); steady state (no first "
+          f"save, no train-end wait) {result['async_steady_over_sync']:.3f}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1)
