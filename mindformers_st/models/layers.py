@@ -140,12 +140,19 @@ class Attention(nn.Cell):
         self.compute_dtype = compute_dtype
         self.enter = CopyToModelParallel(group)
         bias = cfg.qkv_has_bias
-        self.wq = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * hd, mp, bias,
-                                       param_dtype, compute_dtype)
-        self.wk = ColumnParallelLinear(cfg.hidden_size, cfg.n_kv_heads * hd, mp, bias,
-                                       param_dtype, compute_dtype)
-        self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.n_kv_heads * hd, mp, bias,
-                                       param_dtype, compute_dtype)
+        self.fused = cfg.qkv_concat
+        if self.fused:
+            # MindSpore Transformers' w_qkv: per KV group [its n_rep q heads, k head, v head];
+            # a contiguous mp split hands every rank whole groups
+            self.w_qkv = ColumnParallelLinear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.n_kv_heads)
+                                              * hd, mp, bias, param_dtype, compute_dtype)
+        else:
+            self.wq = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * hd, mp, bias,
+                                           param_dtype, compute_dtype)
+            self.wk = ColumnParallelLinear(cfg.hidden_size, cfg.n_kv_heads * hd, mp, bias,
+                                           param_dtype, compute_dtype)
+            self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.n_kv_heads * hd, mp, bias,
+                                           param_dtype, compute_dtype)
         self.wo = RowParallelLinear(cfg.num_heads * hd, cfg.hidden_size, mp, group,
                                     param_dtype, compute_dtype)
 
@@ -155,9 +162,15 @@ class Attention(nn.Cell):
         Returns (output [B, S, hidden], (k, v) including this step, for the KV cache)."""
         b, s, _ = x.shape
         x = self.enter(x)
-        q = self.wq(x).reshape(b, s, self.local_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.wk(x).reshape(b, s, self.local_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.wv(x).reshape(b, s, self.local_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        if self.fused:
+            qkv = self.w_qkv(x).reshape(b, s, self.local_kv_heads, self.rep + 2, self.head_dim)
+            q = qkv[:, :, :, :self.rep].reshape(b, s, self.local_heads, self.head_dim)
+            k, v = qkv[:, :, :, self.rep], qkv[:, :, :, self.rep + 1]
+        else:
+            q = self.wq(x).reshape(b, s, self.local_heads, self.head_dim)
+            k = self.wk(x).reshape(b, s, self.local_kv_heads, self.head_dim)
+            v = self.wv(x).reshape(b, s, self.local_kv_heads, self.head_dim)
+        q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         if past is not None:
@@ -175,20 +188,32 @@ class Attention(nn.Cell):
 
 
 class FeedForward(nn.Cell):
-    """SwiGLU MLP: w2(silu(w1 x) * w3 x); w1, w3 column-parallel, w2 row-parallel."""
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x); w1, w3 (or fused w_gate_hidden) column-parallel,
+    w2 row-parallel."""
 
     def __init__(self, cfg, mp: int, group: Optional[str], param_dtype, compute_dtype):
         super().__init__()
         self.enter = CopyToModelParallel(group)
-        self.w1 = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, mp, False,
-                                       param_dtype, compute_dtype)
-        self.w3 = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, mp, False,
-                                       param_dtype, compute_dtype)
+        self.fused = cfg.qkv_concat
+        if self.fused:
+            # MindSpore Transformers' w_gate_hidden: rows of w1 and w3 interleaved (2r, 2r+1),
+            # so a contiguous mp split keeps each gate row with its up row
+            self.w_gate_hidden = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.intermediate_size,
+                                                      mp, False, param_dtype, compute_dtype)
+        else:
+            self.w1 = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, mp, False,
+                                           param_dtype, compute_dtype)
+            self.w3 = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, mp, False,
+                                           param_dtype, compute_dtype)
         self.w2 = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, mp, group,
                                     param_dtype, compute_dtype)
 
     def construct(self, x):
         x = self.enter(x)
+        if self.fused:
+            gh = self.w_gate_hidden(x)
+            gh = gh.reshape(gh.shape[:-1] + (gh.shape[-1] // 2, 2))
+            return self.w2(ops.silu(gh[..., 0]) * gh[..., 1])
         return self.w2(ops.silu(self.w1(x)) * self.w3(x))
 
 

@@ -109,10 +109,6 @@ class LlamaForCausalLM(nn.Cell):
                               "model (it needs AllGather on dp groups, unavailable on CPU); set "
                               "it False here, checkpoints with optimizer shard still reshard "
                               "offline.")
-        if cfg.qkv_concat:
-            raise ConfigError("model_config.qkv_concat True (fused w_qkv / w_gate_hidden) is not "
-                              "implemented by this model; set qkv_concat False (HF weights "
-                              "convert to separate wq/wk/wv).")
         mp = pc.model_parallel
         if cfg.num_heads % mp or cfg.n_kv_heads % mp:
             raise LayoutError(f"num_heads {cfg.num_heads} and n_kv_heads {cfg.n_kv_heads} must "

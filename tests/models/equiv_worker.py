@@ -23,8 +23,10 @@ from mindformers_st.trainer.step import TrainStep
 TINY = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, n_kv_heads=2,
             intermediate_size=128, seq_length=32, qkv_has_bias=True, pad_token_id=0)
 # the second variant covers tied embeddings (lm_head = the, possibly vocab-split, table) and MHA
+# and the third the fused qkv_concat weights (w_qkv with bias, w_gate_hidden)
 VARIANTS = {"gqa_bias": TINY,
-            "tied_mha": dict(TINY, n_kv_heads=4, qkv_has_bias=False, tie_word_embeddings=True)}
+            "tied_mha": dict(TINY, n_kv_heads=4, qkv_has_bias=False, tie_word_embeddings=True),
+            "fused": dict(TINY, qkv_concat=True)}
 GLOBAL_BATCH, STEPS = 4, 3
 
 

@@ -225,8 +225,39 @@ def test_unsupported_setups_fail_with_clear_errors():
     with pytest.raises(LayoutError, match="Send/Receive"):
         LlamaForCausalLM(cfg, ctx)
     ctx = init_parallel(ParallelConfig(), False, "CPU")
-    with pytest.raises(ConfigError, match="qkv_concat"):
-        LlamaForCausalLM(LlamaConfig.from_dict({**TINY, "qkv_concat": True}), ctx)
+    ctx.config = ParallelConfig(model_parallel=4)      # n_kv_heads 2 cannot split over 4
+    with pytest.raises(LayoutError, match="n_kv_heads"):
+        LlamaForCausalLM(cfg, ctx)
+
+
+def fuse_params(params, cfg):
+    """Unfused MindSpore Transformers weights -> qkv_concat ones, with convert/fuse.py layouts."""
+    from mindformers_st.convert.fuse import ffn_blocks, fuse_rows, qkv_blocks
+    out = dict(params)
+    for i in range(cfg.num_layers):
+        a, f = f"model.layers.{i}.attention.", f"model.layers.{i}.feed_forward."
+        for kind in ("weight", "bias"):
+            if a + "wq." + kind in params:
+                out[a + "w_qkv." + kind] = fuse_rows(
+                    [out.pop(a + w + "." + kind) for w in ("wq", "wk", "wv")],
+                    qkv_blocks(cfg.num_heads, cfg.n_kv_heads, cfg.head_dim))
+        out[f + "w_gate_hidden.weight"] = fuse_rows(
+            [out.pop(f + "w1.weight"), out.pop(f + "w3.weight")], ffn_blocks(cfg.intermediate_size))
+    return out
+
+
+def test_qkv_concat_model_with_fused_weights_equals_the_unfused_model():
+    cfg, model = make(qkv_has_bias=True)
+    params = randomize_biases(model)
+    fcfg, fused = make(qkv_has_bias=True, qkv_concat=True)
+    names = {p.name for p in fused.get_parameters()}
+    assert "model.layers.0.attention.w_qkv.bias" in names
+    assert "model.layers.1.feed_forward.w_gate_hidden.weight" in names
+    assert names == {p.name for p in llama_param_table(fcfg)}
+    fused.set_local_params(fuse_params(params, cfg))
+    ids = ids_batch(cfg)
+    np.testing.assert_allclose(fused.forward_logits(Tensor(ids))[0].asnumpy(),
+                               model.forward_logits(Tensor(ids))[0].asnumpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

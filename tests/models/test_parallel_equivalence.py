@@ -87,8 +87,12 @@ def _compare(reference, runs, dp, mp):
     ref_params = _assemble(reference, 1)
     got = _assemble(runs, mp)
     assert sorted(got) == sorted(ref_params)
+    # Adam divides by sqrt(v): for a gradient that is almost 0 (an embedding row seen once)
+    # float32 rounding noise moves the update by a visible fraction of lr (1e-3) -- measured up
+    # to 2.3e-5 on 1 element of 16384. atol 1e-4 (a tenth of one step) still catches any
+    # misplaced slice (weights are ~0.02) while gradient scale is checked by grad_norms above.
     for name in ref_params:
-        np.testing.assert_allclose(got[name], ref_params[name], rtol=1e-4, atol=1e-5,
+        np.testing.assert_allclose(got[name], ref_params[name], rtol=1e-4, atol=1e-4,
                                    err_msg=name)
     # parameters replicated over mp (norms; whole embedding/lm_head) stay bit-identical on
     # every mp rank: same gradients and the same clip factor everywhere
