@@ -4,21 +4,23 @@ for mp2 and from distributed weights (same strategy) -> predict from an HF folde
 distributed weights (all three give the same text) -> resume with the same strategy (losses
 bit-identical to the uninterrupted run) and with a changed strategy dp2 -> mp2 (fp32 tolerance).
 
-One pretrain (8 steps, saves at 4 and 8) is shared by the module. A kill after step 4 is
-reproduced exactly by copying its checkpoint folder and dropping the step-8 commit: the step-8
-files stay behind as a crashed, uncommitted save that resume must ignore."""
+One pretrain (8 steps, saves at 4 and 8) is shared by the module; a second identical run is
+killed with SIGKILL (every process of the job) as soon as its step-4 save is committed, and both
+resume tests continue from copies of what that kill left behind."""
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from mindformers_st.checkpoint.commit import load_committed_entries, write_committed
+from mindformers_st.checkpoint.commit import load_committed_entries
 from mindformers_st.storage.reader import open_safetensors
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -53,8 +55,8 @@ class Flow:
         self.out = os.path.join(self.base, "pretrain")
         self.pretrain_log = ""
 
-    def launch(self, name, args, config=PRETRAIN):
-        """Run run_mindformer.py on 2 workers; returns worker 0's log (asserts success)."""
+    def start(self, name, args, config=PRETRAIN, env=None):
+        """Start run_mindformer.py on 2 workers through the launcher; returns (Popen, log dir)."""
         log_dir = os.path.join(self.base, "logs", name)
         cmd = " ".join([os.path.join(ROOT, "run_mindformer.py"), "--config", config,
                         "--use_parallel", "True",
@@ -62,11 +64,24 @@ class Flow:
         os.makedirs(log_dir, exist_ok=True)
         # output to a file, not a pipe: a process left behind must not keep us waiting for EOF
         with open(os.path.join(log_dir, "launcher.out"), "wb") as out:
-            proc = subprocess.run(
+            proc = subprocess.Popen(
                 ["bash", os.path.join(ROOT, "scripts", "msrun_launcher.sh"), cmd, "2",
                  str(_free_port()), log_dir, "True", str(LAUNCH_TIMEOUT)],
-                cwd=self.base, env=_env(), stdout=out, stderr=subprocess.STDOUT,
-                timeout=LAUNCH_TIMEOUT + 60)
+                cwd=self.base, env=dict(_env(), **(env or {})), stdout=out,
+                stderr=subprocess.STDOUT)
+        return proc, log_dir
+
+    def launch(self, name, args, config=PRETRAIN):
+        """Run run_mindformer.py on 2 workers; returns worker 0's log (asserts success)."""
+        tag = f"{os.getpid()}-{time.time_ns()}"
+        proc, log_dir = self.start(name, args, config, env={"E2E_KILL_TAG": tag})
+        try:
+            proc.wait(timeout=LAUNCH_TIMEOUT + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        finally:
+            _kill_tagged(tag)   # whatever the job left running (e.g. the launcher's watchdog sleep)
         launcher = open(os.path.join(log_dir, "launcher.out"), errors="replace").read()
         logs = {}
         for w in (0, 1):
@@ -99,17 +114,57 @@ def load_line(log):
     return lines[-1]
 
 
-def interrupted_copy(flow, name):
-    """The pretrain output as a kill after the step-4 commit leaves it: checkpoint and strategy
-    copied, committed.json truncated to the first save, the later files left as a crashed save."""
-    out = os.path.join(flow.base, name)
-    shutil.copytree(os.path.join(flow.out, "checkpoint"), os.path.join(out, "checkpoint"))
-    shutil.copytree(os.path.join(flow.out, "strategy"), os.path.join(out, "src_strategy"))
+def _kill_tagged(tag):
+    """SIGKILL every process carrying E2E_KILL_TAG=tag in its environment (only the job this
+    test started: the launcher, msrun, its scheduler and workers inherit the variable)."""
+    killed = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if f"E2E_KILL_TAG={tag}".encode() in env:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed
+
+
+@pytest.fixture(scope="module")
+def killed(flow):
+    """The same 8-step pretrain, killed with SIGKILL once the step-4 save is committed."""
+    out = os.path.join(flow.base, "killed")
     ckpt = os.path.join(out, "checkpoint")
+    tag = f"{os.getpid()}-{time.time_ns()}"
+    proc, _ = flow.start("killed", flow.train_args(out, 8), env={"E2E_KILL_TAG": tag})
+    deadline = time.time() + LAUNCH_TIMEOUT
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if any(e.global_step == 4 for e in load_committed_entries(ckpt)):
+                    break
+            except Exception:   # the record appears atomically; absent means not yet
+                pass
+            time.sleep(0.2)
+    finally:
+        _kill_tagged(tag)
+        proc.wait(timeout=60)
     entries = load_committed_entries(ckpt)
-    assert len(entries) == 2
-    write_committed(ckpt, 2, entries[:1])
-    return out, ckpt
+    assert [e.global_step for e in entries] == [4], "the kill came too late or too early"
+    shutil.copytree(os.path.join(flow.out, "strategy"), os.path.join(out, "src_strategy"))
+    return out
+
+
+def interrupted_copy(killed, name):
+    """A copy of the killed run's output (checkpoint, source strategy) to resume in."""
+    out = os.path.join(os.path.dirname(killed), name)
+    shutil.copytree(killed, out)
+    return out, os.path.join(out, "checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -200,8 +255,8 @@ def _tensors(path):
         return {n: f.read(n) for n in f.tensors}
 
 
-def test_resume_same_strategy_is_bit_identical(flow):
-    out, ckpt = interrupted_copy(flow, "resume_same")
+def test_resume_after_kill_9_with_the_same_strategy_is_bit_identical(flow, killed):
+    out, ckpt = interrupted_copy(killed, "resume_same")
     log = flow.launch("resume_same", flow.train_args(
         out, 8, "--load_checkpoint", ckpt, "--resume_training", "True"))
     assert "optimizer state restored" in load_line(log)
@@ -219,8 +274,8 @@ def test_resume_same_strategy_is_bit_identical(flow):
             np.testing.assert_array_equal(a[n], b[n], err_msg=n)
 
 
-def test_resume_with_changed_strategy_dp2_to_mp2_continues(flow):
-    out, ckpt = interrupted_copy(flow, "resume_mp2")
+def test_resume_after_kill_9_with_changed_strategy_dp2_to_mp2_continues(flow, killed):
+    out, ckpt = interrupted_copy(killed, "resume_mp2")
     log = flow.launch("resume_mp2", flow.train_args(
         out, 8, "--load_checkpoint", ckpt, "--resume_training", "True",
         "--auto_trans_ckpt", "True", "--src_strategy_path_or_dir",
