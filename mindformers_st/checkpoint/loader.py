@@ -234,8 +234,6 @@ def _ckpt_to_safetensors(source: CheckpointSource, opts: LoadOptions, ctx) -> Ch
     path = out_dir
     if os.path.isfile(source.path):
         path = os.path.join(out_dir, os.path.splitext(rels[0])[0] + ".safetensors")
-    elif source.file_suffix:
-        path = out_dir
     found = detect_checkpoint(path, "safetensors")
     if source.file_suffix:
         found = CheckpointSource(found.kind, found.format, found.path, source.file_suffix,
