@@ -136,3 +136,37 @@ def test_apply_resume_keeps_counters_consistent():
                        steps_per_epoch=3, global_batch_size=4)
     apply_resume(state, ResumeInfo(global_step=7, seed=1, data_position=28, global_batch_size=4))
     assert (state.global_step, state.epoch, state.step_in_epoch) == (7, 2, 1)
+
+
+def _run_config(**kw):
+    base = dict(load_checkpoint="", load_ckpt_format="safetensors", auto_trans_ckpt=False,
+                use_parallel=False, src_strategy_path_or_dir="", output_dir="", seed=0,
+                remove_redundancy=False, direct_reshard=False, resume_training=False,
+                run_mode="train")
+    base.update(kw)
+    return type("RunConfig", (), base)()
+
+
+def test_load_weights_is_the_runtime_hook(tmp_path):
+    from mindformers_st.checkpoint.loader import load_weights
+    from mindformers_st.errors import ConfigError
+    cfg = tiny_cfg()
+    ctx = make_ctx()
+    model = make_model(cfg, ctx)
+    assert load_weights(model, ctx, _run_config()) is None
+    with pytest.raises(ConfigError, match="load_checkpoint is empty"):
+        load_weights(model, ctx, _run_config(resume_training=True))
+    values = global_values(cfg)
+    folder = write_distributed(tmp_path / "ckpt", cfg, values, ParallelConfig(), suffix="1_6")
+    out = str(tmp_path / "out")
+    with pytest.raises(CheckpointError, match="needs the optimizer"):
+        load_weights(model, ctx, _run_config(load_checkpoint=str(folder), output_dir=out,
+                                             resume_training=True))
+    # predict ignores resume_training; train restores the optimizer and reports the counters
+    report = load_weights(model, ctx, _run_config(load_checkpoint=str(folder), output_dir=out,
+                                                  resume_training=True, run_mode="predict"))
+    assert report.resume is None and report.optimizer_ignored
+    optimizer = make_optimizer(model)
+    report = load_weights(model, ctx, _run_config(load_checkpoint=str(folder), output_dir=out,
+                                                  resume_training=True), optimizer)
+    assert report.resume.global_step == 6 and optimizer.step_count == 6
