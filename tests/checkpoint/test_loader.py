@@ -374,10 +374,13 @@ def test_hf_folder_is_converted_once_reused_and_rebuilt_when_changed(tmp_path, b
     assert os.stat(converted / FINGERPRINT_FILE).st_mtime_ns != stamp   # rebuilt
 
 
-def test_hf_folder_cut_for_mp2(tmp_path):
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_hf_folder_cut_for_mp2(tmp_path, family):
+    cfg = tiny_cfg(qkv_has_bias=family == "qwen2")
     values = global_values(cfg, optimizer=False)
     hf = _hf_folder(tmp_path, cfg, values)
+    arch = json.load(open(os.path.join(hf, "config.json")))["architectures"]
+    assert arch == ["Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM"]
     one = make_ctx()   # converts (a lone fake rank of 2 cannot build the shared copy alone)
     load_checkpoint(opts(hf, tmp_path), make_model(cfg, one), None, one)
     pc = ParallelConfig(model_parallel=2)
