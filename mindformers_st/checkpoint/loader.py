@@ -242,11 +242,13 @@ def _ckpt_to_safetensors(source: CheckpointSource, opts: LoadOptions, ctx) -> Ch
     return found
 
 
-def convert_hf_online(source: CheckpointSource, opts: LoadOptions, ctx) -> CheckpointSource:
+def convert_hf_online(source: CheckpointSource, opts: LoadOptions, ctx,
+                      qkv_concat: bool = False) -> CheckpointSource:
     """Hugging Face folder -> `{output_dir}/ms_safetensors` (MindSpore names, same shard names,
-    `param_name_map.json`) through the convert plans, reused while the HF folder is unchanged."""
+    `param_name_map.json`; q/k/v and w1/w3 fused when the model uses `qkv_concat`) through the
+    convert plans, reused while the HF folder and the options are unchanged."""
     from ..convert.folders import plan_hf_folder
-    result = plan_hf_folder(source.path)
+    result = plan_hf_folder(source.path, qkv_concat=qkv_concat)
     root = source.path if os.path.isdir(source.path) else os.path.dirname(source.path)
     if os.path.isdir(source.path):
         inputs = [os.path.join(root, f) for f in os.listdir(root)
@@ -254,7 +256,8 @@ def convert_hf_online(source: CheckpointSource, opts: LoadOptions, ctx) -> Check
     else:
         inputs = [source.path]
     out_dir = os.path.join(os.path.abspath(opts.output_dir), MS_SAFETENSORS)
-    fp = fingerprint(inputs, root, {"kind": "hf", "family": result.family, "qkv_concat": False})
+    fp = fingerprint(inputs, root, {"kind": "hf", "family": result.family,
+                                    "qkv_concat": bool(qkv_concat)})
     build_shared_folder(out_dir, fp, result.plan, ctx, f"Hugging Face {result.family} weights")
     return CheckpointSource("complete", "safetensors", out_dir, None,
                             tuple(sorted(os.path.join(out_dir, f.path) for f in result.plan.files)))
@@ -362,7 +365,9 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
     if source.format == "ckpt":
         source = _ckpt_to_safetensors(source, opts, ctx)
     if source.kind == "hf":
-        source = convert_hf_online(source, opts, ctx)
+        fused = any(".w_qkv." in p.name or ".w_gate_hidden." in p.name
+                    for p in model.param_table())
+        source = convert_hf_online(source, opts, ctx, qkv_concat=fused)
     weights, opt_names, layouts = _expected(model, optimizer, ctx, resume and optimizer is not None)
     if resume and optimizer is None:
         raise CheckpointError("resume_training needs the optimizer to restore its state")

@@ -473,3 +473,24 @@ def test_mindspore_rank_files_of_this_layout_load_without_a_strategy(tmp_path):
     ctx2 = make_ctx(other, 0)
     with pytest.raises(CheckpointError, match="auto_trans_ckpt: True"):
         load_checkpoint(opts(folder, tmp_path, use_parallel=True), make_model(cfg, ctx2), None, ctx2)
+
+
+def test_hf_folder_is_fused_for_a_qkv_concat_model(tmp_path):
+    """A qkv_concat model gets w_qkv / w_gate_hidden built from the HF q/k/v and gate/up
+    weights; its logits equal those of the unfused model loaded from the same folder."""
+    from mindformers_st.checkpoint.loader import read_fingerprint
+    import mindspore as ms
+    cfg = tiny_cfg()
+    values = global_values(cfg, optimizer=False)
+    hf = _hf_folder(tmp_path, cfg, values)
+    ctx = make_ctx()
+    plain = make_model(cfg, ctx)
+    load_checkpoint(opts(hf, tmp_path), plain, None, ctx)
+    fused = make_model(tiny_cfg(qkv_concat=True), ctx)
+    report = load_checkpoint(opts(hf, tmp_path), fused, None, ctx)
+    assert "model.layers.0.attention.w_qkv.weight" in report.loaded
+    assert read_fingerprint(str(tmp_path / "output" / "ms_safetensors"))["options"]["qkv_concat"]
+    ids = ms.Tensor(np.array([[1, 5, 9, 3, 7]], np.int32))
+    a = plain.forward_logits(ids)[0].asnumpy()
+    b = fused.forward_logits(ids)[0].asnumpy()
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
