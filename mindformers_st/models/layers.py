@@ -22,11 +22,21 @@ from mindspore import Parameter, Tensor, nn, ops
 from ..parallel.comm import CopyToModelParallel, ReduceFromModelParallel
 
 
+class ShardableCell(nn.Cell):
+    """A layer whose parameters may be optimizer-sharded: `_full(attr)` returns the parameter's
+    model-parallel block, gathered by `<attr>_gather` (set by the model) when one is attached."""
+
+    def _full(self, attr: str):
+        param = getattr(self, attr)
+        gather = getattr(self, attr + "_gather", None)
+        return param if gather is None else gather(param)
+
+
 def _zeros_param(shape, dtype, name) -> Parameter:
     return Parameter(Tensor(np.zeros(shape, np.float32)).astype(dtype), name=name)
 
 
-class RMSNorm(nn.Cell):
+class RMSNorm(ShardableCell):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as HF Llama)."""
 
     def __init__(self, hidden: int, eps: float, param_dtype):
@@ -38,10 +48,10 @@ class RMSNorm(nn.Cell):
     def construct(self, x):
         x32 = x.astype(ms.float32)
         var = ops.mean(x32 * x32, -1, True)
-        return x32 * ops.rsqrt(var + self.eps) * self.weight.astype(ms.float32)
+        return x32 * ops.rsqrt(var + self.eps) * self._full("weight").astype(ms.float32)
 
 
-class ColumnParallelLinear(nn.Cell):
+class ColumnParallelLinear(ShardableCell):
     """y = x W^T (+ b) with W split on its output dim: this rank holds `[out/mp, in]`.
 
     The input must already be replicated and wrapped by `CopyToModelParallel` by the caller
@@ -60,13 +70,13 @@ class ColumnParallelLinear(nn.Cell):
             self.bias = _zeros_param((out_features // mp,), param_dtype, "bias")
 
     def construct(self, x):
-        y = ops.matmul(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype).T)
+        y = ops.matmul(x.astype(self.compute_dtype), self._full("weight").astype(self.compute_dtype).T)
         if self.has_bias:
-            y = y + self.bias.astype(self.compute_dtype)
+            y = y + self._full("bias").astype(self.compute_dtype)
         return y
 
 
-class RowParallelLinear(nn.Cell):
+class RowParallelLinear(ShardableCell):
     """y = sum over mp of x_r W_r^T: this rank holds `[out, in/mp]` and its input's shard."""
 
     def __init__(self, in_features: int, out_features: int, mp: int, group: Optional[str],
@@ -79,11 +89,11 @@ class RowParallelLinear(nn.Cell):
         self.reduce = ReduceFromModelParallel(group)
 
     def construct(self, x):
-        y = ops.matmul(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype).T)
+        y = ops.matmul(x.astype(self.compute_dtype), self._full("weight").astype(self.compute_dtype).T)
         return self.reduce(y)
 
 
-class VocabEmbedding(nn.Cell):
+class VocabEmbedding(ShardableCell):
     """Token embedding, vocab-parallel (`split`) or replicated; parameter `embedding_weight`."""
 
     def __init__(self, vocab: int, hidden: int, split: bool, mp_rank: int, mp: int,
@@ -98,7 +108,7 @@ class VocabEmbedding(nn.Cell):
         self.reduce = ReduceFromModelParallel(group if self.split else None)
 
     def construct(self, input_ids):
-        table = self.embedding_weight.astype(self.compute_dtype)
+        table = self._full("embedding_weight").astype(self.compute_dtype)
         if not self.split:
             return ops.gather(table, input_ids, 0)
         local = input_ids - self.vocab_start

@@ -10,13 +10,14 @@ starts from the same model.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 
 from ..errors import CheckpointError, ConfigError, LayoutError
 from ..layout.param_table import ParamTable
@@ -104,11 +105,6 @@ class LlamaForCausalLM(nn.Cell):
                 f"pipeline_stage {pc.pipeline_stage}: executing pipeline stages is not possible "
                 "on this backend (no Send/Receive on CPU). Checkpoints and layouts support pp "
                 "(convert/reshard them offline); train or predict with pipeline_stage 1.")
-        if getattr(pc, "optimizer_shard", False):
-            raise ConfigError("parallel_config.optimizer_shard True cannot be executed by this "
-                              "model (it needs AllGather on dp groups, unavailable on CPU); set "
-                              "it False here, checkpoints with optimizer shard still reshard "
-                              "offline.")
         mp = pc.model_parallel
         if cfg.num_heads % mp or cfg.n_kv_heads % mp:
             raise LayoutError(f"num_heads {cfg.num_heads} and n_kv_heads {cfg.n_kv_heads} must "
@@ -183,26 +179,69 @@ class LlamaForCausalLM(nn.Cell):
         return done
 
     def _check_and_init(self, seed: int) -> None:
-        """Fail loudly if names or local shapes disagree with plan_layouts; init from (seed, name)."""
+        """Fail loudly if names or shapes disagree with plan_layouts; shard parameters the
+        optimizer shard cuts; init every slice from its global tensor (seed, name)."""
         names = set(self._params)
         expected = {p.name for p in self._table}
         if names != expected:
             raise LayoutError(f"model parameters differ from llama_param_table: extra "
                               f"{sorted(names - expected)}, missing {sorted(expected - names)}")
         specs = self._table.by_name()
+        self.opt_sharded = set()
+        owners = {id(p): (cell, attr) for _, cell in self.cells_and_names()
+                  for attr, p in cell._params.items()}
         for name, param in self._params.items():
-            sl = self._layouts[name].slice_for(self.ctx.rank)
-            if tuple(sl.sizes) != tuple(param.shape):
+            layout = self._layouts[name]
+            sl = layout.slice_for(self.ctx.rank)
+            block = dataclasses.replace(layout, opt_weight_shard_step=0,
+                                        opt_weight_shard_size=0).slice_for(self.ctx.rank)
+            if tuple(block.sizes) != tuple(param.shape):
                 raise LayoutError(f"{name}: this model holds {tuple(param.shape)} but "
-                                  f"plan_layouts gives rank {self.ctx.rank} {sl}")
+                                  f"plan_layouts gives rank {self.ctx.rank} {block}")
             full = global_init(name, specs[name].shape, seed, self.cfg.initializer_range)
-            param.set_data(Tensor(np.ascontiguousarray(full[sl.index()])).astype(param.dtype))
+            value = Tensor(np.ascontiguousarray(full[sl.index()])).astype(param.dtype)
+            if sl != block:
+                # a NEW Parameter of the shard's shape: set_data with another shape leaves
+                # MindSpore's autograd expecting the old shape (measured)
+                cell, attr = owners[id(param)]
+                setattr(cell, attr, Parameter(value, name=name))
+                if getattr(cell, attr).name != name:
+                    raise LayoutError(f"{name}: re-created shard parameter got the name "
+                                      f"{getattr(cell, attr).name!r}")
+                self._attach_gather(name, layout, sl, block, cell, attr)
+            else:
+                param.set_data(value)
+        self._params = {p.name: p for p in self.get_parameters()}
+
+    def _attach_gather(self, name, layout, sl, block, cell, attr) -> None:
+        """Optimizer shard: the parameter keeps rows `sl` of its block; forward gathers them."""
+        from ..parallel.comm import GatherOptimizerShard
+        unsharded = dataclasses.replace(layout, opt_weight_shard_step=0, opt_weight_shard_size=0)
+        group_ranks = unsharded.replica_group(self.ctx.rank)
+        n = layout.opt_shard_count
+        if n != len(group_ranks):
+            raise LayoutError(f"{name}: optimizer shard of {n} parts over a replica group of "
+                              f"{len(group_ranks)} ranks cannot be executed; use a shard size "
+                              "equal to the group")
+        stage, _, mp_idx = self.ctx.coords
+        dp, mp = self.ctx.config.data_parallel, self.ctx.config.model_parallel
+        dp_ranks = tuple(stage * dp * mp + i * mp + mp_idx for i in range(dp))
+        if group_ranks == dp_ranks:
+            group = self.ctx.dp_group
+        elif len(group_ranks) == self.ctx.world_size:
+            group = self.ctx.world_group
+        else:
+            raise LayoutError(f"{name}: optimizer-shard group {group_ranks} is neither the dp "
+                              "group nor the whole world; no communication group exists for it")
+        setattr(cell, attr + "_gather", GatherOptimizerShard(
+            group, n, sl.offsets[0] - block.offsets[0], block.sizes[0]))
+        self.opt_sharded.add(name)
 
     # ---- forward -----------------------------------------------------------------------
     def _lm_weight(self):
         if self.tied:
-            return self.model.tok_embeddings.embedding_weight
-        return self.lm_head.weight
+            return self.model.tok_embeddings._full("embedding_weight")
+        return self.lm_head._full("weight")
 
     def forward_logits(self, input_ids: Tensor, attention_mask: Optional[np.ndarray] = None,
                        position_ids: Optional[np.ndarray] = None,

@@ -88,3 +88,36 @@ def scalar_all_reduce(value: float, group: Optional[str]) -> float:
 def ms_dtype(name: str):
     """MindSpore dtype for a YAML dtype name ("float32", "float16", "bfloat16")."""
     return {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[name]
+
+
+class GatherOptimizerShard(nn.Cell):
+    """Rebuild a parameter's model-parallel block from its optimizer-shard (ZeRO) parts.
+
+    Forward: this rank's `rows` rows are placed at `offset` in a zero buffer of `full_rows`
+    rows and summed over `group` (AllGather is not available on sub-groups on CPU). Backward:
+    every rank used the whole block, so the gradient of the shard is the SUM over the group of
+    the block gradients, restricted to the shard, divided by the group size: that is the
+    data-parallel MEAN directly (for an mp-split parameter the group is the dp group; for a
+    replicated one it is dp x mp ranks whose mp members hold identical gradients).
+    """
+
+    def __init__(self, group: str, group_size: int, offset: int, full_rows: int):
+        super().__init__()
+        self.group_size, self.offset, self.full_rows = group_size, offset, full_rows
+        self.all_reduce = ops.AllReduce(group=group)
+
+    def construct(self, shard):
+        rows = shard.shape[0]
+        rest = shard.shape[1:]
+        parts = []
+        if self.offset:
+            parts.append(ops.zeros((self.offset,) + rest, ms.float32))
+        parts.append(shard.astype(ms.float32))
+        if self.full_rows - self.offset - rows:
+            parts.append(ops.zeros((self.full_rows - self.offset - rows,) + rest, ms.float32))
+        return self.all_reduce(ops.concat(parts, 0))
+
+    def bprop(self, shard, out, dout):
+        rows = shard.shape[0]
+        total = self.all_reduce(dout.astype(ms.float32))
+        return ((total[self.offset:self.offset + rows] / self.group_size).astype(shard.dtype),)

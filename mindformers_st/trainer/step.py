@@ -34,6 +34,10 @@ class TrainStep:
         self.params = list(optimizer.params)
         layouts = model.layouts()
         self.split = [any(_split(e) for e in layouts[p.name].tensor_map) for p in self.params]
+        # optimizer-sharded parameters: their gradient arrives already dp-averaged (the gather's
+        # backward), and each rank holds a distinct part of it
+        sharded = getattr(model, "opt_sharded", set())
+        self.sharded = [p.name in sharded for p in self.params]
         self.grad_fn = ms.value_and_grad(model, None, self.params)
         self.last_lr: Optional[float] = None
         self.last_grad_norm: Optional[float] = None
@@ -62,23 +66,36 @@ class TrainStep:
         group, dp = self.ctx.dp_group, self.ctx.config.data_parallel
         if group is None:
             return grads, float(loss.asnumpy())
-        flat = ops.concat([g.reshape(-1) for g in grads] + [loss.astype(ms.float32).reshape(1)])
+        todo = [g for g, s in zip(grads, self.sharded) if not s]
+        flat = ops.concat([g.reshape(-1) for g in todo] + [loss.astype(ms.float32).reshape(1)])
         flat = all_reduce_sum(flat, group) / float(dp)
         out, off = [], 0
-        for g in grads:
+        for g, sharded in zip(grads, self.sharded):
+            if sharded:
+                out.append(g)
+                continue
             n = int(np.prod(g.shape))
             out.append(flat[off:off + n].reshape(g.shape))
             off += n
         return out, float(flat[off:off + 1].asnumpy()[0])
 
     def _global_norm(self, grads: List[Tensor]) -> float:
+        """sqrt of the sum of squares over DISTINCT gradient blocks of the whole model."""
         squares = ops.stack([ops.sum(g * g) for g in grads]).asnumpy().astype(np.float64)
-        split = np.array(self.split, bool)
-        split_sq, repl_sq = float(squares[split].sum()), float(squares[~split].sum())
-        if self.ctx.mp_group is not None:
-            split_sq = float(all_reduce_sum(Tensor(np.array([split_sq], np.float32)),
-                                            self.ctx.mp_group).asnumpy()[0])
-        return float(np.sqrt(split_sq + repl_sq))
+        split, sharded = np.array(self.split, bool), np.array(self.sharded, bool)
+        sq_sharded = float(squares[sharded].sum())             # distinct on every rank
+        sq_split = float(squares[split & ~sharded].sum())      # distinct over mp, same over dp
+        sq_once = float(squares[~split & ~sharded].sum())      # the same on every rank
+        if sharded.any():
+            both = all_reduce_sum(Tensor(np.array([sq_sharded, sq_split], np.float32)),
+                                  self.ctx.world_group).asnumpy()
+            total = float(both[0]) + float(both[1]) / self.ctx.config.data_parallel + sq_once
+        elif self.ctx.mp_group is not None:
+            total = float(all_reduce_sum(Tensor(np.array([sq_split], np.float32)),
+                                         self.ctx.mp_group).asnumpy()[0]) + sq_once
+        else:
+            total = sq_split + sq_once
+        return float(np.sqrt(total))
 
 
 def _split(entry) -> bool:

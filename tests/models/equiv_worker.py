@@ -1,7 +1,7 @@
 """Worker for test_parallel_equivalence: train 3 steps + greedy-generate a tiny Llama, dump results.
 
 Run on one card (`python equiv_worker.py OUT 1 1 1`) or under msrun with dp*mp workers
-(`msrun ... equiv_worker.py OUT DP MP VOCAB_EMB_DP`). Every rank writes OUT/rank_<r>.json
+(`msrun ... equiv_worker.py OUT DP MP VOCAB_EMB_DP [OPTIMIZER_SHARD]`). Every rank writes OUT/rank_<r>.json
 (losses, lr, grad norms, generated tokens) and OUT/rank_<r>.npz (its parameter slices, with
 their offsets) so the test can rebuild global tensors and compare layouts.
 """
@@ -30,8 +30,9 @@ VARIANTS = {"gqa_bias": TINY,
 GLOBAL_BATCH, STEPS = 4, 3
 
 
-def main(out, dp, mp, vocab_emb_dp):
-    pc = ParallelConfig(data_parallel=dp, model_parallel=mp, vocab_emb_dp=vocab_emb_dp)
+def main(out, dp, mp, vocab_emb_dp, optimizer_shard=False):
+    pc = ParallelConfig(data_parallel=dp, model_parallel=mp, vocab_emb_dp=vocab_emb_dp,
+                        optimizer_shard=optimizer_shard)
     ctx = init_parallel(pc, use_parallel=dp * mp > 1, device_target="CPU", seed=1234)
     for variant, model_config in VARIANTS.items():
         run_variant(out, ctx, variant, LlamaConfig.from_dict(model_config))
@@ -76,4 +77,5 @@ def run_variant(out, ctx, variant, cfg):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] in ("1", "True", "true"))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] in ("1", "True", "true"),
+         len(sys.argv) > 5 and sys.argv[5] in ("1", "True", "true"))
