@@ -27,7 +27,7 @@ mkdir -p "$TINY"
 "$PY" -m mindformers_st.data pretrain --input "$ASSETS/tiny_corpus.txt" --tokenizer "$TINY/tokenizer.json" \
   --seq_length 64 --output "$TINY/wiki.mindrecord" || fail "pretrain dataset"
 "$PY" -m mindformers_st.data finetune --input "$ASSETS/tiny_alpaca.json" --tokenizer "$TINY/tokenizer.json" \
-  --seq_length 128 --output "$TINY/alpaca.mindrecord" || fail "finetune dataset"
+  --seq_length 192 --output "$TINY/alpaca.mindrecord" || fail "finetune dataset"
 
 step "2/4 pretrain the tiny Llama: 2 workers, data_parallel 2, $STEPS steps"
 rm -rf "$OUT/checkpoint" "$OUT/strategy"

@@ -108,7 +108,7 @@ def tiny_data(tmp_path_factory):
                  ["pretrain", "--input", f"{assets}/tiny_corpus.txt", "--tokenizer", tok,
                   "--seq_length", "64", "--output", str(out / "wiki4096.mindrecord")],
                  ["finetune", "--input", f"{assets}/tiny_alpaca.json", "--tokenizer", tok,
-                  "--seq_length", "128", "--output", str(out / "alpaca-data.mindrecord")]):
+                  "--seq_length", "192", "--output", str(out / "alpaca-data.mindrecord")]):
         subprocess.run([PY, "-m", "mindformers_st.data", *args], check=True, cwd=ROOT,
                        capture_output=True, timeout=300)
     return out
