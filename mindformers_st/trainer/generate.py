@@ -9,7 +9,7 @@ by `seed`: every rank of the job (all mp and dp ranks run the whole batch) picks
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Sequence, Union
+from typing import List, Sequence, Union
 
 import numpy as np
 from mindspore import Tensor

@@ -6,7 +6,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from mindformers_st.errors import CheckpointError, ConfigError, LayoutError
+from mindformers_st.errors import CheckpointError, LayoutError
 from mindformers_st.layout.parallel_config import ParallelConfig
 from mindformers_st.models.config import LlamaConfig
 from mindformers_st.models.llama import LlamaForCausalLM, global_init

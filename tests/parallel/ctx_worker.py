@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
 from mindformers_st.errors import LayoutError
 from mindformers_st.layout.parallel_config import ParallelConfig
