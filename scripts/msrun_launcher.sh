@@ -164,7 +164,9 @@ trap 'kill_job; exit 130' INT TERM
 
 TIMED_OUT=0
 if [ -n "${MF_LAUNCH_TIMEOUT:-}" ]; then
-  ( sleep "$MF_LAUNCH_TIMEOUT" && kill -USR1 $$ 2>/dev/null ) &
+  # Detached from our stdout/stderr: a caller reading this script's output through a pipe must
+  # not wait for the watchdog's sleep.
+  ( sleep "$MF_LAUNCH_TIMEOUT" && kill -USR1 $$ 2>/dev/null ) </dev/null >/dev/null 2>&1 &
   WATCHDOG_PID=$!
   trap 'TIMED_OUT=1; kill_job' USR1
 fi
@@ -177,6 +179,7 @@ while kill -0 "$MSRUN_PID" 2>/dev/null; do
   RC=$?
 done
 if [ -n "${WATCHDOG_PID:-}" ]; then
+  pkill -P "$WATCHDOG_PID" sleep 2>/dev/null   # its sleep first, or it outlives us
   kill "$WATCHDOG_PID" 2>/dev/null
   wait "$WATCHDOG_PID" 2>/dev/null
 fi
