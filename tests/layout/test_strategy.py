@@ -44,14 +44,6 @@ def test_reading_without_shapes_then_from_local_shapes(tmp_path):
     assert read_strategy(tmp_path / "s.ckpt", local_shapes=local) == lay
 
 
-def test_pure_layer_does_not_import_mindspore(tmp_path):
-    if "mindspore" in sys.modules:
-        pytest.skip("another test in this process already imported mindspore")
-    write_strategy_file(tmp_path / "s.ckpt", plan_layouts(TABLE, ParallelConfig(2)))
-    read_strategy(tmp_path / "s.ckpt")
-    assert "mindspore" not in sys.modules
-
-
 def test_per_rank_files_for_pipeline_give_every_stage(tmp_path):
     pc = ParallelConfig(1, 2, 2, optimizer_shard=False)
     lay = plan_layouts(TABLE, pc)
