@@ -26,13 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"mindformers_st.commands.{name}")
-        except ModuleNotFoundError as exc:  # a command not built yet is simply absent
-            if exc.name == f"mindformers_st.commands.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"mindformers_st.commands.{name}").register(sub)
     return parser
 
 
