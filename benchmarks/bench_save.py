@@ -95,6 +95,9 @@ def main():
         raw_path = os.path.join(scratch, "raw.bin")
         order = ("raw", "sync") if i % 2 == 0 else ("sync", "raw")
         for what in order:
+            # Start each timed write with no dirty pages left by the previous one: otherwise the
+            # first write of a round pays for the writeback of the one before.
+            os.sync()
             if what == "raw":
                 raw_times.append(raw_write(raw_path, list(snap.arrays.values())))
                 os.remove(raw_path)
@@ -142,7 +145,7 @@ def main():
         "async_steady_over_sync": med([s.blocked + s.commit_time for s in asy.stats[1:]]) / med(sync_times),
         "goals": {"sync_over_raw": 1.2, "async_over_sync": 0.1},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "note": "2 shared cores; other jobs ran at the same time"},
+                    "loadavg_at_end": os.getloadavg()},
     }
     print(f"\n{nbytes / 1e6:.0f} MB per save; medians: raw write {result['median_raw_s']:.3f} s "
           f"({result['raw_MBps']:.0f} MB/s), sync save blocked {result['median_sync_s']:.3f} s, "
