@@ -13,6 +13,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
+from ..errors import ConfigError
 from ..parallel.comm import all_reduce_sum
 
 logger = logging.getLogger(__name__)
@@ -28,9 +29,13 @@ class TrainStep:
     clip_norm <= 0 or None disables clipping (the norm is still computed and reported).
     """
 
-    def __init__(self, model, optimizer, ctx, clip_norm: Optional[float] = 1.0):
+    def __init__(self, model, optimizer, ctx, clip_norm: Optional[float] = 1.0,
+                 accumulation_steps: int = 1):
         self.model, self.optimizer, self.ctx = model, optimizer, ctx
         self.clip_norm = clip_norm
+        if int(accumulation_steps) < 1:
+            raise ConfigError(f"gradient_accumulation_steps must be >= 1, got {accumulation_steps}")
+        self.accumulation_steps = int(accumulation_steps)
         self.params = list(optimizer.params)
         layouts = model.layouts()
         self.split = [any(_split(e) for e in layouts[p.name].tensor_map) for p in self.params]
@@ -48,10 +53,7 @@ class TrainStep:
         return self.optimizer.step_count
 
     def __call__(self, input_ids, labels=None) -> float:
-        ids = _tensor(input_ids)
-        lab = None if labels is None else _tensor(labels)
-        loss, grads = self.grad_fn(ids, lab) if lab is not None else self.grad_fn(ids)
-        grads = [g.astype(ms.float32) for g in grads]
+        loss, grads = self._accumulated_grads(input_ids, labels)
         grads, loss_value = self._dp_mean(grads, loss)
         norm = self._global_norm(grads)
         if self.clip_norm and self.clip_norm > 0 and norm > self.clip_norm:
@@ -60,6 +62,37 @@ class TrainStep:
         self.last_lr = float(self.optimizer(grads))
         self.last_grad_norm, self.last_loss = norm, loss_value
         return loss_value
+
+    def _accumulated_grads(self, input_ids, labels):
+        """Loss and fp32 gradients of this rank's rows, averaged over `accumulation_steps`
+        equal micro-batches run one after another (one optimizer update for all of them, as
+        MindSpore Transformers' gradient_accumulation_steps)."""
+        k = self.accumulation_steps
+        if not isinstance(input_ids, Tensor):
+            input_ids = np.asarray(input_ids)
+        if labels is not None and not isinstance(labels, Tensor):
+            labels = np.asarray(labels)
+        rows = int(input_ids.shape[0])
+        if rows % k:
+            raise ConfigError(f"this rank got {rows} rows per step, not divisible into "
+                              f"gradient_accumulation_steps={k} micro-batches")
+        mb = rows // k
+        loss_sum, grad_sum = None, None
+        for i in range(k):
+            ids = _tensor(input_ids[i * mb:(i + 1) * mb])
+            if labels is None:
+                loss, grads = self.grad_fn(ids)
+            else:
+                loss, grads = self.grad_fn(ids, _tensor(labels[i * mb:(i + 1) * mb]))
+            grads = [g.astype(ms.float32) for g in grads]
+            if grad_sum is None:
+                loss_sum, grad_sum = loss, grads
+            else:
+                loss_sum = loss_sum + loss
+                grad_sum = [a + g for a, g in zip(grad_sum, grads)]
+        if k == 1:
+            return loss_sum, grad_sum
+        return loss_sum / k, [g / k for g in grad_sum]
 
     def _dp_mean(self, grads: List[Tensor], loss: Tensor):
         """Average gradients and the loss over the dp group with ONE all-reduce (flat buffer)."""

@@ -1,8 +1,9 @@
 """The train / finetune loop: model, optimizer, lr and TrainStep from the config, data sharded
 over data-parallel ranks, callbacks after every step.
 
-Global batch = runner_config.batch_size x data_parallel; each dp rank reads its own rows (see
-data/mindrecord.py for the order). The run lasts `runner_config.epochs` epochs, or exactly
+Global batch = runner_config.batch_size x data_parallel x gradient_accumulation_steps; each dp
+rank reads its own rows (see data/mindrecord.py for the order) and runs them as
+gradient_accumulation_steps micro-batches of batch_size before one optimizer update. The run lasts `runner_config.epochs` epochs, or exactly
 `runner_config.train_steps` optimizer steps when that is set (> 0). Finetune differs from
 train only in the data columns: a `labels` column (prompt masked with -100) is used when the
 dataset has one.
@@ -76,15 +77,15 @@ def run_train(config, resolved, ctx) -> TrainState:
     rc, td = config.runner_config, config.train_dataset
     data_dir = td.data_loader.dataset_dir
     seq_len = resolved.config.seq_length
-    data = TrainData(data_dir, _columns(config, data_dir), rc.batch_size,
+    # Each rank reads batch_size x gradient_accumulation_steps rows per step and TrainStep runs
+    # them as that many micro-batches before one update: global batch = batch_size x dp x k.
+    accumulate = rc.gradient_accumulation_steps
+    data = TrainData(data_dir, _columns(config, data_dir), rc.batch_size * accumulate,
                      ctx.config.data_parallel, ctx.dp_rank, config.seed,
                      shuffle=td.data_loader.shuffle, num_samples=td.data_loader.num_samples,
                      drop_remainder=td.drop_remainder,
                      num_parallel_workers=min(td.num_parallel_workers, 2))
     total = total_steps_of(config, data.steps_per_epoch)
-    if rc.gradient_accumulation_steps != 1:
-        logger.warning("runner_config.gradient_accumulation_steps %d: each step here uses one "
-                       "batch (no accumulation)", rc.gradient_accumulation_steps)
 
     model = build_model(config, resolved, ctx)
     lr = build_lr_schedule(config.lr_schedule, total)
@@ -95,7 +96,8 @@ def run_train(config, resolved, ctx) -> TrainState:
         loaded = load_weights(model, ctx, config, optimizer)
     wrapper = config.runner_wrapper
     step = TrainStep(model, optimizer, ctx,
-                     clip_norm=wrapper.max_grad_norm if wrapper.use_clip_grad else None)
+                     clip_norm=wrapper.max_grad_norm if wrapper.use_clip_grad else None,
+                     accumulation_steps=accumulate)
     folder = write_strategy_files(config, model, ctx)
     if folder:
         logger.info("strategy files written to %s", folder)
