@@ -22,13 +22,18 @@ logger = logging.getLogger(__name__)
 def generate(model, ctx, prompts_ids: Sequence[Sequence[int]], max_new_tokens: int,
              do_sample: bool = False, top_k: int = 0, top_p: float = 1.0,
              temperature: float = 1.0, eos_token_id: Union[None, int, Sequence[int]] = None,
-             pad_token_id: int = 0, seed: int = 0) -> List[List[int]]:
+             pad_token_id: int = 0, seed: int = 0,
+             repetition_penalty: float = 1.0) -> List[List[int]]:
     """Each prompt followed by its generated tokens (prompt + new, no padding).
 
     A sequence stops after emitting an eos token (kept in the output) or after
     `max_new_tokens`; decoding stops when all sequences have stopped. top_k 0 and top_p 1.0
-    disable those filters; temperature applies only when sampling.
+    disable those filters; temperature applies only when sampling. repetition_penalty > 1
+    lowers the logits of tokens the sequence already holds (prompt and generated), as Hugging
+    Face and MindSpore Transformers do: divided when positive, multiplied when negative.
     """
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     if not prompts_ids or any(len(p) == 0 for p in prompts_ids):
         raise ValueError("generate needs at least one prompt and no empty prompt")
     if max_new_tokens < 0:
@@ -52,6 +57,8 @@ def generate(model, ctx, prompts_ids: Sequence[Sequence[int]], max_new_tokens: i
     for _ in range(max_new_tokens):
         logits, cache = model.forward_logits(Tensor(step_ids), mask, step_pos, cache)
         last = full_vocab_logits(model, ctx, logits[:, -1, :])
+        if repetition_penalty != 1.0:
+            last = _penalize_repeats(last, outputs, repetition_penalty)
         nxt = _choose(last, rng, do_sample, top_k, top_p, temperature)
         for i in range(b):
             if not done[i]:
@@ -74,6 +81,17 @@ def full_vocab_logits(model, ctx, local_logits: Tensor) -> np.ndarray:
         full = gather_last_dim(local_logits, ctx.mp_group, ctx.mp_rank, ctx.config.model_parallel)
         return full.asnumpy()
     return local_logits.asnumpy().astype(np.float32)
+
+
+def _penalize_repeats(logits: np.ndarray, seqs: Sequence[Sequence[int]], penalty: float) -> np.ndarray:
+    """Logits with every token already in each sequence made less likely by `penalty`."""
+    out = logits.copy()
+    for i, seq in enumerate(seqs):
+        seen = np.unique(np.asarray(seq, np.int64))
+        seen = seen[(seen >= 0) & (seen < out.shape[-1])]
+        vals = out[i, seen]
+        out[i, seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
 
 
 def _choose(logits: np.ndarray, rng: np.random.Generator, do_sample: bool, top_k: int,

@@ -57,7 +57,8 @@ def run_predict(config, resolved, ctx) -> List[Dict]:
         chunk = prompt_ids[start:start + batch]
         outs = generate(model, ctx, chunk, max_new, do_sample=mc.do_sample, top_k=mc.top_k,
                         top_p=mc.top_p, temperature=mc.temperature, eos_token_id=eos,
-                        pad_token_id=mc.pad_token_id, seed=config.seed)
+                        pad_token_id=mc.pad_token_id, seed=config.seed,
+                        repetition_penalty=mc.repetition_penalty)
         for prompt, ids, out in zip(prompts[start:start + batch], chunk, outs):
             results.append({"prompt": prompt, "input_ids": list(map(int, ids)),
                             "output_ids": list(map(int, out)), "text": tok.decode(out)})
