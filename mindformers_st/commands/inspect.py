@@ -12,7 +12,6 @@ import glob
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -20,14 +19,13 @@ from ..errors import CheckpointError, LayoutError
 from ..layout.slices import TensorSlice
 from ..storage.index import read_index
 from ..storage.reader import TensorEntry, open_safetensors, read_header
+from ..transform.sources import (HYPER_FILE, STEP_SUFFIX, newest_common_suffix, our_metadata,
+                                 pick_rank_file, rank_folders)
 
 logger = logging.getLogger(__name__)
 
-HYPER_FILE = "hyper_param.safetensors"
 # Small values worth printing (MindSpore / MindSpore Transformers hyper values)
 HYPER_NAMES = ("global_step", "epoch_num", "step_num", "loss_scale", "global_batch_size")
-_RANK_DIR = re.compile(r"^rank_(\d+)$")
-_SUFFIX = re.compile(r"-(\d+)_(\d+)\.safetensors$")
 
 
 @dataclass
@@ -53,43 +51,10 @@ class Checkpoint:
     missing_ranks: List[int] = field(default_factory=list)
 
 
-def rank_folders(folder: str) -> Dict[int, str]:
-    """rank -> folder/rank_{r} for every rank folder present, sorted by rank."""
-    out = {int(m.group(1)): os.path.join(folder, e) for e in os.listdir(folder)
-           if (m := _RANK_DIR.match(e)) and os.path.isdir(os.path.join(folder, e))}
-    return dict(sorted(out.items()))
-
-
-def pick_rank_file(rank_dir: str) -> str:
-    """The rank folder's file: the only one, else the highest `-{epoch}_{step}`, else newest."""
-    files = sorted(glob.glob(os.path.join(rank_dir, "*.safetensors")))
-    if not files:
-        raise CheckpointError(f"{rank_dir}: no *.safetensors file in this rank folder")
-    if len(files) == 1:
-        return files[0]
-    stepped = [(tuple(int(x) for x in m.groups()), f) for f in files if (m := _SUFFIX.search(f))]
-    return max(stepped)[1] if stepped else max(files, key=os.path.getmtime)
-
-
-def parse_ours(metadata: Dict[str, str], path: str) -> Optional[dict]:
-    """Our `mindformers_st` self-description of a file, or None when absent."""
-    raw = metadata.get("mindformers_st")
-    if raw is None:
-        return None
-    try:
-        obj = json.loads(raw)
-        if not isinstance(obj, dict):
-            raise ValueError("not a JSON object")
-        return obj
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: __metadata__['mindformers_st'] is not a JSON object "
-                              f"({exc}); the file is damaged") from exc
-
-
 def load_file(path: str, rank: Optional[int] = None) -> StoredFile:
     """Parse and validate one file's header (SafetensorsFormatError / CheckpointError)."""
     tensors, metadata, _ = read_header(path)
-    ours = parse_ours(metadata, path)
+    ours = our_metadata(metadata, path)
     sf = StoredFile(path, rank, tensors, metadata, ours)
     for name, obj in ((ours or {}).get("slices") or {}).items():
         try:
@@ -127,7 +92,8 @@ def scan(path: str, strategy: Optional[str] = None) -> Checkpoint:
     if not ranks:
         index, files = complete_files(path)
         return Checkpoint(path, "complete", [load_file(f) for f in files], index)
-    files = [load_file(pick_rank_file(d), r) for r, d in ranks.items()]
+    suffix = newest_common_suffix(ranks)   # one step for every rank, never a mix
+    files = [load_file(pick_rank_file(d, suffix), r) for r, d in ranks.items()]
     world = max([max(ranks) + 1] + [int(f.ours["world_size"]) for f in files
                                     if f.ours and isinstance(f.ours.get("world_size"), int)])
     ckpt = Checkpoint(path, "distributed", files,
@@ -194,7 +160,7 @@ def summarize(ckpt: Checkpoint) -> dict:
             dedup = f.ours.get("remove_redundancy", dedup) if dedup is None else dedup
         if dedup is None and "remove_redundancy" in f.metadata:
             dedup = f.metadata["remove_redundancy"] == "True"
-        m = _SUFFIX.search(f.path)
+        m = STEP_SUFFIX.search(f.path)
         if m and step is None:
             epoch, step = int(m.group(1)), int(m.group(2))
         for k, v in _hyper_values(f).items():

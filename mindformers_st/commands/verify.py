@@ -21,8 +21,8 @@ from ..layout.slices import TensorSlice
 from ..storage.checksum import decode_checksums, verify_checksums
 from ..storage.index import read_index
 from ..storage.reader import open_safetensors
-from .inspect import (Checkpoint, StoredFile, apply_strategy, load_file, pick_rank_file,
-                      rank_folders, HYPER_FILE)
+from ..transform.sources import HYPER_FILE, newest_common_suffix, pick_rank_file, rank_folders
+from .inspect import Checkpoint, StoredFile, apply_strategy, load_file
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +97,14 @@ def _check_distributed(folder: str, strategy: Optional[str], problems: List[str]
                        ) -> List[StoredFile]:
     ranks = rank_folders(folder)
     files: List[StoredFile] = []
+    try:
+        suffix = newest_common_suffix(ranks)
+    except MindformersSTError as exc:
+        problems.append(str(exc))
+        return files
     for r, d in ranks.items():
         try:
-            path = pick_rank_file(d)
+            path = pick_rank_file(d, suffix)
         except MindformersSTError as exc:
             problems.append(str(exc))
             continue

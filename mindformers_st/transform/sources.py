@@ -39,7 +39,8 @@ HYPER_NAMES = frozenset({
     "current_iterator_step", "last_overflow_iterator_step", "scale_sense",
 })
 _RANK_DIR = re.compile(r"^rank_(\d+)$")
-_SUFFIX = re.compile(r"-(\d+)_(\d+)\.safetensors$")
+# "{prefix}_rank_{r}-{epoch}_{step}.safetensors"
+STEP_SUFFIX = re.compile(r"-(\d+)_(\d+)\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -226,21 +227,55 @@ def pick_rank_file(rank_dir: str, file_suffix: Optional[str] = None) -> str:
     if len(files) == 1:
         return files[0]
     stepped = [(tuple(int(x) for x in m.groups()), f) for f in files
-               if (m := _SUFFIX.search(f))]
+               if (m := STEP_SUFFIX.search(f))]
     if stepped:
         return max(stepped)[1]
     return max(files, key=os.path.getmtime)
 
 
-def _our_metadata(metadata: Mapping[str, str], path: str) -> Optional[dict]:
+def newest_common_suffix(ranks: Mapping[int, str]) -> Optional[str]:
+    """"{epoch}_{step}" of the newest save that EVERY rank folder holds, or None when each folder
+    holds a single file (nothing to choose). Taking each rank's own newest file instead could mix
+    steps: a save interrupted after some ranks wrote their files leaves a newer step in those
+    folders only."""
+    per_rank = []
+    for rank_dir in ranks.values():
+        files = glob.glob(os.path.join(rank_dir, "*.safetensors"))
+        if len(files) > 1:
+            per_rank.append({tuple(int(x) for x in m.groups())
+                             for f in files if (m := STEP_SUFFIX.search(f))})
+        else:
+            per_rank.append(None)
+    if all(p is None for p in per_rank):
+        return None
+    steps = [p for p in per_rank if p is not None]
+    common = set.intersection(*steps)
+    single = [pick_rank_file(d) for d, p in zip(ranks.values(), per_rank) if p is None]
+    for f in single:   # a rank with one file must hold that very step
+        m = STEP_SUFFIX.search(f)
+        common &= {tuple(int(x) for x in m.groups())} if m else set()
+    if not common:
+        raise CheckpointError(f"the rank folders under {os.path.dirname(next(iter(ranks.values())))} "
+                              f"share no '-{{epoch}}_{{step}}' save; pass --file-suffix E_S to "
+                              f"choose one that every rank holds")
+    epoch, step = max(common)
+    return f"{epoch}_{step}"
+
+
+def our_metadata(metadata: Mapping[str, str], path: str) -> Optional[dict]:
+    """The file's `mindformers_st` self-description (see docs/contracts.md) as a dict, None when
+    the file has none; CheckpointError when it is present but not a JSON object."""
     raw = metadata.get("mindformers_st")
     if raw is None:
         return None
     try:
         meta = json.loads(raw)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
     except ValueError as exc:
-        raise CheckpointError(f"{path}: __metadata__['mindformers_st'] is not JSON ({exc}); the "
-                              f"file was damaged, pass --src-strategy to ignore it") from exc
+        raise CheckpointError(f"{path}: __metadata__['mindformers_st'] is not a JSON object "
+                              f"({exc}); the file was damaged, pass --src-strategy to ignore "
+                              f"it") from exc
     return meta
 
 
@@ -268,13 +303,15 @@ def describe_distributed(folder: str, strategy=None, file_suffix: Optional[str] 
     if not ranks:
         raise CheckpointError(f"{folder}: no rank_x/ folders; for complete weights use "
                               f"describe_complete (the commands detect this themselves)")
+    if file_suffix is None:
+        file_suffix = newest_common_suffix(ranks)
     layouts = _load_layouts(strategy)
     expected = set(range(max(ranks) + 1))
     if layouts:
         expected |= {r for lay in layouts.values() for r in lay.ranks()}
     else:   # our files know the world size: a missing last rank is caught too
         first = pick_rank_file(ranks[min(ranks)], file_suffix)
-        world = (_our_metadata(_header(first)[1], first) or {}).get("world_size")
+        world = (our_metadata(_header(first)[1], first) or {}).get("world_size")
         if isinstance(world, int):
             expected |= set(range(world))
     src = SourceCheckpoint({}, {}, {}, kind="distributed", root=folder)
@@ -287,14 +324,14 @@ def describe_distributed(folder: str, strategy=None, file_suffix: Optional[str] 
                 f"folder, or pass the strategy of the run that wrote these files")
         path = pick_rank_file(ranks[r], file_suffix)
         tensors, metadata, _ = _header(path)
-        meta = _our_metadata(metadata, path)
+        meta = our_metadata(metadata, path)
         metas[r] = meta
         if layouts is None and meta is None and len(ranks) > 1:
             raise CheckpointError(
                 f"{path}: no strategy given and the file carries no mindformers_st slice "
                 f"metadata; pass --src-strategy (the strategy files of the run that saved it)")
         if r == min(ranks):
-            m = _SUFFIX.search(path)
+            m = STEP_SUFFIX.search(path)
             if m:
                 src.epoch, src.step = int(m.group(1)), int(m.group(2))
             if meta and meta.get("step") is not None:

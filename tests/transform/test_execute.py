@@ -159,6 +159,25 @@ def test_file_suffix_picks_the_step_and_the_newest_is_the_default(tmp_path):
     check_complete(out, old)
 
 
+def test_a_save_only_some_ranks_finished_is_never_mixed_into_a_merge(tmp_path):
+    """A crash after rank 0 wrote step 30 but before rank 1 did: the newest step EVERY rank holds
+    (20) is merged, never rank 0's step 30 with rank 1's step 20."""
+    table = tiny_table()
+    old, new = make_globals(table, 5), make_globals(table, 6)
+    pc = ParallelConfig(model_parallel=2)
+    save_distributed(str(tmp_path / "src"), old, table, pc, suffix="1_20")
+    save_distributed(str(tmp_path / "part"), new, table, pc, suffix="1_30")
+    os.rename(tmp_path / "part" / "rank_0" / "checkpoint_rank_0-1_30.safetensors",
+              tmp_path / "src" / "rank_0" / "checkpoint_rank_0-1_30.safetensors")
+    check_complete(merged(tmp_path, str(tmp_path / "src"), "common"), old)
+    os.remove(tmp_path / "src" / "rank_1" / "checkpoint_rank_1-1_20.safetensors")
+    save_distributed(str(tmp_path / "other"), new, table, pc, suffix="1_40")
+    os.rename(tmp_path / "other" / "rank_1" / "checkpoint_rank_1-1_40.safetensors",
+              tmp_path / "src" / "rank_1" / "checkpoint_rank_1-1_40.safetensors")
+    with pytest.raises(CheckpointError, match="share no"):
+        describe_distributed(str(tmp_path / "src"))
+
+
 def test_uneven_split_fails_before_any_byte_is_written(tmp_path):
     table = tiny_table(hidden=8, inter=12)
     with pytest.raises(LayoutError, match="not divisible"):
