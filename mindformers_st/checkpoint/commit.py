@@ -116,16 +116,22 @@ def write_rank_meta(rank_dir: str, epoch: int, step: int, file_name: str,
 def read_rank_meta(rank_dir: str) -> Optional[dict]:
     """The rank's meta.json as a dict, None when absent; CheckpointError when unreadable."""
     path = os.path.join(rank_dir, META_FILE)
+    return _read_json_object(path, "delete it to let resume fall back to the other records")
+
+
+def _read_json_object(path: str, remedy: str) -> Optional[dict]:
+    """A JSON object from `path`, None when the file does not exist; CheckpointError (ending
+    with `remedy`) when it cannot be read or is not an object. Both records are written
+    atomically, so damage means a change from outside, not a torn write."""
     try:
         with open(path, encoding="utf-8") as fh:
             obj = json.load(fh)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable meta.json ({exc}); delete it to let resume "
-                              f"fall back to the other records") from exc
+        raise CheckpointError(f"{path}: unreadable ({exc}); {remedy}") from exc
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: meta.json must be a JSON object, got {type(obj).__name__}")
+        raise CheckpointError(f"{path}: must be a JSON object, got {type(obj).__name__}; {remedy}")
     return obj
 
 
@@ -134,17 +140,12 @@ def read_rank_meta(rank_dir: str) -> Optional[dict]:
 def read_committed(directory: str) -> Optional[dict]:
     """`committed.json` parsed (format checked), or None when the directory has none."""
     path = os.path.join(directory, COMMITTED_FILE)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            obj = json.load(fh)
-    except FileNotFoundError:
+    obj = _read_json_object(path, "it is written atomically, so it was changed by hand or the "
+                                  "disk is damaged: delete it to fall back to the per-rank "
+                                  "meta.json files")
+    if obj is None:
         return None
-    except (OSError, ValueError) as exc:
-        # Written atomically, so this is damage from outside, not a torn write.
-        raise CheckpointError(f"{path}: unreadable ({exc}); it is written atomically, so the file "
-                              f"was changed by hand or the disk is damaged — delete it to fall "
-                              f"back to the per-rank meta.json files") from exc
-    if not isinstance(obj, dict) or obj.get("format") != COMMIT_FORMAT or not isinstance(obj.get("saves"), list):
+    if obj.get("format") != COMMIT_FORMAT or not isinstance(obj.get("saves"), list):
         raise CheckpointError(f"{path}: not a format-{COMMIT_FORMAT} commit record "
                               f"(need {{'format': 1, 'world_size': N, 'saves': [...]}})")
     return obj
