@@ -406,7 +406,7 @@ def main(argv=None) -> int:
     results["runs"][key] = run
     with open(args.json, "w") as fh:
         json.dump(results, fh, indent=2)
-    png = chart(results, os.path.join(os.path.dirname(args.json), "reshard.png"))
+    png = chart(results, os.path.splitext(args.json)[0] + ".png")   # next to its JSON
     print(json.dumps({"ratios": run["ratios"], "durable_ratios": run["durable_ratios"],
                       "peak_anon_mib": {o: r["peak_anon_mib"] for o, r in run["ops"].items()},
                       "checks": {o: (c or {}).get("ok") for o, c in checks.items()}}, indent=1))
