@@ -12,6 +12,7 @@ import re
 import shutil
 from typing import Dict, Optional, Tuple
 
+from ..config.load import read_yaml
 from ..errors import ConfigError, PlanError
 from ..layout.param_table import OPTIMIZER_STATE_PREFIXES
 from ..layout.parallel_config import ParallelConfig, plan_layouts
@@ -74,24 +75,12 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                    help="rank file prefix: rank_r/{prefix}_rank_r.safetensors")
 
 
-def _read_yaml(path: str) -> dict:
-    try:
-        from ..config.load import read_yaml
-        return read_yaml(path)
-    except ImportError:   # the config loader is optional for this tool
-        import yaml
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist")
-        with open(path, "r", encoding="utf-8") as fh:
-            return yaml.safe_load(fh) or {}
-
-
 def layouts_from_config(args, src: SourceCheckpoint) -> Tuple[Dict, ParallelConfig]:
     """Target layouts from `--config` (model.model_config) and the parallel flags; optimizer
     moments get their parameter's layout when the source has them."""
     from ..models.config import LlamaConfig
     from ..models.param_table import llama_param_table
-    data = _read_yaml(args.config)
+    data = read_yaml(args.config)
     model_cfg = (data.get("model") or {}).get("model_config")
     if not isinstance(model_cfg, dict):
         raise ConfigError(f"{args.config}: no model.model_config mapping; the target layout "

@@ -129,14 +129,8 @@ def export_hf_folder(src_dir: str, dst_dir: str, model_config: Mapping[str, Any]
 def read_yaml_model_config(path: str) -> Dict[str, Any]:
     """`model.model_config` of a MindSpore Transformers YAML run config (or a YAML that is the
     model_config itself). ConfigError when the file has neither."""
-    import yaml
-    try:
-        with open(path, encoding="utf-8") as fh:
-            doc = yaml.safe_load(fh)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    from ..config.load import read_yaml
+    doc = read_yaml(path)
     if isinstance(doc, dict) and isinstance(doc.get("model"), dict) and \
             isinstance(doc["model"].get("model_config"), dict):
         return dict(doc["model"]["model_config"])
