@@ -30,3 +30,7 @@ class ConfigError(MindformersSTError):
 
 class ConversionError(MindformersSTError):
     """Hugging Face <-> MindSpore name or tensor conversion failed (unknown name, wrong family)."""
+
+
+class ChecksumError(CheckpointError):
+    """Stored bytes do not match the checksum recorded for them (the file is corrupt)."""

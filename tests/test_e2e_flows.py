@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from mindformers_st.checkpoint.commit import load_committed_entries
+from mindformers_st.records.commit import load_committed_entries
 from mindformers_st.storage.reader import open_safetensors
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]

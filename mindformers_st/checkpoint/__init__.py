@@ -1,13 +1,10 @@
-"""Training checkpoints: saving (`CheckpointMonitor`, commit protocol) and loading/resume.
+"""Training checkpoints: saving (`CheckpointMonitor`), loading (the load hook) and resume.
 
-`commit.committed_saves(directory)` is the one answer to "which saves can resume use" for both
-the saver and the loader. Importing this package does not import MindSpore.
+The records these read and write (file names, rank-file metadata, commit records, hyper values)
+and the one folder scanner live in `mindformers_st.records`. Importing this package does not
+import MindSpore.
 """
-from .commit import (COMMITTED_FILE, META_FILE, CommittedSave, ckpt_file_name, committed_saves,
-                     parse_ckpt_name, read_rank_meta)
-
-__all__ = ["COMMITTED_FILE", "META_FILE", "CommittedSave", "ckpt_file_name", "committed_saves",
-           "parse_ckpt_name", "read_rank_meta", "CheckpointMonitor"]
+__all__ = ["CheckpointMonitor"]
 
 
 def __getattr__(name):

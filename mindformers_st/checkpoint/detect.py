@@ -10,22 +10,18 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import re
 from dataclasses import dataclass
 from typing import List, Optional
 
 from ..convert.rules import ALL_RENAMES, translate
 from ..errors import ConfigError, CheckpointError
+from ..records.names import HYPER_FILE, parse_rank_dir, rank_folders, step_suffix
 from ..storage.index import HF_INDEX, MS_INDEX, read_index
 from ..storage.reader import read_header
-from ..transform.sources import HYPER_FILE, rank_folders
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("ckpt", "safetensors")
-_RANK_DIR = re.compile(r"^rank_(\d+)$")
-# "{prefix}_rank_{r}-{epoch}_{step}.{ext}" (MindSpore may add "_N" to the prefix)
-_STEP_SUFFIX = re.compile(r"-(\d+)_(\d+)\.(?:safetensors|ckpt)$")
 
 
 @dataclass(frozen=True)
@@ -45,17 +41,6 @@ class CheckpointSource:
     path: str
     file_suffix: Optional[str] = None
     files: tuple = ()
-
-    @property
-    def is_single_file(self) -> bool:
-        return os.path.isfile(self.path)
-
-
-def step_suffix(file_name: str) -> Optional[str]:
-    """"{epoch}_{step}" from a checkpoint file name ending in `-{epoch}_{step}.safetensors`
-    (or `.ckpt`), else None. Matching is anchored, so step 1_1 never matches 11_1."""
-    m = _STEP_SUFFIX.search(os.path.basename(file_name))
-    return f"{m.group(1)}_{m.group(2)}" if m else None
 
 
 def _ext(fmt: str) -> str:
@@ -157,7 +142,7 @@ def _detect_file(path: str, fmt: str) -> CheckpointSource:
     if found != fmt:
         raise _wrong_format(path, found, fmt)
     parent = os.path.dirname(path)
-    if _RANK_DIR.match(os.path.basename(parent)):
+    if parse_rank_dir(parent) is not None:
         # A rank file names a step of distributed weights: MindSpore Transformers globbed
         # `<file>/rank_r/...` here and silently loaded nothing; we load that step on every rank.
         suffix = step_suffix(path)

@@ -31,13 +31,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError, PlanError
+from ..errors import CheckpointError, ConfigError, MindformersSTError, PlanError
+from ..parallel.agree import all_ranks
 from ..layout.param_table import ITEMSIZE, OPTIMIZER_STATE_PREFIXES
 from ..transform.execute import (commit_folder, execute_files, execute_to_memory,
                                  write_side_files)
+from ..transform.verify import verify_mode
 from ..transform.planner import DEFAULT_MAX_SHARD_SIZE, plan_merge, plan_rank_slices, split_plan
-from ..transform.sources import (HYPER_FILE, SourceCheckpoint, describe_complete,
-                                 describe_distributed)
+from ..records.scan import select_save
+from ..transform.sources import SourceCheckpoint, describe_complete, describe_distributed
 from .detect import CheckpointSource, detect_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ class LoadOptions:
 
     direct_reshard: with auto_trans_ckpt on distributed weights, cut each rank's slices straight
         from the rank files instead of writing `{output_dir}/unified_checkpoint` first.
+    verify_checksums: True / "read" (check every tensor read whole), "full" (every tensor
+        touched), False / "off" (transform/verify.py).
     """
 
     load_checkpoint: str
@@ -66,6 +70,7 @@ class LoadOptions:
     output_dir: str = "./output"
     remove_redundancy: bool = False
     direct_reshard: bool = False
+    verify_checksums: Any = True
 
     @staticmethod
     def from_config(config) -> "LoadOptions":
@@ -78,7 +83,13 @@ class LoadOptions:
             src_strategy_path_or_dir=getattr(config, "src_strategy_path_or_dir", "") or "",
             output_dir=getattr(config, "output_dir", "./output"),
             remove_redundancy=bool(getattr(config, "remove_redundancy", False)),
-            direct_reshard=bool(getattr(config, "direct_reshard", False)))
+            direct_reshard=bool(getattr(config, "direct_reshard", False)),
+            verify_checksums=verify_mode(getattr(config, "verify_checksums", True)))
+
+    @property
+    def verify(self) -> str:
+        """The engine's checksum mode ("read", "full" or "off") for `verify_checksums`."""
+        return verify_mode(self.verify_checksums)
 
 
 @dataclass
@@ -166,12 +177,15 @@ def _rank_world(ctx):
     return ctx.rank, ctx.world_size
 
 
-def build_shared_folder(out_dir: str, fp: Dict[str, Any], plan, ctx, what: str) -> bool:
+def build_shared_folder(out_dir: str, fp: Dict[str, Any], plan, ctx, what: str,
+                        verify: str = "read") -> bool:
     """Make `out_dir` hold the result of `plan` for the source fingerprint `fp`, together on
     every rank: reused when its recorded fingerprint equals `fp`, else rebuilt — the plan's
     files split over all ranks (`split_plan`), written into one staging folder, then rank 0
     writes the side files and the fingerprint and renames the folder into place. Every rank
-    must call this (it contains barriers). Returns True when the folder was rebuilt."""
+    must call this (it contains barriers). When any rank fails (a corrupt source file, a full
+    disk) every rank raises and the staging folder is removed: no rank waits forever and nothing
+    half-built is left. Returns True when the folder was rebuilt."""
     rank, world = _rank_world(ctx)
     reuse = read_fingerprint(out_dir) == fp
     _barrier(ctx)   # every rank has decided before rank 0 may touch the folder
@@ -186,8 +200,18 @@ def build_shared_folder(out_dir: str, fp: Dict[str, Any], plan, ctx, what: str) 
         os.makedirs(staging)
     _barrier(ctx)
     parts = split_plan(plan, world)
-    execute_files(parts[rank], staging, workers=LOAD_WORKERS, progress=False)
-    _barrier(ctx)
+    failure = None
+    try:
+        execute_files(parts[rank], staging, workers=LOAD_WORKERS, progress=False, verify=verify)
+    except (MindformersSTError, OSError) as exc:
+        failure = exc
+    if not all_ranks(ctx, failure is None):   # also the barrier: every part is written past here
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        if failure is not None:
+            raise failure
+        raise CheckpointError(f"{what}: another rank failed while building {out_dir} (see its "
+                              f"log); nothing was kept")
     if rank == 0:
         absent = [f.path for f in plan.files if not os.path.isfile(os.path.join(staging, f.path))]
         if absent:   # a rank that did not take part must never yield a half folder
@@ -258,7 +282,8 @@ def convert_hf_online(source: CheckpointSource, opts: LoadOptions, ctx,
     out_dir = os.path.join(os.path.abspath(opts.output_dir), MS_SAFETENSORS)
     fp = fingerprint(inputs, root, {"kind": "hf", "family": result.family,
                                     "qkv_concat": bool(qkv_concat)})
-    build_shared_folder(out_dir, fp, result.plan, ctx, f"Hugging Face {result.family} weights")
+    build_shared_folder(out_dir, fp, result.plan, ctx, f"Hugging Face {result.family} weights",
+                        opts.verify)
     return CheckpointSource("complete", "safetensors", out_dir, None,
                             tuple(sorted(os.path.join(out_dir, f.path) for f in result.plan.files)))
 
@@ -359,7 +384,11 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
         source = CheckpointSource(source.kind, source.format, source.path, file_suffix,
                                   source.files)
     if source.kind == "distributed" and not source.file_suffix:
-        source = _newest_committed(source)
+        # The one scanner decides which save (the commit record, when there is one), before any
+        # conversion, so a .ckpt folder converted to safetensors loads the same save.
+        chosen = select_save(source.path, None, source.format)
+        source = CheckpointSource(source.kind, source.format, source.path, chosen.suffix,
+                                  source.files)
     original = source
     _check_mode(source, opts)
     if source.format == "ckpt":
@@ -393,7 +422,7 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
             src = describe_complete(path)
 
     report = _load_slices(src, source, mode, path, weights, opt_names, layouts, model,
-                          optimizer, ctx, resume)
+                          optimizer, ctx, resume, opts.verify)
     report.source = original
     if report.epoch is None and source.file_suffix:
         report.epoch, report.step = (int(x) for x in source.file_suffix.split("_"))
@@ -401,20 +430,6 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
     if ctx is None or ctx.is_main:
         print(f"[load_checkpoint] {report.summary()}", flush=True)
     return report
-
-
-def _newest_committed(source: CheckpointSource) -> CheckpointSource:
-    """A training checkpoint folder (with committed.json) loads its newest committed save, never
-    a newer file a crashed save left behind; other folders keep `pick_rank_file`'s choice."""
-    from .commit import committed_saves
-    saves = committed_saves(source.path)
-    if not saves:
-        return source
-    newest = saves[-1]
-    logger.info("%s: loading the newest committed save, epoch %d step %d", source.path,
-                newest.epoch, newest.step)
-    return CheckpointSource(source.kind, source.format, source.path,
-                            f"{newest.epoch}_{newest.step}", source.files)
 
 
 def _describe_rank_files(source: CheckpointSource, strategy, target_layouts) -> SourceCheckpoint:
@@ -459,13 +474,14 @@ def merge_online(src: SourceCheckpoint, opts: LoadOptions, ctx, strategy=None) -
                    if os.path.isdir(strategy) else [strategy])
     fp = fingerprint(inputs, src.root, {"kind": "merge", "shard": shard,
                                         "epoch": src.epoch, "step": src.step})
-    build_shared_folder(out_dir, fp, plan, ctx, "online merge of distributed weights")
+    build_shared_folder(out_dir, fp, plan, ctx, "online merge of distributed weights",
+                        opts.verify)
     return out_dir
 
 
 def _load_slices(src: SourceCheckpoint, source: CheckpointSource, mode: str, path: str,
                  weights: List[str], opt_names: List[str], layouts, model, optimizer, ctx,
-                 resume: bool) -> LoadReport:
+                 resume: bool, verify: str = "read") -> LoadReport:
     report = LoadReport(source, mode, path, epoch=src.epoch, step=src.step)
     wanted = set(weights) | set(opt_names)
     report.missing = [n for n in weights + opt_names if n not in src.chunks]
@@ -497,7 +513,18 @@ def _load_slices(src: SourceCheckpoint, source: CheckpointSource, mode: str, pat
         plan = plan_rank_slices(src, {n: layouts[n] for n in names}, rank, include_hyper=True)
     except PlanError as exc:
         raise CheckpointError(f"load_checkpoint {path}: {exc}") from exc
-    arrays = execute_to_memory(plan, workers=LOAD_WORKERS)
+    failure = None
+    try:
+        arrays = execute_to_memory(plan, workers=LOAD_WORKERS, verify=verify)
+    except (MindformersSTError, OSError) as exc:
+        failure = exc
+    # Every rank reads other files: all of them stop when one finds a corrupt or unreadable
+    # file, instead of the others training on and waiting for it in their first collective.
+    if not all_ranks(ctx, failure is None):
+        if failure is not None:
+            raise failure
+        raise CheckpointError(f"load_checkpoint {path}: another rank could not read its part "
+                              f"(see its log); nothing was loaded")
     report.loaded = model.set_local_params({n: arrays[n] for n in weights}, strict=True)
     report.hyper = {n: arrays[n] for n in src.hyper if n in arrays}
     if resume:

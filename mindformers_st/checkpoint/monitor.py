@@ -8,10 +8,11 @@ records are `commit.py`; bytes go through `storage/`. One save:
 2. write `rank_{r}/{prefix}_rank_{r}-{epoch}_{step}.{safetensors|ckpt}` (and the
    checkpoint_network/ or checkpoint_trainable/ extra file) atomically — on this thread, or on
    a background thread with `async_save`;
-3. commit, on the main thread only: this rank writes `meta.json`; all ranks agree that every
-   rank succeeded (one all-reduce on the world group, which is also the barrier); rank 0 appends
-   the save to `committed.json`, dropping the oldest beyond `keep_checkpoint_max`; a barrier;
-   every rank deletes its own files of the dropped saves.
+3. commit, on the main thread only: all ranks agree that every rank succeeded (one all-reduce
+   on the world group, which is also the barrier); rank 0 appends the save to `committed.json`,
+   dropping the oldest beyond `keep_checkpoint_max`; a barrier; every rank deletes its own files
+   of the dropped saves and only then writes its `meta.json`, which therefore only ever names
+   committed files.
 
 Collectives happen on the main thread, in the same order on every rank: an async save is
 committed at the first step end where every rank's writer has finished (an all-reduce per step
@@ -19,7 +20,6 @@ while one is pending), before the next save starts, or at train end.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -27,11 +27,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-import numpy as np
-
 from ..errors import CheckpointError, ConfigError
+from ..parallel.agree import all_ranks, broadcast_json
+from ..records import commit as cm
+from ..records.names import ckpt_file_name, rank_dir_name
 from ..trainer.callbacks import Callback
-from . import commit as cm
 from .state import owned_names, snapshot_rank, write_rank_file
 
 logger = logging.getLogger(__name__)
@@ -151,14 +151,14 @@ class CheckpointMonitor(Callback):
 
     def _paths(self, rank: int, epoch: int, step: int) -> List[str]:
         """This rank's files of a save: the checkpoint, then the extra file if any."""
-        r = cm.rank_dir_name(rank)
-        out = [os.path.join(self.directory, r, cm.ckpt_file_name(self.prefix, rank, epoch, step, self.fmt))]
+        r = rank_dir_name(rank)
+        out = [os.path.join(self.directory, r, ckpt_file_name(self.prefix, rank, epoch, step, self.fmt))]
         if self.save_trainable_params:   # takes precedence over save_network_params, as MindSpore Transformers
             out.append(os.path.join(self._extra_root("trainable"), r,
-                                    cm.ckpt_file_name(self.prefix, rank, epoch, step, self.fmt, "trainable_params")))
+                                    ckpt_file_name(self.prefix, rank, epoch, step, self.fmt, "trainable_params")))
         elif self.save_network_params:
             out.append(os.path.join(self._extra_root("network"), r,
-                                    cm.ckpt_file_name(self.prefix, rank, epoch, step, self.fmt, "network")))
+                                    ckpt_file_name(self.prefix, rank, epoch, step, self.fmt, "network")))
         return out
 
     # ---- callback hooks --------------------------------------------------------------------
@@ -176,7 +176,7 @@ class CheckpointMonitor(Callback):
         entries = None
         if ctx.is_main:
             entries = [e.to_json() for e in cm.load_committed_entries(self.directory)]
-        entries = _broadcast_json(ctx, entries)
+        entries = broadcast_json(ctx, entries)
         self._committed = [cm.CommittedSave.from_json(e, self.directory, cm.COMMITTED_FILE)
                            for e in entries]
         if self.remove_redundancy:
@@ -189,7 +189,7 @@ class CheckpointMonitor(Callback):
     def on_step_end(self, state) -> None:
         """Commit a finished async save; save when the step is a multiple of save_checkpoint_steps."""
         if self._pending is not None:
-            if _all_ranks(state.ctx, self._pending.done):
+            if all_ranks(state.ctx, self._pending.done):
                 self._commit(state.ctx, self._pending)
         if state.global_step % self.save_steps == 0:
             self.save(state)
@@ -265,23 +265,14 @@ class CheckpointMonitor(Callback):
         t0 = time.perf_counter()
         name = os.path.basename(pending.paths[0])
         rank_dir = os.path.dirname(pending.paths[0])
-        mine = [e.files[ctx.rank] for e in self._committed if ctx.rank in e.files]
         rel = os.path.relpath(pending.paths[0], self.directory)
-        ok = pending.error is None
-        if ok:
-            try:
-                cm.write_rank_meta(rank_dir, pending.epoch, pending.step, name,
-                                   [os.path.basename(f) for f in mine] + [name])
-            except OSError as exc:
-                pending.error, ok = exc, False
-                logger.error("rank %d: writing meta.json failed: %s", ctx.rank, exc)
-        if not _all_ranks(ctx, ok):   # also the barrier: every rank's file is durable past here
+        if not all_ranks(ctx, pending.error is None):   # also the barrier: every file is durable
             why = f"this rank: {pending.error}" if pending.error else "another rank failed (see its log)"
             raise CheckpointError(f"save of global step {pending.global_step} ({name}) failed and was "
                                   f"not committed ({why}); the last committed save in {self.directory} "
                                   f"is still valid. Fix the cause (disk space? permissions?) and resume.")
-        files = {r: os.path.join(cm.rank_dir_name(r), cm.ckpt_file_name(self.prefix, r, pending.epoch,
-                                                                        pending.step, self.fmt))
+        files = {r: os.path.join(rank_dir_name(r), ckpt_file_name(self.prefix, r, pending.epoch,
+                                                                  pending.step, self.fmt))
                  for r in range(ctx.world_size)}
         assert files[ctx.rank] == rel
         entry = cm.CommittedSave(pending.epoch, pending.step, pending.global_step, files, self.directory,
@@ -293,12 +284,19 @@ class CheckpointMonitor(Callback):
         self._committed = self._committed[len(dropped):]
         if ctx.is_main:
             cm.write_committed(self.directory, ctx.world_size, self._committed)
-        _all_ranks(ctx, True)   # committed.json no longer names the dropped saves past here
+        all_ranks(ctx, True)   # committed.json no longer names the dropped saves past here
         if dropped:
             self._prune(ctx, dropped)
-            cm.write_rank_meta(rank_dir, pending.epoch, pending.step, name,
-                               [os.path.basename(e.files[ctx.rank]) for e in self._committed
-                                if ctx.rank in e.files])
+        # MindSpore Transformers' per-rank record, written once the save counts: it names only
+        # committed files, so a reader of meta.json alone never takes a pending save.
+        try:
+            cm.write_rank_meta(rank_dir, cm.RankMeta(
+                pending.epoch, pending.step, name,
+                tuple(os.path.basename(e.files[ctx.rank]) for e in self._committed
+                      if ctx.rank in e.files)))
+        except OSError as exc:   # committed.json already holds the save; meta.json is a mirror
+            logger.warning("rank %d: %s: could not write meta.json (%s); the save is committed "
+                           "in committed.json", ctx.rank, rank_dir, exc)
         commit_time = time.perf_counter() - t0
         self.stats.append(SaveStats(pending.global_step, pending.nbytes, pending.blocked,
                                     pending.write_time, commit_time, waited, pending.thread is not None))
@@ -319,8 +317,8 @@ class CheckpointMonitor(Callback):
                     paths.append(main)
                     fmt = "ckpt" if main.endswith(".ckpt") else "safetensors"
                     for kind, root in (("network", "network"), ("trainable_params", "trainable")):
-                        paths.append(os.path.join(self._extra_root(root), cm.rank_dir_name(r),
-                                                  cm.ckpt_file_name(self.prefix, r, e.epoch, e.step, fmt, kind)))
+                        paths.append(os.path.join(self._extra_root(root), rank_dir_name(r),
+                                                  ckpt_file_name(self.prefix, r, e.epoch, e.step, fmt, kind)))
         cm.remove_files(paths)
 
 
@@ -335,36 +333,3 @@ def _sweep_temporaries(folder: str) -> None:
     if stale:
         logger.info("%s: removing %d temporary file(s) left by an interrupted save", folder, len(stale))
         cm.remove_files(stale)
-
-
-# ---- agreement between ranks (main thread only) --------------------------------------------
-
-def _all_reduce(ctx, values: np.ndarray) -> np.ndarray:
-    """Sum over the world group. CPU AllReduce takes float only (measured on 2.10); the values
-    here are flags, byte values and lengths below 2**24, all exact in float32."""
-    from mindspore import Tensor, ops
-    out = ops.AllReduce(group=ctx.world_group)(Tensor(values.astype(np.float32))).asnumpy()
-    return np.rint(out).astype(np.int64)
-
-
-def _all_ranks(ctx, flag: bool) -> bool:
-    """True on every rank iff `flag` is True on every rank (one all-reduce; also a barrier)."""
-    if ctx.world_size <= 1 or ctx.world_group is None:
-        return bool(flag)
-    total = _all_reduce(ctx, np.array([1 if flag else 0]))
-    return int(total[0]) == ctx.world_size
-
-
-def _broadcast_json(ctx, obj):
-    """Rank 0's `obj` (JSON-serialisable) on every rank, as two sum all-reduces."""
-    if ctx.world_size <= 1 or ctx.world_group is None:
-        return obj
-    raw = json.dumps(obj).encode() if ctx.is_main else b""
-    n = int(_all_reduce(ctx, np.array([len(raw)]))[0])
-    if n >= 1 << 24:
-        raise CheckpointError(f"committed.json is {n} bytes; too large to share between ranks")
-    buf = np.zeros(max(n, 1), np.int64)
-    if ctx.is_main:
-        buf[:n] = np.frombuffer(raw, np.uint8)
-    data = _all_reduce(ctx, buf)[:n].astype(np.uint8).tobytes()
-    return json.loads(data.decode())

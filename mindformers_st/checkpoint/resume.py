@@ -1,14 +1,14 @@
 """Resume training: pick the step to resume, load weights and optimizer state for it, and hand
 the loop its counters back.
 
-Which step (`select_resume_point`):
-- `resume_training: True`: the newest save every rank committed (`commit.committed_saves`:
-  entries of `committed.json` whose files all exist and validate, so a crashed save is never
-  picked); for a MindSpore Transformers folder without `committed.json`, the minimum
-  (epoch, step) over every rank's `meta.json`, else the newest step every rank has a file for;
-- `resume_training: "<file name>"`: that step (`-{epoch}_{step}` of the name) on every rank;
-  it must be committed (or present for every rank when there is no commit record);
-- a folder of complete weights (merged offline, with `hyper_param.safetensors`): loaded as is.
+Which step (`select_resume_point`): the one folder scanner's answer (`records.scan.select_save`)
+with fallback — the newest committed save whose files are present and valid; for a MindSpore
+Transformers folder without `committed.json`, its `meta.json` step, else the newest step every
+rank has a file for; `resume_training: "<file name>"` names a step (committed, with a record).
+Before loading, the chosen save's checksums are verified (the files split over the ranks, the
+verdict agreed by all): a damaged newest save is skipped with a warning naming the file, and the
+previous committed save that verifies is resumed instead (`first_intact_save`).
+A folder of complete weights (merged offline, with `hyper_param.safetensors`) loads as is.
 What is restored: weights and AdamW moments (through `loader.load_checkpoint`), `global_step`
 (the optimizer's counter, which is also the learning-rate position), epoch and step in epoch,
 and the data position (the loop's data order is a function of seed, epoch and step).
@@ -23,9 +23,8 @@ from typing import Optional, Union
 import numpy as np
 
 from ..errors import CheckpointError
-from ..transform.sources import rank_folders
-from .commit import committed_saves, parse_ckpt_name, read_committed, read_rank_meta
-from .detect import step_suffix
+from ..records.names import parse_rank_dir, rank_folders, step_suffix
+from ..records.scan import SaveSelection, select_save
 
 logger = logging.getLogger(__name__)
 
@@ -60,93 +59,40 @@ class ResumeInfo:
     loss_scale: Optional[float] = None
 
 
-def _rank_files(rank_dir: str, fmt_ext: str):
-    return [f for f in os.listdir(rank_dir) if f.endswith(fmt_ext)]
+def select_resume_point(directory: str, resume_training: Union[bool, str],
+                        fmt: str = "safetensors") -> Optional[ResumePoint]:
+    """The step to resume from `directory` (a folder of `rank_x/`, or one rank file in it), or
+    None when `directory` holds complete weights (nothing to choose). CheckpointError when no
+    step qualifies or the named one is not complete (not committed, with a record)."""
+    selection = select_resume_save(directory, resume_training, fmt)
+    if selection is None:
+        return None
+    epoch, step = selection.key if selection.key is not None else (0, 0)
+    return ResumePoint(epoch, step, selection.how, selection.global_step)
 
 
-def _steps_of(rank_dir: str):
-    """{(epoch, step)} of the checkpoint files in one rank folder."""
-    out = set()
-    for f in os.listdir(rank_dir):
-        parsed = parse_ckpt_name(f)
-        if parsed is not None:
-            out.add(parsed[1:])
-    return out
-
-
-def select_resume_point(directory: str, resume_training: Union[bool, str]) -> Optional[ResumePoint]:
-    """The step to resume from `directory` (a folder of `rank_x/`), or None when `directory`
-    holds complete weights (nothing to choose). CheckpointError when no step qualifies or the
-    named one is not complete."""
+def select_resume_save(directory: str, resume_training: Union[bool, str],
+                       fmt: str = "safetensors") -> Optional[SaveSelection]:
+    """`select_resume_point` as the scanner's SaveSelection (files per rank, notes)."""
     directory = os.path.abspath(directory)
     if os.path.isfile(directory):
-        name = os.path.basename(directory)
-        suffix = step_suffix(name)
-        if suffix is None or not rank_folders(os.path.dirname(os.path.dirname(directory))):
+        parent = os.path.dirname(directory)
+        if step_suffix(directory) is None or parse_rank_dir(parent) is None:
             return None
-        resume_training, directory = name, os.path.dirname(os.path.dirname(directory))
-    ranks = rank_folders(directory) if os.path.isdir(directory) else {}
-    if not ranks:
+        resume_training, directory = os.path.basename(directory), os.path.dirname(parent)
+    if not rank_folders(directory):
         return None
-    saves = committed_saves(directory)
-    has_record = read_committed(directory) is not None
+    step = None
     if isinstance(resume_training, str):
         name = resume_training if resume_training.endswith((".safetensors", ".ckpt")) \
             else resume_training + ".safetensors"
-        suffix = step_suffix(name)
-        if suffix is None:
+        step = step_suffix(name)
+        if step is None:
             raise CheckpointError(
                 f"resume_training {resume_training!r}: the name has no '-{{epoch}}_{{step}}' "
                 f"suffix; give a checkpoint file name such as llama_rank_0-1_4.safetensors, or "
                 f"True for the newest committed step")
-        epoch, step = (int(x) for x in suffix.split("_"))
-        if has_record:
-            hit = [s for s in saves if s.key == (epoch, step)]
-            if not hit:
-                raise CheckpointError(
-                    f"resume_training {resume_training!r}: step {epoch}_{step} is not a save "
-                    f"every rank committed in {directory} (committed: "
-                    f"{[f'{s.epoch}_{s.step}' for s in saves]}); a crashed or pruned save "
-                    f"cannot be resumed, pick one of those")
-            return ResumePoint(epoch, step, "named", hit[0].global_step)
-        lacking = [r for r, d in ranks.items() if (epoch, step) not in _steps_of(d)]
-        if lacking:
-            raise CheckpointError(f"resume_training {resume_training!r}: ranks {lacking} have "
-                                  f"no file of step {epoch}_{step} in {directory}")
-        return ResumePoint(epoch, step, "named")
-    if saves:
-        newest = saves[-1]
-        return ResumePoint(newest.epoch, newest.step, "committed", newest.global_step)
-    if has_record:
-        # A commit record exists: files outside it may be crashed saves, never fall back.
-        raise CheckpointError(
-            f"{directory}: committed.json lists no save whose files are all present and valid "
-            f"(see the warnings above); restore the missing rank files, or start without "
-            f"resume_training")
-    return _fallback_point(directory, ranks)
-
-
-def _fallback_point(directory: str, ranks) -> ResumePoint:
-    """Without committed.json (a MindSpore Transformers folder): the minimum (epoch, step) over
-    every rank's meta.json, else the newest step every rank has a file for."""
-    metas = {r: read_rank_meta(d) for r, d in ranks.items()}
-    if all(m is not None for m in metas.values()):
-        key = min((int(m["last_epoch"]), int(m["last_step"])) for m in metas.values())
-        common = set.intersection(*(_steps_of(d) for d in ranks.values()))
-        if key in common:
-            logger.warning("%s: no committed.json; resuming step %s from the ranks' meta.json",
-                           directory, key)
-            return ResumePoint(key[0], key[1], "meta")
-    common = set.intersection(*(_steps_of(d) for d in ranks.values()))
-    if not common:
-        raise CheckpointError(
-            f"{directory}: no step has a checkpoint file on every rank (ranks {sorted(ranks)}); "
-            f"there is nothing complete to resume — start without resume_training or point "
-            f"load_checkpoint at another checkpoint folder")
-    key = max(common)
-    logger.warning("%s: no committed.json and no usable meta.json; resuming the newest step every "
-                   "rank has a file for: %s", directory, key)
-    return ResumePoint(key[0], key[1], "files")
+    return select_save(directory, step, fmt, fallback=True)
 
 
 def _scalar(hyper, name):

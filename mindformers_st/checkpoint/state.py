@@ -12,7 +12,6 @@ or as a MindSpore `.ckpt` (mindspore.save_checkpoint, then fsync and rename: ato
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -25,19 +24,12 @@ from ..errors import CheckpointError
 from ..layout.owners import assign_owners, owned_by
 from ..layout.parallel_config import plan_layouts
 from ..layout.slices import TensorSlice
+from ..records.hyper import GLOBAL_STEP, GLOBAL_STEP_DTYPE, SAVE_HYPER_DTYPES as HYPER_DTYPES
+from ..records.rank_meta import RankFileMeta
 from ..storage.dtypes import numpy_to_st
 from ..storage.writer import SafetensorsWriter, fsync_dir
 
 logger = logging.getLogger(__name__)
-
-# Whole-valued tensors of every save, with their numpy dtype (names as MindSpore Transformers'
-# append_dict where it has one; learning_rate, data_position and seed are ours).
-HYPER_DTYPES = {
-    "epoch_num": np.int64, "step_num": np.int64, "loss_scale": np.float32,
-    "global_batch_size": np.int64, "learning_rate": np.float32,
-    "data_position": np.int64, "seed": np.int64,
-}
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -49,7 +41,7 @@ class RankSnapshot:
 
     arrays: Dict[str, np.ndarray]
     slices: Dict[str, TensorSlice]
-    metadata: Dict[str, str]
+    meta: RankFileMeta
     copied: bool = False
     network_names: tuple = ()        # the parameters among `arrays` (for checkpoint_network/)
     trainable_names: tuple = ()      # the trainable ones (for checkpoint_trainable/)
@@ -58,15 +50,17 @@ class RankSnapshot:
     def nbytes(self) -> int:
         return int(sum(a.nbytes for a in self.arrays.values()))
 
+    @property
+    def metadata(self) -> Dict[str, str]:
+        """The file's `__metadata__` (records.rank_meta)."""
+        return self.meta.to_metadata()
+
     def subset(self, names) -> "RankSnapshot":
         """A snapshot of `names` only (same metadata, slices filtered)."""
         names = [n for n in self.arrays if n in set(names)]
-        meta = dict(self.metadata)
-        ours = json.loads(meta["mindformers_st"])
-        ours["slices"] = {n: s for n, s in ours["slices"].items() if n in names}
-        meta["mindformers_st"] = json.dumps(ours, separators=(",", ":"))
-        return RankSnapshot({n: self.arrays[n] for n in names}, {n: self.slices[n] for n in names
-                                                                 if n in self.slices}, meta, self.copied)
+        return RankSnapshot({n: self.arrays[n] for n in names},
+                            {n: self.slices[n] for n in names if n in self.slices},
+                            self.meta.subset(names), self.copied)
 
 
 def save_layouts(model, ctx):
@@ -141,20 +135,17 @@ def snapshot_rank(model, optimizer, ctx, *, epoch: int, step: int, hyper: Mappin
             raise CheckpointError(f"snapshot: {name} holds {tuple(arr.shape)} on rank {ctx.rank} but its "
                                   f"layout says {tuple(sl.sizes)}; refusing to save a wrong slice")
         arrays[name], slices[name] = arr, sl
-    arrays["global_step"] = np.array(optimizer.global_step.asnumpy(), copy=True).astype(np.int32)
+    arrays[GLOBAL_STEP] = np.array(optimizer.global_step.asnumpy(), copy=True).astype(GLOBAL_STEP_DTYPE)
     for name, dtype in HYPER_DTYPES.items():
         arrays[name] = np.array(hyper[name], dtype=dtype)
 
     pc = ctx.config
-    ours = {"version": FORMAT_VERSION, "rank": int(ctx.rank), "world_size": int(ctx.world_size),
-            "parallel_config": pc.to_json() if hasattr(pc, "to_json") else {},
-            "remove_redundancy": bool(remove_redundancy), "epoch": int(epoch), "step": int(step),
-            "slices": {n: s.to_json() for n, s in slices.items()}}
-    metadata = {"format": "ms", "remove_redundancy": str(bool(remove_redundancy)),
-                "mindformers_st": json.dumps(ours, separators=(",", ":"))}
+    meta = RankFileMeta(int(ctx.rank), int(ctx.world_size), dict(slices),
+                        pc.to_json() if hasattr(pc, "to_json") else {}, bool(remove_redundancy),
+                        int(epoch), int(step))
     network = tuple(n for n in params if n in arrays)
     trainable = tuple(n for n in network if params[n].requires_grad)
-    return RankSnapshot(arrays, slices, metadata, copy, network, trainable)
+    return RankSnapshot(arrays, slices, meta, copy, network, trainable)
 
 
 def write_rank_file(path: str, snap: RankSnapshot, fmt: str = "safetensors") -> str:

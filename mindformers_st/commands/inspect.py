@@ -8,7 +8,6 @@ global tensor it holds, from our `__metadata__` or `--strategy`), step/epoch/met
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -17,15 +16,14 @@ from typing import Dict, List, Optional
 
 from ..errors import CheckpointError, LayoutError
 from ..layout.slices import TensorSlice
-from ..storage.index import read_index
+from ..records.hyper import DISPLAY_ORDER, is_hyper
+from ..records.names import parse_step, rank_folders
+from ..records.rank_meta import RankFileMeta
+from ..records.scan import SaveSelection, complete_files, select_save
 from ..storage.reader import TensorEntry, open_safetensors, read_header
-from ..transform.sources import (HYPER_FILE, STEP_SUFFIX, newest_common_suffix, our_metadata,
-                                 pick_rank_file, rank_folders)
+from .options import add_step_arg
 
 logger = logging.getLogger(__name__)
-
-# Small values worth printing (MindSpore / MindSpore Transformers hyper values)
-HYPER_NAMES = ("global_step", "epoch_num", "step_num", "loss_scale", "global_batch_size")
 
 
 @dataclass
@@ -36,7 +34,7 @@ class StoredFile:
     rank: Optional[int]
     tensors: Dict[str, TensorEntry]
     metadata: Dict[str, str]
-    ours: Optional[dict] = None       # the parsed __metadata__["mindformers_st"], if any
+    ours: Optional[RankFileMeta] = None   # the file's own description, if it has one
     slices: Dict[str, TensorSlice] = field(default_factory=dict)
 
 
@@ -49,40 +47,19 @@ class Checkpoint:
     files: List[StoredFile]
     index: Optional[object] = None     # storage.index.WeightIndex for complete folders
     missing_ranks: List[int] = field(default_factory=list)
+    selection: Optional[SaveSelection] = None   # which save of a rank_x/ folder, and why
 
 
 def load_file(path: str, rank: Optional[int] = None) -> StoredFile:
     """Parse and validate one file's header (SafetensorsFormatError / CheckpointError)."""
     tensors, metadata, _ = read_header(path)
-    ours = our_metadata(metadata, path)
-    sf = StoredFile(path, rank, tensors, metadata, ours)
-    for name, obj in ((ours or {}).get("slices") or {}).items():
-        try:
-            sf.slices[name] = TensorSlice.from_json(obj)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: tensor {name!r}: its slice in __metadata__ "
-                                  f"['mindformers_st'] is malformed ({exc})") from exc
-    return sf
+    ours = RankFileMeta.from_metadata(metadata, path)
+    return StoredFile(path, rank, tensors, metadata, ours, dict(ours.slices) if ours else {})
 
 
-def complete_files(folder: str):
-    """(index or None, [file paths]) of a complete folder; CheckpointError if it has none."""
-    index = read_index(folder)
-    if index is not None:
-        files = sorted({index.path_of(n) for n in index.weight_map})
-        hyper = os.path.join(folder, HYPER_FILE)
-        if os.path.isfile(hyper) and hyper not in files:
-            files.append(hyper)
-        return index, files
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    if not files:
-        raise CheckpointError(f"{folder}: no *.safetensors files, no index and no rank_x/ "
-                              f"folders; this is not a checkpoint")
-    return None, files
-
-
-def scan(path: str, strategy: Optional[str] = None) -> Checkpoint:
-    """Find and parse every file of the checkpoint at `path`; the first bad header raises."""
+def scan(path: str, strategy: Optional[str] = None, step: Optional[str] = None) -> Checkpoint:
+    """Find and parse every file of the checkpoint at `path` (for a rank_x/ folder, the save
+    `records.scan.select_save` chooses, or `step`); the first bad header raises."""
     path = os.path.abspath(path)
     if os.path.isfile(path):
         return Checkpoint(path, "file", [load_file(path)])
@@ -92,12 +69,12 @@ def scan(path: str, strategy: Optional[str] = None) -> Checkpoint:
     if not ranks:
         index, files = complete_files(path)
         return Checkpoint(path, "complete", [load_file(f) for f in files], index)
-    suffix = newest_common_suffix(ranks)   # one step for every rank, never a mix
-    files = [load_file(pick_rank_file(d, suffix), r) for r, d in ranks.items()]
-    world = max([max(ranks) + 1] + [int(f.ours["world_size"]) for f in files
-                                    if f.ours and isinstance(f.ours.get("world_size"), int)])
+    selection = select_save(path, step)   # one save for every rank, never a mix
+    files = [load_file(p, r) for r, p in selection.files.items()]
+    world = max([max(selection.files) + 1] + [f.ours.world_size for f in files if f.ours])
     ckpt = Checkpoint(path, "distributed", files,
-                      missing_ranks=[r for r in range(world) if r not in ranks])
+                      missing_ranks=[r for r in range(world) if r not in selection.files],
+                      selection=selection)
     if strategy:
         apply_strategy(ckpt, strategy)
     return ckpt
@@ -127,7 +104,7 @@ def apply_strategy(ckpt: Checkpoint, strategy: str) -> None:
 
 def _hyper_values(f: StoredFile) -> Dict[str, list]:
     out = {}
-    wanted = [n for n in HYPER_NAMES if n in f.tensors and f.tensors[n].numel <= 16]
+    wanted = [n for n in DISPLAY_ORDER if n in f.tensors and f.tensors[n].numel <= 16]
     if wanted:
         with open_safetensors(f.path) as sf:
             for n in wanted:
@@ -154,15 +131,15 @@ def summarize(ckpt: Checkpoint) -> dict:
                 row.update(f.slices[name].to_json())
             rows.append(row)
         if f.ours:
-            step = f.ours.get("step", step) if step is None else step
-            epoch = f.ours.get("epoch", epoch) if epoch is None else epoch
-            pcfg = pcfg or f.ours.get("parallel_config")
-            dedup = f.ours.get("remove_redundancy", dedup) if dedup is None else dedup
+            step = f.ours.step if step is None else step
+            epoch = f.ours.epoch if epoch is None else epoch
+            pcfg = pcfg or f.ours.parallel_config
+            dedup = f.ours.remove_redundancy if dedup is None else dedup
         if dedup is None and "remove_redundancy" in f.metadata:
             dedup = f.metadata["remove_redundancy"] == "True"
-        m = STEP_SUFFIX.search(f.path)
-        if m and step is None:
-            epoch, step = int(m.group(1)), int(m.group(2))
+        key = parse_step(f.path)
+        if key and step is None:
+            epoch, step = key
         for k, v in _hyper_values(f).items():
             hyper.setdefault(k, v)
     if step is None and "global_step" in hyper:
@@ -176,6 +153,8 @@ def summarize(ckpt: Checkpoint) -> dict:
                   if ckpt.index is not None else None),
         "step": step, "epoch": epoch, "parallel_config": pcfg, "remove_redundancy": dedup,
         "hyper": hyper, "missing_ranks": ckpt.missing_ranks, "files": files, "tensors": rows,
+        "selected": ({"save": ckpt.selection.suffix, "how": ckpt.selection.how,
+                      "notes": list(ckpt.selection.ignored)} if ckpt.selection else None),
         "totals": {"files": len(files), "stored_tensors": len(rows),
                    "global_tensors": len(global_names),
                    "bytes": sum(f["bytes"] for f in files)},
@@ -197,13 +176,18 @@ def print_table(summary: dict) -> None:
             print(f"  {key}: {summary[key]}")
     for k, v in summary["hyper"].items():
         print(f"  {k}: {v if len(v) > 1 else v[0]}")
+    sel = summary.get("selected")
+    if sel:
+        print(f"  save: {sel['save']} ({sel['how']})")
+        for note in sel["notes"]:
+            print(f"  note: {note}")
     if summary["missing_ranks"]:
         print(f"  missing ranks: {summary['missing_ranks']}")
     distributed = summary["kind"] == "distributed"
     head = ["tensor", "dtype", "shape", "bytes", "file"] + (["rank", "slice"] if distributed else [])
     body = [[r["name"], r["dtype"], str(tuple(r["shape"])), str(r["bytes"]), r["file"]]
             + ([str(r.get("rank", "")),
-                 _fmt_block(r) or ("whole (hyper value)" if r["name"] in HYPER_NAMES else "?")]
+                 _fmt_block(r) or ("whole (hyper value)" if is_hyper(r["name"]) else "?")]
                if distributed else [])
             for r in summary["tensors"]]
     widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]
@@ -221,7 +205,8 @@ def print_table(summary: dict) -> None:
 def run(args) -> int:
     """The command body: 0 when every header is readable (errors propagate to cli.main)."""
     try:
-        summary = summarize(scan(args.path, getattr(args, "strategy", None)))
+        summary = summarize(scan(args.path, getattr(args, "strategy", None),
+                                 getattr(args, "step", None)))
     except OSError as exc:
         raise CheckpointError(f"{args.path}: cannot read ({exc})") from exc
     if args.json:
@@ -239,4 +224,6 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--strategy", help="MindSpore strategy file or folder giving the slices of "
                                       "rank files (default: the files' own metadata)")
+    add_step_arg(p)
     p.set_defaults(func=run)
+

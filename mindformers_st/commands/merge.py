@@ -9,7 +9,7 @@ from .reshard import add_common_args, parse_size, run_plan
 
 
 def _merge(args) -> int:
-    src = describe_source(args.src, args.src_strategy, args.file_suffix)
+    src = describe_source(args.src, args.src_strategy, args.step)
     if src.kind != "distributed":
         raise PlanError(f"{args.src} already holds complete weights; nothing to merge (use "
                         f"`split` or `reshard` to re-cut)")

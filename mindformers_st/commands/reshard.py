@@ -19,6 +19,7 @@ from ..layout.parallel_config import ParallelConfig, plan_layouts
 from ..transform import (describe_source, execute, format_stats, plan_distributed, plan_stats)
 from ..transform.planner import with_source_shapes
 from ..transform.sources import SourceCheckpoint
+from .options import add_step_arg, add_verify_args
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,8 @@ def add_common_args(p: argparse.ArgumentParser, src_strategy: bool = True) -> No
         p.add_argument("--src-strategy", default=None,
                        help="MindSpore strategy of the source (one file, a folder of per-rank "
                             "files, or pipeline-merged); optional for files we wrote")
-        p.add_argument("--file-suffix", default=None,
-                       help='pick rank files ending in "-{epoch}_{step}" (default: the newest)')
+        add_step_arg(p)
+    add_verify_args(p)
     p.add_argument("--workers", type=int, default=4, help="tensors in flight (threads)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan's costs (bytes read, files opened, peak buffer) and stop")
@@ -124,7 +125,8 @@ def run_plan(args, plan, finalize=None) -> int:
         print(format_stats(plan_stats(plan, args.workers)))
         return 0
     paths = execute(plan, args.dst, workers=args.workers, progress=not args.no_progress,
-                    overwrite=args.overwrite, finalize=finalize)
+                    overwrite=args.overwrite, finalize=finalize,
+                    verify=getattr(args, "verify", "read"))
     print(f"{plan.kind}: wrote {len(paths)} file(s) into {os.path.abspath(args.dst)}")
     return 0
 
@@ -158,7 +160,7 @@ def distributed_target(args, src: SourceCheckpoint) -> int:
 
 
 def _reshard(args) -> int:
-    src = describe_source(args.src, args.src_strategy, args.file_suffix)
+    src = describe_source(args.src, args.src_strategy, args.step)
     if src.kind != "distributed":
         raise PlanError(f"{args.src} holds complete weights; use `mindformers-st split` to cut "
                         f"them into rank files")

@@ -19,17 +19,14 @@ from typing import Dict, List, Optional, Tuple
 from ..errors import MindformersSTError
 from ..layout.slices import TensorSlice
 from ..storage.checksum import decode_checksums, verify_checksums
-from ..storage.index import read_index
+from ..records.hyper import is_hyper
+from ..records.names import rank_folders
+from ..records.scan import complete_files, select_save
 from ..storage.reader import open_safetensors
-from ..transform.sources import HYPER_FILE, newest_common_suffix, pick_rank_file, rank_folders
 from .inspect import Checkpoint, StoredFile, apply_strategy, load_file
+from .options import add_step_arg
 
 logger = logging.getLogger(__name__)
-
-_HYPER = {"global_step", "epoch_num", "step_num", "loss_scale", "global_batch_size",
-          "current_iterator_step", "last_overflow_iterator_step", "scale_sense",
-          # whole-valued resume tensors of training saves (contracts.md, "checkpoint/")
-          "learning_rate", "data_position", "seed"}
 
 
 def _try_load(path: str, rank: Optional[int], problems: List[str]) -> Optional[StoredFile]:
@@ -67,21 +64,10 @@ def _holes(whole: TensorSlice, blocks: List[TensorSlice]) -> List[TensorSlice]:
 
 def _check_complete_folder(folder: str, problems: List[str]) -> List[StoredFile]:
     try:
-        index = read_index(folder)
+        index, paths = complete_files(folder)
     except (MindformersSTError, OSError) as exc:
         problems.append(str(exc))
-        index = None
-    if index is not None:
-        paths = sorted({index.path_of(n) for n in index.weight_map})
-        hyper = os.path.join(folder, HYPER_FILE)
-        if os.path.isfile(hyper) and hyper not in paths:
-            paths.append(hyper)
-    else:
-        paths = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                       if f.endswith(".safetensors"))
-        if not paths:
-            problems.append(f"{folder}: no *.safetensors files, no index and no rank_x/ folders; "
-                            f"this is not a checkpoint")
+        return []
     files = [f for p in paths if (f := _try_load(p, None, problems)) is not None]
     if index is not None:
         held = {f.path: f.tensors for f in files}
@@ -93,30 +79,24 @@ def _check_complete_folder(folder: str, problems: List[str]) -> List[StoredFile]
     return files
 
 
-def _check_distributed(folder: str, strategy: Optional[str], problems: List[str]
-                       ) -> List[StoredFile]:
-    ranks = rank_folders(folder)
+def _check_distributed(folder: str, strategy: Optional[str], problems: List[str],
+                       step: Optional[str] = None) -> List[StoredFile]:
     files: List[StoredFile] = []
     try:
-        suffix = newest_common_suffix(ranks)
+        selection = select_save(folder, step)
     except MindformersSTError as exc:
         problems.append(str(exc))
         return files
-    for r, d in ranks.items():
-        try:
-            path = pick_rank_file(d, suffix)
-        except MindformersSTError as exc:
-            problems.append(str(exc))
-            continue
+    for r, path in selection.files.items():
         f = _try_load(path, r, problems)
         if f is not None:
             files.append(f)
-    worlds = [int(f.ours["world_size"]) for f in files
-              if f.ours and isinstance(f.ours.get("world_size"), int)]
-    world = max([max(ranks) + 1] + worlds)
+    world = max([max(selection.files) + 1] + [f.ours.world_size for f in files if f.ours])
     for r in range(world):
-        if r not in ranks:
-            problems.append(f"{folder}: rank_{r}/ is missing (world size {world}); its slices "
+        if r not in selection.files:
+            what = ("is missing" if not os.path.isdir(os.path.join(folder, f"rank_{r}"))
+                    else f"has no file of save {selection.suffix}")
+            problems.append(f"{folder}: rank_{r}/ {what} (world size {world}); its slices "
                             f"cannot be checked or merged")
     if strategy:
         try:
@@ -134,7 +114,7 @@ def _check_distributed(folder: str, strategy: Optional[str], problems: List[str]
 
 
 def _check_tiling(folder: str, files: List[StoredFile], problems: List[str]) -> None:
-    dedup = any((f.ours or {}).get("remove_redundancy") is True or
+    dedup = any((f.ours is not None and f.ours.remove_redundancy) or
                 f.metadata.get("remove_redundancy") == "True" for f in files)
     # global name -> block -> [(file, dtype, checksum or None)]
     pieces: Dict[str, Dict[TensorSlice, List[Tuple[str, str, Optional[str]]]]] = {}
@@ -147,7 +127,7 @@ def _check_tiling(folder: str, files: List[StoredFile], problems: List[str]) -> 
         for name, entry in f.tensors.items():
             block = f.slices.get(name)
             if block is None:
-                if name not in _HYPER and f.slices:
+                if not is_hyper(name) and f.slices:
                     problems.append(f"{f.path}: tensor {name!r} has no slice in the file's "
                                     f"metadata (or the strategy); its place is unknown")
                 continue
@@ -191,7 +171,8 @@ def _check_tiling(folder: str, files: List[StoredFile], problems: List[str]) -> 
                                     f"{first[0]} and {other[0]} have different checksums")
 
 
-def verify_path(path: str, strategy: Optional[str] = None) -> Tuple[List[str], dict]:
+def verify_path(path: str, strategy: Optional[str] = None, step: Optional[str] = None
+                ) -> Tuple[List[str], dict]:
     """(problems, stats) for the checkpoint at `path`; problems is [] when it is sound."""
     problems: List[str] = []
     path = os.path.abspath(path)
@@ -201,7 +182,7 @@ def verify_path(path: str, strategy: Optional[str] = None) -> Tuple[List[str], d
     elif os.path.isdir(path):
         if rank_folders(path):
             kind = "distributed"
-            files = _check_distributed(path, strategy, problems)
+            files = _check_distributed(path, strategy, problems, step)
         else:
             kind = "complete"
             files = _check_complete_folder(path, problems)
@@ -214,7 +195,7 @@ def verify_path(path: str, strategy: Optional[str] = None) -> Tuple[List[str], d
 
 def run(args) -> int:
     """The command body: 0 when sound, 1 with the list of problems otherwise."""
-    problems, stats = verify_path(args.path, args.strategy)
+    problems, stats = verify_path(args.path, args.strategy, args.step)
     if problems:
         print(f"{args.path}: {len(problems)} problem(s):")
         for p in problems:
@@ -232,4 +213,5 @@ def register(subparsers) -> None:
     p.add_argument("path", help="a safetensors file, a complete folder or a rank_x/ folder")
     p.add_argument("--strategy", help="MindSpore strategy file or folder giving the slices of "
                                       "rank files (default: the files' own metadata)")
+    add_step_arg(p)
     p.set_defaults(func=run)

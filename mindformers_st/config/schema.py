@@ -374,6 +374,8 @@ class RunConfig:
     src_strategy_path_or_dir: str = ""
     # auto_trans_ckpt on rank_x/ weights: cut straight from the rank files, no unified_checkpoint
     direct_reshard: bool = False
+    # checksums of the bytes read: True ("read": every tensor read whole), "full", False
+    verify_checksums: Union[bool, str] = True
     resume_training: Union[bool, str] = False
     only_save_strategy: bool = False
     transform_process_num: int = 1
@@ -422,6 +424,9 @@ class RunConfig:
                  f"config key 'load_ckpt_format' only supports 'ckpt' or 'safetensors', "
                  f"got {self.load_ckpt_format!r}")
         _require(self.transform_process_num >= 1, "config key 'transform_process_num' must be >= 1")
+        _require(self.verify_checksums in (True, False, "read", "full", "off"),
+                 f"config key 'verify_checksums' must be True, False or 'full', got "
+                 f"{self.verify_checksums!r}")
         if isinstance(self.resume_training, str) and not self.resume_training:
             self.resume_training = False
         self.load_checkpoint = self.load_checkpoint.rstrip("/") if self.load_checkpoint != "/" \

@@ -84,6 +84,17 @@ class ParallelContext:
         from ..layout.parallel_config import plan_layouts
         return plan_layouts(table, self.config)
 
+    def all_reduce_sum(self, values):
+        """Element-wise sum over every rank of small non-negative integers (flags, bytes,
+        lengths below 2**24): the CPU AllReduce takes float only, exact for those in float32."""
+        import numpy as np
+        values = np.asarray(values)
+        if self.world_size <= 1 or self.world_group is None:
+            return values.astype(np.int64)
+        from mindspore import Tensor, ops
+        out = ops.AllReduce(group=self.world_group)(Tensor(values.astype(np.float32))).asnumpy()
+        return np.rint(out).astype(np.int64)
+
     def barrier(self) -> None:
         """Block until every rank of the job reaches this point (no-op on one card).
 

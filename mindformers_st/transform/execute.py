@@ -33,6 +33,7 @@ from ..storage.dtypes import ST_TO_NUMPY
 from ..storage.reader import read_header
 from ..storage.writer import SafetensorsWriter, fsync_dir
 from .plan import CopyOp, Plan, TargetFile, TargetTensor
+from .verify import Verifier, keys_to_verify
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +48,20 @@ class _Source:
 
     def __init__(self, path: str):
         self.path = path
-        self.tensors, _, self.data_start = read_header(path)
+        self.tensors, self.metadata, self.data_start = read_header(path)
         self.fd = os.open(path, os.O_RDONLY)
         size = os.fstat(self.fd).st_size
         self.mm = mmap.mmap(self.fd, size, access=mmap.ACCESS_READ) if size else None
         if self.mm is not None and hasattr(self.mm, "madvise"):
             self.mm.madvise(mmap.MADV_SEQUENTIAL)
+
+    def raw(self, name: str) -> memoryview:
+        """The stored bytes of `name` (zero-copy; release before close)."""
+        e = self.tensors[name]
+        start = self.data_start + e.begin
+        if self.mm is None:
+            return memoryview(b"")
+        return memoryview(self.mm)[start:start + (e.end - e.begin)]
 
     def view(self, name: str) -> np.ndarray:
         e = self.tensors[name]
@@ -81,11 +90,25 @@ class _Source:
 
 
 class _Sources:
-    """Lazily opened source files, shared by the worker threads."""
+    """Lazily opened source files, shared by the worker threads. `view` checks a tensor's
+    checksum the first time it is used when the verifier asks for it (transform/verify.py)."""
 
-    def __init__(self):
+    def __init__(self, verifier: Optional[Verifier] = None):
         self._open: Dict[str, _Source] = {}
         self._lock = threading.Lock()
+        self.verifier = verifier
+
+    def view(self, path: str, name: str) -> np.ndarray:
+        """A read-only array over the stored tensor, its bytes checked first when required."""
+        src = self.get(path)
+        v = self.verifier
+        if v is not None and v.wants(path, name):
+            raw = src.raw(name)
+            try:
+                v.check(path, name, src.metadata, raw)
+            finally:
+                raw.release()
+        return src.view(name)
 
     def get(self, path: str) -> _Source:
         with self._lock:
@@ -218,7 +241,7 @@ def _fill(block: np.ndarray, row0: int, ops: Sequence[CopyOp], sources: _Sources
         hi = min(row0 + rows, op.dst_offsets[0] + op.sizes[0])
         if hi <= lo:
             continue
-        src = sources.get(op.src_file).view(op.src_name)
+        src = sources.view(op.src_file, op.src_name)
         s0 = op.src_offsets[0] + (lo - op.dst_offsets[0])
         src_idx = (slice(s0, s0 + hi - lo),) + tuple(
             slice(o, o + s) for o, s in zip(op.src_offsets[1:], op.sizes[1:]))
@@ -239,7 +262,7 @@ def _write_tensor(t: TargetTensor, writer: SafetensorsWriter, shapes, sources: _
     dtype = ST_TO_NUMPY[t.dtype]
     if not t.shape:   # 0-d scalar
         op = t.ops[0]
-        writer.write(t.name, np.array(sources.get(op.src_file).view(op.src_name)))
+        writer.write(t.name, np.array(sources.view(op.src_file, op.src_name)))
         progress(ITEMSIZE[t.dtype])
         return
     if prod(t.shape) == 0:
@@ -279,7 +302,7 @@ def _write_tensor(t: TargetTensor, writer: SafetensorsWriter, shapes, sources: _
             staged_from, staged_ops, staged_set = None, [], set()
         if direct:
             op = ops[0]
-            src = sources.get(op.src_file).view(op.src_name)
+            src = sources.view(op.src_file, op.src_name)
             s0 = op.src_offsets[0] + (a - op.dst_offsets[0])
             for r in range(a, b, direct_rows):
                 e = min(b, r + direct_rows)
@@ -310,14 +333,16 @@ class _Progress:
 
 
 def execute_files(plan: Plan, folder: str, workers: int = 4, progress: bool = True,
-                  shapes=None) -> List[str]:
+                  shapes=None, verify: str = "read") -> List[str]:
     """Write `plan.files` into the existing `folder` (no side files, no folder rename): the part
     a worker runs when several share one output (see `split_plan`). Each file is committed
-    atomically by the writer; on error every unfinished file is removed. Returns the paths."""
+    atomically by the writer; on error every unfinished file is removed. Source checksums are
+    checked per `verify` (transform/verify.py). Returns the paths."""
     shapes = read_source_shapes(plan) if shapes is None else shapes
     validate_plan(plan, shapes)
     folder = os.path.abspath(folder)
-    sources = _Sources()
+    verifier = Verifier(keys_to_verify(plan, shapes, verify))
+    sources = _Sources(verifier)
     staging = _Staging()
     bar = _Progress(sum(f.nbytes for f in plan.files), progress, plan.kind)
     writers: Dict[str, SafetensorsWriter] = {}
@@ -366,6 +391,7 @@ def execute_files(plan: Plan, folder: str, workers: int = 4, progress: bool = Tr
     finally:
         bar.close()
         sources.close()
+    verifier.report()
     return sorted(done)
 
 
@@ -422,7 +448,8 @@ def commit_folder(tmp: str, out_dir: str, overwrite: bool = False) -> str:
 
 
 def execute(plan: Plan, out_dir: str, workers: int = 4, progress: bool = True,
-            overwrite: bool = False, finalize: Optional[Callable[[str], None]] = None) -> List[str]:
+            overwrite: bool = False, finalize: Optional[Callable[[str], None]] = None,
+            verify: str = "read") -> List[str]:
     """Run `plan` into `out_dir`: validate it against the source headers, stream every file with
     at most `workers` tensors in flight, write side files, call `finalize(staging_folder)` (e.g.
     to add strategy files), then rename the staging folder into place. The folder appears
@@ -434,7 +461,7 @@ def execute(plan: Plan, out_dir: str, workers: int = 4, progress: bool = True,
     validate_plan(plan, shapes)   # refuse a bad plan before creating anything
     tmp = staging_folder(out_dir)
     try:
-        written = execute_files(plan, tmp, workers, progress, shapes)
+        written = execute_files(plan, tmp, workers, progress, shapes, verify)
         write_side_files(plan, tmp)
         if finalize is not None:
             finalize(tmp)
@@ -447,9 +474,10 @@ def execute(plan: Plan, out_dir: str, workers: int = 4, progress: bool = True,
     return [os.path.join(out_dir, os.path.relpath(p, tmp)) for p in written]
 
 
-def execute_to_memory(plan: Plan, workers: int = 4) -> Dict[str, np.ndarray]:
+def execute_to_memory(plan: Plan, workers: int = 4, verify: str = "read") -> Dict[str, np.ndarray]:
     """Run `plan` into fresh numpy arrays (for the load hook): {tensor name: array} over all the
-    plan's files (names must be unique across them). Holds exactly the target bytes."""
+    plan's files (names must be unique across them). Holds exactly the target bytes. Source
+    checksums are checked per `verify` before any array is returned."""
     shapes = read_source_shapes(plan)
     validate_plan(plan, shapes)
     tensors = [t for f in plan.files for t in f.tensors]
@@ -457,14 +485,15 @@ def execute_to_memory(plan: Plan, workers: int = 4) -> Dict[str, np.ndarray]:
     if len(set(names)) != len(names):
         raise PlanError("execute_to_memory: a tensor name appears in two target files")
     out = {t.name: np.empty(t.shape, dtype=ST_TO_NUMPY[t.dtype]) for t in tensors}
-    sources = _Sources()
+    verifier = Verifier(keys_to_verify(plan, shapes, verify))
+    sources = _Sources(verifier)
 
     def run(t: TargetTensor) -> None:
         _prefetch(t, sources)
         arr = out[t.name]
         if not t.shape:
             op = t.ops[0]
-            arr[()] = sources.get(op.src_file).view(op.src_name)
+            arr[()] = sources.view(op.src_file, op.src_name)
             return
         _fill(arr, 0, t.ops, sources)
 
@@ -474,4 +503,5 @@ def execute_to_memory(plan: Plan, workers: int = 4) -> Dict[str, np.ndarray]:
                 fut.result()
     finally:
         sources.close()
+    verifier.report()
     return out

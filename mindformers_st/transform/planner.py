@@ -22,9 +22,11 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from ..errors import PlanError
 from ..layout.param_table import ITEMSIZE
 from ..layout.slices import TensorSlice
+from ..records.names import HYPER_FILE
+from ..records.rank_meta import RankFileMeta
 from ..storage.index import MS_INDEX, shard_file_name
 from .plan import CopyOp, Plan, TargetFile, TargetTensor
-from .sources import HYPER_FILE, SourceCheckpoint, SourceChunk, subtract
+from .sources import SourceCheckpoint, SourceChunk, subtract
 
 logger = logging.getLogger(__name__)
 
@@ -198,12 +200,10 @@ def plan_distributed(src: SourceCheckpoint, layouts: Mapping, pc=None,
             t = target_tensor(src, n, sl, prefer=prefer, hint=r)
             prefer.update(op.src_file for op in t.ops)
             tensors.append(t)
-            slices_meta[n] = sl.to_json()
-        meta = {"version": 1, "rank": r, "world_size": len(world),
-                "parallel_config": pc.to_json() if pc is not None else None, "remove_redundancy": bool(remove_redundancy),
-                "epoch": src.epoch, "step": src.step, "slices": slices_meta}
-        metadata = (("format", "ms"), ("remove_redundancy", str(bool(remove_redundancy))),
-                    ("mindformers_st", json.dumps(meta, separators=(",", ":"))))
+            slices_meta[n] = sl
+        meta = RankFileMeta(r, len(world), slices_meta, pc.to_json() if pc is not None else None,
+                            bool(remove_redundancy), src.epoch, src.step)
+        metadata = tuple(meta.to_metadata().items())
         files.append(TargetFile(rank_file_name(r, prefix), tuple(tensors) + tuple(hyper), metadata))
     return Plan(kind, tuple(files), (),
                 f"{kind} {len(layouts)} tensors from {src.kind} {src.root} into {len(world)} "

@@ -5,8 +5,8 @@ Three shapes of input are understood:
 - complete: one file, or a folder with `param_name_map.json` (MindSpore) or
   `model.safetensors.index.json` (Hugging Face), or a folder of `*.safetensors` without index;
   every stored tensor is whole. `hyper_param.safetensors` holds the hyper values.
-- distributed: `rank_{r}/*.safetensors`, one file per rank (with several steps in a folder the
-  `file_suffix` "{epoch}_{step}" picks one, else the newest), described by MindSpore strategy
+- distributed: `rank_{r}/*.safetensors`, one file per rank (which save, when a folder holds
+  several, is `records.scan.select_save`'s answer: the commit record decides), described by MindSpore strategy
   files or by the `__metadata__["mindformers_st"]["slices"]` our own files carry. Files saved with
   `remove_redundancy` hold only some slices: the headers say which, never rank 0 by assumption.
 Non-sliced values (global_step, epoch_num, step_num, loss_scale, scalars not in the strategy) are
@@ -14,33 +14,21 @@ Non-sliced values (global_step, epoch_num, step_num, loss_scale, scalars not in 
 """
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
-from math import prod
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from ..errors import CheckpointError, LayoutError
-from ..layout.param_table import ITEMSIZE
 from ..layout.slices import TensorSlice
+from ..records.hyper import HYPER_NAMES
+from ..records.names import HYPER_FILE, rank_folders
+from ..records.rank_meta import RankFileMeta
+from ..records.scan import SaveSelection, complete_files, select_save
 from ..storage.checksum import decode_checksums
-from ..storage.index import read_index
 from ..storage.reader import read_header
 
 logger = logging.getLogger(__name__)
-
-HYPER_FILE = "hyper_param.safetensors"
-# Values MindSpore / MindSpore Transformers store next to the weights that are never sliced.
-HYPER_NAMES = frozenset({
-    "global_step", "epoch_num", "step_num", "loss_scale", "global_batch_size",
-    "current_iterator_step", "last_overflow_iterator_step", "scale_sense",
-})
-_RANK_DIR = re.compile(r"^rank_(\d+)$")
-# "{prefix}_rank_{r}-{epoch}_{step}.safetensors"
-STEP_SUFFIX = re.compile(r"-(\d+)_(\d+)\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -73,6 +61,7 @@ class SourceCheckpoint:
     root: str = ""
     epoch: Optional[int] = None
     step: Optional[int] = None
+    selection: Optional[SaveSelection] = None   # which save of a rank_x/ folder (distributed)
 
     @property
     def names(self) -> List[str]:
@@ -166,22 +155,7 @@ def describe_complete(folder_or_file: str) -> SourceCheckpoint:
         files, root = [path], os.path.dirname(path)
     elif os.path.isdir(path):
         root = path
-        index = read_index(path)
-        if index is not None:
-            files = sorted({os.path.join(path, f) for f in index.weight_map.values()})
-            missing = [f for f in files if not os.path.isfile(f)]
-            if missing:
-                raise CheckpointError(
-                    f"{path}: the index names {missing[0]} which does not exist; restore the file "
-                    f"or rebuild the index")
-            hyper_path = os.path.join(path, HYPER_FILE)
-            if os.path.isfile(hyper_path) and hyper_path not in files:
-                files.append(hyper_path)
-        else:
-            files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        if not files:
-            raise CheckpointError(f"{path}: no *.safetensors file and no index; point at a "
-                                  f"folder of complete weights, a file, or a folder of rank_x/")
+        _, files = complete_files(path)
     else:
         raise CheckpointError(f"{path}: no such file or folder")
     src = SourceCheckpoint({}, {}, {}, kind="complete", root=root)
@@ -201,84 +175,6 @@ def describe_complete(folder_or_file: str) -> SourceCheckpoint:
 
 
 # --------------------------------------------------------------------------- distributed
-def rank_folders(folder: str) -> Dict[int, str]:
-    """rank number -> `folder/rank_{r}` for every rank folder present."""
-    out = {}
-    for entry in os.listdir(folder):
-        m = _RANK_DIR.match(entry)
-        if m and os.path.isdir(os.path.join(folder, entry)):
-            out[int(m.group(1))] = os.path.join(folder, entry)
-    return dict(sorted(out.items()))
-
-
-def pick_rank_file(rank_dir: str, file_suffix: Optional[str] = None) -> str:
-    """The one safetensors file of a rank folder to use: the one ending in `-{file_suffix}`,
-    else the only one, else the one with the highest (epoch, step) in its name, else the newest."""
-    files = sorted(f for f in glob.glob(os.path.join(rank_dir, "*.safetensors")))
-    if not files:
-        raise CheckpointError(f"{rank_dir}: no *.safetensors file in this rank folder")
-    if file_suffix:
-        hits = [f for f in files if f.endswith(f"-{file_suffix}.safetensors")]
-        if len(hits) != 1:
-            raise CheckpointError(
-                f"{rank_dir}: {len(hits)} files end in '-{file_suffix}.safetensors' (have "
-                f"{[os.path.basename(f) for f in files]}); pass a file_suffix that names one step")
-        return hits[0]
-    if len(files) == 1:
-        return files[0]
-    stepped = [(tuple(int(x) for x in m.groups()), f) for f in files
-               if (m := STEP_SUFFIX.search(f))]
-    if stepped:
-        return max(stepped)[1]
-    return max(files, key=os.path.getmtime)
-
-
-def newest_common_suffix(ranks: Mapping[int, str]) -> Optional[str]:
-    """"{epoch}_{step}" of the newest save that EVERY rank folder holds, or None when each folder
-    holds a single file (nothing to choose). Taking each rank's own newest file instead could mix
-    steps: a save interrupted after some ranks wrote their files leaves a newer step in those
-    folders only."""
-    per_rank = []
-    for rank_dir in ranks.values():
-        files = glob.glob(os.path.join(rank_dir, "*.safetensors"))
-        if len(files) > 1:
-            per_rank.append({tuple(int(x) for x in m.groups())
-                             for f in files if (m := STEP_SUFFIX.search(f))})
-        else:
-            per_rank.append(None)
-    if all(p is None for p in per_rank):
-        return None
-    steps = [p for p in per_rank if p is not None]
-    common = set.intersection(*steps)
-    single = [pick_rank_file(d) for d, p in zip(ranks.values(), per_rank) if p is None]
-    for f in single:   # a rank with one file must hold that very step
-        m = STEP_SUFFIX.search(f)
-        common &= {tuple(int(x) for x in m.groups())} if m else set()
-    if not common:
-        raise CheckpointError(f"the rank folders under {os.path.dirname(next(iter(ranks.values())))} "
-                              f"share no '-{{epoch}}_{{step}}' save; pass --file-suffix E_S to "
-                              f"choose one that every rank holds")
-    epoch, step = max(common)
-    return f"{epoch}_{step}"
-
-
-def our_metadata(metadata: Mapping[str, str], path: str) -> Optional[dict]:
-    """The file's `mindformers_st` self-description (see docs/contracts.md) as a dict, None when
-    the file has none; CheckpointError when it is present but not a JSON object."""
-    raw = metadata.get("mindformers_st")
-    if raw is None:
-        return None
-    try:
-        meta = json.loads(raw)
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: __metadata__['mindformers_st'] is not a JSON object "
-                              f"({exc}); the file was damaged, pass --src-strategy to ignore "
-                              f"it") from exc
-    return meta
-
-
 def _load_layouts(strategy) -> Optional[dict]:
     if strategy is None or isinstance(strategy, Mapping):
         return strategy
@@ -286,9 +182,11 @@ def _load_layouts(strategy) -> Optional[dict]:
     return read_strategy(strategy)
 
 
-def describe_distributed(folder: str, strategy=None, file_suffix: Optional[str] = None,
-                         ) -> SourceCheckpoint:
-    """Describe `folder/rank_{r}/*.safetensors` from headers only.
+def describe_distributed(folder: str, strategy=None, step=None) -> SourceCheckpoint:
+    """Describe one save of `folder/rank_{r}/*.safetensors` from headers only.
+
+    Which save is `records.scan.select_save(folder, step)`'s answer (the commit record decides;
+    `step` "EPOCH_STEP" picks another).
 
     `strategy` is None (use each file's `mindformers_st` slices metadata), a strategy path (one
     file, a folder of per-rank files, or pipeline-merged; see layout.strategy.read_strategy) or
@@ -303,44 +201,40 @@ def describe_distributed(folder: str, strategy=None, file_suffix: Optional[str] 
     if not ranks:
         raise CheckpointError(f"{folder}: no rank_x/ folders; for complete weights use "
                               f"describe_complete (the commands detect this themselves)")
-    if file_suffix is None:
-        file_suffix = newest_common_suffix(ranks)
+    selection = select_save(folder, step)
     layouts = _load_layouts(strategy)
-    expected = set(range(max(ranks) + 1))
+    expected = set(selection.files) | set(range(max(ranks) + 1 if selection.record is None else 0))
     if layouts:
         expected |= {r for lay in layouts.values() for r in lay.ranks()}
     else:   # our files know the world size: a missing last rank is caught too
-        first = pick_rank_file(ranks[min(ranks)], file_suffix)
-        world = (our_metadata(_header(first)[1], first) or {}).get("world_size")
-        if isinstance(world, int):
-            expected |= set(range(world))
-    src = SourceCheckpoint({}, {}, {}, kind="distributed", root=folder)
-    metas = {}
+        first = selection.files[min(selection.files)]
+        meta0 = RankFileMeta.from_metadata(_header(first)[1], first)
+        if meta0 is not None:
+            expected |= set(range(meta0.world_size))
+    src = SourceCheckpoint({}, {}, {}, kind="distributed", root=folder, selection=selection)
+    if selection.key is not None:
+        src.epoch, src.step = selection.key
     digests: Dict[Tuple[str, str], str] = {}
     for r in sorted(expected):
-        if r not in ranks:
+        if r not in selection.files:
+            what = "is missing" if r not in ranks else f"has no file of save {selection.suffix}"
             raise CheckpointError(
-                f"{folder}: rank_{r}/ is missing (found ranks {sorted(ranks)}); copy every rank's "
-                f"folder, or pass the strategy of the run that wrote these files")
-        path = pick_rank_file(ranks[r], file_suffix)
+                f"{folder}: rank_{r}/ {what} (found ranks {sorted(selection.files)}); copy every "
+                f"rank's folder, or pass the strategy of the run that wrote these files")
+        path = selection.files[r]
         tensors, metadata, _ = _header(path)
-        meta = our_metadata(metadata, path)
-        metas[r] = meta
+        meta = RankFileMeta.from_metadata(metadata, path)
         if layouts is None and meta is None and len(ranks) > 1:
             raise CheckpointError(
                 f"{path}: no strategy given and the file carries no mindformers_st slice "
                 f"metadata; pass --src-strategy (the strategy files of the run that saved it)")
-        if r == min(ranks):
-            m = STEP_SUFFIX.search(path)
-            if m:
-                src.epoch, src.step = int(m.group(1)), int(m.group(2))
-            if meta and meta.get("step") is not None:
-                src.epoch, src.step = meta.get("epoch"), meta.get("step")
+        if r == min(selection.files) and meta is not None and meta.step is not None:
+            src.epoch, src.step = meta.epoch, meta.step
         try:
             digests.update({(path, n): d for n, d in (decode_checksums(metadata) or {}).items()})
         except ValueError:
-            pass   # a damaged checksum record only costs us this cross-check
-        slices_meta = (meta or {}).get("slices", {})
+            pass   # a damaged checksum record is reported when the bytes are read
+        slices_meta = meta.slices if meta is not None else {}
         for name, entry in tensors.items():
             lay = layouts.get(name) if layouts else None
             if lay is not None:
@@ -358,14 +252,14 @@ def describe_distributed(folder: str, strategy=None, file_suffix: Optional[str] 
                             f"block of the strategy's layout ({exc}); the strategy does not match "
                             f"these files, pass the one of the run that saved them") from exc
                 sl = lay.slice_for(r)
-                if name in slices_meta and TensorSlice.from_json(slices_meta[name]) != sl:
+                if name in slices_meta and slices_meta[name] != sl:
                     raise CheckpointError(
                         f"{path}: tensor {name!r}: the file says it holds "
-                        f"{slices_meta[name]} but the strategy says {sl.to_json()}; the "
+                        f"{slices_meta[name].to_json()} but the strategy says {sl.to_json()}; the "
                         f"strategy does not match these files (omit it to use the files' own "
                         f"metadata)")
             elif name in slices_meta:
-                sl = TensorSlice.from_json(slices_meta[name])
+                sl = slices_meta[name]
             elif layouts is None and meta is None:   # a single rank without description: whole
                 sl = None if name in HYPER_NAMES else TensorSlice.whole(entry.shape)
             else:
@@ -411,16 +305,11 @@ def is_distributed(path: str) -> bool:
     return os.path.isdir(path) and bool(rank_folders(path))
 
 
-def describe_source(path: str, strategy=None, file_suffix: Optional[str] = None,
-                    ) -> SourceCheckpoint:
-    """Describe whatever `path` is: a folder of rank_x/ (distributed) or complete weights."""
+def describe_source(path: str, strategy=None, step=None) -> SourceCheckpoint:
+    """Describe whatever `path` is: a folder of rank_x/ (distributed; `step` picks a save) or
+    complete weights."""
     if is_distributed(path):
-        return describe_distributed(path, strategy, file_suffix)
+        return describe_distributed(path, strategy, step)
     if strategy is not None:
         logger.warning("%s holds complete weights; the source strategy is not needed", path)
     return describe_complete(path)
-
-
-def chunk_nbytes(chunk: SourceChunk) -> int:
-    """Bytes of one stored piece."""
-    return prod(chunk.slice.sizes) * ITEMSIZE[chunk.dtype]

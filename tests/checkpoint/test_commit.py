@@ -5,14 +5,15 @@ import os
 import numpy as np
 import pytest
 
-from mindformers_st.checkpoint import commit as cm
+from mindformers_st.records import commit as cm
+from mindformers_st.records import names
 from mindformers_st.errors import CheckpointError
 from mindformers_st.storage.writer import save_tensors
 
 
 def _save(directory, rank, epoch, step, world=2, header_step=None):
     """A real rank file with our metadata, as the monitor writes it."""
-    rel = os.path.join(f"rank_{rank}", cm.ckpt_file_name("CKP", rank, epoch, step))
+    rel = os.path.join(f"rank_{rank}", names.ckpt_file_name("CKP", rank, epoch, step))
     os.makedirs(os.path.join(directory, f"rank_{rank}"), exist_ok=True)
     ours = {"version": 1, "rank": rank, "world_size": world, "epoch": epoch,
             "step": step if header_step is None else header_step, "slices": {}}
@@ -28,20 +29,21 @@ def _commit(directory, epoch, step, world=2, keep=None):
 
 
 def test_file_names_follow_mindspore_transformers():
-    assert cm.ckpt_file_name("CKP", 3, 1, 20) == "CKP_rank_3-1_20.safetensors"
-    assert cm.ckpt_file_name("llama", 0, 2, 5, "ckpt", "network") == "llama_rank_0-network-2_5.ckpt"
-    assert cm.parse_ckpt_name("/x/rank_1/CKP_rank_1-3_7.safetensors") == (1, 3, 7)
-    assert cm.parse_ckpt_name("CKP_1_rank_2-1_4.ckpt") == (2, 1, 4)   # MindSpore's renamed prefix
-    assert cm.parse_ckpt_name("model.safetensors") is None
+    assert names.ckpt_file_name("CKP", 3, 1, 20) == "CKP_rank_3-1_20.safetensors"
+    assert names.ckpt_file_name("llama", 0, 2, 5, "ckpt", "network") == "llama_rank_0-network-2_5.ckpt"
+    assert names.parse_ckpt_name("/x/rank_1/CKP_rank_1-3_7.safetensors") == (1, 3, 7)
+    assert names.parse_ckpt_name("CKP_1_rank_2-1_4.ckpt") == (2, 1, 4)   # MindSpore's renamed prefix
+    assert names.parse_ckpt_name("model.safetensors") is None
     with pytest.raises(CheckpointError):
-        cm.ckpt_file_name("CKP", 0, 1, 1, "h5")
+        names.ckpt_file_name("CKP", 0, 1, 1, "h5")
 
 
 def test_meta_json_round_trip(tmp_path):
-    cm.write_rank_meta(str(tmp_path), 2, 5, "CKP_rank_0-2_5.safetensors", ["a", "CKP_rank_0-2_5.safetensors"])
+    cm.write_rank_meta(str(tmp_path), cm.RankMeta(2, 5, "CKP_rank_0-2_5.safetensors", ("a", "CKP_rank_0-2_5.safetensors")))
     meta = cm.read_rank_meta(str(tmp_path))
-    assert meta == {"last_epoch": 2, "last_step": 5, "last_ckpt_file": "CKP_rank_0-2_5.safetensors",
-                    "committed": ["a", "CKP_rank_0-2_5.safetensors"]}
+    assert meta.to_json() == {"last_epoch": 2, "last_step": 5,
+                              "last_ckpt_file": "CKP_rank_0-2_5.safetensors",
+                              "committed": ["a", "CKP_rank_0-2_5.safetensors"]}
     assert cm.read_rank_meta(str(tmp_path / "none")) is None
     (tmp_path / "meta.json").write_text("{torn")
     with pytest.raises(CheckpointError, match="meta.json"):

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from mindformers_st.checkpoint import commit as cm
+from mindformers_st.records import commit as cm
 from mindformers_st.storage.checksum import verify_checksums
 from mindformers_st.storage.reader import open_safetensors
 

@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from mindformers_st.checkpoint.detect import detect_checkpoint, is_hf_names, step_suffix
+from mindformers_st.checkpoint.detect import detect_checkpoint, is_hf_names
+from mindformers_st.records.names import step_suffix
 from mindformers_st.errors import CheckpointError, ConfigError
 from mindformers_st.storage.writer import save_tensors
 

@@ -302,6 +302,7 @@ def test_shared_folder_is_built_by_all_ranks_together(tmp_path):
     plan = plan_merge(src, max_shard_size=4096)
     assert len(plan.files) > 2
     barrier = threading.Barrier(2)
+    sums = []
 
     class Ctx:
         def __init__(self, rank):
@@ -309,6 +310,14 @@ def test_shared_folder_is_built_by_all_ranks_together(tmp_path):
 
         def barrier(self):
             barrier.wait(timeout=60)
+
+        def all_reduce_sum(self, values):
+            if barrier.wait(timeout=60) == 0:
+                sums.clear()
+            barrier.wait(timeout=60)
+            sums.append(np.asarray(values))
+            barrier.wait(timeout=60)
+            return sum(sums)
 
     out = str(tmp_path / "unified")
     fp = fingerprint(src.files, src.root, {"kind": "merge"})
@@ -409,7 +418,7 @@ def test_ckpt_files_load_through_a_safetensors_copy(tmp_path):
 
 
 def test_training_folder_loads_its_newest_committed_save_not_a_crashed_one(tmp_path):
-    from mindformers_st.checkpoint.commit import CommittedSave, add_committed
+    from mindformers_st.records.commit import CommittedSave, add_committed
     cfg = tiny_cfg()
     values = global_values(cfg, optimizer=False)
     pc = ParallelConfig(model_parallel=2)

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from mindformers_st.checkpoint import commit as cm
+from mindformers_st.records import commit as cm
 from mindformers_st.checkpoint.monitor import CheckpointMonitor
 from mindformers_st.errors import CheckpointError
 from mindformers_st.storage.checksum import verify_checksums

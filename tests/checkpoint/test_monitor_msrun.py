@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from mindformers_st.checkpoint import commit as cm
+from mindformers_st.records import commit as cm
 from mindformers_st.cli import main as cli_main
 from mindformers_st.commands.verify import verify_path
 from mindformers_st.layout.slices import TensorSlice

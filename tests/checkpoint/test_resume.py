@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from mindformers_st.checkpoint.commit import CommittedSave, add_committed, write_rank_meta
+from mindformers_st.records.commit import CommittedSave, RankMeta, add_committed, write_rank_meta
 from mindformers_st.checkpoint.loader import LoadOptions
 from mindformers_st.checkpoint.resume import (ResumeInfo, apply_resume, resume_checkpoint,
                                               select_resume_point)
@@ -52,7 +52,7 @@ def test_named_file_must_be_a_committed_step(tmp_path):
     _rank_file(tmp_path, 0, 1, 6)
     assert select_resume_point(str(tmp_path), "llama_rank_0-1_2.safetensors").file_suffix == "1_2"
     assert select_resume_point(str(tmp_path), "llama_rank_1-1_2").how == "named"
-    with pytest.raises(CheckpointError, match="not a save every rank committed"):
+    with pytest.raises(CheckpointError, match="not a committed save"):
         select_resume_point(str(tmp_path), "llama_rank_0-1_6.safetensors")
     with pytest.raises(CheckpointError, match="suffix"):
         select_resume_point(str(tmp_path), "weights.safetensors")
@@ -62,8 +62,8 @@ def test_without_committed_json_meta_json_minimum_is_used(tmp_path):
     for step in (2, 4):
         for r in range(2):
             _rank_file(tmp_path, r, 1, step)
-    write_rank_meta(str(tmp_path / "rank_0"), 1, 4, "llama_rank_0-1_4.safetensors", [])
-    write_rank_meta(str(tmp_path / "rank_1"), 1, 2, "llama_rank_1-1_2.safetensors", [])
+    write_rank_meta(str(tmp_path / "rank_0"), RankMeta(1, 4, "llama_rank_0-1_4.safetensors"))
+    write_rank_meta(str(tmp_path / "rank_1"), RankMeta(1, 2, "llama_rank_1-1_2.safetensors"))
     point = select_resume_point(str(tmp_path), True)
     assert (point.file_suffix, point.how) == ("1_2", "meta")
 
@@ -75,7 +75,7 @@ def test_without_any_record_the_newest_common_step_is_used(tmp_path):
     point = select_resume_point(str(tmp_path), True)
     assert (point.file_suffix, point.how) == ("1_2", "files")
     os.remove(tmp_path / "rank_1" / "llama_rank_1-1_2.safetensors")
-    with pytest.raises(CheckpointError, match="nothing complete to resume"):
+    with pytest.raises(CheckpointError, match="no .safetensors file in this rank folder"):
         select_resume_point(str(tmp_path), True)
 
 

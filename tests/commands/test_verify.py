@@ -51,7 +51,7 @@ def test_dedup_block_stored_twice_fails(tmp_path, capsys):
     r1p = glob.glob(str(tmp_path / "rank_1" / "*.safetensors"))[0]
     ours = json.loads(load_file(r1p).metadata["mindformers_st"])
     values = globals_()
-    ours["slices"].update(r0.ours["slices"])
+    ours["slices"].update(json.loads(r0.metadata["mindformers_st"])["slices"])
     tensors = {n: values[n] for n in ours["slices"]}
     os.remove(r1p)
     save_tensors(r1p, tensors, {"format": "ms", "remove_redundancy": "True",

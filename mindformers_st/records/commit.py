@@ -7,54 +7,30 @@ A save becomes visible in two steps (contracts.md, "checkpoint/"):
    (atomic). Only then does the save count: resume and pruning read `committed.json`, never a
    folder listing, so a crash at any moment leaves the previous committed state intact.
 
-This module is pure (no MindSpore): it names files, reads and writes the records, and answers
-`committed_saves(directory)` — the saves resume may pick, validated, newest last.
+This module is pure (no MindSpore): it reads and writes the two records and answers
+`committed_saves(directory)` — the saves that may be loaded, validated, newest last. File names
+are `records.names`; the rank files' own description is `records.rank_meta`.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from ..errors import CheckpointError, MindformersSTError
 from ..storage.index import atomic_write_text, check_inside
 from ..storage.reader import read_header
+from .names import format_of
+from .rank_meta import RankFileMeta
 
 logger = logging.getLogger(__name__)
 
 COMMITTED_FILE = "committed.json"
 META_FILE = "meta.json"
 COMMIT_FORMAT = 1
-FORMAT_SUFFIX = {"safetensors": ".safetensors", "ckpt": ".ckpt"}
-
-# MindSpore Transformers' name: {prefix}_rank_{r}-{epoch}_{step}, optionally {prefix}_N_rank_... .
-_NAME = re.compile(r"_rank_(\d+)(?:_\d+)?-(\d+)_(\d+)\.(safetensors|ckpt)$")
-
-
-def rank_dir_name(rank: int) -> str:
-    """`rank_{r}`, the per-rank folder name MindSpore Transformers uses."""
-    return f"rank_{int(rank)}"
-
-
-def ckpt_file_name(prefix: str, rank: int, epoch: int, step: int, fmt: str = "safetensors",
-                   kind: str = "") -> str:
-    """`{prefix}_rank_{r}-{epoch}_{step}.{fmt}`; kind 'network' / 'trainable_params' inserts
-    `-{kind}` before the numbers (the extra files of save_network_params/save_trainable_params)."""
-    if fmt not in FORMAT_SUFFIX:
-        raise CheckpointError(f"checkpoint format {fmt!r}: use 'safetensors' or 'ckpt'")
-    middle = f"-{kind}" if kind else ""
-    return f"{prefix}_rank_{int(rank)}{middle}-{int(epoch)}_{int(step)}{FORMAT_SUFFIX[fmt]}"
-
-
-def parse_ckpt_name(name: str):
-    """(rank, epoch, step) from a checkpoint file name, or None when it does not follow the pattern."""
-    m = _NAME.search(os.path.basename(name))
-    if not m:
-        return None
-    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+_ENTRY_KEYS = ("epoch", "step", "global_step", "files")
 
 
 @dataclass
@@ -92,7 +68,7 @@ class CommittedSave:
             files = {int(r): f for r, f in obj["files"].items()}
             if not files or not all(isinstance(f, str) for f in files.values()):
                 raise ValueError("'files' must map ranks to file names")
-            extra = {k: v for k, v in obj.items() if k not in ("epoch", "step", "global_step", "files")}
+            extra = {k: v for k, v in obj.items() if k not in _ENTRY_KEYS}
             return CommittedSave(int(obj["epoch"]), int(obj["step"]), int(obj["global_step"]), files,
                                  directory, extra)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -102,21 +78,54 @@ class CommittedSave:
 
 # ---- per-rank meta.json ------------------------------------------------------------------------
 
-def write_rank_meta(rank_dir: str, epoch: int, step: int, file_name: str,
-                    committed: Sequence[str]) -> str:
-    """Atomically write `rank_dir/meta.json`: MindSpore Transformers' last_epoch/last_step/
-    last_ckpt_file plus `committed` (this rank's durable save files, oldest first)."""
+@dataclass(frozen=True)
+class RankMeta:
+    """`rank_{r}/meta.json`: MindSpore Transformers' last_epoch / last_step / last_ckpt_file of
+    the rank's last committed save, plus `committed` (this rank's committed files, oldest
+    first). Written only after every rank agreed on the save, so it never names a pending file."""
+
+    last_epoch: int
+    last_step: int
+    last_ckpt_file: str
+    committed: tuple = ()
+
+    def to_json(self) -> dict:
+        return {"last_epoch": int(self.last_epoch), "last_step": int(self.last_step),
+                "last_ckpt_file": self.last_ckpt_file, "committed": list(self.committed)}
+
+    @staticmethod
+    def from_json(obj: dict, where: str) -> "RankMeta":
+        """Parse; CheckpointError naming `where` when a field is missing or mistyped."""
+        try:
+            committed = obj.get("committed", [])
+            if not isinstance(committed, list) or not all(isinstance(f, str) for f in committed):
+                raise ValueError("'committed' must be a list of file names")
+            name = obj.get("last_ckpt_file", "")
+            if not isinstance(name, str):
+                raise ValueError("'last_ckpt_file' must be a file name")
+            return RankMeta(int(obj["last_epoch"]), int(obj["last_step"]), name, tuple(committed))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: malformed meta.json ({exc}); delete it to let resume "
+                                  f"fall back to the other records") from exc
+
+    @property
+    def key(self):
+        """(last_epoch, last_step)."""
+        return (self.last_epoch, self.last_step)
+
+
+def write_rank_meta(rank_dir: str, meta: RankMeta) -> str:
+    """Atomically write `rank_dir/meta.json`."""
     path = os.path.join(rank_dir, META_FILE)
-    atomic_write_text(path, json.dumps({"last_epoch": int(epoch), "last_step": int(step),
-                                        "last_ckpt_file": file_name,
-                                        "committed": list(committed)}, indent=1))
+    atomic_write_text(path, json.dumps(meta.to_json(), indent=1))
     return path
 
 
-def read_rank_meta(rank_dir: str) -> Optional[dict]:
-    """The rank's meta.json as a dict, None when absent; CheckpointError when unreadable."""
+def read_rank_meta(rank_dir: str) -> Optional[RankMeta]:
+    """The rank's meta.json, None when absent; CheckpointError when unreadable or malformed."""
     path = os.path.join(rank_dir, META_FILE)
-    return _read_json_object(path, "delete it to let resume fall back to the other records")
+    obj = _read_json_object(path, "delete it to let resume fall back to the other records")
+    return None if obj is None else RankMeta.from_json(obj, path)
 
 
 def _read_json_object(path: str, remedy: str) -> Optional[dict]:
@@ -206,22 +215,16 @@ def validate_save(save: CommittedSave, world_size: Optional[int] = None) -> List
         if not os.path.isfile(path):
             problems.append(f"{path}: missing (rank {rank} of save {save.key})")
             continue
-        if path.endswith(".safetensors"):
+        if format_of(path) == "safetensors":
             try:
                 _, metadata, _ = read_header(path)
+                ours = RankFileMeta.from_metadata(metadata, path)
             except (MindformersSTError, OSError) as exc:
                 problems.append(f"{path}: {exc}")
                 continue
-            ours = metadata.get("mindformers_st")
-            if ours is not None:
-                try:
-                    obj = json.loads(ours)
-                    if (obj.get("rank"), obj.get("epoch"), obj.get("step")) != (rank, save.epoch, save.step):
-                        problems.append(f"{path}: header says rank {obj.get('rank')} epoch "
-                                        f"{obj.get('epoch')} step {obj.get('step')}, the commit "
-                                        f"record says rank {rank} {save.key}")
-                except (ValueError, AttributeError) as exc:
-                    problems.append(f"{path}: __metadata__['mindformers_st'] is not JSON ({exc})")
+            if ours is not None and (ours.rank, ours.epoch, ours.step) != (rank, save.epoch, save.step):
+                problems.append(f"{path}: header says rank {ours.rank} epoch {ours.epoch} step "
+                                f"{ours.step}, the commit record says rank {rank} {save.key}")
         elif os.path.getsize(path) == 0:
             problems.append(f"{path}: empty file")
     return problems

@@ -1,0 +1,119 @@
+"""`RankFileMeta`: how a rank file of ours describes itself in its safetensors `__metadata__`.
+
+Keys of `__metadata__` (all strings, as safetensors requires):
+- "format": "ms"                       (MindSpore's own key; its loaders read it)
+- "remove_redundancy": "True"|"False"  (MindSpore's own key)
+- "mindformers_st": JSON of {version, rank, world_size, parallel_config, remove_redundancy,
+  epoch, step, slices: {tensor name: TensorSlice JSON}}
+A tensor with an entry in `slices` is a block of a global tensor; a tensor without one is a
+whole-valued hyper value. Version 1 is the only one; a newer version is refused by name so an
+old reader never misreads a newer file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+from ..errors import CheckpointError
+from ..layout.slices import TensorSlice
+
+METADATA_KEY = "mindformers_st"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class RankFileMeta:
+    """The self-description of one rank file (or of a file cut for one rank by `split`)."""
+
+    rank: int
+    world_size: int
+    slices: Mapping[str, TensorSlice] = field(default_factory=dict)
+    parallel_config: Optional[Mapping[str, Any]] = None
+    remove_redundancy: bool = False
+    epoch: Optional[int] = None
+    step: Optional[int] = None
+    version: int = VERSION
+
+    def to_json(self) -> Dict[str, Any]:
+        """The JSON object stored under `__metadata__["mindformers_st"]`."""
+        return {"version": self.version, "rank": int(self.rank), "world_size": int(self.world_size),
+                "parallel_config": dict(self.parallel_config) if self.parallel_config is not None
+                else None,
+                "remove_redundancy": bool(self.remove_redundancy),
+                "epoch": None if self.epoch is None else int(self.epoch),
+                "step": None if self.step is None else int(self.step),
+                "slices": {n: s.to_json() for n, s in self.slices.items()}}
+
+    def to_metadata(self) -> Dict[str, str]:
+        """The whole `__metadata__` dict a writer passes (checksums are the writer's own)."""
+        return {"format": "ms", "remove_redundancy": str(bool(self.remove_redundancy)),
+                METADATA_KEY: json.dumps(self.to_json(), separators=(",", ":"))}
+
+    def subset(self, names: Iterable[str]) -> "RankFileMeta":
+        """The same description for a file holding only `names`."""
+        keep = set(names)
+        return RankFileMeta(self.rank, self.world_size,
+                            {n: s for n, s in self.slices.items() if n in keep},
+                            self.parallel_config, self.remove_redundancy, self.epoch, self.step,
+                            self.version)
+
+    @staticmethod
+    def from_metadata(metadata: Mapping[str, str], path: str = "") -> Optional["RankFileMeta"]:
+        """The description in a file's `__metadata__`, None when the file has none (MindSpore's
+        own files). CheckpointError naming `path` when it is present but malformed or of a
+        newer version than this reader knows."""
+        raw = metadata.get(METADATA_KEY)
+        if raw is None:
+            return None
+        where = f"{path}: __metadata__[{METADATA_KEY!r}]"
+        try:
+            obj = json.loads(raw)
+        except ValueError as exc:
+            raise CheckpointError(f"{where} is not JSON ({exc}); the file was damaged — pass "
+                                  f"the run's strategy (--src-strategy) to read it without "
+                                  f"its description") from exc
+        return RankFileMeta.from_json(obj, where)
+
+    @staticmethod
+    def from_json(obj: Any, where: str = "rank file metadata") -> "RankFileMeta":
+        """Parse the JSON object; CheckpointError naming `where` and the field at fault."""
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{where} must be a JSON object, got {type(obj).__name__}")
+        version = obj.get("version", VERSION)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise CheckpointError(f"{where}: version {version!r} is not an integer")
+        if version > VERSION:
+            raise CheckpointError(f"{where}: format version {version} is newer than this reader "
+                                  f"(version {VERSION}); upgrade mindformers-st to read it")
+        try:
+            rank, world = _int(obj, "rank"), _int(obj, "world_size")
+            slices_obj = obj.get("slices") or {}
+            if not isinstance(slices_obj, dict):
+                raise ValueError("'slices' must map tensor names to slices")
+            slices = {}
+            for name, s in slices_obj.items():
+                try:
+                    slices[name] = TensorSlice.from_json(s)
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise ValueError(f"slice of tensor {name!r} is malformed ({exc})") from exc
+            pc = obj.get("parallel_config")
+            if pc is not None and not isinstance(pc, dict):
+                raise ValueError("'parallel_config' must be an object or null")
+            epoch, step = obj.get("epoch"), obj.get("step")
+            for key, v in (("epoch", epoch), ("step", step)):
+                if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                    raise ValueError(f"{key!r} must be an integer or null, got {v!r}")
+            if rank < 0 or world < 1 or rank >= world:
+                raise ValueError(f"rank {rank} is not inside world_size {world}")
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: {exc}") from exc
+        return RankFileMeta(rank, world, slices, pc, bool(obj.get("remove_redundancy", False)),
+                            epoch, step, version)
+
+
+def _int(obj: Mapping[str, Any], key: str) -> int:
+    v = obj.get(key)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError(f"{key!r} must be an integer, got {v!r}")
+    return v

@@ -1,0 +1,139 @@
+"""Which source bytes the engine checks against their recorded checksums, and the check itself.
+
+Our files record one xxh3_64 digest per tensor (storage/checksum.py), over all of its bytes, so a
+tensor can only be checked when all of it is read. Modes (`--verify`, `verify_checksums`):
+- "read" (default): every source tensor the plan reads in full is hashed as it is first used,
+  before any of its bytes reach a target; merges, same-layout loads and resumes read every
+  tensor in full, so everything they copy is checked. A plan that reads only part of a tensor
+  (cutting complete weights for one rank, a direct re-cut) does not check that tensor;
+- "full": every source tensor the plan touches is checked, reading all of it even where the plan
+  needs only a block (costs the extra reads);
+- "off": nothing is checked.
+Files without recorded checksums (MindSpore's own, `transformers`') are read unchecked with one
+info line. A mismatch is a ChecksumError naming the file, the tensor and both digests; since the
+check precedes the copy, the engine aborts before the target is committed.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from math import prod
+from typing import Dict, Iterable, Optional, Set, Tuple
+
+from ..errors import ChecksumError, ConfigError
+from ..layout.slices import TensorSlice
+from ..storage.checksum import ALGO, decode_checksums, hex_digest, new_hasher
+from .plan import Plan
+from .sources import uncovered
+
+logger = logging.getLogger(__name__)
+
+MODES = ("read", "full", "off")
+_HASH_CHUNK = 64 << 20
+
+Key = Tuple[str, str]
+
+
+def verify_mode(value) -> str:
+    """The mode for a config value or flag: True/"read" -> "read", "full", False/"off" -> "off"."""
+    if value is True or value is None:
+        return "read"
+    if value is False:
+        return "off"
+    if isinstance(value, str) and value in MODES:
+        return value
+    raise ConfigError(f"verify_checksums must be True, False, 'read', 'full' or 'off', got {value!r}")
+
+
+def keys_to_verify(plan: Plan, shapes: Dict[Key, Tuple[Tuple[int, ...], str]], mode: str) -> Set[Key]:
+    """The (source file, tensor) pairs the engine hashes under `mode` (see the module doc)."""
+    mode = verify_mode(mode)
+    if mode == "off":
+        return set()
+    boxes: Dict[Key, Set[Tuple[Tuple[int, ...], Tuple[int, ...]]]] = {}
+    for f in plan.files:
+        for t in f.tensors:
+            for op in t.ops:
+                boxes.setdefault((op.src_file, op.src_name), set()).add(
+                    (tuple(op.src_offsets), tuple(op.sizes)))
+    if mode == "full":
+        return set(boxes)
+    out = set()
+    for key, seen in boxes.items():
+        shape = tuple(shapes[key][0])
+        whole = TensorSlice.whole(shape)
+        if not whole.numel or sum(prod(s) for _, s in seen) < whole.numel:
+            if not whole.numel:
+                out.add(key)
+            continue
+        pieces = [TensorSlice(shape, o, s) for o, s in sorted(seen)]
+        if not uncovered(whole, pieces):
+            out.add(key)
+    return out
+
+
+class Verifier:
+    """Hashes each selected source tensor once, the first time any thread uses it; thread-safe.
+    `check(path, name, raw)` takes the tensor's stored bytes (a memoryview of the mapping)."""
+
+    def __init__(self, keys: Iterable[Key]):
+        self._pending = set(keys)
+        self._locks: Dict[Key, threading.Lock] = {k: threading.Lock() for k in self._pending}
+        self._recorded: Dict[str, Optional[Dict[str, str]]] = {}
+        self._unrecorded: Set[str] = set()
+        self._meta_lock = threading.Lock()
+        self.checked = 0
+
+    def wants(self, path: str, name: str) -> bool:
+        """True while (path, name) still has to be checked."""
+        return (path, name) in self._pending
+
+    def recorded(self, path: str, metadata) -> Optional[Dict[str, str]]:
+        """The file's recorded digests (None without any); ChecksumError when the record is
+        malformed, since then nothing in the file can be trusted to be checked."""
+        with self._meta_lock:
+            if path not in self._recorded:
+                try:
+                    self._recorded[path] = decode_checksums(metadata)
+                except ValueError as exc:
+                    raise ChecksumError(f"{path}: __metadata__['checksums'] is malformed ({exc}); "
+                                        f"the file's integrity cannot be checked — restore it, or "
+                                        f"read it unchecked with --verify off") from exc
+                if self._recorded[path] is None:
+                    self._unrecorded.add(path)
+            return self._recorded[path]
+
+    def check(self, path: str, name: str, metadata, raw: memoryview) -> None:
+        """Hash `raw` (the stored bytes of `name` in `path`) and compare with the record, once."""
+        key = (path, name)
+        lock = self._locks.get(key)
+        if lock is None:
+            return
+        with lock:
+            if key not in self._pending:
+                return
+            recorded = self.recorded(path, metadata)
+            if recorded is not None:
+                want = recorded.get(name)
+                if want is None:
+                    raise ChecksumError(f"{path}: tensor {name!r} has no recorded checksum though "
+                                        f"the file records them for others; the header was altered "
+                                        f"— restore the file, or read it with --verify off")
+                h = new_hasher()
+                for i in range(0, len(raw), _HASH_CHUNK):
+                    h.update(raw[i:i + _HASH_CHUNK])
+                got = hex_digest(h)
+                if got != want:
+                    raise ChecksumError(
+                        f"{path}: tensor {name!r} is corrupt: recorded {ALGO} {want}, computed "
+                        f"{got}; nothing was written from it — restore the file from a good copy "
+                        f"(or, for a training checkpoint, resume from an earlier committed save)")
+                self.checked += 1
+            self._pending.discard(key)
+
+    def report(self) -> None:
+        """One info line for the files read without checksums to check."""
+        if self._unrecorded:
+            files = sorted(self._unrecorded)
+            logger.info("%d source file(s) record no checksums and were read unchecked (e.g. %s)",
+                        len(files), files[0])
