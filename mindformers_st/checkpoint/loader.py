@@ -31,8 +31,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError, MindformersSTError, PlanError
-from ..parallel.agree import all_ranks
+from ..errors import ChecksumError, CheckpointError, ConfigError, MindformersSTError, PlanError
+from ..parallel.agree import all_reduce_sum
 from ..layout.param_table import ITEMSIZE, OPTIMIZER_STATE_PREFIXES
 from ..transform.execute import (commit_folder, execute_files, execute_to_memory,
                                  write_side_files)
@@ -166,6 +166,22 @@ def read_fingerprint(folder: str) -> Optional[Dict[str, Any]]:
         return None
 
 
+def agree_or_raise(ctx, failure: Optional[BaseException], what: str) -> None:
+    """Every rank raises when any rank failed (one all-reduce, also a barrier): the failing rank
+    its own error, the others a CheckpointError saying so — a ChecksumError when some rank found
+    corrupt bytes, so a resume on every rank falls back together. Each rank reads other files,
+    and one that trained on would wait forever for the failed one in its first collective."""
+    flags = np.array([failure is not None, isinstance(failure, ChecksumError)], dtype=np.int64)
+    failed, corrupt = (int(x) for x in all_reduce_sum(ctx, flags))
+    if not failed:
+        return
+    if failure is not None:
+        raise failure
+    kind = ChecksumError if corrupt else CheckpointError
+    raise kind(f"{what}: {failed} other rank(s) could not read their part "
+               f"({'corrupt data' if corrupt else 'see their log'}); nothing was loaded")
+
+
 def _barrier(ctx) -> None:
     if ctx is not None:
         ctx.barrier()
@@ -205,13 +221,12 @@ def build_shared_folder(out_dir: str, fp: Dict[str, Any], plan, ctx, what: str,
         execute_files(parts[rank], staging, workers=LOAD_WORKERS, progress=False, verify=verify)
     except (MindformersSTError, OSError) as exc:
         failure = exc
-    if not all_ranks(ctx, failure is None):   # also the barrier: every part is written past here
+    try:   # also the barrier: every part is written past here
+        agree_or_raise(ctx, failure, f"{what}: building {out_dir}")
+    except MindformersSTError:
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-        if failure is not None:
-            raise failure
-        raise CheckpointError(f"{what}: another rank failed while building {out_dir} (see its "
-                              f"log); nothing was kept")
+        raise
     if rank == 0:
         absent = [f.path for f in plan.files if not os.path.isfile(os.path.join(staging, f.path))]
         if absent:   # a rank that did not take part must never yield a half folder
@@ -513,18 +528,12 @@ def _load_slices(src: SourceCheckpoint, source: CheckpointSource, mode: str, pat
         plan = plan_rank_slices(src, {n: layouts[n] for n in names}, rank, include_hyper=True)
     except PlanError as exc:
         raise CheckpointError(f"load_checkpoint {path}: {exc}") from exc
-    failure = None
+    failure, arrays = None, {}
     try:
         arrays = execute_to_memory(plan, workers=LOAD_WORKERS, verify=verify)
     except (MindformersSTError, OSError) as exc:
         failure = exc
-    # Every rank reads other files: all of them stop when one finds a corrupt or unreadable
-    # file, instead of the others training on and waiting for it in their first collective.
-    if not all_ranks(ctx, failure is None):
-        if failure is not None:
-            raise failure
-        raise CheckpointError(f"load_checkpoint {path}: another rank could not read its part "
-                              f"(see its log); nothing was loaded")
+    agree_or_raise(ctx, failure, f"load_checkpoint {path}")
     report.loaded = model.set_local_params({n: arrays[n] for n in weights}, strict=True)
     report.hyper = {n: arrays[n] for n in src.hyper if n in arrays}
     if resume:

@@ -22,7 +22,8 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import ChecksumError, CheckpointError
+from ..records.commit import committed_saves
 from ..records.names import parse_rank_dir, rank_folders, step_suffix
 from ..records.scan import SaveSelection, select_save
 
@@ -102,20 +103,56 @@ def _scalar(hyper, name):
     return value[0].item() if value.size else None
 
 
-def resume_checkpoint(opts, resume_training, model, optimizer, ctx):
-    """Select the step (`select_resume_point`), load weights and optimizer state for it on this
-    rank (`loader.load_checkpoint(resume=True)`), and return the LoadReport with `.resume` (a
-    ResumeInfo) set. Every rank must call this."""
+def _load(opts, model, optimizer, ctx, suffix: Optional[str]):
     from .loader import load_checkpoint
-    point = select_resume_point(opts.load_checkpoint, resume_training)
-    if point is not None:
-        logger.info("resuming step %s (%s) from %s", point.file_suffix, point.how,
-                    opts.load_checkpoint)
+    return load_checkpoint(opts, model, optimizer, ctx, resume=True, file_suffix=suffix)
+
+
+def _load_first_intact(opts, model, optimizer, ctx, selection: SaveSelection):
+    """Load `selection`; when its bytes fail their checksums (on any rank: the ranks agree in
+    the load), warn naming the file and try the previous committed save, newest first, until
+    one loads. Only a save the scanner chose itself falls back (a named one is an error).
+    Returns (report, the save loaded)."""
+    candidates = [selection]
+    if selection.record is not None and selection.how == "committed":
+        older = [s for s in committed_saves(selection.folder) if s.key != selection.key]
+        candidates += [select_save(selection.folder, s.key, opts.load_ckpt_format)
+                       for s in reversed(older)]
+    failures = []
+    for cand in candidates:
+        logger.info("resuming step %s (%s) from %s", cand.suffix, cand.how, selection.folder)
+        try:
+            return _load(opts, model, optimizer, ctx, cand.suffix), cand
+        except ChecksumError as exc:
+            failures.append(f"save {cand.suffix}: {exc}")
+            if cand is candidates[-1]:
+                break
+            logger.warning("resume: committed save %s of %s is damaged (%s); resuming from the "
+                           "previous committed save instead", cand.suffix, selection.folder, exc)
+            if ctx is None or ctx.is_main:
+                print(f"[resume] WARNING: save {cand.suffix} is damaged ({exc}); trying the "
+                      f"previous committed save", flush=True)
+    raise CheckpointError(f"{selection.folder}: no committed save passes its checksums: "
+                          f"{'; '.join(failures[:3])}. Restore the files from a good copy, or "
+                          f"start without resume_training")
+
+
+def resume_checkpoint(opts, resume_training, model, optimizer, ctx):
+    """Select the step (`select_resume_save`), load weights and optimizer state for it on this
+    rank (`loader.load_checkpoint(resume=True)`), falling back to the previous committed save
+    when the newest fails its checksums, and return the LoadReport with `.resume` (a
+    ResumeInfo) set. Every rank must call this."""
+    selection = select_resume_save(opts.load_checkpoint, resume_training, opts.load_ckpt_format)
+    point = None
+    if selection is None:
+        report = _load(opts, model, optimizer, ctx, None)
+    else:
         path = opts.load_checkpoint
         if os.path.isfile(path):   # a rank file: resume its folder at that step
             opts.load_checkpoint = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    report = load_checkpoint(opts, model, optimizer, ctx, resume=True,
-                             file_suffix=point.file_suffix if point else None)
+        report, selection = _load_first_intact(opts, model, optimizer, ctx, selection)
+        epoch, step = selection.key if selection.key is not None else (0, 0)
+        point = ResumePoint(epoch, step, selection.how, selection.global_step)
     hyper = report.hyper
     info = ResumeInfo(
         global_step=int(optimizer.step_count),

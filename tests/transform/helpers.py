@@ -12,6 +12,8 @@ import numpy as np
 from mindformers_st.layout.owners import assign_owners
 from mindformers_st.layout.param_table import ParamSpec, ParamTable
 from mindformers_st.layout.parallel_config import ParallelConfig, plan_layouts
+from mindformers_st.records.names import parse_step_arg
+from mindformers_st.records.rank_meta import RankFileMeta
 from mindformers_st.storage.index import MS_INDEX, read_index
 from mindformers_st.storage.reader import open_safetensors
 from mindformers_st.storage.writer import save_tensors
@@ -63,14 +65,13 @@ def save_distributed(folder: str, values: Mapping[str, np.ndarray], table: Param
             if owners is not None and owners[(name, sl)] != r:
                 continue
             tensors[name] = np.ascontiguousarray(values[name][sl.index()])
-            slices[name] = sl.to_json()
+            slices[name] = sl
         tensors.update(HYPER)
         meta = {"format": "ms", "remove_redundancy": str(remove_redundancy)}
         if metadata:
-            meta["mindformers_st"] = json.dumps({
-                "version": 1, "rank": r, "world_size": pc.world_size,
-                "parallel_config": pc.to_json(), "remove_redundancy": remove_redundancy,
-                "epoch": 2, "step": 30, "slices": slices})
+            epoch, step = parse_step_arg(suffix)
+            meta = RankFileMeta(r, pc.world_size, slices, pc.to_json(), remove_redundancy,
+                                epoch, step).to_metadata()
         os.makedirs(os.path.join(folder, f"rank_{r}"), exist_ok=True)
         save_tensors(os.path.join(folder, f"rank_{r}", f"{prefix}_rank_{r}-{suffix}.safetensors"),
                      tensors, meta)

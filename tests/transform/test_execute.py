@@ -153,7 +153,7 @@ def test_file_suffix_picks_the_step_and_the_newest_is_the_default(tmp_path):
     save_distributed(str(tmp_path / "src"), new, table, pc, suffix="2_20")
     check_complete(merged(tmp_path, str(tmp_path / "src"), "newest"), new)
     src = describe_distributed(str(tmp_path / "src"), step="1_10")
-    assert (src.epoch, src.step) == (2, 30)       # our metadata wins over the file name
+    assert (src.epoch, src.step) == (1, 10)
     out = str(tmp_path / "old")
     execute(plan_merge(src), out, progress=False)
     check_complete(out, old)
