@@ -287,3 +287,56 @@ def test_resume_after_kill_9_with_changed_strategy_dp2_to_mp2_continues(flow, ki
     assert sorted(resumed) == [5, 6, 7, 8]
     for s in resumed:
         assert abs(float(resumed[s]) - float(straight[s])) < 2e-4, (straight, resumed)
+
+
+def _flip_a_weight(path):
+    """Flip one bit of the first weight (not a hyper value) stored in `path`; returns its name."""
+    from mindformers_st.records.hyper import is_hyper
+    from tests.commands.test_integrity import flip_bit
+    with open_safetensors(path) as f:
+        name = next(n for n in f.tensors if not is_hyper(n) and f.tensors[n].nbytes > 8)
+    flip_bit(path, name)
+    return name
+
+
+def test_resume_skips_a_damaged_newest_save_together_on_every_rank(flow):
+    """One flipped bit in rank 1's step-8 file: both ranks resume from step 4 (the newest save
+    that passes its checksums) and continue with the uninterrupted run's losses."""
+    out = os.path.join(flow.base, "resume_damaged")
+    ckpt = os.path.join(out, "checkpoint")
+    shutil.copytree(os.path.join(flow.out, "checkpoint"), ckpt)
+    step8 = load_committed_entries(ckpt)[-1]
+    assert step8.global_step == 8
+    _flip_a_weight(step8.path(1))
+    log = flow.launch("resume_damaged", flow.train_args(
+        out, 8, "--load_checkpoint", ckpt, "--resume_training", "True"))
+    assert "[resume] WARNING: save" in log and "damaged" in log
+    assert "[resume] global step 4" in log
+    straight, resumed = losses(flow.pretrain_log), losses(log)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert all(resumed[s] == straight[s] for s in resumed), (straight, resumed)
+
+
+def test_loading_a_corrupt_checkpoint_stops_every_rank_with_one_message(flow):
+    """Predict from a checkpoint with a flipped bit in rank 0's file: the job exits non-zero on
+    both ranks (no rank waits for the other), naming the file, the tensor and the digests."""
+    src = os.path.join(flow.base, "corrupt_src")
+    shutil.copytree(os.path.join(flow.out, "checkpoint"), src)
+    bad = load_committed_entries(src)[-1].path(0)
+    name = _flip_a_weight(bad)
+    out = os.path.join(flow.base, "predict_corrupt")
+    tag = f"{os.getpid()}-{time.time_ns()}"
+    proc, log_dir = flow.start("predict_corrupt", [
+        "--run_mode", "predict", "--load_checkpoint", src, "--auto_trans_ckpt", "True",
+        "--output_dir", out, "--src_strategy_path_or_dir", os.path.join(flow.out, "strategy"),
+        "--predict_data", f"'{PROMPTS[0]}'"], config=PREDICT, env={"E2E_KILL_TAG": tag})
+    try:
+        proc.wait(timeout=LAUNCH_TIMEOUT + 60)
+    finally:
+        _kill_tagged(tag)
+    assert proc.returncode != 0
+    logs = [open(os.path.join(log_dir, f"worker_{w}.log"), errors="replace").read() for w in (0, 1)]
+    assert any(bad in l and name in l and "computed" in l for l in logs), _tail(logs[0])
+    assert all("checksum" in l.lower() or "corrupt" in l for l in logs), [_tail(l) for l in logs]
+    assert not os.path.exists(os.path.join(out, "predict", "results.json"))
+    assert not os.path.isdir(os.path.join(out, "unified_checkpoint"))

@@ -33,7 +33,8 @@ import numpy as np
 
 from ..errors import ChecksumError, CheckpointError, ConfigError, MindformersSTError, PlanError
 from ..parallel.agree import all_reduce_sum
-from ..layout.param_table import ITEMSIZE, OPTIMIZER_STATE_PREFIXES
+from ..dtypes import ITEMSIZE
+from ..layout.param_table import OPTIMIZER_STATE_PREFIXES
 from ..transform.execute import (commit_folder, execute_files, execute_to_memory,
                                  write_side_files)
 from ..transform.verify import verify_mode

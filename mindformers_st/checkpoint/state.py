@@ -13,8 +13,6 @@ or as a MindSpore `.ckpt` (mindspore.save_checkpoint, then fsync and rename: ato
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Set
 
@@ -26,8 +24,9 @@ from ..layout.parallel_config import plan_layouts
 from ..layout.slices import TensorSlice
 from ..records.hyper import GLOBAL_STEP, GLOBAL_STEP_DTYPE, SAVE_HYPER_DTYPES as HYPER_DTYPES
 from ..records.rank_meta import RankFileMeta
-from ..storage.dtypes import numpy_to_st
-from ..storage.writer import SafetensorsWriter, fsync_dir
+from ..dtypes import numpy_to_st
+from ..storage.atomic import atomic_path
+from ..storage.writer import SafetensorsWriter
 
 logger = logging.getLogger(__name__)
 
@@ -164,23 +163,8 @@ def write_rank_file(path: str, snap: RankSnapshot, fmt: str = "safetensors") -> 
         raise CheckpointError(f"checkpoint_format {fmt!r}: use 'safetensors' or 'ckpt'")
     import mindspore as ms
 
-    folder, base = os.path.split(os.path.abspath(path))
-    # Hidden, and ending in .ckpt so MindSpore does not append another suffix.
-    tmp = os.path.join(folder, f".{base}.{os.getpid()}-{secrets.token_hex(4)}.tmp.ckpt")
     items = [{"name": n, "data": ms.Tensor(a)} for n, a in snap.arrays.items()]
-    try:
+    # The temporary name ends in .ckpt so MindSpore does not append another suffix.
+    with atomic_path(path, suffix=".tmp.ckpt") as tmp:
         ms.save_checkpoint(items, tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(folder)
     return path

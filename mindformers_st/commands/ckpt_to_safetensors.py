@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import CheckpointError
-from ..storage.dtypes import numpy_to_st
+from ..dtypes import numpy_to_st
 from ..storage.writer import SafetensorsWriter
 
 logger = logging.getLogger(__name__)

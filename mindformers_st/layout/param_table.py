@@ -9,15 +9,8 @@ from dataclasses import dataclass, field, replace
 from math import prod
 from typing import Dict, Iterator, Optional, Tuple
 
+from ..dtypes import ITEMSIZE  # re-exported: layout's users size tensors with it
 from .slices import TensorSlice
-
-# safetensors dtype name -> bytes per element (numpy dtypes live in storage/dtypes.py)
-ITEMSIZE: Dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}
 
 OPTIMIZER_STATE_PREFIXES: Tuple[str, ...] = ("adam_m.", "adam_v.")
 

@@ -28,6 +28,7 @@ from types import ModuleType
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import LayoutError
+from ..storage.atomic import atomic_write_bytes
 from .tensor_layout import TensorLayout
 
 logger = logging.getLogger(__name__)
@@ -83,14 +84,8 @@ def _opt_fields(layout: TensorLayout) -> Tuple[int, int]:
 
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, data)
 
 
 def _encode_proto(entries: Sequence[Tuple[str, TensorLayout]], stages: Sequence[int],

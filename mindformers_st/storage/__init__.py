@@ -2,7 +2,7 @@
 writer with atomic commit, per-tensor checksums and checkpoint index files. Knows nothing about
 parallelism; see docs/storage.md."""
 from .checksum import has_checksums, verify_checksums
-from .dtypes import ST_TO_NUMPY, numpy_to_st
+from ..dtypes import ST_TO_NUMPY, numpy_to_st
 from .index import (HF_INDEX, MS_INDEX, WeightIndex, atomic_write_text, read_index, shard_file_name,
                     write_index)
 from .reader import SafetensorsFile, TensorEntry, open_safetensors, read_header

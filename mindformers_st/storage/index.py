@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional
 
 from ..errors import CheckpointError, SafetensorsFormatError
+from .atomic import atomic_write_text
 from .reader import read_header
 
 logger = logging.getLogger(__name__)
@@ -40,30 +40,6 @@ class WeightIndex:
     def path_of(self, name: str) -> str:
         """Absolute path of the file holding tensor `name`."""
         return os.path.join(self.folder, self.weight_map[name])
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` so readers see the old content or the new, never a part.
-
-    Writes a temporary file in the same folder, fsyncs it, renames it over `path`, fsyncs the folder.
-    """
-    path = os.path.abspath(os.fspath(path))
-    folder, base = os.path.split(path)
-    tmp = os.path.join(folder, f".{base}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    from .writer import fsync_dir  # local import: writer imports nothing from here, keep it one-way
-    fsync_dir(folder)
 
 
 def shard_file_name(k: int, n: int) -> str:

@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import CheckpointError, SafetensorsFormatError
-from ..layout.param_table import ITEMSIZE
-from .dtypes import ST_TO_NUMPY
+from ..dtypes import ITEMSIZE
+from ..dtypes import ST_TO_NUMPY
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import threading
 from math import prod
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -19,9 +18,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import CheckpointError, SafetensorsFormatError
-from ..layout.param_table import ITEMSIZE
+from ..dtypes import ITEMSIZE
 from . import checksum as ck
-from .dtypes import ST_TO_NUMPY, numpy_to_st
+from ..dtypes import ST_TO_NUMPY, numpy_to_st
+from .atomic import publish, temp_path
 from .reader import METADATA_KEY, block_runs, normalize_block, open_safetensors
 
 logger = logging.getLogger(__name__)
@@ -36,18 +36,6 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def fsync_dir(folder: str) -> None:
-    """fsync a directory so a rename inside it survives a power loss (no-op where unsupported)."""
-    try:
-        fd = os.open(folder or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class _Slot:
@@ -134,7 +122,7 @@ class SafetensorsWriter:
         if not os.path.isdir(folder):
             raise CheckpointError(f"{self.path}: folder {folder} does not exist; create it first")
         # Hidden and not ending in .safetensors, so folder scans never mistake it for a result.
-        self.tmp_path = os.path.join(folder, f".{base}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        self.tmp_path = temp_path(self.path)
         self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         self._done = False
         try:
@@ -253,9 +241,8 @@ class SafetensorsWriter:
                 os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = None
-                os.replace(self.tmp_path, self.path)
+                publish(self.tmp_path, self.path)
                 self._done = True
-            fsync_dir(os.path.dirname(self.path))
         except BaseException:
             self.abort()
             raise

@@ -28,10 +28,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import CheckpointError, PlanError
-from ..layout.param_table import ITEMSIZE
-from ..storage.dtypes import ST_TO_NUMPY
+from ..dtypes import ITEMSIZE
+from ..dtypes import ST_TO_NUMPY
 from ..storage.reader import read_header
-from ..storage.writer import SafetensorsWriter, fsync_dir
+from ..storage.atomic import fsync_dir
+from ..storage.writer import SafetensorsWriter
 from .plan import CopyOp, Plan, TargetFile, TargetTensor
 from .verify import Verifier, keys_to_verify
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from math import prod
 from typing import Dict, Optional, Tuple
 
-from ..layout.param_table import ITEMSIZE
+from ..dtypes import ITEMSIZE
 from ..layout.slices import TensorSlice
 
 

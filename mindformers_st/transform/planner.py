@@ -20,7 +20,7 @@ from math import prod
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import PlanError
-from ..layout.param_table import ITEMSIZE
+from ..dtypes import ITEMSIZE
 from ..layout.slices import TensorSlice
 from ..records.names import HYPER_FILE
 from ..records.rank_meta import RankFileMeta

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from mindformers_st.errors import SafetensorsFormatError
 from mindformers_st.layout.param_table import ITEMSIZE
 from mindformers_st.storage import open_safetensors, verify_checksums
-from mindformers_st.storage.dtypes import ST_TO_NUMPY
+from mindformers_st.dtypes import ST_TO_NUMPY
 
 # Examples per test. The default (~2400 files over the four tests) takes ~20 s on 2 busy cores; the
 # long run (MFST_FUZZ_EXAMPLES=200000) also lifts the per-test timeout accordingly.

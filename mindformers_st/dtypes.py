@@ -1,4 +1,5 @@
-"""The safetensors dtype names and the numpy dtypes they map to (bfloat16/float8 via ml_dtypes)."""
+"""The safetensors dtype names, their sizes and the numpy dtypes they map to (bfloat16/float8 via
+ml_dtypes): the one dtype table, a leaf every layer may import (it imports only `errors`)."""
 from __future__ import annotations
 
 import logging
@@ -7,8 +8,7 @@ from typing import Dict
 import ml_dtypes
 import numpy as np
 
-from ..errors import SafetensorsFormatError
-from ..layout.param_table import ITEMSIZE
+from .errors import SafetensorsFormatError
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,12 @@ ST_TO_NUMPY: Dict[str, np.dtype] = {
 
 _NUMPY_TO_ST: Dict[np.dtype, str] = {v: k for k, v in ST_TO_NUMPY.items()}
 
-assert set(ST_TO_NUMPY) == set(ITEMSIZE), "storage and layout disagree on the dtype list"
-assert all(ST_TO_NUMPY[k].itemsize == ITEMSIZE[k] for k in ITEMSIZE)
+# safetensors dtype name -> bytes per element
+ITEMSIZE: Dict[str, int] = {k: v.itemsize for k, v in ST_TO_NUMPY.items()}
+
+# the dtype names of YAML model configs (param_init_type, compute_dtype) and of HF config.json
+YAML_DTYPE_TO_ST: Dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+ST_TO_YAML_DTYPE: Dict[str, str] = {v: k for k, v in YAML_DTYPE_TO_ST.items()}
 
 
 def numpy_to_st(dtype) -> str:
