@@ -32,5 +32,9 @@ class ConversionError(MindformersSTError):
     """Hugging Face <-> MindSpore name or tensor conversion failed (unknown name, wrong family)."""
 
 
+class UndescribedRankFilesError(CheckpointError):
+    """Rank files carry no slice description (MindSpore's own) and no strategy was given."""
+
+
 class ChecksumError(CheckpointError):
     """Stored bytes do not match the checksum recorded for them (the file is corrupt)."""

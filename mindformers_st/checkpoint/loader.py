@@ -21,35 +21,45 @@ The flow on every rank (see docs/checkpoint-loading.md):
 """
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from math import ceil
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..errors import ChecksumError, CheckpointError, ConfigError, MindformersSTError, PlanError
-from ..parallel.agree import all_reduce_sum
 from ..dtypes import ITEMSIZE
+from ..errors import (CheckpointError, ConfigError, MindformersSTError, PlanError,
+                      UndescribedRankFilesError)
 from ..layout.param_table import OPTIMIZER_STATE_PREFIXES
-from ..transform.execute import (commit_folder, execute_files, execute_to_memory,
-                                 write_side_files)
-from ..transform.verify import verify_mode
-from ..transform.planner import DEFAULT_MAX_SHARD_SIZE, plan_merge, plan_rank_slices, split_plan
 from ..records.scan import select_save
+from ..transform.execute import execute_to_memory
+from ..transform.planner import DEFAULT_MAX_SHARD_SIZE, plan_merge, plan_rank_slices
 from ..transform.sources import SourceCheckpoint, describe_complete, describe_distributed
+from ..transform.verify import verify_mode
+from .derived import (FINGERPRINT_FILE, LOAD_WORKERS, agree_or_raise, build_derived_folder,
+                      build_shared_folder, fingerprint, rank_world, read_fingerprint)
 from .detect import CheckpointSource, detect_checkpoint
 
 logger = logging.getLogger(__name__)
 
+
+class LoadMode(str, enum.Enum):
+    """How a load produces this rank's slices (LoadReport.mode holds the value)."""
+
+    WHOLE = "whole"                     # one card, complete weights
+    CUT = "cut"                         # complete weights cut online for this rank
+    SAME_LAYOUT = "same_layout"         # distributed weights already cut as this run
+    MERGE_AND_CUT = "merge_and_cut"     # merged into unified_checkpoint, then cut
+    DIRECT_RESHARD = "direct_reshard"   # cut straight from the rank files
+
+
 MS_SAFETENSORS = "ms_safetensors"
 UNIFIED = "unified_checkpoint"
 CKPT_SAFETENSORS = "ckpt_safetensors"
-FINGERPRINT_FILE = "source_fingerprint.json"
-LOAD_WORKERS = 2
 
 
 # --------------------------------------------------------------------------- options, report
@@ -141,136 +151,25 @@ def is_optimizer_state(name: str) -> bool:
     return name.startswith(OPTIMIZER_STATE_PREFIXES) or name == "global_step"
 
 
-# --------------------------------------------------------------------------- shared folders
-def _stat_entries(paths: Sequence[str], root: str) -> List[list]:
-    out = []
-    for p in sorted(set(paths)):
-        st = os.stat(p)
-        out.append([os.path.relpath(p, root), st.st_size, st.st_mtime_ns])
-    return out
-
-
-def fingerprint(paths: Sequence[str], root: str, options: Mapping[str, Any]) -> Dict[str, Any]:
-    """What identifies a source for a derived folder: its absolute root, every file's relative
-    name, size and mtime, and the options of the derivation. Equal fingerprints mean the
-    derived folder can be reused."""
-    return {"version": 1, "source": os.path.abspath(root),
-            "files": _stat_entries(paths, root), "options": dict(options)}
-
-
-def read_fingerprint(folder: str) -> Optional[Dict[str, Any]]:
-    """The fingerprint a derived folder was built from, or None (absent or unreadable)."""
-    try:
-        with open(os.path.join(folder, FINGERPRINT_FILE), encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None
-
-
-def agree_or_raise(ctx, failure: Optional[BaseException], what: str) -> None:
-    """Every rank raises when any rank failed (one all-reduce, also a barrier): the failing rank
-    its own error, the others a CheckpointError saying so — a ChecksumError when some rank found
-    corrupt bytes, so a resume on every rank falls back together. Each rank reads other files,
-    and one that trained on would wait forever for the failed one in its first collective."""
-    flags = np.array([failure is not None, isinstance(failure, ChecksumError)], dtype=np.int64)
-    failed, corrupt = (int(x) for x in all_reduce_sum(ctx, flags))
-    if not failed:
-        return
-    if failure is not None:
-        raise failure
-    kind = ChecksumError if corrupt else CheckpointError
-    raise kind(f"{what}: {failed} other rank(s) could not read their part "
-               f"({'corrupt data' if corrupt else 'see their log'}); nothing was loaded")
-
-
-def _barrier(ctx) -> None:
-    if ctx is not None:
-        ctx.barrier()
-
-
-def _rank_world(ctx):
-    if ctx is None:
-        return 0, 1
-    return ctx.rank, ctx.world_size
-
-
-def build_shared_folder(out_dir: str, fp: Dict[str, Any], plan, ctx, what: str,
-                        verify: str = "read") -> bool:
-    """Make `out_dir` hold the result of `plan` for the source fingerprint `fp`, together on
-    every rank: reused when its recorded fingerprint equals `fp`, else rebuilt — the plan's
-    files split over all ranks (`split_plan`), written into one staging folder, then rank 0
-    writes the side files and the fingerprint and renames the folder into place. Every rank
-    must call this (it contains barriers). When any rank fails (a corrupt source file, a full
-    disk) every rank raises and the staging folder is removed: no rank waits forever and nothing
-    half-built is left. Returns True when the folder was rebuilt."""
-    rank, world = _rank_world(ctx)
-    reuse = read_fingerprint(out_dir) == fp
-    _barrier(ctx)   # every rank has decided before rank 0 may touch the folder
-    if reuse:
-        logger.info("%s: reusing %s (source unchanged)", what, out_dir)
-        return False
-    staging = out_dir.rstrip("/") + ".building"
-    if rank == 0:
-        logger.info("%s: building %s (%d file(s) over %d rank(s))", what, out_dir,
-                    len(plan.files), world)
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
-    _barrier(ctx)
-    parts = split_plan(plan, world)
-    failure = None
-    try:
-        execute_files(parts[rank], staging, workers=LOAD_WORKERS, progress=False, verify=verify)
-    except (MindformersSTError, OSError) as exc:
-        failure = exc
-    try:   # also the barrier: every part is written past here
-        agree_or_raise(ctx, failure, f"{what}: building {out_dir}")
-    except MindformersSTError:
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if rank == 0:
-        absent = [f.path for f in plan.files if not os.path.isfile(os.path.join(staging, f.path))]
-        if absent:   # a rank that did not take part must never yield a half folder
-            raise CheckpointError(f"{what}: {len(absent)} file(s) of {out_dir} were not written "
-                                  f"(e.g. {absent[0]}); every rank must run the load hook")
-        write_side_files(plan, staging)
-        with open(os.path.join(staging, FINGERPRINT_FILE), "w", encoding="utf-8") as fh:
-            json.dump(fp, fh, indent=1)
-        commit_folder(staging, out_dir, overwrite=True)
-    _barrier(ctx)
-    return True
-
-
 # --------------------------------------------------------------------------- conversions
 def _ckpt_to_safetensors(source: CheckpointSource, opts: LoadOptions, ctx) -> CheckpointSource:
     """`.ckpt` weights -> the same layout in safetensors under `{output_dir}/ckpt_safetensors`
     (MindSpore reads them; files split over ranks), then detected again."""
-    from ..commands.ckpt_to_safetensors import convert_file, find_ckpt_files
-    rank, world = _rank_world(ctx)
+    from .ckpt_format import convert_file, find_ckpt_files
     root = source.path if os.path.isdir(source.path) else os.path.dirname(source.path)
     rels = ([os.path.basename(source.path)] if os.path.isfile(source.path)
             else find_ckpt_files(root))
     out_dir = os.path.join(os.path.abspath(opts.output_dir), CKPT_SAFETENSORS)
     fp = fingerprint([os.path.join(root, r) for r in rels], root, {"kind": "ckpt"})
-    reuse = read_fingerprint(out_dir) == fp
-    _barrier(ctx)
-    if not reuse:
-        staging = out_dir + ".building"
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            os.makedirs(staging)
-        _barrier(ctx)
+
+    def build_share(staging: str, rank: int, world: int) -> None:
         for i, rel in enumerate(rels):
             if i % world == rank:
                 dst = os.path.join(staging, os.path.splitext(rel)[0] + ".safetensors")
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 convert_file(os.path.join(root, rel), dst)
-        _barrier(ctx)
-        if rank == 0:
-            with open(os.path.join(staging, FINGERPRINT_FILE), "w", encoding="utf-8") as fh:
-                json.dump(fp, fh, indent=1)
-            commit_folder(staging, out_dir, overwrite=True)
-        _barrier(ctx)
+
+    build_derived_folder(out_dir, fp, ctx, ".ckpt weights", build_share)
     path = out_dir
     if os.path.isfile(source.path):
         path = os.path.join(out_dir, os.path.splitext(rels[0])[0] + ".safetensors")
@@ -419,11 +318,11 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
     strategy = opts.src_strategy_path_or_dir or None
 
     if source.kind == "complete":
-        mode = "cut" if opts.use_parallel else "whole"
+        mode = LoadMode.CUT if opts.use_parallel else LoadMode.WHOLE
         src = describe_complete(source.path)
         path = source.path
     elif not opts.auto_trans_ckpt:
-        mode = "same_layout"
+        mode = LoadMode.SAME_LAYOUT
         src = _describe_rank_files(source, strategy, layouts)
         path = source.path
         check_same_layout(src, layouts, [n for n in weights + opt_names if n in src.chunks],
@@ -431,9 +330,9 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
     else:
         src = _describe_rank_files(source, strategy, None)
         if opts.direct_reshard:
-            mode, path = "direct_reshard", source.path
+            mode, path = LoadMode.DIRECT_RESHARD, source.path
         else:
-            mode = "merge_and_cut"
+            mode = LoadMode.MERGE_AND_CUT
             path = merge_online(src, opts, ctx, strategy)
             src = describe_complete(path)
 
@@ -453,8 +352,8 @@ def _describe_rank_files(source: CheckpointSource, strategy, target_layouts) -> 
     neither exists and the files must be this run's layout) the target layouts themselves."""
     try:
         return describe_distributed(source.path, strategy, source.file_suffix)
-    except CheckpointError as exc:
-        if strategy is None and "no strategy given" in str(exc):
+    except UndescribedRankFilesError as exc:
+        if strategy is None:
             if target_layouts is not None:
                 return _describe_with_target(source, target_layouts)
             raise CheckpointError(
@@ -479,7 +378,7 @@ def merge_online(src: SourceCheckpoint, opts: LoadOptions, ctx, strategy=None) -
     `param_name_map.json`, `hyper_param.safetensors`), the work split over every rank; reused
     while the rank files (and strategy) are unchanged. Returns the folder."""
     out_dir = os.path.join(os.path.abspath(opts.output_dir), UNIFIED)
-    _, world = _rank_world(ctx)
+    _, world = rank_world(ctx)
     total = sum(int(np.prod(src.global_shapes[n])) * ITEMSIZE[src.dtypes[n]] for n in src.chunks)
     # about one shard per rank, so the merge is split evenly (MindSpore's 5 GB cap kept)
     shard = min(DEFAULT_MAX_SHARD_SIZE, max(1 << 20, ceil(total / max(1, world))))
@@ -495,10 +394,10 @@ def merge_online(src: SourceCheckpoint, opts: LoadOptions, ctx, strategy=None) -
     return out_dir
 
 
-def _load_slices(src: SourceCheckpoint, source: CheckpointSource, mode: str, path: str,
+def _load_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode, path: str,
                  weights: List[str], opt_names: List[str], layouts, model, optimizer, ctx,
                  resume: bool, verify: str = "read") -> LoadReport:
-    report = LoadReport(source, mode, path, epoch=src.epoch, step=src.step)
+    report = LoadReport(source, mode.value, path, epoch=src.epoch, step=src.step)
     wanted = set(weights) | set(opt_names)
     report.missing = [n for n in weights + opt_names if n not in src.chunks]
     if resume and "global_step" not in src.hyper:

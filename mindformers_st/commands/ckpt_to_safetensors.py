@@ -11,66 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Dict, List, Tuple
 
-import ml_dtypes
-import numpy as np
-
+from ..checkpoint.ckpt_format import convert_file, find_ckpt_files
 from ..errors import CheckpointError
-from ..dtypes import numpy_to_st
-from ..storage.writer import SafetensorsWriter
 
 logger = logging.getLogger(__name__)
-
-
-def find_ckpt_files(src: str) -> List[str]:
-    """`.ckpt` files under folder `src` (recursively), as sorted relative paths."""
-    out = []
-    for root, dirs, files in os.walk(src):
-        dirs.sort()
-        out.extend(os.path.relpath(os.path.join(root, f), src) for f in files
-                   if f.endswith(".ckpt"))
-    return sorted(out)
-
-
-def read_ckpt(path: str) -> Tuple[Dict[str, np.ndarray], List[str]]:
-    """The tensors of a MindSpore `.ckpt` file as numpy arrays in file order, and the names of
-    non-tensor entries (strings from `append_dict`) that safetensors cannot hold."""
-    import mindspore as ms   # only this command touches MindSpore
-    try:
-        params = ms.load_checkpoint(path)
-    except Exception as exc:   # MindSpore raises ValueError/RuntimeError for damaged files
-        raise CheckpointError(f"{path}: MindSpore cannot read this .ckpt ({exc}); is it a "
-                              f"complete MindSpore checkpoint?") from exc
-    arrays, skipped = {}, []
-    for name, value in params.items():
-        if hasattr(value, "asnumpy"):
-            arrays[name] = _as_standard_dtype(value.asnumpy())
-        else:
-            skipped.append(name)
-    return arrays, skipped
-
-
-def _as_standard_dtype(a: np.ndarray) -> np.ndarray:
-    """MindSpore returns bf16 as its own numpy bfloat16 type, which is not ml_dtypes'
-    (the one our storage maps to BF16); the bits are the same, so re-view them."""
-    if a.dtype.name == "bfloat16" and a.dtype != np.dtype(ml_dtypes.bfloat16):
-        return a.view(np.uint16).view(ml_dtypes.bfloat16)
-    return a
-
-
-def convert_file(src: str, dst: str, checksums: bool = True) -> str:
-    """Write the tensors of `.ckpt` file `src` to safetensors file `dst` (atomically, with
-    `{"format": "ms"}` metadata as MindSpore writes). Returns the path written."""
-    arrays, skipped = read_ckpt(src)
-    if skipped:
-        logger.warning("%s: %d non-tensor entr%s left out (safetensors holds tensors only): %s",
-                       src, len(skipped), "y" if len(skipped) == 1 else "ies", skipped[:5])
-    specs = [(name, numpy_to_st(a.dtype), tuple(a.shape)) for name, a in arrays.items()]
-    with SafetensorsWriter(dst, specs, metadata={"format": "ms"}, checksums=checksums) as w:
-        for name in list(arrays):
-            w.write(name, arrays.pop(name))   # drop each array once written
-    return w.path
 
 
 def _target_file(src: str, dst: str) -> str:

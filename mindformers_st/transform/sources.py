@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from ..errors import CheckpointError, LayoutError
+from ..errors import CheckpointError, LayoutError, UndescribedRankFilesError
 from ..layout.slices import TensorSlice
 from ..records.hyper import HYPER_NAMES
 from ..records.names import HYPER_FILE, rank_folders
@@ -225,7 +225,7 @@ def describe_distributed(folder: str, strategy=None, step=None) -> SourceCheckpo
         tensors, metadata, _ = _header(path)
         meta = RankFileMeta.from_metadata(metadata, path)
         if layouts is None and meta is None and len(ranks) > 1:
-            raise CheckpointError(
+            raise UndescribedRankFilesError(
                 f"{path}: no strategy given and the file carries no mindformers_st slice "
                 f"metadata; pass --src-strategy (the strategy files of the run that saved it)")
         if r == min(selection.files) and meta is not None and meta.step is not None:
