@@ -40,8 +40,8 @@ from ..transform.execute import execute_to_memory
 from ..transform.planner import DEFAULT_MAX_SHARD_SIZE, plan_merge, plan_rank_slices
 from ..transform.sources import SourceCheckpoint, describe_complete, describe_distributed
 from ..transform.verify import verify_mode
-from .derived import (FINGERPRINT_FILE, LOAD_WORKERS, agree_or_raise, build_derived_folder,
-                      build_shared_folder, fingerprint, rank_world, read_fingerprint)
+from .derived import (LOAD_WORKERS, agree_or_raise, build_derived_folder,
+                      build_shared_folder, fingerprint, rank_world)
 from .detect import CheckpointSource, detect_checkpoint
 
 logger = logging.getLogger(__name__)

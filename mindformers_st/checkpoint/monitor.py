@@ -24,8 +24,8 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 from ..errors import CheckpointError, ConfigError
 from ..parallel.agree import all_ranks, broadcast_json

@@ -13,7 +13,7 @@ or as a MindSpore `.ckpt` (mindspore.save_checkpoint, then fsync and rename: ato
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Set
 
 import numpy as np

@@ -5,8 +5,8 @@ file path only).
 """
 from .owners import assign_owners, bytes_per_rank, owned_by
 from .param_table import ITEMSIZE, ParamSpec, ParamTable
-from .parallel_config import (ParallelConfig, layouts_for_rank, plan_layouts, rank_coords,
-                              stage_of, world_size_of)
+from .parallel_config import (ParallelConfig, plan_layouts, rank_coords,
+                              stage_of)
 from .slices import TensorSlice
 from .strategy import (read_strategy, strategy_file_name, write_merged_strategy_file,
                        write_rank_strategy_files, write_strategy_file)
@@ -14,8 +14,8 @@ from .tensor_layout import TensorLayout, layouts_equivalent, rank_slices
 
 __all__ = [
     "ITEMSIZE", "ParamSpec", "ParamTable", "ParallelConfig", "TensorLayout", "TensorSlice",
-    "assign_owners", "bytes_per_rank", "layouts_equivalent", "layouts_for_rank", "owned_by",
+    "assign_owners", "bytes_per_rank", "layouts_equivalent", "owned_by",
     "plan_layouts", "rank_coords", "rank_slices", "read_strategy", "stage_of",
-    "strategy_file_name", "world_size_of", "write_merged_strategy_file",
+    "strategy_file_name", "write_merged_strategy_file",
     "write_rank_strategy_files", "write_strategy_file",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Tuple
 
 from ..errors import LayoutError
 from .param_table import ParamSpec, ParamTable
@@ -140,13 +140,3 @@ def plan_layouts(table: ParamTable, pc: ParallelConfig) -> Dict[str, TensorLayou
     return layouts
 
 
-def layouts_for_rank(layouts: Mapping[str, TensorLayout], rank: int) -> Dict[str, TensorLayout]:
-    """The layouts of the parameters `rank` holds (those of its pipeline stage)."""
-    return {name: lay for name, lay in layouts.items() if rank in lay.ranks()}
-
-
-def world_size_of(layouts: Mapping[str, TensorLayout]) -> Optional[int]:
-    """The number of ranks the layouts span (max rank + 1), or None when there are none."""
-    if not layouts:
-        return None
-    return max(lay.ranks().stop for lay in layouts.values())

@@ -5,7 +5,7 @@ with a `ParallelConfig`, into per-rank layouts. Pure Python.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from math import prod
 from typing import Dict, Iterator, Optional, Tuple
 

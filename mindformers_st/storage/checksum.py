@@ -30,13 +30,6 @@ def hex_digest(hasher) -> str:
     return format(hasher.intdigest(), f"0{HEX_WIDTH}x")
 
 
-def checksum_bytes(data) -> str:
-    """The recorded checksum of a bytes-like object."""
-    h = new_hasher()
-    h.update(data)
-    return hex_digest(h)
-
-
 def encode_checksums(digests: Dict[str, str]) -> str:
     """The `__metadata__["checksums"]` string for name -> hex digest (compact JSON, order kept)."""
     return json.dumps({"algo": ALGO, "tensors": digests}, separators=(",", ":"), ensure_ascii=False)

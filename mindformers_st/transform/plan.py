@@ -7,9 +7,9 @@ array stored in the source file and inside the target array.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import prod
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 from ..dtypes import ITEMSIZE
 from ..layout.slices import TensorSlice

@@ -9,8 +9,8 @@ import threading
 import numpy as np
 import pytest
 
-from mindformers_st.checkpoint.loader import (FINGERPRINT_FILE, LoadOptions, build_shared_folder,
-                                              fingerprint, load_checkpoint)
+from mindformers_st.checkpoint.derived import FINGERPRINT_FILE, build_shared_folder, fingerprint
+from mindformers_st.checkpoint.loader import LoadOptions, load_checkpoint
 from mindformers_st.errors import CheckpointError, ConfigError
 from mindformers_st.layout.parallel_config import ParallelConfig, plan_layouts
 from mindformers_st.models.config import LlamaConfig
@@ -487,7 +487,7 @@ def test_mindspore_rank_files_of_this_layout_load_without_a_strategy(tmp_path):
 def test_hf_folder_is_fused_for_a_qkv_concat_model(tmp_path):
     """A qkv_concat model gets w_qkv / w_gate_hidden built from the HF q/k/v and gate/up
     weights; its logits equal those of the unfused model loaded from the same folder."""
-    from mindformers_st.checkpoint.loader import read_fingerprint
+    from mindformers_st.checkpoint.derived import read_fingerprint
     import mindspore as ms
     cfg = tiny_cfg()
     values = global_values(cfg, optimizer=False)

@@ -1,14 +1,12 @@
 """The merge / split / reshard commands end to end on a tiny Llama saved as training saves it."""
-import json
 import os
 
-import numpy as np
 import pytest
 import yaml
 
 from mindformers_st.cli import main
 from mindformers_st.layout.parallel_config import ParallelConfig, plan_layouts
-from mindformers_st.layout.strategy import read_strategy, write_rank_strategy_files
+from mindformers_st.layout.strategy import write_rank_strategy_files
 from mindformers_st.models.config import LlamaConfig
 from mindformers_st.models.param_table import llama_param_table
 from tests.transform.helpers import (assert_rank_files_match, load_folder_tensors, make_globals,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -14,7 +14,7 @@ from mindformers_st.layout.param_table import ParamSpec, ParamTable
 from mindformers_st.layout.parallel_config import ParallelConfig, plan_layouts
 from mindformers_st.records.names import parse_step_arg
 from mindformers_st.records.rank_meta import RankFileMeta
-from mindformers_st.storage.index import MS_INDEX, read_index
+from mindformers_st.storage.index import read_index
 from mindformers_st.storage.reader import open_safetensors
 from mindformers_st.storage.writer import save_tensors
 
