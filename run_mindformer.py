@@ -66,7 +66,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def run(cfg, rank: int = 0) -> int:
     """Plan, then train/finetune/predict (or only write strategy files) per `cfg`."""
-    from mindformers_st.config.resolve import (describe_plan, parallel_config_of, resolve_model,
+    from mindformers_st.trainer.resolve import (describe_plan, parallel_config_of, resolve_model,
                                                write_strategy)
 
     resolved = resolve_model(cfg)

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from mindformers_st.config import load_config
-from mindformers_st.config.resolve import resolve_model
+from mindformers_st.trainer.resolve import resolve_model
 from mindformers_st.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -26,6 +26,7 @@ from ..errors import ChecksumError, CheckpointError
 from ..records.commit import committed_saves
 from ..records.names import parse_rank_dir, rank_folders, step_suffix
 from ..records.scan import SaveSelection, select_save
+from .loader import load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,6 @@ def _scalar(hyper, name):
 
 
 def _load(opts, model, optimizer, ctx, suffix: Optional[str]):
-    from .loader import load_checkpoint
     return load_checkpoint(opts, model, optimizer, ctx, resume=True, file_suffix=suffix)
 
 

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 def run_predict(config, resolved, ctx) -> List[Dict]:
     """Generate for `config.predict_data`; returns the result records (on every rank)."""
-    from ..config.resolve import tokenizer_file
+    from .resolve import tokenizer_file
     from ..data.tokenizer import load_tokenizer
     from ..storage.index import atomic_write_text
     from .generate import generate
@@ -40,7 +40,7 @@ def run_predict(config, resolved, ctx) -> List[Dict]:
                           f"model_config.vocab_size is {mc.vocab_size}")
     model = build_model(config, resolved, ctx)
     if config.load_checkpoint:
-        from ..checkpoint.loader import load_weights
+        from ..checkpoint.hook import load_weights
         load_weights(model, ctx, config)
     else:
         logger.warning("load_checkpoint is empty: predicting with randomly initialised weights")

@@ -92,7 +92,7 @@ def run_train(config, resolved, ctx) -> TrainState:
     optimizer = build_optimizer(model, config.optimizer, lr)
     loaded = None
     if config.load_checkpoint or config.resume_training:   # after the optimizer: resume restores its moments and step
-        from ..checkpoint.loader import load_weights
+        from ..checkpoint.hook import load_weights
         loaded = load_weights(model, ctx, config, optimizer)
     wrapper = config.runner_wrapper
     step = TrainStep(model, optimizer, ctx,

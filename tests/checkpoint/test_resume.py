@@ -148,7 +148,7 @@ def _run_config(**kw):
 
 
 def test_load_weights_is_the_runtime_hook(tmp_path):
-    from mindformers_st.checkpoint.loader import load_weights
+    from mindformers_st.checkpoint.hook import load_weights
     from mindformers_st.errors import ConfigError
     cfg = tiny_cfg()
     ctx = make_ctx()

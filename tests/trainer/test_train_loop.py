@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mindformers_st.config import load_config
-from mindformers_st.config.resolve import parallel_config_of, resolve_model
+from mindformers_st.trainer.resolve import parallel_config_of, resolve_model
 from mindformers_st.trainer.callbacks import Callback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

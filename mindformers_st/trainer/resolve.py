@@ -18,7 +18,7 @@ from ..layout.param_table import ParamTable
 from ..layout.parallel_config import ParallelConfig, plan_layouts
 from ..models.param_table import llama_param_table
 from ..models.registry import get_config_class
-from .schema import RunConfig
+from ..config.schema import RunConfig
 
 logger = logging.getLogger(__name__)
 
