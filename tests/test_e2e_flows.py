@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 
 from mindformers_st.records.commit import load_committed_entries
 from mindformers_st.storage.reader import open_safetensors
+from tests.conftest import free_port as _free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -32,12 +32,6 @@ PREDICT = os.path.join(ROOT, "configs", "llama2", "predict_llama2_tiny.yaml")
 LAUNCH_TIMEOUT = 420
 LOSS = re.compile(r"global step:\[(\d+)/(\d+)\], loss: ([0-9.]+)")
 PROMPTS = ["I love Beijing, because", "The red fox lives"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env():

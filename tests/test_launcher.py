@@ -4,13 +4,13 @@ Workers are tiny scripts; only the collective tests import MindSpore in the work
 uses a free port and a timeout, so a hung job never hangs the suite.
 """
 import os
-import socket
 import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
+
+from tests.conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "scripts", "msrun_launcher.sh")
@@ -39,12 +39,6 @@ total = ops.AllReduce()(Tensor(np.array([get_rank() + 1.0], np.float32))).asnump
 with open(os.path.join(sys.argv[1], "rank_%d.txt" % get_rank()), "w") as fh:
     fh.write("%d %d %g" % (get_rank(), get_group_size(), total))
 """
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args, cwd, timeout=240, env_extra=None):

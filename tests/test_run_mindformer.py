@@ -3,7 +3,6 @@ the seed's three commands with the tiny twins on 2 msrun workers."""
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from mindformers_st.config import load_config
 from mindformers_st.trainer.resolve import resolve_model
 from mindformers_st.errors import ConfigError
+from tests.conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = os.path.join(ROOT, ".venv", "bin", "python")
@@ -91,11 +91,6 @@ def test_yaml_contradicting_config_json_names_both(tmp_path):
 
 
 # ---- the seed's commands, tiny twins, 2 workers ---------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

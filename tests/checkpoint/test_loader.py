@@ -20,9 +20,9 @@ from mindformers_st.parallel.context import ParallelContext, init_parallel
 from mindformers_st.storage.index import write_index
 from mindformers_st.storage.writer import save_tensors
 from mindformers_st.transform import describe_complete, execute, plan_distributed, plan_merge
+from tests.conftest import TINY_LLAMA
 
-TINY = dict(vocab_size=64, hidden_size=16, num_layers=2, num_heads=4, n_kv_heads=2,
-            intermediate_size=32, seq_length=8)
+TINY = TINY_LLAMA
 
 
 # --------------------------------------------------------------------------- helpers

@@ -4,7 +4,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -17,17 +16,12 @@ from mindformers_st.commands.verify import verify_path
 from mindformers_st.layout.slices import TensorSlice
 from mindformers_st.storage.index import read_index
 from mindformers_st.storage.reader import open_safetensors
+from tests.conftest import free_port as _free_port
 
 pytestmark = pytest.mark.slow
 
 WORKER = os.path.join(os.path.dirname(__file__), "monitor_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _msrun(out, args, workers=2, timeout=420):

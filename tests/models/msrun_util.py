@@ -1,25 +1,9 @@
 """Run a script under msrun with a free port, a hard timeout and the venv's python on PATH."""
 import os
 import signal
-import socket
 import subprocess
 import sys
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (and the next one, which msrun may also use)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 65000:
-            with socket.socket() as s2:
-                try:
-                    s2.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port pair found")
+from tests.conftest import free_port
 
 
 def run_msrun(script, args, workers, log_dir, timeout=300):

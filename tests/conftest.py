@@ -1,0 +1,33 @@
+"""What many test modules share: a free port pair for msrun, the tiny Llama sizes, and a fixture
+building their LlamaConfig. Import helpers as `from tests.conftest import free_port, TINY_LLAMA`."""
+import socket
+
+import pytest
+
+# A Llama small enough for CPU tests (GQA: 4 heads over 2 KV heads), big enough that every
+# parallel split (mp2, mp4, dp2) is exercised.
+TINY_LLAMA = dict(vocab_size=64, hidden_size=16, num_layers=2, num_heads=4, n_kv_heads=2,
+                  intermediate_size=32, seq_length=8)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (and the next one, which msrun may also use)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 65000:
+            with socket.socket() as s2:
+                try:
+                    s2.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair found")
+
+
+@pytest.fixture
+def tiny_llama_config():
+    """The LlamaConfig of TINY_LLAMA (fp32)."""
+    from mindformers_st.models.config import LlamaConfig
+    return LlamaConfig.from_dict(dict(TINY_LLAMA))
