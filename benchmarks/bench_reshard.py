@@ -6,7 +6,8 @@ dp=2 x mp=2 with remove_redundancy), then times, each op in its own child proces
 (`sync; echo 3 > drop_caches` when permitted, else posix_fadvise(DONTNEED) on every file):
 
   floor          read the source bytes + write as many with fsync (the physical floor)
-  merge          mindformers-st merge (mp4 -> complete)
+  merge          mindformers-st merge (mp4 -> complete), checksums verified (the default)
+  merge_noverify the same merge with --verify off (the cost of verification is merge/this)
   merge_dedup    mindformers-st merge of the de-duplicated dp2 x mp2 save
   reshard        mindformers-st reshard mp4 -> mp2 (rank files to rank files)
   ms_unified     mindspore.unified_safetensors on the same mp4 input
@@ -45,7 +46,7 @@ from mindformers_st.models.config import LlamaConfig  # noqa: E402
 from mindformers_st.models.param_table import llama_param_table  # noqa: E402
 from mindformers_st.commands.reshard import parse_size  # noqa: E402
 
-OPS = ["floor", "merge", "merge_dedup", "reshard", "ms_unified", "ms_transform"]
+OPS = ["floor", "merge", "merge_noverify", "merge_dedup", "reshard", "ms_unified", "ms_transform"]
 MS_OPS = {"ms_unified", "ms_transform"}
 SRC_PC = ParallelConfig(model_parallel=4, vocab_emb_dp=False)
 DEDUP_PC = ParallelConfig(data_parallel=2, model_parallel=2, vocab_emb_dp=False)
@@ -145,6 +146,7 @@ def run_op(op: str, work: str, out: str, workers: int) -> dict:
     from mindformers_st.transform import (describe_distributed, execute, plan_distributed,
                                           plan_merge)
     src = os.path.join(work, "src_dedup" if op == "merge_dedup" else "src_mp4")
+    verify = "off" if op == "merge_noverify" else "read"
     t0 = time.perf_counter()
     if op == "floor":
         buf = bytearray(16 << 20)
@@ -163,8 +165,9 @@ def run_op(op: str, work: str, out: str, workers: int) -> dict:
                 n = fh.write(memoryview(buf)[:min(left, len(buf))])
                 left -= n
             os.fsync(fh.fileno())
-    elif op in ("merge", "merge_dedup"):
-        execute(plan_merge(describe_distributed(src)), out, workers=workers, progress=False)
+    elif op in ("merge", "merge_noverify", "merge_dedup"):
+        execute(plan_merge(describe_distributed(src)), out, workers=workers, progress=False,
+                verify=verify)
     elif op == "reshard":
         table = llama_param_table(model_config_from(work))
         execute(plan_distributed(describe_distributed(src), plan_layouts(table, DST_PC), DST_PC),
@@ -389,6 +392,7 @@ def main(argv=None) -> int:
     def ratio(a, b):
         return round(med[a] / med[b], 2) if med.get(a) and med.get(b) else None
     run["ratios"] = {"merge/floor": ratio("merge", "floor"),
+                     "merge/merge_noverify": ratio("merge", "merge_noverify"),
                      "merge_dedup/floor": ratio("merge_dedup", "floor"),
                      "reshard/floor": ratio("reshard", "floor"),
                      "ms_unified/merge": ratio("ms_unified", "merge"),
