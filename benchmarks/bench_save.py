@@ -54,8 +54,9 @@ def main():
     import numpy as np
     from monitor_worker import build_run, _Cfg
     from mindformers_st.checkpoint.monitor import CheckpointMonitor
+    from mindformers_st.checkpoint.network import ModelState
     from mindformers_st.checkpoint.state import snapshot_rank, HYPER_DTYPES
-    from mindformers_st.trainer.callbacks import TrainState
+    from mindformers_st.trainer.callbacks import TrainState, run_context_of
 
     scratch = tempfile.mkdtemp(prefix="bench_save_", dir=args.dir)
     model, opt, step, ctx = build_run(model_kwargs=dict(hidden_size=args.hidden, vocab_size=args.vocab,
@@ -83,13 +84,13 @@ def main():
     sync = CheckpointMonitor(checkpoint_format="safetensors", directory=os.path.join(scratch, "sync"),
                              keep_checkpoint_max=1, save_checkpoint_steps=10 ** 9, output_dir=scratch)
     state = new_state()
-    sync.on_train_begin(state)
+    sync.on_train_begin(run_context_of(state))
     train_step(state)                                   # warm-up (compilation, allocation)
     raw_times, sync_times, plain_steps = [], [], []
     nbytes = 0
     for i in range(args.rounds):
         plain_steps.append(train_step(state))
-        snap = snapshot_rank(model, opt, ctx, epoch=1, step=state.global_step,
+        snap = snapshot_rank(ModelState(model, opt, ctx), ctx, epoch=1, step=state.global_step,
                              hyper={n: 0 for n in HYPER_DTYPES})
         nbytes = snap.nbytes
         raw_path = os.path.join(scratch, "raw.bin")
@@ -102,24 +103,24 @@ def main():
                 raw_times.append(raw_write(raw_path, list(snap.arrays.values())))
                 os.remove(raw_path)
             else:
-                sync.save(state)
+                sync.save(run_context_of(state))
                 sync_times.append(sync.stats[-1].total_blocked)
         del snap
         print(f"round {i}: raw {raw_times[-1]:.3f} s, sync save blocked {sync_times[-1]:.3f} s", flush=True)
-    sync.on_train_end(state)
+    sync.on_train_end(run_context_of(state))
 
     # ---- asynchronous saves -----------------------------------------------------------------------
     asy = CheckpointMonitor(checkpoint_format="safetensors", directory=os.path.join(scratch, "async"),
                             keep_checkpoint_max=1, save_checkpoint_steps=2, async_save=True,
                             output_dir=scratch)
     state = new_state()
-    asy.on_train_begin(state)
+    asy.on_train_begin(run_context_of(state))
     async_steps = []
     t_loop = time.perf_counter()
     for _ in range(2 * args.rounds):
         async_steps.append(train_step(state))
-        asy.on_step_end(state)
-    asy.on_train_end(state)
+        asy.on_train_step_end(run_context_of(state))
+    asy.on_train_end(run_context_of(state))
     loop_time = time.perf_counter() - t_loop
     async_blocked = [s.total_blocked for s in asy.stats]
     print("async saves: " + ", ".join(f"blocked {s.blocked * 1e3:.0f} ms + commit {s.commit_time * 1e3:.0f} ms"

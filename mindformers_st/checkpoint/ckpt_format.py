@@ -42,15 +42,15 @@ def read_ckpt(path: str) -> Tuple[Dict[str, np.ndarray], List[str]]:
     arrays, skipped = {}, []
     for name, value in params.items():
         if hasattr(value, "asnumpy"):
-            arrays[name] = _as_standard_dtype(value.asnumpy())
+            arrays[name] = as_standard_dtype(value.asnumpy())
         else:
             skipped.append(name)
     return arrays, skipped
 
 
-def _as_standard_dtype(a: np.ndarray) -> np.ndarray:
-    """MindSpore returns bf16 as its own numpy bfloat16 type, which is not ml_dtypes'
-    (the one our storage maps to BF16); the bits are the same, so re-view them."""
+def as_standard_dtype(a: np.ndarray) -> np.ndarray:
+    """`a` with ml_dtypes' bfloat16 where MindSpore gave its own numpy bfloat16 type (not the
+    one our storage maps to BF16); the bits are the same, so they are re-viewed, not copied."""
     if a.dtype.name == "bfloat16" and a.dtype != np.dtype(ml_dtypes.bfloat16):
         return a.view(np.uint16).view(ml_dtypes.bfloat16)
     return a

@@ -34,7 +34,6 @@ import numpy as np
 from ..dtypes import ITEMSIZE
 from ..errors import (CheckpointError, ConfigError, MindformersSTError, PlanError,
                       UndescribedRankFilesError)
-from ..layout.param_table import OPTIMIZER_STATE_PREFIXES
 from ..records.scan import select_save
 from ..transform.execute import execute_to_memory
 from ..transform.planner import DEFAULT_MAX_SHARD_SIZE, plan_merge, plan_rank_slices
@@ -43,6 +42,7 @@ from ..transform.verify import verify_mode
 from .derived import (LOAD_WORKERS, agree_or_raise, build_derived_folder,
                       build_shared_folder, fingerprint, rank_world)
 from .detect import CheckpointSource, detect_checkpoint
+from .network import ModelState, NetworkState, is_optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ class LoadReport:
     epoch: Optional[int] = None
     step: Optional[int] = None
     resume: Any = None   # resume.ResumeInfo when this load resumed training
+    resume_point: Any = None   # api.ModelTrainResume: how Model.train continues (library call)
 
     def summary(self) -> str:
         """One line for the log."""
@@ -145,10 +146,6 @@ def _names(names: Sequence[str], k: int = 5) -> str:
         return ""
     return f" {list(names[:k])}{' ...' if len(names) > k else ''}"
 
-
-def is_optimizer_state(name: str) -> bool:
-    """True for AdamW moments and the step counter (`adam_m.*`, `adam_v.*`, `global_step`)."""
-    return name.startswith(OPTIMIZER_STATE_PREFIXES) or name == "global_step"
 
 
 # --------------------------------------------------------------------------- conversions
@@ -255,22 +252,6 @@ def check_same_layout(src: SourceCheckpoint, layouts: Mapping, names: Sequence[s
 
 
 # --------------------------------------------------------------------------- the hook
-def _expected(model, optimizer, ctx, with_optimizer: bool):
-    """(model names, optimizer names, layouts for all of them)."""
-    table = model.param_table()
-    weights = [p.name for p in table]
-    opt_names: List[str] = []
-    if with_optimizer:
-        table = table.with_optimizer_states()
-        opt_names = [p.name for p in table if p.name not in set(weights)]
-    if ctx is not None:
-        layouts = ctx.layouts(table)
-    else:
-        from ..layout.parallel_config import ParallelConfig, plan_layouts
-        layouts = plan_layouts(table, ParallelConfig())
-    return weights, opt_names, layouts
-
-
 def _check_mode(source: CheckpointSource, opts: LoadOptions) -> None:
     """The combinations MindSpore Transformers users know, as ConfigErrors with the fix."""
     if source.kind in ("complete", "hf"):
@@ -289,6 +270,8 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
                     file_suffix: Optional[str] = None) -> LoadReport:
     """Load `opts.load_checkpoint` into this rank's `model` (and `optimizer` when `resume`).
 
+    `model` is one of our models (with `optimizer` our AdamW) or a checkpoint.network
+    NetworkState (any MindSpore network: see `mindformers_st.load_checkpoint`).
     `file_suffix` ("{epoch}_{step}") picks one step of distributed weights (resume uses it).
     Every rank must call this (conversions and merges are collective). Raises ConfigError for
     a wrong combination of keys, CheckpointError for missing weights (or, when resuming,
@@ -308,13 +291,15 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
     _check_mode(source, opts)
     if source.format == "ckpt":
         source = _ckpt_to_safetensors(source, opts, ctx)
-    if source.kind == "hf":
-        fused = any(".w_qkv." in p.name or ".w_gate_hidden." in p.name
-                    for p in model.param_table())
-        source = convert_hf_online(source, opts, ctx, qkv_concat=fused)
-    weights, opt_names, layouts = _expected(model, optimizer, ctx, resume and optimizer is not None)
-    if resume and optimizer is None:
+    state = model if isinstance(model, NetworkState) else ModelState(
+        model, optimizer, ctx, with_optimizer=resume and optimizer is not None)
+    if resume and not state.optimizer_states:
         raise CheckpointError("resume_training needs the optimizer to restore its state")
+    if source.kind == "hf":
+        fused = any(".w_qkv." in n or ".w_gate_hidden." in n for n in state.weights)
+        source = convert_hf_online(source, opts, ctx, qkv_concat=fused)
+    weights, layouts = state.weights, state.layouts
+    opt_names = state.optimizer_states if resume else []
     strategy = opts.src_strategy_path_or_dir or None
 
     if source.kind == "complete":
@@ -325,8 +310,8 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
         mode = LoadMode.SAME_LAYOUT
         src = _describe_rank_files(source, strategy, layouts)
         path = source.path
-        check_same_layout(src, layouts, [n for n in weights + opt_names if n in src.chunks],
-                          ctx, source.path)
+        check_same_layout(src, layouts, [n for n in weights + opt_names
+                                         if n in src.chunks and n in layouts], ctx, source.path)
     else:
         src = _describe_rank_files(source, strategy, None)
         if opts.direct_reshard:
@@ -336,8 +321,7 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
             path = merge_online(src, opts, ctx, strategy)
             src = describe_complete(path)
 
-    report = _load_slices(src, source, mode, path, weights, opt_names, layouts, model,
-                          optimizer, ctx, resume, opts.verify)
+    report = _load_slices(src, source, mode, path, state, opt_names, ctx, resume, opts.verify)
     report.source = original
     if report.epoch is None and source.file_suffix:
         report.epoch, report.step = (int(x) for x in source.file_suffix.split("_"))
@@ -395,13 +379,15 @@ def merge_online(src: SourceCheckpoint, opts: LoadOptions, ctx, strategy=None) -
 
 
 def _load_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode, path: str,
-                 weights: List[str], opt_names: List[str], layouts, model, optimizer, ctx,
-                 resume: bool, verify: str = "read") -> LoadReport:
+                 state: NetworkState, opt_names: List[str], ctx, resume: bool,
+                 verify: str = "read") -> LoadReport:
     report = LoadReport(source, mode.value, path, epoch=src.epoch, step=src.step)
+    weights, layouts = state.weights, state.layouts
     wanted = set(weights) | set(opt_names)
-    report.missing = [n for n in weights + opt_names if n not in src.chunks]
-    if resume and "global_step" not in src.hyper:
-        report.missing.append("global_step")
+
+    def held(n: str) -> bool:   # sliced tensors are chunks, whole-valued counters hyper values
+        return n in src.chunks if n in layouts else n in src.hyper
+    report.missing = [n for n in weights + opt_names if not held(n)]
     report.unexpected = [n for n in src.chunks
                          if n not in wanted and not (is_optimizer_state(n) and not resume)]
     report.optimizer_ignored = [n for n in src.chunks if n not in wanted and is_optimizer_state(n)
@@ -423,7 +409,7 @@ def _load_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode
         logger.warning("load_checkpoint %s: %d tensor(s) in the checkpoint are not in the model "
                        "and are ignored: %s", path, len(report.unexpected), report.unexpected[:8])
     rank = ctx.rank if ctx is not None else 0
-    names = [n for n in weights + opt_names if n in src.chunks]
+    names = [n for n in weights + opt_names if n in src.chunks and n in layouts]
     try:
         plan = plan_rank_slices(src, {n: layouts[n] for n in names}, rank, include_hyper=True)
     except PlanError as exc:
@@ -434,11 +420,9 @@ def _load_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode
     except (MindformersSTError, OSError) as exc:
         failure = exc
     agree_or_raise(ctx, failure, f"load_checkpoint {path}")
-    report.loaded = model.set_local_params({n: arrays[n] for n in weights}, strict=True)
+    report.loaded = state.set_weights({n: arrays[n] for n in weights if n in arrays}, strict=True)
     report.hyper = {n: arrays[n] for n in src.hyper if n in arrays}
     if resume:
-        state = {n: arrays[n] for n in opt_names}
-        state["global_step"] = arrays["global_step"]
-        report.loaded += optimizer.set_state_arrays(state, strict=True)
+        report.loaded += state.set_optimizer_states({n: arrays[n] for n in opt_names}, strict=True)
         report.optimizer_loaded = True
     return report

@@ -27,12 +27,19 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional
 
+import numpy as np
+
 from ..errors import CheckpointError, ConfigError
 from ..parallel.agree import all_ranks, broadcast_json
 from ..records import commit as cm
 from ..records.names import ckpt_file_name, rank_dir_name
-from ..trainer.callbacks import Callback
+from .network import CellState, ModelState
 from .state import owned_names, snapshot_rank, write_rank_file
+
+try:   # the class is a mindspore.train.Callback; importing this module imports MindSpore
+    from mindspore.train import Callback as MindSporeCallback
+except ImportError as exc:   # pragma: no cover - MindSpore is a dependency of the package
+    raise ImportError("CheckpointMonitor needs MindSpore (pip install mindspore)") from exc
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +82,15 @@ class SaveStats:
         return self.blocked + self.commit_time + self.wait_time
 
 
-class CheckpointMonitor(Callback):
-    """Save this rank's parameters, optimizer state and resume values every N steps.
+class CheckpointMonitor(MindSporeCallback):
+    """Save this rank's parameters, optimizer state and resume values every N steps: a
+    `mindspore.train.Callback` for `Model.train(..., callbacks=[...])` with any network and
+    optimizer, and the callback our own trainer drives through the same protocol.
 
     Options keep MindSpore Transformers' names and defaults (see docs/checkpoint-saving.md).
+    `layouts` (a MindSpore strategy file/folder, or {name: TensorLayout}) says how a network's
+    tensors are cut over the ranks when MindSpore's `parameter_layout_dict` does not; by default
+    every tensor is whole on every rank (one card, DATA_PARALLEL).
     `directory` None means `{output_dir}/checkpoint`. ConfigError for invalid combinations
     (remove_redundancy with ckpt, a prefix with '/', non-positive step counts).
     """
@@ -89,7 +101,9 @@ class CheckpointMonitor(Callback):
                  async_save: bool = False, save_network_params: bool = False,
                  save_trainable_params: bool = False, integrated_save: bool = True,
                  global_batch_size: Optional[int] = None, output_dir: str = "./output",
-                 save_checkpoint_seconds: int = 0, keep_checkpoint_per_n_minutes: int = 0):
+                 save_checkpoint_seconds: int = 0, keep_checkpoint_per_n_minutes: int = 0,
+                 layouts=None):
+        super().__init__()
         if not isinstance(prefix, str) or not prefix or "/" in prefix or "\\" in prefix:
             raise ConfigError(f"CheckpointMonitor prefix must be a non-empty name without '/', got {prefix!r}")
         if checkpoint_format not in FORMATS:
@@ -126,7 +140,13 @@ class CheckpointMonitor(Callback):
         self._committed: List[cm.CommittedSave] = []
         self._owned = None
         self._ctx = None
+        self._net = None
+        self._last_step = 0
         self._buffers = {}   # async snapshot buffers, reused once the previous save is written
+        if isinstance(layouts, str):   # a MindSpore strategy file or folder of the run
+            from ..layout.strategy import read_strategy
+            layouts = read_strategy(layouts)
+        self.layouts = dict(layouts) if layouts else None
 
     @classmethod
     def from_config(cls, cb_cfg, config) -> "CheckpointMonitor":
@@ -161,11 +181,30 @@ class CheckpointMonitor(Callback):
                                     ckpt_file_name(self.prefix, rank, epoch, step, self.fmt, "network")))
         return out
 
-    # ---- callback hooks --------------------------------------------------------------------
-    def on_train_begin(self, state) -> None:
+    # ---- MindSpore's callback protocol ------------------------------------------------------
+    def _bind(self, run_context):
+        """(cb_params, ctx, NetworkState) of the run: our trainer passes its TrainState as
+        `mfst_state`; any other caller (MindSpore's Model.train) gives `train_network` and
+        `optimizer`, and the job is read from MindSpore's communication state."""
+        cb = run_context.original_args()
+        state = cb.get("mfst_state")
+        if state is not None:
+            return cb, state.ctx, ModelState(state.model, state.optimizer, state.ctx)
+        from ..parallel.context import context_from_mindspore
+        net = cb.get("train_network") or cb.get("network")
+        if net is None:
+            raise CheckpointError("CheckpointMonitor: the run context has no train_network; use it "
+                                  "as a callback of mindspore.train.Model.train")
+        ctx = context_from_mindspore()
+        return cb, ctx, CellState(net, cb.get("optimizer"), ctx.world_size, self.layouts)
+
+    def on_train_begin(self, run_context) -> None:
         """Create this rank's folders; learn the saves already committed in `directory` (rank 0
-        reads committed.json and shares it, so every rank prunes the same saves)."""
-        ctx = self._ctx = state.ctx
+        reads committed.json and shares it, so every rank prunes the same saves); write the
+        strategy files of a network we did not plan (rank 0)."""
+        cb, ctx, net_state = self._bind(run_context)
+        self._ctx, self._net = ctx, net_state
+        self._last_step = self._global_step(cb)
         if self.remove_redundancy and ctx.world_size == 1:
             logger.info("remove_redundancy on one rank: the file holds everything (nothing is replicated)")
         for p in self._paths(ctx.rank, 0, 0):
@@ -173,6 +212,8 @@ class CheckpointMonitor(Callback):
             _sweep_temporaries(os.path.dirname(p))
         if ctx.is_main:
             _sweep_temporaries(self.directory)
+            if cb.get("mfst_state") is None:
+                self._write_strategy(ctx, net_state)
         entries = None
         if ctx.is_main:
             entries = [e.to_json() for e in cm.load_committed_entries(self.directory)]
@@ -180,46 +221,91 @@ class CheckpointMonitor(Callback):
         self._committed = [cm.CommittedSave.from_json(e, self.directory, cm.COMMITTED_FILE)
                            for e in entries]
         if self.remove_redundancy:
-            self._owned = owned_names(state.model, ctx)
+            self._owned = owned_names(net_state, ctx)
         logger.info("CheckpointMonitor: %s every %d steps to %s (keep %d, %s%s)", self.fmt,
                     self.save_steps, self.directory, self.keep_max,
                     "async" if self.async_save else "sync",
                     ", remove_redundancy" if self.remove_redundancy else "")
 
-    def on_step_end(self, state) -> None:
-        """Commit a finished async save; save when the step is a multiple of save_checkpoint_steps."""
+    def on_train_step_end(self, run_context) -> None:
+        """Commit a finished async save; save when the global step reaches a multiple of
+        save_checkpoint_steps (with dataset sink, when one was passed since the last save)."""
+        if self._ctx is None:
+            self.on_train_begin(run_context)
+        cb = run_context.original_args()
+        ctx = self._ctx
         if self._pending is not None:
-            if all_ranks(state.ctx, self._pending.done):
-                self._commit(state.ctx, self._pending)
-        if state.global_step % self.save_steps == 0:
-            self.save(state)
+            if all_ranks(ctx, self._pending.done):
+                self._commit(ctx, self._pending)
+        step = self._global_step(cb)
+        if step // self.save_steps > self._last_step // self.save_steps:
+            self.save(run_context)
+        self._last_step = step
 
-    def on_train_end(self, state) -> None:
+    def on_train_end(self, run_context) -> None:
         """Wait for and commit an async save still in flight."""
         if self._pending is not None:
-            self._wait_and_commit(state.ctx)
+            self._wait_and_commit(self._ctx)
         self._buffers = {}
 
+    def _write_strategy(self, ctx, net_state) -> None:
+        """`{output_dir}/strategy/ckpt_strategy_rank_{r}.ckpt` of every rank, as MindSpore writes
+        them, so MindSpore's unified_safetensors and our merge read the saves."""
+        from ..layout.strategy import write_strategy_file
+        folder = os.path.join(self.output_dir, "strategy")
+        os.makedirs(folder, exist_ok=True)
+        for r in range(ctx.world_size):
+            write_strategy_file(os.path.join(folder, f"ckpt_strategy_rank_{r}.ckpt"),
+                                net_state.layouts)
+
+    def _global_step(self, cb) -> int:
+        """Optimizer updates done: our loop's count, else the optimizer's `global_step` (Model.train
+        restarts `cur_step_num` at 1 after a resume with initial_epoch), else `cur_step_num`."""
+        state = cb.get("mfst_state")
+        if state is not None:
+            return int(state.global_step)
+        count = self._net.step_count() if self._net is not None else None
+        return int(count if count is not None else (cb.get("cur_step_num") or 0))
+
+    def _hyper(self, cb, ctx, net_state):
+        """(epoch, step in epoch, global step, hyper values) of the step just finished."""
+        state = cb.get("mfst_state")
+        if state is not None:
+            epoch, step, global_step = int(state.epoch) + 1, int(state.step_in_epoch), int(state.global_step)
+            gbs = int(self.global_batch_size or state.global_batch_size or 0)
+            lr = float(state.lr if state.lr is not None else 0.0)
+            loss_scale = float(state.extra.get("loss_scale", 1.0))
+            data_position = int(state.extra.get("data_position", global_step * gbs))
+            seed = int(getattr(state.config, "seed", getattr(ctx, "seed", 0)))
+        else:
+            global_step = self._global_step(cb)
+            per_epoch = int(cb.get("batch_num") or 0) or max(1, global_step)
+            epoch = int(cb.get("cur_epoch_num") or 1)
+            step = (global_step - 1) % per_epoch + 1
+            gbs = int(self.global_batch_size or _dataset_batch(cb) * ctx.world_size)
+            lr = _learning_rate(cb.get("optimizer"), net_state)
+            loss_scale = _loss_scale(cb.get("net_outputs"))
+            data_position = global_step * gbs
+            import mindspore as ms
+            seed = int(ms.get_seed() or 0)
+        hyper = {"epoch_num": epoch, "step_num": global_step, "loss_scale": loss_scale,
+                 "global_batch_size": gbs, "learning_rate": lr, "data_position": data_position,
+                 "seed": seed}
+        return epoch, step, global_step, hyper
+
     # ---- saving ------------------------------------------------------------------------------
-    def save(self, state) -> None:
+    def save(self, run_context) -> None:
         """Save now (every rank must call this at the same step)."""
-        ctx = state.ctx
+        cb, ctx, net_state = run_context.original_args(), self._ctx, self._net
         if self._pending is not None:   # the previous async save must commit first
             self._wait_and_commit(ctx)
         t0 = time.perf_counter()
-        epoch, step = int(state.epoch) + 1, int(state.step_in_epoch)
-        gbs = int(self.global_batch_size or state.global_batch_size or 0)
-        hyper = {"epoch_num": epoch, "step_num": int(state.global_step),
-                 "loss_scale": float(state.extra.get("loss_scale", 1.0)),
-                 "global_batch_size": gbs,
-                 "learning_rate": float(state.lr if state.lr is not None else 0.0),
-                 "data_position": int(state.extra.get("data_position", state.global_step * gbs)),
-                 "seed": int(getattr(state.config, "seed", getattr(ctx, "seed", 0)))}
-        snap = snapshot_rank(state.model, state.optimizer, ctx, epoch=epoch, step=step, hyper=hyper,
+        epoch, step, global_step, hyper = self._hyper(cb, ctx, net_state)
+        snap = snapshot_rank(net_state, ctx, epoch=epoch, step=step, hyper=hyper,
                              remove_redundancy=self.remove_redundancy, owned=self._owned,
                              copy=self.async_save, buffers=self._buffers if self.async_save else None)
         paths = self._paths(ctx.rank, epoch, step)
-        pending = _Save(epoch, step, int(state.global_step), paths, snap.nbytes)
+        pending = _Save(epoch, step, global_step, paths, snap.nbytes)
         jobs = [(paths[0], snap)]
         if len(paths) > 1:
             names = snap.trainable_names if self.save_trainable_params else snap.network_names
@@ -236,13 +322,13 @@ class CheckpointMonitor(Callback):
             pending.write_time = time.perf_counter() - tw
 
         if self.async_save:
-            pending.thread = threading.Thread(target=write, name=f"ckpt-save-{state.global_step}",
+            pending.thread = threading.Thread(target=write, name=f"ckpt-save-{global_step}",
                                               daemon=True)
             pending.thread.start()
             pending.blocked = time.perf_counter() - t0
             self._pending = pending
             logger.info("step %d: async save started (%.1f MB), training blocked %.1f ms",
-                        state.global_step, pending.nbytes / 1e6, pending.blocked * 1e3)
+                        global_step, pending.nbytes / 1e6, pending.blocked * 1e3)
         else:
             write()
             pending.blocked = time.perf_counter() - t0
@@ -333,3 +419,34 @@ def _sweep_temporaries(folder: str) -> None:
     if stale:
         logger.info("%s: removing %d temporary file(s) left by an interrupted save", folder, len(stale))
         cm.remove_files(stale)
+
+
+def _dataset_batch(cb) -> int:
+    """Batch size of the run's dataset (per rank), 0 when unknown."""
+    dataset = cb.get("train_dataset")
+    try:
+        return int(dataset.get_batch_size()) if dataset is not None else 0
+    except Exception:   # MindSpore raises several types for datasets without a batch op
+        return 0
+
+
+def _learning_rate(optimizer, net_state) -> float:
+    """The optimizer's current learning rate where MindSpore exposes it as a value, else 0."""
+    params = net_state.parameters()
+    value = params.get("learning_rate")
+    if value is None and optimizer is not None:
+        value = getattr(optimizer, "learning_rate", None)
+    try:
+        return float(np.asarray(value.asnumpy()).reshape(-1)[0])
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return 0.0
+
+
+def _loss_scale(outputs) -> float:
+    """The loss scale a loss-scale wrapper returns as the third output (loss, overflow, scale)."""
+    if isinstance(outputs, (tuple, list)) and len(outputs) >= 3:
+        try:
+            return float(np.asarray(outputs[2].asnumpy()).reshape(-1)[0])
+        except (AttributeError, TypeError, ValueError):
+            pass
+    return 1.0

@@ -137,6 +137,17 @@ def _load_first_intact(opts, model, optimizer, ctx, selection: SaveSelection):
                           f"start without resume_training")
 
 
+def _step_count(model, optimizer) -> int:
+    """The restored optimizer's update count (ours: step_count; any network: its global_step)."""
+    if optimizer is not None and hasattr(optimizer, "step_count"):
+        return int(optimizer.step_count)
+    if hasattr(model, "step_count"):
+        count = model.step_count()
+        if count is not None:
+            return int(count)
+    raise CheckpointError("resume: the optimizer has no global_step to restore the step from")
+
+
 def resume_checkpoint(opts, resume_training, model, optimizer, ctx):
     """Select the step (`select_resume_save`), load weights and optimizer state for it on this
     rank (`loader.load_checkpoint(resume=True)`), falling back to the previous committed save
@@ -155,7 +166,7 @@ def resume_checkpoint(opts, resume_training, model, optimizer, ctx):
         point = ResumePoint(epoch, step, selection.how, selection.global_step)
     hyper = report.hyper
     info = ResumeInfo(
-        global_step=int(optimizer.step_count),
+        global_step=_step_count(model, optimizer),
         epoch_num=_scalar(hyper, "epoch_num"), step_num=_scalar(hyper, "step_num"),
         data_position=_scalar(hyper, "data_position"), seed=_scalar(hyper, "seed"),
         global_batch_size=_scalar(hyper, "global_batch_size"),

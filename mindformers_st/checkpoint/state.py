@@ -1,7 +1,8 @@
 """What one rank's training checkpoint holds, and how that file is written.
 
-`snapshot_rank` collects this rank's local slices of the parameters and AdamW moments, the
-optimizer's `global_step` and the whole-valued hyper tensors a resume needs (epoch_num,
+`snapshot_rank` collects this rank's local slices of a network's tensors (weights, optimizer
+moments; checkpoint.network says which and how they are laid out), the optimizer's
+`global_step` and the whole-valued hyper tensors a resume needs (epoch_num,
 step_num, loss_scale, global_batch_size, learning_rate, data_position, seed), plus the
 `__metadata__` self-description of contracts.md. Under `remove_redundancy` only the slices this
 rank owns (layout.owners: each distinct slice written once, balanced over its replicas) are
@@ -20,9 +21,10 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..layout.owners import assign_owners, owned_by
-from ..layout.parallel_config import plan_layouts
 from ..layout.slices import TensorSlice
 from ..records.hyper import GLOBAL_STEP, GLOBAL_STEP_DTYPE, SAVE_HYPER_DTYPES as HYPER_DTYPES
+from ..records.hyper import is_hyper
+from .ckpt_format import as_standard_dtype
 from ..records.rank_meta import RankFileMeta
 from ..dtypes import numpy_to_st
 from ..storage.atomic import atomic_path
@@ -62,19 +64,14 @@ class RankSnapshot:
                             self.meta.subset(names), self.copied)
 
 
-def save_layouts(model, ctx):
-    """Layouts of every parameter and AdamW moment of `model` under `ctx.config`, and their dtypes."""
-    table = model.param_table().with_optimizer_states()
-    return plan_layouts(table, ctx.config), {spec.name: spec.dtype for spec in table}
-
-
-def owned_names(model, ctx) -> Set[str]:
-    """Names of the tensors (parameters and moments) this rank writes under remove_redundancy.
+def owned_names(state, ctx) -> Set[str]:
+    """Names of the tensors (of `state`, a checkpoint.network.NetworkState) this rank writes
+    under remove_redundancy.
 
     Every rank computes the same assignment alone (layout.owners is deterministic); a rank holds
     one block per tensor, so owning a tensor means owning exactly the slice it holds."""
-    layouts, dtypes = save_layouts(model, ctx)
-    mine = owned_by(assign_owners(layouts, dtypes), ctx.rank)
+    layouts = state.layouts
+    mine = owned_by(assign_owners(layouts, state.dtypes), ctx.rank)
     for name, block in mine.items():
         held = layouts[name].slice_for(ctx.rank)
         if block != held:   # would mean owners.py and the layouts disagree: never write wrong bytes
@@ -86,7 +83,7 @@ def owned_names(model, ctx) -> Set[str]:
 def _live(param, copy: bool, buffers: Optional[Dict[str, np.ndarray]] = None) -> np.ndarray:
     # asnumpy() shares the parameter's memory on CPU: a save that runs while training
     # continues (async) must copy, a synchronous one can write straight from it.
-    arr = param.asnumpy()
+    arr = as_standard_dtype(param.asnumpy())
     if not copy:
         return arr
     if buffers is None:
@@ -99,51 +96,56 @@ def _live(param, copy: bool, buffers: Optional[Dict[str, np.ndarray]] = None) ->
     return buf
 
 
-def snapshot_rank(model, optimizer, ctx, *, epoch: int, step: int, hyper: Mapping[str, float],
+def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, float],
                   remove_redundancy: bool = False, owned: Optional[Set[str]] = None,
                   copy: bool = False, buffers: Optional[Dict[str, np.ndarray]] = None) -> RankSnapshot:
-    """This rank's save: parameters, adam_m./adam_v. moments, global_step, hyper tensors.
+    """This rank's save of `state` (a checkpoint.network.NetworkState): every tensor it holds
+    (weights, optimizer moments and counters, under MindSpore's names), then the hyper tensors.
 
-    `epoch`/`step` are the file-name numbers; `hyper` gives a value for every HYPER_DTYPES name.
-    With remove_redundancy, `owned` (from owned_names) limits the sliced tensors written.
-    `copy` takes copies (for async saves), into `buffers` {name: array} when given: the caller
-    must not reuse them before the previous snapshot's file is written."""
+    `epoch`/`step` are the file-name numbers; `hyper` gives a value for every HYPER_DTYPES name
+    (a network tensor of the same name, e.g. MindSpore's `learning_rate` parameter, wins). With
+    remove_redundancy, `owned` (from owned_names) limits the sliced tensors written; tensors
+    without a layout (global_step and other counters) are written whole by every rank. `copy`
+    takes copies (for async saves), into `buffers` {name: array} when given: the caller must not
+    reuse them before the previous snapshot's file is written."""
     missing = sorted(set(HYPER_DTYPES) - set(hyper))
     if missing:
         raise CheckpointError(f"snapshot: hyper values {missing} are missing; a save needs all of "
                               f"{sorted(HYPER_DTYPES)}")
-    layouts, _ = save_layouts(model, ctx)
-    params = {p.name: p for p in model.get_parameters()}
-    state = {p.name: p for p in list(optimizer.adam_m) + list(optimizer.adam_v)}
-    unknown = sorted(n for n in list(params) + list(state) if n not in layouts)
-    if unknown:
-        raise CheckpointError(f"snapshot: {unknown[:5]} have no layout in the model's parameter table; "
-                              f"the model and its table disagree, so this save could not be resharded")
-    keep = (lambda n: n in owned) if remove_redundancy else (lambda n: True)
     if remove_redundancy and owned is None:
         raise CheckpointError("snapshot: remove_redundancy needs the owned tensor names (owned_names)")
-
+    params = state.parameters()
+    layouts = state.layouts
+    unknown = sorted(n for n in params if n not in layouts and not is_hyper(n))
+    if unknown:
+        raise CheckpointError(f"snapshot: {unknown[:5]} have no layout; the network and its layouts "
+                              f"disagree, so this save could not be resharded")
     arrays: Dict[str, np.ndarray] = {}
     slices: Dict[str, TensorSlice] = {}
-    for name, p in list(params.items()) + list(state.items()):
-        if not keep(name):
+    for name, p in params.items():
+        lay = layouts.get(name)
+        if lay is None:   # a whole-valued counter: every rank writes it
+            arr = np.array(_live(p, True, None), copy=True)
+            arrays[name] = arr.astype(GLOBAL_STEP_DTYPE) if name == GLOBAL_STEP else arr
             continue
-        sl = layouts[name].slice_for(ctx.rank)
+        if remove_redundancy and name not in owned:
+            continue
+        sl = lay.slice_for(ctx.rank)
         arr = _live(p, copy, buffers)
         if tuple(arr.shape) != tuple(sl.sizes):
             raise CheckpointError(f"snapshot: {name} holds {tuple(arr.shape)} on rank {ctx.rank} but its "
                                   f"layout says {tuple(sl.sizes)}; refusing to save a wrong slice")
         arrays[name], slices[name] = arr, sl
-    arrays[GLOBAL_STEP] = np.array(optimizer.global_step.asnumpy(), copy=True).astype(GLOBAL_STEP_DTYPE)
     for name, dtype in HYPER_DTYPES.items():
-        arrays[name] = np.array(hyper[name], dtype=dtype)
+        if name not in arrays:
+            arrays[name] = np.array(hyper[name], dtype=dtype)
 
     pc = ctx.config
     meta = RankFileMeta(int(ctx.rank), int(ctx.world_size), dict(slices),
                         pc.to_json() if hasattr(pc, "to_json") else {}, bool(remove_redundancy),
                         int(epoch), int(step))
-    network = tuple(n for n in params if n in arrays)
-    trainable = tuple(n for n in network if params[n].requires_grad)
+    network = tuple(n for n in state.weights if n in arrays)
+    trainable = tuple(n for n in state.trainable() if n in arrays)
     return RankSnapshot(arrays, slices, meta, copy, network, trainable)
 
 

@@ -210,3 +210,22 @@ def _group(name, ranks, world, world_group, create_group) -> Optional[str]:
         create_group(name, ranks)
         _GROUPS.add(name)
     return name
+
+
+def context_from_mindspore() -> ParallelContext:
+    """The job as MindSpore's own training sees it (a script using `Model.train`): rank and world
+    size from `mindspore.communication` when it was initialised (msrun, DATA_PARALLEL), else one
+    card. The ParallelConfig is pure data parallelism over the world; collectives use the world
+    group."""
+    from ..layout.parallel_config import ParallelConfig
+    try:
+        from mindspore.communication import GlobalComm, get_group_size, get_rank
+        inited = bool(getattr(GlobalComm, "INITED", False))
+    except ImportError:   # pragma: no cover - MindSpore is a dependency
+        inited = False
+    if not inited:
+        return ParallelContext(rank=0, world_size=1, config=ParallelConfig())
+    rank, world = get_rank(), get_group_size()
+    return ParallelContext(rank=rank, world_size=world, config=ParallelConfig(data_parallel=world),
+                           dp_group=GlobalComm.WORLD_COMM_GROUP if world > 1 else None,
+                           world_group=GlobalComm.WORLD_COMM_GROUP, use_parallel=world > 1)

@@ -1,9 +1,12 @@
-"""The training-callback protocol, the state it sees, and MFLossMonitor.
+"""Callbacks of our train loop: MindSpore's own protocol, the state they see, MFLossMonitor.
 
-The train loop calls `on_train_begin(state)`, `on_step_end(state)` after every optimizer step,
-and `on_train_end(state)`. `TrainState` carries everything a callback may need: step counters,
-the last loss/lr/grad norm, the model, optimizer, parallel context, data position and config.
-CheckpointMonitor (mindformers_st/checkpoint/monitor.py) plugs in through the same protocol.
+Callbacks are `mindspore.train.Callback`s, driven as `Model.train` drives them:
+`on_train_begin(run_context)`, `on_train_step_end(run_context)` after every optimizer step,
+`on_train_end(run_context)`. `run_context_of(state)` gives the `RunContext` whose
+`original_args()` holds MindSpore's fields (`train_network`, `optimizer`, `cur_epoch_num`,
+`cur_step_num`, `batch_num`, `epoch_num`, `net_outputs`) and ours (`mfst_state`: the TrainState
+with the model, parallel context, lr, data position and config). So CheckpointMonitor
+(checkpoint/monitor.py) is one class for this loop and for any `Model.train` script.
 """
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+from mindspore.train import Callback
 
 from ..errors import ConfigError
 
@@ -52,17 +57,32 @@ class TrainState:
                 "steps_per_epoch": self.steps_per_epoch, "seed": int(self.config.seed)}
 
 
-class Callback:
-    """Base class: override the hooks you need (all no-ops here)."""
+class CallbackParams(dict):
+    """MindSpore's callback parameters: a dict whose keys read as attributes too."""
 
-    def on_train_begin(self, state: TrainState) -> None:
-        """Before the first step (after weights are loaded)."""
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
 
-    def on_step_end(self, state: TrainState) -> None:
-        """After every optimizer step."""
 
-    def on_train_end(self, state: TrainState) -> None:
-        """After the last step."""
+def run_context_of(state: TrainState):
+    """A `mindspore.train.RunContext` describing the loop's current step (see the module doc)."""
+    from mindspore.train import RunContext
+    return RunContext(CallbackParams(
+        train_network=state.model, network=state.model, optimizer=state.optimizer,
+        cur_epoch_num=int(state.epoch) + 1, cur_step_num=int(state.global_step),
+        batch_num=int(state.steps_per_epoch), epoch_num=None, net_outputs=state.loss,
+        mfst_state=state))
+
+
+def _state(run_context) -> TrainState:
+    state = run_context.original_args().get("mfst_state")
+    if state is None:
+        raise ConfigError("MFLossMonitor reads the TrainState of mindformers_st's train loop; "
+                          "use mindspore.train.LossMonitor with Model.train")
+    return state
 
 
 class MFLossMonitor(Callback):
@@ -73,10 +93,11 @@ class MFLossMonitor(Callback):
         self.per_print_times = max(1, int(per_print_times))
         self._t0 = 0.0
 
-    def on_train_begin(self, state: TrainState) -> None:
+    def on_train_begin(self, run_context) -> None:
         self._t0 = time.time()
 
-    def on_step_end(self, state: TrainState) -> None:
+    def on_train_step_end(self, run_context) -> None:
+        state = _state(run_context)
         if state.global_step % self.per_print_times and state.global_step != state.total_steps:
             return
         tput = state.tokens_per_step / state.step_time if state.step_time > 0 else 0.0
@@ -89,7 +110,8 @@ class MFLossMonitor(Callback):
         if state.ctx.is_main:
             print(msg, flush=True)
 
-    def on_train_end(self, state: TrainState) -> None:
+    def on_train_end(self, run_context) -> None:
+        state = _state(run_context)
         if state.ctx.is_main and state.losses:
             print(f"training done: {state.global_step} steps in {time.time() - self._t0:.1f} s, "
                   f"loss {state.losses[0]:.4f} -> {state.losses[-1]:.4f}", flush=True)

@@ -16,7 +16,7 @@ import time
 from typing import Optional
 
 from ..errors import ConfigError
-from .callbacks import TrainState, build_callbacks
+from .callbacks import TrainState, build_callbacks, run_context_of
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def run_train(config, resolved, ctx) -> TrainState:
         apply_resume(state, loaded.resume)
     callbacks = build_callbacks(config)
     for cb in callbacks:
-        cb.on_train_begin(state)
+        cb.on_train_begin(run_context_of(state))
     start = state.global_step
     epoch, step_in_epoch = divmod(start, data.steps_per_epoch)
     if ctx.is_main:
@@ -133,9 +133,10 @@ def run_train(config, resolved, ctx) -> TrainState:
             state.step_time = time.time() - t0
             state.tokens_per_step = data.plan.global_batch * seq_len
             state.losses.append(loss)
+            step_context = run_context_of(state)
             for cb in callbacks:
-                cb.on_step_end(state)
+                cb.on_train_step_end(step_context)
         epoch, step_in_epoch = epoch + 1, 0
     for cb in callbacks:
-        cb.on_train_end(state)
+        cb.on_train_end(run_context_of(state))
     return state

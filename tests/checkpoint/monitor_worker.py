@@ -46,13 +46,13 @@ def build_run(dp=1, mp=1, use_parallel=False, seed=0, model_kwargs=None):
 
 def train(model, opt, step, ctx, callbacks, steps, out_dir, steps_per_epoch=3, batch=4, seed=0):
     """Run `steps` optimizer steps on deterministic random tokens, calling the callbacks."""
-    from mindformers_st.trainer.callbacks import TrainState
+    from mindformers_st.trainer.callbacks import TrainState, run_context_of
 
     cfg = model.cfg
     state = TrainState(config=_Cfg(out_dir, seed), model=model, optimizer=opt, ctx=ctx, train_step=step,
                        steps_per_epoch=steps_per_epoch, total_steps=steps, global_batch_size=batch)
     for cb in callbacks:
-        cb.on_train_begin(state)
+        cb.on_train_begin(run_context_of(state))
     rng = np.random.default_rng(seed)
     for i in range(steps):
         ids = rng.integers(1, cfg.vocab_size, size=(batch, cfg.seq_length + 1))
@@ -63,17 +63,17 @@ def train(model, opt, step, ctx, callbacks, steps, out_dir, steps_per_epoch=3, b
         state.loss, state.lr, state.grad_norm = loss, step.last_lr, step.last_grad_norm
         state.losses.append(loss)
         for cb in callbacks:
-            cb.on_step_end(state)
+            cb.on_train_step_end(run_context_of(state))
     for cb in callbacks:
-        cb.on_train_end(state)
+        cb.on_train_end(run_context_of(state))
     return state
 
 
 def dump_truth(model, opt, ctx, out_dir):
     """Every local slice (params and moments) with its global offsets, in plain numpy."""
-    from mindformers_st.checkpoint.state import save_layouts
+    from mindformers_st.checkpoint.network import ModelState
 
-    layouts, _ = save_layouts(model, ctx)
+    layouts = ModelState(model, opt, ctx).layouts
     arrays = dict(model.get_local_params())
     arrays.update(opt.get_state_arrays())
     os.makedirs(os.path.join(out_dir, "truth"), exist_ok=True)
@@ -86,13 +86,13 @@ def dump_truth(model, opt, ctx, out_dir):
 class _PrintSteps:
     """Tells a parent process how far training got (the crash test times its kill from it)."""
 
-    def on_train_begin(self, state):
+    def on_train_begin(self, run_context):
         print("begin", flush=True)
 
-    def on_step_end(self, state):
-        print(f"step {state.global_step}", flush=True)
+    def on_train_step_end(self, run_context):
+        print(f"step {run_context.original_args()['cur_step_num']}", flush=True)
 
-    def on_train_end(self, state):
+    def on_train_end(self, run_context):
         pass
 
 

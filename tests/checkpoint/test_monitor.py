@@ -12,6 +12,7 @@ from mindformers_st.checkpoint.monitor import CheckpointMonitor
 from mindformers_st.errors import CheckpointError
 from mindformers_st.storage.checksum import verify_checksums
 from mindformers_st.storage.reader import open_safetensors
+from mindformers_st.trainer.callbacks import run_context_of
 
 from .monitor_worker import build_run, train
 
@@ -129,12 +130,12 @@ def test_failed_write_is_not_committed(run, tmp_path):
     out, _, _, (model, opt, step, ctx) = run
     d = str(tmp_path / "fail")
     mon = CheckpointMonitor(checkpoint_format="safetensors", directory=d, output_dir=out)
-    mon.on_train_begin(_state(model, opt, step, ctx, out))
+    mon.on_train_begin(run_context_of(_state(model, opt, step, ctx, out)))
     shutil.rmtree(os.path.join(d, "rank_0"))            # the folder vanished under the writer
     st = _state(model, opt, step, ctx, out)
     st.global_step, st.step_in_epoch = 1, 1
     with pytest.raises(CheckpointError, match="not committed"):
-        mon.on_step_end(st)
+        mon.on_train_step_end(run_context_of(st))
     assert cm.committed_saves(d) == [] and not os.path.exists(os.path.join(d, "committed.json"))
 
 

@@ -7,23 +7,26 @@ import pytest
 
 from mindformers_st.config import load_config
 from mindformers_st.trainer.resolve import parallel_config_of, resolve_model
-from mindformers_st.trainer.callbacks import Callback
+from mindspore.train import Callback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Recorder(Callback):
+    """A plain MindSpore callback: what Model.train would give it, our loop gives it too."""
+
     def __init__(self):
         self.events = []
 
-    def on_train_begin(self, state):
-        self.events.append(("begin", state.global_step))
+    def on_train_begin(self, run_context):
+        self.events.append(("begin", run_context.original_args().cur_step_num))
 
-    def on_step_end(self, state):
-        self.events.append(("step", state.global_step, state.epoch, state.step_in_epoch))
+    def on_train_step_end(self, run_context):
+        cb = run_context.original_args()
+        self.events.append(("step", cb.cur_step_num, cb.cur_epoch_num, cb.batch_num))
 
-    def on_train_end(self, state):
-        self.events.append(("end", state.global_step))
+    def on_train_end(self, run_context):
+        self.events.append(("end", run_context.original_args().cur_step_num))
 
 
 @pytest.mark.slow

@@ -1,0 +1,107 @@
+"""The load hook as a library call, for any MindSpore network (e.g. a `Model.train` script).
+
+    from mindformers_st import CheckpointMonitor, load_checkpoint
+    report = load_checkpoint(net, "output/checkpoint", optimizer=opt, resume=True)
+    model.train(epochs, dataset.skip(report.resume.skip_steps),
+                callbacks=[CheckpointMonitor(...)], initial_epoch=report.resume.initial_epoch)
+
+Every source the runtime loads is accepted: a Hugging Face folder (its names mapped when the
+network uses MindSpore Transformers' Llama names), complete MindSpore weights, a `rank_x/`
+folder with or without a strategy, `.ckpt` files; the network's current layout (one card,
+DATA_PARALLEL, or MindSpore's `parameter_layout_dict`) decides what each rank reads.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional, Union
+
+from ..errors import CheckpointError
+from .loader import LoadOptions, LoadReport, load_checkpoint as _load
+from .network import CellState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelTrainResume:
+    """Where `Model.train` continues after a resume: `initial_epoch` (epochs done) and
+    `skip_steps` (batches of that epoch already trained: skip them, `dataset.skip(n)`), from the
+    restored global step and the steps per epoch."""
+
+    global_step: int
+    initial_epoch: int
+    skip_steps: int
+
+    def hint(self) -> str:
+        """What to pass to Model.train, in words."""
+        return (f"continue with model.train(epochs, dataset{'.skip(%d)' % self.skip_steps if self.skip_steps else ''}, "
+                f"initial_epoch={self.initial_epoch}) (global step {self.global_step})")
+
+
+def load_checkpoint(network, path: str, optimizer=None, *, resume: bool = False,
+                    steps_per_epoch: Optional[int] = None, load_ckpt_format: Optional[str] = None,
+                    auto_trans_ckpt: Optional[bool] = None, src_strategy: str = "",
+                    layouts: Optional[Union[str, Mapping]] = None, output_dir: str = "./output",
+                    verify_checksums=True, direct_reshard: bool = False) -> LoadReport:
+    """Load the weights at `path` into `network` (any `nn.Cell`; this rank's part under its
+    layout), and with `resume` the optimizer's state too (moments, global_step, learning rate)
+    from the newest committed save (or the save a rank file path names; a damaged newest save
+    falls back to the previous one). Returns the LoadReport: loaded / missing / unexpected names
+    (missing weights are a CheckpointError), and with `resume` and `steps_per_epoch`,
+    `report.resume_point` (a ModelTrainResume) saying how to continue in Model.train.
+
+    `load_ckpt_format` defaults from the path (safetensors unless it holds `.ckpt`);
+    `auto_trans_ckpt` defaults to re-cutting whenever the files are not this job's layout;
+    `layouts` (a strategy file/folder or {name: TensorLayout}) say how this job cuts the
+    network when MindSpore's `parameter_layout_dict` does not. Every rank must call it."""
+    from ..parallel.context import context_from_mindspore
+    ctx = context_from_mindspore()
+    if isinstance(layouts, str):
+        from ..layout.strategy import read_strategy
+        layouts = read_strategy(layouts)
+    state = CellState(network, optimizer, ctx.world_size, layouts)
+    if resume and optimizer is None:
+        raise CheckpointError("load_checkpoint(resume=True) needs the optimizer whose state to restore")
+    fmt = load_ckpt_format or _format_of(path)
+    opts = LoadOptions(load_checkpoint=path, load_ckpt_format=fmt,
+                       auto_trans_ckpt=bool(auto_trans_ckpt) if auto_trans_ckpt is not None
+                       else _needs_recut(path, ctx), use_parallel=ctx.world_size > 1,
+                       src_strategy_path_or_dir=src_strategy, output_dir=output_dir,
+                       direct_reshard=direct_reshard, verify_checksums=verify_checksums)
+    if resume:
+        from .resume import resume_checkpoint
+        report = resume_checkpoint(opts, True, state, None, ctx)
+        if steps_per_epoch:
+            g = int(report.resume.global_step)
+            point = ModelTrainResume(g, g // steps_per_epoch, g % steps_per_epoch)
+            report.resume_point = point
+            if ctx.is_main:
+                print(f"[resume] {point.hint()}", flush=True)
+        return report
+    return _load(opts, state, None, ctx)
+
+
+def _format_of(path: str) -> str:
+    """'ckpt' when `path` is or holds `.ckpt` files (and no safetensors), else 'safetensors'."""
+    if path.endswith(".ckpt"):
+        return "ckpt"
+    for _, _, files in os.walk(path):
+        if any(f.endswith(".safetensors") for f in files):
+            return "safetensors"
+        if any(f.endswith(".ckpt") for f in files):
+            return "ckpt"
+    return "safetensors"
+
+
+def _needs_recut(path: str, ctx) -> bool:
+    """Complete weights on several ranks, or rank files of another world size, are re-cut."""
+    from ..records.names import rank_folders
+    root = path
+    if os.path.isfile(path):
+        root = os.path.dirname(os.path.dirname(path)) if rank_folders(os.path.dirname(os.path.dirname(path))) else ""
+    ranks = rank_folders(root) if root else {}
+    if not ranks:
+        return ctx.world_size > 1
+    return len(ranks) != ctx.world_size

@@ -1,0 +1,246 @@
+"""A network (and its optimizer) seen as named tensors on this rank: what a save holds and what a
+load sets, for our Llama models and for any MindSpore `nn.Cell`.
+
+Two views, one interface (`NetworkState`):
+- `ModelState` — our models (`param_table()`, `set_local_params`) and our AdamW
+  (`adam_m.*`, `adam_v.*`, `global_step`): layouts from `plan_layouts` for the job's
+  ParallelConfig (tensor and pipeline parallel, optimizer shard);
+- `CellState` — any `nn.Cell` with any MindSpore optimizer (AdamWeightDecay, AdamW, Adam,
+  Momentum, SGD, ...), its tensors named as MindSpore names them (`fc1.weight`,
+  `adam_m.fc1.weight`, `moment1.fc1.weight`, `global_step`, `learning_rate`, ...), laid out from
+  `network.parameter_layout_dict` where MindSpore's auto/semi-auto parallel fills it, from given
+  layouts (a strategy file), or else replicated on every rank (one card, DATA_PARALLEL).
+Whole-valued counters (`records.hyper.is_hyper`: global_step, learning_rate, loss scale ...) have
+no layout: every rank writes them whole, and a load sets them whole.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..errors import CheckpointError, LayoutError
+from ..layout.tensor_layout import TensorLayout
+from ..records.hyper import is_hyper
+
+logger = logging.getLogger(__name__)
+
+# Optimizer state prefixes MindSpore's optimizers use (their `parameters` clone the weights
+# under these names) and the scalar state they keep; used to tell state from stray tensors.
+OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "moments.", "accum.",
+                      "stat.", "exp_avg.", "exp_avg_sq.", "max_exp_avg_sq.", "mean_grad.",
+                      "mean_square.")
+OPTIMIZER_SCALARS = ("global_step", "learning_rate", "beta1_power", "beta2_power", "momentum",
+                     "weight_decay")
+
+
+def is_optimizer_state(name: str) -> bool:
+    """True for optimizer moments and counters as MindSpore's optimizers and ours name them."""
+    return name.startswith(OPTIMIZER_PREFIXES) or name in OPTIMIZER_SCALARS
+
+
+class NetworkState:
+    """This rank's tensors of a network and optimizer, by name.
+
+    weights: the network's parameters; optimizer_states: the optimizer's own tensors (moments,
+    counters) that are not weights; layouts: a TensorLayout for every tensor that has one
+    (hyper values have none); dtypes: safetensors dtype per name."""
+
+    weights: List[str]
+    optimizer_states: List[str]
+    layouts: Dict[str, TensorLayout]
+    dtypes: Dict[str, str]
+
+    def parameters(self) -> Dict[str, object]:
+        """name -> MindSpore Parameter of every tensor a save holds, in save order."""
+        raise NotImplementedError
+
+    def trainable(self) -> List[str]:
+        """The weights that require gradients."""
+        params = self.parameters()
+        return [n for n in self.weights if getattr(params[n], "requires_grad", True)]
+
+    def set_weights(self, arrays: Mapping[str, np.ndarray], strict: bool = True) -> List[str]:
+        """Set the weights from this rank's slices; returns the names set."""
+        raise NotImplementedError
+
+    def set_optimizer_states(self, arrays: Mapping[str, np.ndarray],
+                             strict: bool = True) -> List[str]:
+        """Set the optimizer's tensors (moments, counters); returns the names set."""
+        raise NotImplementedError
+
+    def step_count(self) -> Optional[int]:
+        """Updates the optimizer has applied (its global_step), None without one."""
+        params = self.parameters()
+        if "global_step" not in params:
+            return None
+        return int(np.asarray(params["global_step"].asnumpy()).reshape(-1)[0])
+
+
+class ModelState(NetworkState):
+    """Our models (LlamaForCausalLM and registered kin) with our AdamW."""
+
+    def __init__(self, model, optimizer, ctx, with_optimizer: bool = True):
+        self.model, self.optimizer, self.ctx = model, optimizer, ctx
+        table = model.param_table()
+        self.weights = [p.name for p in table]
+        if with_optimizer and optimizer is not None:
+            table = table.with_optimizer_states()
+        self.optimizer_states = [p.name for p in table if p.name not in set(self.weights)]
+        if with_optimizer and optimizer is not None:
+            self.optimizer_states.append("global_step")   # whole-valued: no layout
+        if ctx is not None:
+            self.layouts = ctx.layouts(table)
+        else:
+            from ..layout.parallel_config import ParallelConfig, plan_layouts
+            self.layouts = plan_layouts(table, ParallelConfig())
+        self.dtypes = {p.name: p.dtype for p in table}
+
+    def parameters(self) -> Dict[str, object]:
+        out = {p.name: p for p in self.model.get_parameters()}
+        if self.optimizer is not None:
+            out.update((p.name, p) for p in list(self.optimizer.adam_m) + list(self.optimizer.adam_v))
+            out["global_step"] = self.optimizer.global_step
+        return out
+
+    def set_weights(self, arrays, strict=True):
+        return self.model.set_local_params(arrays, strict=strict)
+
+    def set_optimizer_states(self, arrays, strict=True):
+        if self.optimizer is None:
+            raise CheckpointError("restoring optimizer state needs the optimizer")
+        return self.optimizer.set_state_arrays(arrays, strict=strict)
+
+
+def _st_dtype(param) -> str:
+    from ..dtypes import numpy_to_st
+    name = str(param.dtype).lower()
+    if "bfloat16" in name:
+        return "BF16"
+    return numpy_to_st(np.dtype(param.asnumpy().dtype))
+
+
+def replicated_layout(shape: Sequence[int], world: int) -> TensorLayout:
+    """A tensor held whole by each of `world` ranks (one card, DATA_PARALLEL)."""
+    return TensorLayout(tuple(int(d) for d in shape), (max(1, int(world)),),
+                        (-1,) * len(tuple(shape)))
+
+
+def layouts_from_parameter_layout_dict(layout_dict: Mapping[str, Sequence],
+                                       shapes: Mapping[str, Sequence[int]],
+                                       world: int) -> Dict[str, TensorLayout]:
+    """TensorLayouts from MindSpore's `network.parameter_layout_dict` (auto/semi-auto parallel on
+    Ascend/GPU): {name: [dev_matrix, tensor_map, slice_shape, field_size, uniform_split,
+    opt_shard_group, (opt_shard_size/…)]}. `shapes` are the global shapes (MindSpore keeps the
+    full shape in `param.shape` until the graph is compiled, and records the slice shape).
+    LayoutError naming the tensor for what this project cannot hold: non-uniform splits and
+    optimizer-shard groups whose size is not given."""
+    out = {}
+    for name, entry in layout_dict.items():
+        if name not in shapes:
+            continue
+        entry = list(entry)
+        dev_matrix, tensor_map = tuple(entry[0]), tuple(entry[1])
+        uniform = bool(entry[4]) if len(entry) > 4 else True
+        if not uniform:
+            raise LayoutError(f"{name}: parameter_layout_dict says the split is not uniform; "
+                              f"only uniform splits can be saved as slices")
+        opt_group = entry[5] if len(entry) > 5 else ""
+        shard_size = 0
+        if opt_group:
+            shard_size = int(entry[6]) if len(entry) > 6 and int(entry[6]) > 0 else -1
+        out[name] = TensorLayout(tuple(int(d) for d in shapes[name]), dev_matrix, tensor_map,
+                                 opt_weight_shard_step=1 if opt_group else 0,
+                                 opt_weight_shard_size=shard_size)
+    return out
+
+
+class CellState(NetworkState):
+    """Any MindSpore network and optimizer, as MindSpore names their tensors.
+
+    `network` is what the loss is computed by, or the whole train network (TrainOneStepCell,
+    whose parameters include the optimizer's); `optimizer` may be None. `layouts` (e.g. from a
+    strategy file) override; otherwise MindSpore's `parameter_layout_dict`, else replicated over
+    `world` ranks."""
+
+    def __init__(self, network, optimizer=None, world: int = 1,
+                 layouts: Optional[Mapping[str, TensorLayout]] = None):
+        self.network, self.optimizer = network, optimizer
+        params: Dict[str, object] = {}
+        for _, p in network.parameters_and_names():
+            params.setdefault(p.name, p)
+        opt_params: Dict[str, object] = {}
+        if optimizer is not None:
+            for p in optimizer.get_parameters() if hasattr(optimizer, "get_parameters") else []:
+                opt_params.setdefault(p.name, p)
+        weight_ids = {id(p) for p in getattr(optimizer, "parameters", [])} if optimizer else set()
+        self._params = dict(params)
+        for n, p in opt_params.items():
+            self._params.setdefault(n, p)
+        # weights: what the optimizer updates (or, without one, every non-state tensor)
+        if weight_ids:
+            self.weights = [n for n, p in self._params.items() if id(p) in weight_ids]
+            extra = [n for n, p in params.items() if n not in set(self.weights)
+                     and not is_optimizer_state(n) and not is_hyper(n)]
+            self.weights += extra   # frozen weights the optimizer does not update
+        else:
+            self.weights = [n for n in self._params if not is_optimizer_state(n)
+                            and not is_hyper(n)]
+        self.optimizer_states = [n for n in self._params if n not in set(self.weights)]
+        shapes = {n: tuple(p.shape) for n, p in self._params.items()}
+        found: Dict[str, TensorLayout] = {}
+        layout_dict = getattr(network, "parameter_layout_dict", None) or {}
+        if layout_dict:
+            found.update(layouts_from_parameter_layout_dict(layout_dict, shapes, world))
+            # optimizer moments are laid out like their parameter, as MindSpore does
+            for n in self.optimizer_states:
+                for pre in OPTIMIZER_PREFIXES:
+                    if n.startswith(pre) and n[len(pre):] in found:
+                        found[n] = found[n[len(pre):]]
+        if layouts:
+            found.update({n: lay for n, lay in layouts.items() if n in shapes})
+        self.layouts = {}
+        for n, shape in shapes.items():
+            if is_hyper(n):
+                continue   # whole on every rank
+            lay = found.get(n) or replicated_layout(shape, world)
+            if lay.global_shape is None:
+                lay = lay.with_local_shape(shape)
+            self.layouts[n] = lay
+        self.dtypes = {n: _st_dtype(p) for n, p in self._params.items()}
+
+    def parameters(self) -> Dict[str, object]:
+        return dict(self._params)
+
+    def _set(self, names: Iterable[str], arrays: Mapping[str, np.ndarray], strict: bool,
+             what: str) -> List[str]:
+        import mindspore as ms
+        names = list(names)
+        missing = [n for n in names if n not in arrays]
+        if strict and missing:
+            raise CheckpointError(f"{what}: {len(missing)} tensor(s) are not in the checkpoint "
+                                  f"(e.g. {missing[:5]})")
+        done = []
+        for n in names:
+            if n not in arrays:
+                continue
+            p = self._params[n]
+            value = np.asarray(arrays[n])
+            if value.size == int(np.prod(p.shape)) and tuple(value.shape) != tuple(p.shape) \
+                    and (is_hyper(n) or value.ndim <= 1):
+                value = value.reshape(tuple(p.shape))   # a scalar counter saved as [1] or ()
+            if tuple(value.shape) != tuple(p.shape):
+                raise CheckpointError(f"{what}: {n} has shape {tuple(value.shape)} in the "
+                                      f"checkpoint, the network holds {tuple(p.shape)} on this rank")
+            if value.dtype.name == "bfloat16":
+                value = value.astype(np.float32)
+            p.set_data(ms.Tensor(value).astype(p.dtype))
+            done.append(n)
+        return done
+
+    def set_weights(self, arrays, strict=True):
+        return self._set(self.weights, arrays, strict, "load_checkpoint")
+
+    def set_optimizer_states(self, arrays, strict=True):
+        return self._set(self.optimizer_states, arrays, strict, "optimizer state")
