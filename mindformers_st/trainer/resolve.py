@@ -22,9 +22,11 @@ from ..config.schema import RunConfig
 
 logger = logging.getLogger(__name__)
 
-# model_config keys that describe the weights: YAML and config.json must agree on them
+# model_config keys that describe the weights (and their positions): YAML and config.json must
+# agree on them, or the model would silently compute something else than the checkpoint
 STRUCTURAL_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "n_kv_heads",
-                   "intermediate_size", "qkv_has_bias", "tie_word_embeddings")
+                   "head_dim", "intermediate_size", "qkv_has_bias", "attn_proj_has_bias",
+                   "mlp_has_bias", "tie_word_embeddings", "extend_method", "scaling_factor")
 # HF family -> the registered model name that runs it
 FAMILY_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 

@@ -11,8 +11,10 @@ from .helpers import hf_config
 def test_llama3_config_becomes_model_config_fields():
     mc = hf_config_to_model_config(hf_config("llama", heads=4, kv_heads=2, dtype="bfloat16"))
     assert mc == {"vocab_size": 32, "hidden_size": 16, "num_layers": 2, "num_heads": 4,
-                  "n_kv_heads": 2, "intermediate_size": 24, "rms_norm_eps": 1e-5,
-                  "theta": 500000.0, "qkv_has_bias": False, "tie_word_embeddings": False,
+                  "n_kv_heads": 2, "head_dim": 4, "intermediate_size": 24, "rms_norm_eps": 1e-5,
+                  "theta": 500000.0, "extend_method": "None", "scaling_factor": 1.0,
+                  "qkv_has_bias": False, "attn_proj_has_bias": False, "mlp_has_bias": False,
+                  "tie_word_embeddings": False,
                   "seq_length": 128, "max_position_embedding": 128,
                   "param_init_type": "bfloat16", "compute_dtype": "bfloat16"}
 
@@ -36,8 +38,7 @@ def test_model_config_round_trips_through_config_json(family):
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"head_dim": 8}, "head_dim"), ({"hidden_act": "gelu"}, "silu"),
-    ({"mlp_bias": True}, "mlp_bias"), ({"attention_bias": True}, "qwen2"),
+    ({"head_dim": 7}, "head_dim"), ({"hidden_act": "gelu"}, "silu"),
     ({"hidden_size": 18}, "divisible")])
 def test_configs_the_model_cannot_represent_are_refused(change, match):
     cfg = dict(hf_config("llama"), **change)
