@@ -17,7 +17,7 @@ from ..errors import ConfigError, ConversionError
 from ..layout.param_table import ParamTable
 from ..layout.parallel_config import ParallelConfig, plan_layouts
 from ..models.param_table import llama_param_table
-from ..models.registry import get_config_class
+from ..models.registry import check_model_name, get_config_class
 from ..config.schema import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,10 @@ def merge_hf_model_config(yaml_mc: Dict[str, Any], hf_mc: Dict[str, Any], folder
 
 
 def resolve_model(cfg: RunConfig) -> ResolvedModel:
-    """The model name and validated model config of a run (HF config.json merged in)."""
+    """The model name and validated model config of a run (HF config.json merged in).
+
+    ConfigError before any weight is read for a config.json this package cannot run (naming
+    the key) and for an unregistered model (naming the --register_path flag to add)."""
     mc = dict(cfg.model.model_config)
     arch = cfg.model.arch.type
     folder = hf_folder_of(cfg)
@@ -87,6 +90,7 @@ def resolve_model(cfg: RunConfig) -> ResolvedModel:
             arch = FAMILY_ARCH.get(family, "LlamaForCausalLM")
         logger.info("model_config completed from %s/config.json (family %s)", folder, family)
     arch = arch or "LlamaForCausalLM"
+    check_model_name(arch)   # before any weight is read; names --register_path for qwen2
     config_cls = get_config_class(mc.get("type"))
     try:
         model_cfg = config_cls.from_dict(mc)
