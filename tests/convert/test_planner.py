@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from mindformers_st.convert import (convert_hf_folder, export_hf_folder, plan_convert_hf,
-                                    plan_hf_folder,
                                     plan_hf_folder)
 from mindformers_st.convert.fuse import ffn_blocks, fuse_rows, qkv_blocks
 from mindformers_st.convert.hf_config import hf_config_to_model_config
