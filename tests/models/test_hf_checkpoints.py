@@ -50,7 +50,7 @@ CASES = [
      {"qkv_has_bias": False, "attn_proj_has_bias": False, "mlp_has_bias": False}),
     ("default", "llama", True, None, True, "bfloat16", True,
      {"qkv_has_bias": False, "attn_proj_has_bias": False, "mlp_has_bias": False}),
-    ("llama3", "llama", True, 12, False, "bfloat16", False,
+    ("llama3", "llama", True, 12, False, "bfloat16", True,
      {"extend_method": "None", "scaling_factor": 1.0}),
     ("default", "qwen2", True, None, True, "bfloat16", False,    # a Qwen2.5 folder
      {"qkv_has_bias": False}),
