@@ -1,7 +1,8 @@
-"""run_mindformer.py predict straight from a transformers-written Llama folder with Llama 3.1
-RoPE scaling, attention and MLP biases and an explicit head_dim (bf16): on one card, and with
+"""run_mindformer.py predict straight from transformers-written folders: a Llama with Llama 3.1
+RoPE scaling, attention and MLP biases and an explicit head_dim (bf16), on one card and with
 model_parallel 2 on 2 msrun workers through scripts/msrun_launcher.sh (the row-parallel biases
-are added once, after the all-reduce). Both print transformers' greedy tokens."""
+are added once, after the all-reduce); and a Qwen2.5-style folder, which needs
+--register_path research/qwen2 (the error says so). All print transformers' greedy tokens."""
 import json
 import os
 import subprocess
@@ -100,3 +101,51 @@ def test_predict_from_a_llama3_biased_hf_folder_gives_transformers_tokens_on_1_a
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:] + logs
     assert "model_parallel=2" in res.stdout + logs
     assert _results(out2)["output_ids"] == want
+
+
+QWEN_YAML = """seed: 0
+output_dir: '{out}'
+load_checkpoint: '{hf}'
+load_ckpt_format: 'safetensors'
+run_mode: 'predict'
+use_parallel: False
+context:
+  mode: 1
+  device_target: "CPU"
+  device_id: 0
+model:
+  model_config:
+    seq_length: 64
+    max_decode_length: {max_decode}
+    do_sample: False
+    use_past: True
+"""
+
+
+@pytest.mark.slow
+def test_qwen2_5_folder_predicts_transformers_tokens_once_register_path_is_given(tmp_path):
+    """A Qwen2.5-style folder (Qwen2 architecture, sliding_window set but off, tied, bf16): without
+    --register_path the run stops naming the flag; with it, predict gives transformers' tokens."""
+    cfg = hf_tiny.config_json("default", "qwen2", tied=True, dtype="bfloat16")
+    cfg.update(sliding_window=131072, use_sliding_window=False, max_window_layers=21,
+               rope_theta=1000000.0)
+    hf = hf_tiny.save(torch, hf_tiny.build(torch, transformers, cfg), str(tmp_path / "hf"),
+                      "bfloat16")
+    text = hf_tiny.write_word_tokenizer(hf)
+    want = hf_tiny.hf_greedy(torch, transformers, hf, hf_tiny.PROMPT, NEW, eos=2)
+    assert len(want) > len(hf_tiny.PROMPT) + 5, want
+    out = str(tmp_path / "out")
+    config = tmp_path / "predict.yaml"
+    config.write_text(QWEN_YAML.format(out=out, hf=hf, max_decode=len(hf_tiny.PROMPT) + NEW))
+    argv = [sys.executable, os.path.join(ROOT, "run_mindformer.py"), "--config", str(config),
+            "--predict_data", text]
+    env = dict(_env(), PYTHONPATH=ROOT)
+    res = subprocess.run(argv, cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode != 0 and "--register_path research/qwen2" in res.stderr, res.stderr
+    assert not os.path.exists(out + "/predict")
+    res = subprocess.run(argv + ["--register_path", os.path.join(ROOT, "research", "qwen2")],
+                         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Qwen2ForCausalLM" in res.stdout + res.stderr
+    assert _results(out)["output_ids"] == want
