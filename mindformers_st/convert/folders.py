@@ -37,18 +37,29 @@ def plan_hf_folder(src_dir: str, family: Optional[str] = None, qkv_concat: bool 
                    ) -> ConversionResult:
     """Plan the conversion of HF folder `src_dir` (safetensors + config.json) to MindSpore
     Transformers names. The family comes from `family`, else config.json, else tensor names.
-    Head counts and tied embeddings come from config.json when present."""
-    src = describe_complete(src_dir)
+    config.json is read and checked first (a model this package cannot run is refused before
+    any safetensors file is opened); head counts, head_dim, biases and tied embeddings come
+    from it when present."""
     hf_cfg = read_hf_config(src_dir) if os.path.isdir(src_dir) else None
-    fam = family or detect_family(hf_cfg, src.names)
-    model_config: Dict[str, Any] = hf_config_to_model_config(hf_cfg, fam) if hf_cfg else {}
+    model_config: Dict[str, Any] = {}
+    fam = family
+    if hf_cfg:
+        fam = family or detect_family(hf_cfg)
+        model_config = hf_config_to_model_config(hf_cfg, fam)
+    src = describe_complete(src_dir)
+    fam = fam or detect_family(None, src.names)
     if qkv_concat and not model_config:
         raise ConversionError(f"{src_dir}: --qkv-concat needs config.json (num_attention_heads, "
                               f"num_key_value_heads) to lay out w_qkv; copy it next to the weights")
+    flags = None
+    if model_config and fam == "llama":
+        flags = {"attention_bias": model_config["attn_proj_has_bias"],
+                 "mlp_bias": model_config["mlp_has_bias"]}
     plan = plan_convert_hf(src, fam, qkv_concat=qkv_concat,
                            num_heads=model_config.get("num_heads"),
                            n_kv_heads=model_config.get("n_kv_heads"),
-                           tie_word_embeddings=model_config.get("tie_word_embeddings"))
+                           tie_word_embeddings=model_config.get("tie_word_embeddings"),
+                           head_dim=model_config.get("head_dim"), bias_flags=flags)
     if model_config:
         model_config["qkv_concat"] = qkv_concat
     return ConversionResult(plan, fam, model_config)
@@ -90,8 +101,7 @@ def plan_ms_folder(src_dir: str, model_config: Mapping[str, Any], family: Option
     (vocab, hidden, layers, intermediate, tied embeddings) are taken from the tensors; a YAML
     value that contradicts them is a ConversionError."""
     src = describe_complete(src_dir)
-    has_bias = any(n.endswith(("attention.wq.bias", "attention.w_qkv.bias")) for n in src.names)
-    fam = family or ("qwen2" if has_bias or model_config.get("qkv_has_bias") else "llama")
+    fam = family or _ms_family(src.names, model_config)
     merged = dict(model_config)
     for key, value in _tensor_dims(src).items():
         if value is None:
@@ -108,8 +118,22 @@ def plan_ms_folder(src_dir: str, model_config: Mapping[str, Any], family: Option
     dtype = ST_TO_YAML_DTYPE.get(src.dtypes[EMBEDDING])
     hf_cfg = model_config_to_hf_config(merged, fam, dtype)
     plan = plan_export_hf(src, fam, num_heads=merged.get("num_heads"),
-                          n_kv_heads=merged.get("n_kv_heads"), hf_config=hf_cfg)
+                          n_kv_heads=merged.get("n_kv_heads"), hf_config=hf_cfg,
+                          head_dim=merged.get("head_dim"))
     return ConversionResult(plan, fam, merged)
+
+
+def _ms_family(names, model_config: Mapping[str, Any]) -> str:
+    """qwen2 for q/k/v biases alone; llama otherwise (o_proj or MLP biases are Llama's
+    attention_bias / mlp_bias)."""
+    names = list(names)
+    llama_bias = model_config.get("attn_proj_has_bias") or model_config.get("mlp_has_bias") or \
+        any(n.endswith(("attention.wo.bias", "feed_forward.w2.bias")) for n in names)
+    if llama_bias:
+        return "llama"
+    qkv_bias = model_config.get("qkv_has_bias") or \
+        any(n.endswith(("attention.wq.bias", "attention.w_qkv.bias")) for n in names)
+    return "qwen2" if qkv_bias else "llama"
 
 
 def export_hf_folder(src_dir: str, dst_dir: str, model_config: Mapping[str, Any],

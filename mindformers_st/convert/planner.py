@@ -43,15 +43,26 @@ def _whole_chunks(src: SourceCheckpoint) -> Dict[str, SourceChunk]:
 
 
 def check_structure(ms_names: Sequence[str], family: str, side: str,
-                    tie_word_embeddings: Optional[bool] = None) -> int:
+                    tie_word_embeddings: Optional[bool] = None,
+                    bias_flags: Optional[Mapping[str, bool]] = None) -> int:
     """Check that unfused MindSpore names `ms_names` form a whole `family` model and return the
     number of layers: layers 0..L-1 each with every per-layer tensor of the family, the
-    embedding and final norm, and lm_head unless embeddings are tied. ConversionError listing
+    embedding and final norm, and lm_head unless embeddings are tied. An optional group of the
+    family (llama's `attention_bias`, `mlp_bias`) is expected in every layer when any of its
+    tensors is present or `bias_flags` (config.json's values) switches it on; a group present
+    in the weights but switched off by `bias_flags` is an error too. ConversionError listing
     the missing tensors (by their `side` names, "hf" or "ms") otherwise."""
     fam = get_family(family)
     have = set(ms_names)
     layer_templates = [ms for _, ms in fam.renames if "{i}" in ms]
     global_names = [ms for _, ms in fam.renames if "{i}" not in ms and ms != LM_HEAD]
+    present_groups = []
+    for key, rows in fam.optional:
+        present = any(match_template(ms, n) is not None for _, ms in rows for n in have)
+        if present or (bias_flags or {}).get(key):
+            layer_templates += [ms for _, ms in rows]
+        if present:
+            present_groups.append(key)
     layers = set()
     for n in have:
         for t in layer_templates:
@@ -70,11 +81,21 @@ def check_structure(ms_names: Sequence[str], family: str, side: str,
         hint = ""
         if fam.qkv_bias and all(n.endswith(".bias") for n in missing):
             hint = " Only q/k/v biases are missing: a Llama checkpoint? pass --family llama."
+        elif all(n.endswith("attention.wo.bias") for n in missing) and \
+                any(n.endswith("attention.wq.bias") for n in have):
+            hint = (" q_proj.bias/k_proj.bias/v_proj.bias without o_proj.bias is Qwen2's "
+                    "layout, not Llama's attention_bias: pass --family qwen2.")
         raise ConversionError(
             f"{len(missing)} tensor(s) of a {family} model are missing: "
             f"{', '.join(repr(s) for s in shown[:10])}"
             f"{' ...' if len(shown) > 10 else ''}.{hint} The checkpoint is incomplete or of "
             f"another family; nothing was written")
+    if bias_flags is not None:
+        off = [k for k in present_groups if not bias_flags.get(k)]
+        if off:
+            raise ConversionError(f"the weights hold {family} {', '.join(off)} tensors but "
+                                  f"config.json sets {', '.join(off)} false; fix config.json "
+                                  f"(nothing was written)")
     return num_layers
 
 
@@ -83,17 +104,19 @@ def _side_name(ms_name: str, family: str, side: str) -> str:
 
 
 def _dims(shapes: Mapping[str, Tuple[int, ...]], num_heads: Optional[int],
-          n_kv_heads: Optional[int]) -> Tuple[int, int, int]:
-    """(num_heads, n_kv_heads, head_dim) checked against the layer-0 q/k shapes."""
+          n_kv_heads: Optional[int], head_dim: Optional[int] = None) -> Tuple[int, int, int]:
+    """(num_heads, n_kv_heads, head_dim); head_dim defaults to hidden / num_heads."""
     hidden = shapes[EMBEDDING][1]
     if num_heads is None:
         raise ConversionError("qkv_concat needs num_heads and n_kv_heads: give config.json "
                               "(or --config YAML) with num_attention_heads/num_heads")
     n_kv_heads = n_kv_heads or num_heads
-    if hidden % num_heads:
-        raise ConversionError(f"hidden size {hidden} is not divisible by num_heads {num_heads}")
-    head_dim = hidden // num_heads
-    return num_heads, n_kv_heads, head_dim
+    if head_dim is None:
+        if hidden % num_heads:
+            raise ConversionError(f"hidden size {hidden} is not divisible by num_heads "
+                                  f"{num_heads}; give head_dim")
+        head_dim = hidden // num_heads
+    return num_heads, n_kv_heads, int(head_dim)
 
 
 def _check_heads(shapes: Mapping[str, Tuple[int, ...]], num_layers: int,
@@ -170,13 +193,16 @@ def _index_text(weight_map: Mapping[str, str], total: int) -> str:
 # ----------------------------------------------------------------------------- HF -> MS
 def plan_convert_hf(src: SourceCheckpoint, family: str, qkv_concat: bool = False,
                     num_heads: Optional[int] = None, n_kv_heads: Optional[int] = None,
-                    tie_word_embeddings: Optional[bool] = None) -> Plan:
+                    tie_word_embeddings: Optional[bool] = None, head_dim: Optional[int] = None,
+                    bias_flags: Optional[Mapping[str, bool]] = None) -> Plan:
     """Plan HF complete weights `src` -> MindSpore Transformers complete weights.
 
     Output: one file per source file with the same name (`model-0000k-of-0000n.safetensors`),
     each MindSpore tensor in the file of its (first) HF source, and `param_name_map.json`.
-    With `qkv_concat`, `w_qkv` (weight and bias) and `w_gate_hidden` are fused in MindSpore
-    Transformers' layouts; this needs `num_heads` (and `n_kv_heads` for GQA). Dtypes are kept.
+    With `qkv_concat`, `w_qkv` and `w_gate_hidden` (weights and biases) are fused in MindSpore
+    Transformers' layouts; this needs `num_heads` (and `n_kv_heads` for GQA, `head_dim` when it
+    is not hidden/heads). `bias_flags` (config.json's attention_bias / mlp_bias) makes the
+    bias tensors required, or forbidden when false. Dtypes are kept.
     ConversionError before anything is written for unknown names, a wrong family, missing
     tensors or head counts that do not fit the shapes.
     """
@@ -185,19 +211,19 @@ def plan_convert_hf(src: SourceCheckpoint, family: str, qkv_concat: bool = False
     if src.hyper:
         logger.warning("%s: ignoring non-weight values %s (Hugging Face weights have none)",
                        src.root, sorted(src.hyper))
-    unknown = [n for n in chunks if translate(n, fam.renames, 0) is None]
+    unknown = [n for n in chunks if translate(n, fam.rows, 0) is None]
     if unknown:
         raise unknown_error(unknown, family, "hf")
-    ms_of = {hf: translate(hf, fam.renames, 0) for hf in chunks}
+    ms_of = {hf: translate(hf, fam.rows, 0) for hf in chunks}
     by_ms = {ms: chunks[hf] for hf, ms in ms_of.items()}
-    num_layers = check_structure(list(by_ms), family, "hf", tie_word_embeddings)
+    num_layers = check_structure(list(by_ms), family, "hf", tie_word_embeddings, bias_flags)
     shapes = {ms: tuple(c.slice.global_shape) for ms, c in by_ms.items()}
     if tie_word_embeddings and LM_HEAD in by_ms:
         logger.warning("config.json ties embeddings but the weights hold lm_head.weight; it is "
                        "kept as lm_head.weight")
     dims = None
     if qkv_concat or num_heads is not None:
-        dims = _dims(shapes, num_heads, n_kv_heads)
+        dims = _dims(shapes, num_heads, n_kv_heads, head_dim)
         _check_heads(shapes, num_layers, *dims)
 
     assigned: List[Tuple[TargetTensor, str]] = []
@@ -241,10 +267,12 @@ def _check_parts(fused_name: str, parts: Sequence[SourceChunk]) -> None:
 
 # ----------------------------------------------------------------------------- MS -> HF
 def plan_export_hf(src: SourceCheckpoint, family: str, num_heads: Optional[int] = None,
-                   n_kv_heads: Optional[int] = None, hf_config: Optional[Mapping] = None) -> Plan:
+                   n_kv_heads: Optional[int] = None, hf_config: Optional[Mapping] = None,
+                   head_dim: Optional[int] = None) -> Plan:
     """Plan MindSpore Transformers complete weights `src` -> Hugging Face weights.
 
-    Fused `w_qkv`/`w_gate_hidden` are split back (needs `num_heads`, `n_kv_heads`); optimizer
+    Fused `w_qkv`/`w_gate_hidden` are split back (needs `num_heads`, `n_kv_heads`, and
+    `head_dim` when it is not hidden/heads); biases follow their weights; optimizer
     moments (`adam_m.`, `adam_v.`) and hyper values are left out (logged). Output files are
     `model-0000k-of-0000n.safetensors` (one per source file, `model.safetensors` when there is
     one), `model.safetensors.index.json`, and `config.json` when `hf_config` is given. Files
@@ -262,24 +290,27 @@ def plan_export_hf(src: SourceCheckpoint, family: str, num_heads: Optional[int] 
     for n in weights:
         rule = fuse_rule_of(n)
         parts = [fill(p, rule[1]) for p in rule[0].parts] if rule else [n]
-        if any(translate(p, fam.renames, 1) is None for p in parts):
+        if any(translate(p, fam.rows, 1) is None for p in parts):
             unknown.append(n)
         unfused.extend(parts)
     if unknown:
         raise unknown_error(unknown, family, "ms")
     tie = hf_config.get("tie_word_embeddings") if hf_config else None
-    num_layers = check_structure(unfused, family, "ms", tie)
+    flags = None
+    if hf_config and family == "llama":
+        flags = {k: bool(hf_config.get(k)) for k in ("attention_bias", "mlp_bias")}
+    num_layers = check_structure(unfused, family, "ms", tie, flags)
     shapes = _unfused_shapes(weights)
     fused_present = any(fuse_rule_of(n) for n in weights)
     dims = None
     if fused_present or num_heads is not None:
-        dims = _dims(shapes, num_heads, n_kv_heads)
+        dims = _dims(shapes, num_heads, n_kv_heads, head_dim)
 
     assigned: List[Tuple[TargetTensor, str]] = []
     for n, c in weights.items():
         rule = fuse_rule_of(n)
         if rule is None:
-            hf_name = translate(n, fam.renames, 1)
+            hf_name = translate(n, fam.rows, 1)
             assigned.append((TargetTensor(hf_name, c.dtype, tuple(c.slice.sizes),
                                           (_whole_op(c),)), c.file))
             continue
@@ -289,7 +320,7 @@ def plan_export_hf(src: SourceCheckpoint, family: str, num_heads: Optional[int] 
         rest = tuple(c.slice.sizes[1:])
         for k, part in enumerate(rule_.parts):
             ops = tuple(_block_op(c, b.fused_row, b.part_row, b.rows) for b in blocks if b.part == k)
-            hf_name = translate(fill(part, layer), fam.renames, 1)
+            hf_name = translate(fill(part, layer), fam.rows, 1)
             assigned.append((TargetTensor(hf_name, c.dtype, (part_rows[k],) + rest, ops), c.file))
     if dims is not None:
         _check_heads(shapes, num_layers, *dims)

@@ -40,6 +40,15 @@ QKV_BIAS_RENAMES: Tuple[Tuple[str, str], ...] = (
     ("model.layers.{i}.self_attn.k_proj.bias", "model.layers.{i}.attention.wk.bias"),
     ("model.layers.{i}.self_attn.v_proj.bias", "model.layers.{i}.attention.wv.bias"),
 )
+# Llama's `attention_bias` puts a bias on q/k/v and o_proj; `mlp_bias` on gate/up/down.
+O_BIAS_RENAMES: Tuple[Tuple[str, str], ...] = (
+    ("model.layers.{i}.self_attn.o_proj.bias", "model.layers.{i}.attention.wo.bias"),
+)
+MLP_BIAS_RENAMES: Tuple[Tuple[str, str], ...] = (
+    ("model.layers.{i}.mlp.gate_proj.bias", "model.layers.{i}.feed_forward.w1.bias"),
+    ("model.layers.{i}.mlp.down_proj.bias", "model.layers.{i}.feed_forward.w2.bias"),
+    ("model.layers.{i}.mlp.up_proj.bias", "model.layers.{i}.feed_forward.w3.bias"),
+)
 
 
 @dataclass(frozen=True)
@@ -62,27 +71,41 @@ FUSE_RULES: Tuple[FuseRule, ...] = (
     FuseRule("model.layers.{i}.feed_forward.w_gate_hidden.weight",
              ("model.layers.{i}.feed_forward.w1.weight", "model.layers.{i}.feed_forward.w3.weight"),
              "ffn"),
+    FuseRule("model.layers.{i}.feed_forward.w_gate_hidden.bias",
+             ("model.layers.{i}.feed_forward.w1.bias", "model.layers.{i}.feed_forward.w3.bias"),
+             "ffn"),
 )
 
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: its rename rows, whether q/k/v carry biases, and its HF identity."""
+    """A model family: its required rename rows, its optional row groups (each present in every
+    layer or in none, named by the HF config key that switches it on), whether q/k/v always
+    carry biases, and its HF identity."""
 
     name: str
     renames: Tuple[Tuple[str, str], ...]
     qkv_bias: bool
     hf_architecture: str
     hf_model_type: str
+    optional: Tuple[Tuple[str, Tuple[Tuple[str, str], ...]], ...] = ()
+
+    @property
+    def rows(self) -> Tuple[Tuple[str, str], ...]:
+        """Every rename row of the family, required and optional."""
+        return self.renames + tuple(r for _, group in self.optional for r in group)
 
 
 FAMILIES: Dict[str, Family] = {
-    "llama": Family("llama", LLAMA_RENAMES, False, "LlamaForCausalLM", "llama"),
+    "llama": Family("llama", LLAMA_RENAMES, False, "LlamaForCausalLM", "llama",
+                    (("attention_bias", QKV_BIAS_RENAMES + O_BIAS_RENAMES),
+                     ("mlp_bias", MLP_BIAS_RENAMES))),
     "qwen2": Family("qwen2", LLAMA_RENAMES + QKV_BIAS_RENAMES, True, "Qwen2ForCausalLM", "qwen2"),
 }
 
 # Every HF row any family knows, to tell "wrong family" from "unknown tensor".
-ALL_RENAMES: Tuple[Tuple[str, str], ...] = LLAMA_RENAMES + QKV_BIAS_RENAMES
+ALL_RENAMES: Tuple[Tuple[str, str], ...] = (LLAMA_RENAMES + QKV_BIAS_RENAMES + O_BIAS_RENAMES
+                                            + MLP_BIAS_RENAMES)
 
 
 def get_family(name: str) -> Family:
@@ -155,7 +178,7 @@ def hf_to_ms_name(name: str, family: str, qkv_concat: bool = False) -> str:
     naming the family that does when another one knows it.
     """
     fam = get_family(family)
-    ms = translate(name, fam.renames, 0)
+    ms = translate(name, fam.rows, 0)
     if ms is None:
         raise ConversionError(_unknown_message([name], fam, "Hugging Face"))
     if qkv_concat:
@@ -173,7 +196,7 @@ def ms_to_hf_names(name: str, family: str) -> Tuple[str, ...]:
     parts = [fill(p, fused[1]) for p in fused[0].parts] if fused else [name]
     out = []
     for part in parts:
-        hf = translate(part, fam.renames, 1)
+        hf = translate(part, fam.rows, 1)
         if hf is None:
             raise ConversionError(_unknown_message([name], fam, "MindSpore"))
         out.append(hf)
@@ -202,7 +225,7 @@ def unknown_names(names: Iterable[str], family: str, side: str) -> List[str]:
                 continue
             except ConversionError:
                 pass
-        if translate(n, fam.renames, col) is None:
+        if translate(n, fam.rows, col) is None:
             out.append(n)
     return out
 
@@ -210,7 +233,7 @@ def unknown_names(names: Iterable[str], family: str, side: str) -> List[str]:
 def _unknown_message(names: List[str], fam: Family, side: str) -> str:
     col = 0 if side == "Hugging Face" else 1
     others = sorted({f.name for f in FAMILIES.values() if f.name != fam.name
-                     for n in names if translate(n, f.renames, col) is not None})
+                     for n in names if translate(n, f.rows, col) is not None})
     shown = ", ".join(repr(n) for n in names[:10])
     more = f" and {len(names) - 10} more" if len(names) > 10 else ""
     hint = (f"; these belong to family {', '.join(others)}: pass --family {others[0]}"

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Optional, Union
 
 from ..errors import ConfigError
+from .rope import check_rope
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +22,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 # do not change what this implementation computes (Ascend kernels, paged attention, recompute...).
 IGNORED_KEYS = frozenset({
     "use_flash_attention", "use_paged_attention", "block_size", "num_blocks", "use_past_shard",
-    "is_dynamic", "use_rope_slice", "fine_grain_interleave", "offset", "extend_method",
-    "scaling_factor", "pp_interleave_num", "parallel_decoding_params", "use_ring_attention",
+    "is_dynamic", "use_rope_slice", "fine_grain_interleave", "offset", "pp_interleave_num", "parallel_decoding_params", "use_ring_attention",
     "use_attn_mask_compression", "use_eod_attn_mask_compression", "input_sliced_sig",
     "rmsnorm_compute_2d", "chunk_prefill", "calculate_per_token_loss", "fused_rms_norm",
     "max_position_embedding", "quant_config", "tie_word_embeddings_type",
@@ -35,7 +35,10 @@ class LlamaConfig:
 
     Defaults follow MindSpore Transformers' LlamaConfig except the dtypes, which default to
     float32 (the CPU backend). `intermediate_size=None` is derived as MindSpore Transformers
-    does (4h*2/3, times `ffn_dim_multiplier`, rounded up to `multiple_of`).
+    does (4h*2/3, times `ffn_dim_multiplier`, rounded up to `multiple_of`). `head_dim=None`
+    means hidden_size / num_heads. RoPE scaling is `extend_method` + `scaling_factor` (see
+    `models/rope.py`); biases are `qkv_has_bias` (wq/wk/wv), `attn_proj_has_bias` (wo) and
+    `mlp_has_bias` (w1/w2/w3), MindSpore Transformers' names.
     """
 
     vocab_size: int = 32000
@@ -43,14 +46,19 @@ class LlamaConfig:
     num_layers: int = 32
     num_heads: int = 32
     n_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
     intermediate_size: Optional[int] = None
     multiple_of: int = 256
     ffn_dim_multiplier: Optional[float] = None
     rms_norm_eps: float = 1e-5
     theta: float = 10000.0
+    extend_method: str = "None"
+    scaling_factor: Union[float, Dict[str, Any]] = 1.0
     seq_length: int = 2048
     batch_size: int = 1
     qkv_has_bias: bool = False
+    attn_proj_has_bias: bool = False
+    mlp_has_bias: bool = False
     qkv_concat: bool = False
     tie_word_embeddings: bool = False
     compute_dtype: str = "float32"
@@ -78,17 +86,14 @@ class LlamaConfig:
         self._validate()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.num_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
         if self.intermediate_size is None:
             inter = int(2 * (4 * self.hidden_size) / 3)
             if self.ffn_dim_multiplier is not None:
                 inter = int(self.ffn_dim_multiplier * inter)
             self.intermediate_size = self.multiple_of * ((inter + self.multiple_of - 1)
                                                          // self.multiple_of)
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.hidden_size // self.num_heads
 
     @property
     def eos_token_ids(self) -> List[int]:
@@ -142,16 +147,22 @@ class LlamaConfig:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.model_config.{key} must be positive, "
                                   f"got {getattr(self, key)}")
-        if self.hidden_size % self.num_heads:
+        if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ConfigError(f"model.model_config: hidden_size {self.hidden_size} is not "
-                              f"divisible by num_heads {self.num_heads}")
+                              f"divisible by num_heads {self.num_heads} (set head_dim when "
+                              f"heads are not hidden_size / num_heads wide)")
+        if self.head_dim is not None and self.head_dim <= 0:
+            raise ConfigError(f"model.model_config.head_dim must be positive, got "
+                              f"{self.head_dim}")
         kv = self.n_kv_heads if self.n_kv_heads is not None else self.num_heads
         if kv <= 0 or self.num_heads % kv:
             raise ConfigError(f"model.model_config: num_heads {self.num_heads} must be a "
                               f"multiple of n_kv_heads {kv}")
-        if (self.head_dim % 2) != 0:
-            raise ConfigError(f"model.model_config: head dim {self.head_dim} must be even "
+        head_dim = self.head_dim or self.hidden_size // self.num_heads
+        if (head_dim % 2) != 0:
+            raise ConfigError(f"model.model_config: head dim {head_dim} must be even "
                               "for rotary embeddings")
+        check_rope(self.extend_method, self.scaling_factor, head_dim)
 
 
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
@@ -164,6 +175,9 @@ def _type_ok(value: Any, annotation: str) -> bool:
         if value is None:
             return True
         ann = ann[len("Optional["):-1]
+    if ann == "Union[float,Dict[str,Any]]":
+        return isinstance(value, dict) or (isinstance(value, (int, float))
+                                           and not isinstance(value, bool))
     if ann == "Union[int,List[int]]":
         if isinstance(value, (list, tuple)):
             return all(isinstance(v, int) and not isinstance(v, bool) for v in value)

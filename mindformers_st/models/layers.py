@@ -77,20 +77,29 @@ class ColumnParallelLinear(ShardableCell):
 
 
 class RowParallelLinear(ShardableCell):
-    """y = sum over mp of x_r W_r^T: this rank holds `[out, in/mp]` and its input's shard."""
+    """y = (sum over mp of x_r W_r^T) + b: this rank holds `[out, in/mp]` and its input's shard.
+
+    The bias `[out]` is replicated and added once, after the all-reduce (adding it before would
+    count it mp times)."""
 
     def __init__(self, in_features: int, out_features: int, mp: int, group: Optional[str],
-                 param_dtype, compute_dtype):
+                 param_dtype, compute_dtype, has_bias: bool = False):
         super().__init__()
         if in_features % mp:
             raise ValueError(f"input size {in_features} not divisible by model_parallel {mp}")
         self.compute_dtype = compute_dtype
         self.weight = _zeros_param((out_features, in_features // mp), param_dtype, "weight")
         self.reduce = ReduceFromModelParallel(group)
+        self.has_bias = has_bias
+        if has_bias:
+            self.bias = _zeros_param((out_features,), param_dtype, "bias")
 
     def construct(self, x):
         y = ops.matmul(x.astype(self.compute_dtype), self._full("weight").astype(self.compute_dtype).T)
-        return self.reduce(y)
+        y = self.reduce(y)
+        if self.has_bias:
+            y = y + self._full("bias").astype(self.compute_dtype)
+        return y
 
 
 class VocabEmbedding(ShardableCell):
@@ -118,9 +127,9 @@ class VocabEmbedding(ShardableCell):
         return self.reduce(out)
 
 
-def rotary_cos_sin(positions: np.ndarray, head_dim: int, theta: float):
-    """cos, sin of shape [B, 1, S, head_dim] for integer `positions` [B, S] (HF rotate-half)."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+def rotary_cos_sin(positions: np.ndarray, inv_freq: np.ndarray):
+    """cos, sin of shape [B, 1, S, head_dim] for integer `positions` [B, S] and the
+    `head_dim // 2` inverse frequencies `inv_freq` (`models.rope.inv_freq`; HF rotate-half)."""
     freqs = positions.astype(np.float64)[..., None] * inv_freq          # [B, S, D/2]
     emb = np.concatenate([freqs, freqs], axis=-1)[:, None]               # [B, 1, S, D]
     return (Tensor(np.cos(emb).astype(np.float32)), Tensor(np.sin(emb).astype(np.float32)))
@@ -164,7 +173,7 @@ class Attention(nn.Cell):
             self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.n_kv_heads * hd, mp, bias,
                                            param_dtype, compute_dtype)
         self.wo = RowParallelLinear(cfg.num_heads * hd, cfg.hidden_size, mp, group,
-                                    param_dtype, compute_dtype)
+                                    param_dtype, compute_dtype, cfg.attn_proj_has_bias)
 
     def construct(self, x, cos, sin, mask, past=None):
         """x [B, S, hidden]; mask [B, 1, S, T] additive; past (k, v) [B, kv, P, D] or None.
@@ -198,25 +207,26 @@ class Attention(nn.Cell):
 
 
 class FeedForward(nn.Cell):
-    """SwiGLU MLP: w2(silu(w1 x) * w3 x); w1, w3 (or fused w_gate_hidden) column-parallel,
-    w2 row-parallel."""
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x) (each with its bias under mlp_has_bias); w1, w3 (or
+    fused w_gate_hidden) column-parallel, w2 row-parallel."""
 
     def __init__(self, cfg, mp: int, group: Optional[str], param_dtype, compute_dtype):
         super().__init__()
         self.enter = CopyToModelParallel(group)
         self.fused = cfg.qkv_concat
+        bias = cfg.mlp_has_bias
         if self.fused:
             # MindSpore Transformers' w_gate_hidden: rows of w1 and w3 interleaved (2r, 2r+1),
-            # so a contiguous mp split keeps each gate row with its up row
+            # so a contiguous mp split keeps each gate row with its up row (bias likewise)
             self.w_gate_hidden = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.intermediate_size,
-                                                      mp, False, param_dtype, compute_dtype)
+                                                      mp, bias, param_dtype, compute_dtype)
         else:
-            self.w1 = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, mp, False,
+            self.w1 = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, mp, bias,
                                            param_dtype, compute_dtype)
-            self.w3 = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, mp, False,
+            self.w3 = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, mp, bias,
                                            param_dtype, compute_dtype)
         self.w2 = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, mp, group,
-                                    param_dtype, compute_dtype)
+                                    param_dtype, compute_dtype, bias)
 
     def construct(self, x):
         x = self.enter(x)

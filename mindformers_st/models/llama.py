@@ -28,6 +28,7 @@ from .layers import (Attention, ColumnParallelLinear, FeedForward, RMSNorm, Voca
                      VocabParallelCrossEntropy, rotary_cos_sin)
 from .param_table import llama_param_table
 from .registry import register_model
+from .rope import inv_freq as rope_inv_freq
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +239,12 @@ class LlamaForCausalLM(nn.Cell):
         self.opt_sharded.add(name)
 
     # ---- forward -----------------------------------------------------------------------
+    def inv_freq(self, seq_len: int) -> np.ndarray:
+        """The rotary inverse frequencies for a forward whose longest position is seq_len - 1
+        (extend_method / scaling_factor applied; only DYNAMIC_NTK depends on seq_len)."""
+        c = self.cfg
+        return rope_inv_freq(c.head_dim, c.theta, c.extend_method, c.scaling_factor, seq_len)
+
     def _lm_weight(self):
         if self.tied:
             return self.model.tok_embeddings._full("embedding_weight")
@@ -255,7 +262,8 @@ class LlamaForCausalLM(nn.Cell):
         past = 0 if cache is None else int(cache[0][0].shape[2])
         if position_ids is None:
             position_ids = np.broadcast_to(np.arange(past, past + s), (b, s))
-        cos, sin = rotary_cos_sin(np.asarray(position_ids), self.cfg.head_dim, self.cfg.theta)
+        position_ids = np.asarray(position_ids)
+        cos, sin = rotary_cos_sin(position_ids, self.inv_freq(int(position_ids.max()) + 1))
         mask = _additive_mask(b, s, past, attention_mask)
         h, presents = self.model(input_ids, cos, sin, mask, cache)
         h = self.lm_enter(h)

@@ -19,18 +19,23 @@ def llama_param_table(cfg: Any) -> ParamTable:
 
     `cfg` needs: vocab_size, hidden_size, num_layers, num_heads, n_kv_heads (None = num_heads),
     intermediate_size, qkv_has_bias, tie_word_embeddings, param_init_type ("float32",
-    "float16", "bfloat16"), and optionally qkv_concat (fused `w_qkv` and `w_gate_hidden`).
-    Column-parallel weights split dim 0, row-parallel dim 1; norms are replicated.
+    "float16", "bfloat16"), and optionally head_dim (None = hidden/heads), attn_proj_has_bias
+    (`attention.wo.bias`), mlp_has_bias (`feed_forward.w{1,2,3}.bias`) and qkv_concat (fused
+    `w_qkv` and `w_gate_hidden`, biases fused the same way). Column-parallel weights and their
+    biases split dim 0, row-parallel weights dim 1; row-parallel biases (wo, w2) and norms are
+    replicated, as they are added once after the model-parallel sum.
     """
     dtype = YAML_DTYPE_TO_ST[getattr(cfg, "param_init_type", "float32")]
     hidden, layers = cfg.hidden_size, cfg.num_layers
     heads = cfg.num_heads
     kv_heads = getattr(cfg, "n_kv_heads", None) or heads
-    head_dim = hidden // heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     q_out, kv_out = heads * head_dim, kv_heads * head_dim
     inter = cfg.intermediate_size
     fused = bool(getattr(cfg, "qkv_concat", False))
     bias = bool(getattr(cfg, "qkv_has_bias", False))
+    o_bias = bool(getattr(cfg, "attn_proj_has_bias", False))
+    mlp_bias = bool(getattr(cfg, "mlp_has_bias", False))
 
     params: List[ParamSpec] = [
         ParamSpec("model.tok_embeddings.embedding_weight", (cfg.vocab_size, hidden), dtype,
@@ -52,17 +57,30 @@ def llama_param_table(cfg: Any) -> ParamTable:
                                             split_dim=0, layer=i))
         params.append(ParamSpec(p + "attention.wo.weight", (hidden, q_out), dtype,
                                 split_dim=1, layer=i))
+        if o_bias:
+            params.append(ParamSpec(p + "attention.wo.bias", (hidden,), dtype, layer=i))
         if fused:
             params.append(ParamSpec(p + "feed_forward.w_gate_hidden.weight", (2 * inter, hidden),
                                     dtype, split_dim=0, layer=i))
+            if mlp_bias:
+                params.append(ParamSpec(p + "feed_forward.w_gate_hidden.bias", (2 * inter,),
+                                        dtype, split_dim=0, layer=i))
         else:
             params.append(ParamSpec(p + "feed_forward.w1.weight", (inter, hidden), dtype,
                                     split_dim=0, layer=i))
+            if mlp_bias:
+                params.append(ParamSpec(p + "feed_forward.w1.bias", (inter,), dtype,
+                                        split_dim=0, layer=i))
         params.append(ParamSpec(p + "feed_forward.w2.weight", (hidden, inter), dtype,
                                 split_dim=1, layer=i))
+        if mlp_bias:
+            params.append(ParamSpec(p + "feed_forward.w2.bias", (hidden,), dtype, layer=i))
         if not fused:
             params.append(ParamSpec(p + "feed_forward.w3.weight", (inter, hidden), dtype,
                                     split_dim=0, layer=i))
+            if mlp_bias:
+                params.append(ParamSpec(p + "feed_forward.w3.bias", (inter,), dtype,
+                                        split_dim=0, layer=i))
         params.append(ParamSpec(p + "attention_norm.weight", (hidden,), dtype, layer=i))
         params.append(ParamSpec(p + "ffn_norm.weight", (hidden,), dtype, layer=i))
     params.append(ParamSpec("model.norm_out.weight", (hidden,), dtype, layer=layers))

@@ -16,6 +16,10 @@ logger = logging.getLogger(__name__)
 
 _MODELS: Dict[str, Tuple[type, type]] = {}
 _CONFIGS: Dict[str, type] = {"LlamaConfig": LlamaConfig}
+# registered by importing mindformers_st.models.llama
+BUILTIN_MODELS = ("LlamaForCausalLM",)
+# models this repository ships as --register_path plug-ins (name -> the folder to pass)
+PLUGIN_PATHS = {"Qwen2ForCausalLM": "research/qwen2", "Qwen2Config": "research/qwen2"}
 
 
 def register_model(name: str, config_cls: type = LlamaConfig):
@@ -41,14 +45,31 @@ def _load_builtin() -> None:
     from . import llama  # noqa: F401
 
 
+def _unregistered(kind: str, name: str, known) -> ConfigError:
+    plugin = PLUGIN_PATHS.get(name)
+    if plugin:
+        return ConfigError(f"{kind} {name!r} is not registered: add --register_path {plugin} "
+                           f"to the run_mindformer.py command (it registers {name})")
+    return ConfigError(f"{kind} {name!r} is not a registered model; known: {sorted(known)}. "
+                       "Register yours with --register_path (a file using "
+                       "mindformers_st.models.registry.register_model).")
+
+
+def check_model_name(name: str) -> None:
+    """Raise ConfigError unless `name` is a built-in or registered model; for a plug-in this
+    repository ships (Qwen2ForCausalLM) the message names the exact `--register_path` flag.
+    Pure: does not import MindSpore."""
+    if name not in _MODELS and name not in BUILTIN_MODELS:
+        raise _unregistered("model.arch.type", name, set(_MODELS) | set(BUILTIN_MODELS))
+
+
 def get_model(name: str) -> Tuple[type, type]:
-    """(model class, config class) registered as `name`; ConfigError listing the known names."""
+    """(model class, config class) registered as `name`; ConfigError listing the known names
+    (naming the --register_path flag for the plug-ins this repository ships)."""
     if name not in _MODELS:
         _load_builtin()
     if name not in _MODELS:
-        raise ConfigError(f"model.arch.type {name!r} is not a registered model; known: "
-                          f"{sorted(_MODELS)}. Register yours with --register_path "
-                          "(a file using mindformers_st.models.registry.register_model).")
+        raise _unregistered("model.arch.type", name, _MODELS)
     return _MODELS[name]
 
 
@@ -59,6 +80,8 @@ def get_config_class(name: Optional[str]) -> type:
     if name not in _CONFIGS:
         _load_builtin()
     if name not in _CONFIGS:
+        if name in PLUGIN_PATHS:
+            raise _unregistered("model.model_config.type", name, _CONFIGS)
         raise ConfigError(f"model.model_config.type {name!r} is not a known config class; "
                           f"known: {sorted(_CONFIGS)}")
     return _CONFIGS[name]

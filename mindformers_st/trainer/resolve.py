@@ -17,14 +17,16 @@ from ..errors import ConfigError, ConversionError
 from ..layout.param_table import ParamTable
 from ..layout.parallel_config import ParallelConfig, plan_layouts
 from ..models.param_table import llama_param_table
-from ..models.registry import get_config_class
+from ..models.registry import check_model_name, get_config_class
 from ..config.schema import RunConfig
 
 logger = logging.getLogger(__name__)
 
-# model_config keys that describe the weights: YAML and config.json must agree on them
+# model_config keys that describe the weights (and their positions): YAML and config.json must
+# agree on them, or the model would silently compute something else than the checkpoint
 STRUCTURAL_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "n_kv_heads",
-                   "intermediate_size", "qkv_has_bias", "tie_word_embeddings")
+                   "head_dim", "intermediate_size", "qkv_has_bias", "attn_proj_has_bias",
+                   "mlp_has_bias", "tie_word_embeddings", "extend_method", "scaling_factor")
 # HF family -> the registered model name that runs it
 FAMILY_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -65,7 +67,10 @@ def merge_hf_model_config(yaml_mc: Dict[str, Any], hf_mc: Dict[str, Any], folder
 
 
 def resolve_model(cfg: RunConfig) -> ResolvedModel:
-    """The model name and validated model config of a run (HF config.json merged in)."""
+    """The model name and validated model config of a run (HF config.json merged in).
+
+    ConfigError before any weight is read for a config.json this package cannot run (naming
+    the key) and for an unregistered model (naming the --register_path flag to add)."""
     mc = dict(cfg.model.model_config)
     arch = cfg.model.arch.type
     folder = hf_folder_of(cfg)
@@ -85,6 +90,7 @@ def resolve_model(cfg: RunConfig) -> ResolvedModel:
             arch = FAMILY_ARCH.get(family, "LlamaForCausalLM")
         logger.info("model_config completed from %s/config.json (family %s)", folder, family)
     arch = arch or "LlamaForCausalLM"
+    check_model_name(arch)   # before any weight is read; names --register_path for qwen2
     config_cls = get_config_class(mc.get("type"))
     try:
         model_cfg = config_cls.from_dict(mc)

@@ -175,3 +175,65 @@ def test_a_shard_emptied_by_fusing_renumbers_the_shards(tmp_path):
     convert_hf_folder(str(hf), str(tmp_path / "plain"), progress=False)
     assert sorted(f for f in os.listdir(tmp_path / "plain") if f.endswith(".safetensors")) == \
         ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+
+
+def _llama_biases(tensors, layers=2, hidden=16, inter=24, mlp=True):
+    """Add Llama attention_bias (q/k/v/o) and mlp_bias (gate/up/down) tensors."""
+    rng = np.random.default_rng(7)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name, rows in (("self_attn.q_proj", 16), ("self_attn.k_proj", 8),
+                           ("self_attn.v_proj", 8), ("self_attn.o_proj", hidden)):
+            tensors[p + name + ".bias"] = rng.standard_normal(rows).astype(np.float32)
+        if mlp:
+            for name, rows in (("mlp.gate_proj", inter), ("mlp.up_proj", inter),
+                               ("mlp.down_proj", hidden)):
+                tensors[p + name + ".bias"] = rng.standard_normal(rows).astype(np.float32)
+    return tensors
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_llama_attention_and_mlp_biases_round_trip_bit_identical(tmp_path, fused):
+    tensors = _llama_biases(hf_tensors())
+    cfg = dict(hf_config("llama"), attention_bias=True, mlp_bias=True)
+    hf = write_hf_folder(str(tmp_path / "hf"), tensors, config=cfg)
+    res = convert_hf_folder(hf, str(tmp_path / "ms"), qkv_concat=fused, progress=False)
+    ms = read_folder(str(tmp_path / "ms"))
+    assert "model.layers.1.attention.wo.bias" in ms
+    if fused:
+        gh = ms["model.layers.0.feed_forward.w_gate_hidden.bias"]
+        np.testing.assert_array_equal(gh[0::2], tensors["model.layers.0.mlp.gate_proj.bias"])
+        np.testing.assert_array_equal(gh[1::2], tensors["model.layers.0.mlp.up_proj.bias"])
+    else:
+        np.testing.assert_array_equal(ms["model.layers.1.feed_forward.w2.bias"],
+                                      tensors["model.layers.1.mlp.down_proj.bias"])
+    export_hf_folder(str(tmp_path / "ms"), str(tmp_path / "back"), res.model_config,
+                     progress=False)
+    back = read_folder(str(tmp_path / "back"))
+    assert back.keys() == tensors.keys()
+    for n, a in tensors.items():
+        assert back[n].tobytes() == a.tobytes(), n
+
+
+def test_biases_that_config_json_does_not_declare_are_refused(tmp_path):
+    out = tmp_path / "out"
+    quiet = write_hf_folder(str(tmp_path / "quiet"), _llama_biases(hf_tensors()),
+                            config=hf_config("llama"))       # attention_bias/mlp_bias unset
+    with pytest.raises(ConversionError, match="attention_bias, mlp_bias"):
+        convert_hf_folder(quiet, str(out), progress=False)
+    declared = write_hf_folder(str(tmp_path / "declared"), _llama_biases(hf_tensors(), mlp=False),
+                               config=dict(hf_config("llama"), attention_bias=True, mlp_bias=True))
+    with pytest.raises(ConversionError, match=r"missing: 'model\.layers\.0\.mlp\.gate_proj\.bias'"):
+        convert_hf_folder(declared, str(out), progress=False)
+    assert not out.exists()
+
+
+def test_unsupported_config_is_refused_before_any_safetensors_file_is_opened(tmp_path):
+    hf = write_hf_folder(str(tmp_path / "hf"), hf_tensors(),
+                         config=dict(hf_config("llama"), num_local_experts=8))
+    for f in os.listdir(hf):   # unreadable weights: only config.json may be looked at
+        if f.endswith(".safetensors"):
+            with open(os.path.join(hf, f), "wb") as fh:
+                fh.write(b"\xff" * 16)
+    with pytest.raises(ConversionError, match="num_local_experts"):
+        plan_hf_folder(hf)

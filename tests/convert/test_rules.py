@@ -31,11 +31,24 @@ def test_llama_names_map_both_ways(hf, ms):
     assert ms_to_hf_name(ms, "llama") == hf
 
 
-def test_qwen2_maps_qkv_biases_and_llama_refuses_them_naming_qwen2():
+def test_qwen2_maps_qkv_biases_and_refuses_llama_only_biases_naming_llama():
     assert hf_to_ms_name("model.layers.2.self_attn.k_proj.bias", "qwen2") == \
         "model.layers.2.attention.wk.bias"
-    with pytest.raises(ConversionError, match="--family qwen2"):
-        hf_to_ms_name("model.layers.2.self_attn.k_proj.bias", "llama")
+    for name in ("model.layers.2.self_attn.o_proj.bias", "model.layers.2.mlp.down_proj.bias"):
+        with pytest.raises(ConversionError, match="--family llama"):
+            hf_to_ms_name(name, "qwen2")
+
+
+@pytest.mark.parametrize("hf,ms", [
+    ("model.layers.2.self_attn.q_proj.bias", "model.layers.2.attention.wq.bias"),
+    ("model.layers.2.self_attn.o_proj.bias", "model.layers.2.attention.wo.bias"),
+    ("model.layers.0.mlp.gate_proj.bias", "model.layers.0.feed_forward.w1.bias"),
+    ("model.layers.0.mlp.down_proj.bias", "model.layers.0.feed_forward.w2.bias"),
+    ("model.layers.0.mlp.up_proj.bias", "model.layers.0.feed_forward.w3.bias"),
+])
+def test_llama_attention_and_mlp_biases_map_both_ways(hf, ms):
+    assert hf_to_ms_name(hf, "llama") == ms
+    assert ms_to_hf_name(ms, "llama") == hf
 
 
 def test_unknown_name_is_listed_in_the_error():
@@ -53,16 +66,20 @@ def test_qkv_concat_maps_parts_to_the_fused_name_and_back():
         "model.layers.0.self_attn.v_proj.bias")
     with pytest.raises(ConversionError, match="fused"):
         ms_to_hf_name("model.layers.0.attention.w_qkv.weight", "qwen2")
-    with pytest.raises(ConversionError):   # llama has no q/k/v biases, fused or not
-        ms_to_hf_names("model.layers.0.attention.w_qkv.bias", "llama")
+    assert ms_to_hf_names("model.layers.0.feed_forward.w_gate_hidden.bias", "llama") == (
+        "model.layers.0.mlp.gate_proj.bias", "model.layers.0.mlp.up_proj.bias")
+    with pytest.raises(ConversionError):   # qwen2 has no MLP biases, fused or not
+        ms_to_hf_names("model.layers.0.feed_forward.w_gate_hidden.bias", "qwen2")
 
 
-@pytest.mark.parametrize("family,bias,fused,tied", [
-    ("llama", False, False, False), ("llama", False, True, False),
-    ("qwen2", True, False, True), ("qwen2", True, True, False)])
-def test_every_param_table_name_has_hf_names(family, bias, fused, tied):
-    """The rules cover exactly the MindSpore parameter table, fused or not."""
-    table = llama_param_table(_Cfg(qkv_has_bias=bias, qkv_concat=fused, tie_word_embeddings=tied))
+@pytest.mark.parametrize("family,bias,fused,tied,llama_bias", [
+    ("llama", False, False, False, False), ("llama", False, True, False, False),
+    ("llama", True, False, True, True), ("llama", True, True, False, True),
+    ("qwen2", True, False, True, False), ("qwen2", True, True, False, False)])
+def test_every_param_table_name_has_hf_names(family, bias, fused, tied, llama_bias):
+    """The rules cover exactly the MindSpore parameter table, fused or not, biases or not."""
+    table = llama_param_table(_Cfg(qkv_has_bias=bias, qkv_concat=fused, tie_word_embeddings=tied,
+                                   attn_proj_has_bias=llama_bias, mlp_has_bias=llama_bias))
     hf = [h for p in table for h in ms_to_hf_names(p.name, family)]
     assert len(hf) == len(set(hf))
     back = {hf_to_ms_name(h, family, qkv_concat=fused) for h in hf}

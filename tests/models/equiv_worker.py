@@ -22,11 +22,20 @@ from mindformers_st.trainer.step import TrainStep
 
 TINY = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, n_kv_heads=2,
             intermediate_size=128, seq_length=32, qkv_has_bias=True, pad_token_id=0)
-# the second variant covers tied embeddings (lm_head = the, possibly vocab-split, table) and MHA
-# and the third the fused qkv_concat weights (w_qkv with bias, w_gate_hidden)
-VARIANTS = {"gqa_bias": TINY,
+# the first variant adds Llama's o_proj and MLP biases (row-parallel wo/w2 biases replicated and
+# added after the all-reduce) and dynamic NTK RoPE active within seq_length; the second covers
+# tied embeddings (lm_head = the, possibly vocab-split, table) and MHA; the third the fused
+# qkv_concat weights (w_qkv and w_gate_hidden with biases), a head_dim wider than hidden/heads
+# and Llama 3.1 RoPE scaling
+LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8}
+VARIANTS = {"gqa_bias": dict(TINY, attn_proj_has_bias=True, mlp_has_bias=True,
+                             extend_method="DYNAMIC_NTK",
+                             scaling_factor={"factor": 4.0,
+                                             "original_max_position_embeddings": 16}),
             "tied_mha": dict(TINY, n_kv_heads=4, qkv_has_bias=False, tie_word_embeddings=True),
-            "fused": dict(TINY, qkv_concat=True)}
+            "fused": dict(TINY, qkv_concat=True, attn_proj_has_bias=True, mlp_has_bias=True,
+                          head_dim=24, extend_method="LLAMA3", scaling_factor=LLAMA3)}
 GLOBAL_BATCH, STEPS = 4, 3
 
 

@@ -62,3 +62,68 @@ def test_registry_knows_llama_and_rejects_unknown_names():
     class TinyQwen2(model_cls):
         pass
     assert get_model("TinyQwen2ForCausalLM")[0] is TinyQwen2
+
+
+def _hf_run(tmp_path, config_json, yaml_text="model:\n  model_config:\n    seq_length: 32\n"):
+    """A run config whose load_checkpoint is an HF folder holding only config.json (no weights:
+    whatever is refused here was refused before any weight could be read)."""
+    import json
+    from mindformers_st.config import load_config
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config_json))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml_text)
+    return load_config(str(path), [("load_checkpoint", str(folder))])
+
+
+QWEN2_JSON = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 64,
+              "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+              "rope_theta": 1e6, "max_position_embeddings": 128, "sliding_window": 131072,
+              "use_sliding_window": False, "max_window_layers": 21, "tie_word_embeddings": True}
+
+
+def test_qwen2_folder_without_register_path_names_the_flag(tmp_path, monkeypatch):
+    from mindformers_st.trainer.resolve import resolve_model
+    from mindformers_st.models import registry
+    monkeypatch.delitem(registry._MODELS, "Qwen2ForCausalLM", raising=False)
+    with pytest.raises(ConfigError, match="--register_path research/qwen2"):
+        resolve_model(_hf_run(tmp_path, QWEN2_JSON))
+
+
+def test_qwen2_5_folder_resolves_as_qwen2_once_registered(tmp_path, monkeypatch):
+    from mindformers_st.trainer.resolve import resolve_model
+    from mindformers_st.models import registry
+    monkeypatch.setitem(registry._MODELS, "Qwen2ForCausalLM", (object, LlamaConfig))
+    resolved = resolve_model(_hf_run(tmp_path, QWEN2_JSON))
+    assert resolved.arch == "Qwen2ForCausalLM" and resolved.family == "qwen2"
+    assert resolved.config.qkv_has_bias and not resolved.config.attn_proj_has_bias
+
+
+@pytest.mark.parametrize("change,word", [
+    ({"num_local_experts": 8}, "num_local_experts"), ({"sliding_window": 4096}, "sliding_window"),
+    ({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}, "mixtral"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn")])
+def test_unsupported_hf_configs_are_refused_at_resolve_time(tmp_path, change, word):
+    from mindformers_st.trainer.resolve import resolve_model
+    cfg = dict(QWEN2_JSON, architectures=["LlamaForCausalLM"], model_type="llama",
+               sliding_window=None)
+    cfg.update(change)
+    with pytest.raises(ConfigError, match=word):
+        resolve_model(_hf_run(tmp_path, cfg))
+
+
+def test_yaml_rope_scaling_contradicting_config_json_is_an_error(tmp_path):
+    """An old YAML saying extend_method "None" must not silently drop config.json's llama3."""
+    from mindformers_st.trainer.resolve import resolve_model
+    cfg = dict(QWEN2_JSON, architectures=["LlamaForCausalLM"], model_type="llama",
+               sliding_window=None, rope_scaling={
+                   "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    with pytest.raises(ConfigError, match="extend_method"):
+        resolve_model(_hf_run(tmp_path, cfg, "model:\n  model_config:\n    extend_method: 'None'\n"))
+    (tmp_path / "ok").mkdir()
+    resolved = resolve_model(_hf_run(tmp_path / "ok", cfg))
+    assert resolved.config.extend_method == "LLAMA3"
+    assert resolved.config.scaling_factor["original_max_position_embeddings"] == 64

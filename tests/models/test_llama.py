@@ -92,7 +92,9 @@ def test_parameter_names_are_mindspore_transformers_names_and_init_is_layout_fre
 
 
 @pytest.mark.parametrize("over", [{}, {"qkv_has_bias": True}, {"tie_word_embeddings": True},
-                                  {"n_kv_heads": 4}, {"n_kv_heads": 1, "theta": 500000.0}])
+                                  {"n_kv_heads": 4}, {"n_kv_heads": 1, "theta": 500000.0},
+                                  {"qkv_has_bias": True, "attn_proj_has_bias": True,
+                                   "mlp_has_bias": True}, {"head_dim": 12}])
 def test_logits_match_an_independent_numpy_llama(over):
     cfg, model = make(**over)
     params = randomize_biases(model)
