@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                     choices=["AdamWeightDecay", "Adam", "Momentum", "SGD"])
     ap.add_argument("--graph", action="store_true", help="GRAPH_MODE instead of PyNative")
     ap.add_argument("--sink", action="store_true", help="dataset_sink_mode=True")
-    ap.add_argument("--loss_scale", action="store_true", help="a dynamic loss-scale wrapper")
+    ap.add_argument("--loss_scale", action="store_true", help="a loss-scale manager (1024)")
     args = ap.parse_args(argv)
 
     ms.set_context(mode=ms.GRAPH_MODE if args.graph else ms.PYNATIVE_MODE)
@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
     extra = {}
     if args.loss_scale:
-        extra["loss_scale_manager"] = ms.amp.DynamicLossScaleManager(2 ** 10, 2, 100)
+        # CPU takes a fixed scale that never drops updates (MindSpore's rule on CPU)
+        extra["loss_scale_manager"] = ms.amp.FixedLossScaleManager(1024.0, drop_overflow_update=False)
     model = Model(net, loss_fn, opt, **extra)
 
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")

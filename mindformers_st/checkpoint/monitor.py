@@ -284,7 +284,7 @@ class CheckpointMonitor(MindSporeCallback):
             step = (global_step - 1) % per_epoch + 1
             gbs = int(self.global_batch_size or _dataset_batch(cb) * ctx.world_size)
             lr = _learning_rate(cb.get("optimizer"), net_state)
-            loss_scale = _loss_scale(cb.get("net_outputs"))
+            loss_scale = _loss_scale(cb.get("net_outputs"), cb.get("train_network"))
             data_position = global_step * gbs
             import mindspore as ms
             seed = int(ms.get_seed() or 0)
@@ -442,11 +442,20 @@ def _learning_rate(optimizer, net_state) -> float:
         return 0.0
 
 
-def _loss_scale(outputs) -> float:
-    """The loss scale a loss-scale wrapper returns as the third output (loss, overflow, scale)."""
+def _loss_scale(outputs, train_network) -> float:
+    """The loss scale in force: the third output of a loss-scale wrapper (loss, overflow, scale),
+    else its `scale_sense`, else the fixed `sens` a TrainOneStepCell multiplies by, else 1."""
     if isinstance(outputs, (tuple, list)) and len(outputs) >= 3:
         try:
             return float(np.asarray(outputs[2].asnumpy()).reshape(-1)[0])
         except (AttributeError, TypeError, ValueError):
             pass
+    for attr in ("scale_sense", "sens"):
+        value = getattr(train_network, attr, None)
+        if value is None:
+            continue
+        try:
+            return float(np.asarray(value.asnumpy() if hasattr(value, "asnumpy") else value).reshape(-1)[0])
+        except (TypeError, ValueError):
+            continue
     return 1.0
