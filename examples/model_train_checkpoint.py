@@ -112,6 +112,11 @@ def main(argv=None) -> int:
         report = load_checkpoint(net, ckpt_dir, optimizer=opt, resume=True,
                                  steps_per_epoch=steps_per_epoch, output_dir=args.output_dir)
         initial_epoch = report.resume_point.initial_epoch
+        if initial_epoch >= args.epochs:
+            if rank == 0:
+                print(f"nothing to train: the checkpoint is at epoch {initial_epoch} of "
+                      f"{args.epochs}", flush=True)
+            return 0
         if report.resume_point.skip_steps:
             # Model.train restarts each epoch's data from its beginning; resuming mid-epoch needs
             # a dataset that skips only in the first epoch. This example saves once per epoch.

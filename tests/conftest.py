@@ -1,5 +1,7 @@
 """What many test modules share: a free port pair for msrun, the tiny Llama sizes, and a fixture
 building their LlamaConfig. Import helpers as `from tests.conftest import free_port, TINY_LLAMA`."""
+import os
+import signal
 import socket
 
 import pytest
@@ -31,3 +33,24 @@ def tiny_llama_config():
     """The LlamaConfig of TINY_LLAMA (fp32)."""
     from mindformers_st.models.config import LlamaConfig
     return LlamaConfig.from_dict(dict(TINY_LLAMA))
+
+
+def kill_tagged(tag: str) -> int:
+    """SIGKILL every process carrying E2E_KILL_TAG=tag in its environment (only the job this
+    test started: the launcher, msrun, its scheduler and workers inherit the variable)."""
+    killed = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if f"E2E_KILL_TAG={tag}".encode() in env:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed

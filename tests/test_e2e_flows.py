@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 from mindformers_st.records.commit import load_committed_entries
 from mindformers_st.storage.reader import open_safetensors
 from tests.conftest import free_port as _free_port
+from tests.conftest import kill_tagged as _kill_tagged
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -106,27 +106,6 @@ def load_line(log):
     lines = [l for l in log.splitlines() if "[load_checkpoint]" in l]
     assert lines, "no [load_checkpoint] report in the log"
     return lines[-1]
-
-
-def _kill_tagged(tag):
-    """SIGKILL every process carrying E2E_KILL_TAG=tag in its environment (only the job this
-    test started: the launcher, msrun, its scheduler and workers inherit the variable)."""
-    killed = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                env = fh.read().split(b"\0")
-        except OSError:
-            continue
-        if f"E2E_KILL_TAG={tag}".encode() in env:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-                killed += 1
-            except OSError:
-                pass
-    return killed
 
 
 @pytest.fixture(scope="module")
