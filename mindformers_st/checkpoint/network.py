@@ -128,31 +128,36 @@ def replicated_layout(shape: Sequence[int], world: int) -> TensorLayout:
 
 
 def layouts_from_parameter_layout_dict(layout_dict: Mapping[str, Sequence],
-                                       shapes: Mapping[str, Sequence[int]],
-                                       world: int) -> Dict[str, TensorLayout]:
+                                       shapes: Mapping[str, Sequence[int]]) -> Dict[str, TensorLayout]:
     """TensorLayouts from MindSpore's `network.parameter_layout_dict` (auto/semi-auto parallel on
-    Ascend/GPU): {name: [dev_matrix, tensor_map, slice_shape, field_size, uniform_split,
-    opt_shard_group, (opt_shard_size/…)]}. `shapes` are the global shapes (MindSpore keeps the
-    full shape in `param.shape` until the graph is compiled, and records the slice shape).
-    LayoutError naming the tensor for what this project cannot hold: non-uniform splits and
-    optimizer-shard groups whose size is not given."""
+    Ascend/GPU), whose entries are, as MindSpore builds them (`mindspore.parallel._tensor`):
+    [dev_matrix, tensor_map, slice_shape, field_size, uniform_split, opt_shard_group,
+    full_shape, after_reshape_slice_shape, ...]. The global shape is `full_shape` when given,
+    else the slice shape times the split (`shapes` are the tensors as this rank holds them).
+    LayoutError naming the tensor for what cannot be described here: a non-uniform split, and an
+    optimizer-shard group (its size is not in the entry: pass the run's strategy file as
+    `layouts=`, which records it)."""
     out = {}
     for name, entry in layout_dict.items():
         if name not in shapes:
             continue
         entry = list(entry)
+        if len(entry) < 3:
+            raise LayoutError(f"{name}: parameter_layout_dict entry {entry!r} is not MindSpore's "
+                              f"[dev_matrix, tensor_map, slice_shape, ...]")
         dev_matrix, tensor_map = tuple(entry[0]), tuple(entry[1])
-        uniform = bool(entry[4]) if len(entry) > 4 else True
-        if not uniform:
+        if len(entry) > 4 and not bool(entry[4]):
             raise LayoutError(f"{name}: parameter_layout_dict says the split is not uniform; "
                               f"only uniform splits can be saved as slices")
-        opt_group = entry[5] if len(entry) > 5 else ""
-        shard_size = 0
-        if opt_group:
-            shard_size = int(entry[6]) if len(entry) > 6 and int(entry[6]) > 0 else -1
-        out[name] = TensorLayout(tuple(int(d) for d in shapes[name]), dev_matrix, tensor_map,
-                                 opt_weight_shard_step=1 if opt_group else 0,
-                                 opt_weight_shard_size=shard_size)
+        if len(entry) > 5 and entry[5]:
+            raise LayoutError(f"{name}: parameter_layout_dict shards it over the optimizer group "
+                              f"{entry[5]!r}, whose size the entry does not record; pass the "
+                              f"run's strategy file (CheckpointMonitor(layouts=...))")
+        full = tuple(int(d) for d in entry[6]) if len(entry) > 6 and entry[6] else None
+        lay = TensorLayout(full, dev_matrix, tensor_map)
+        if full is None:
+            lay = lay.with_local_shape(tuple(int(d) for d in entry[2]))
+        out[name] = lay
     return out
 
 
@@ -192,7 +197,7 @@ class CellState(NetworkState):
         found: Dict[str, TensorLayout] = {}
         layout_dict = getattr(network, "parameter_layout_dict", None) or {}
         if layout_dict:
-            found.update(layouts_from_parameter_layout_dict(layout_dict, shapes, world))
+            found.update(layouts_from_parameter_layout_dict(layout_dict, shapes))
             # optimizer moments are laid out like their parameter, as MindSpore does
             for n in self.optimizer_states:
                 for pre in OPTIMIZER_PREFIXES:

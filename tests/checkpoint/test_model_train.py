@@ -155,3 +155,34 @@ def test_example_in_graph_mode_with_sink_loss_scale_and_async(tmp_path, flags):
         scale = float(f.read("loss_scale").reshape(-1)[0])
         assert scale == (1024.0 if "--loss_scale" in flags else 1.0)
         assert int(f.read("global_step").reshape(-1)[0]) == 32
+
+
+def test_layouts_from_parameter_layout_dict_as_mindspore_builds_it():
+    """Semi-auto parallel runs only on Ascend/GPU: the entries are built here as MindSpore's
+    mindspore.parallel._tensor builds them (dev_matrix, tensor_map, slice_shape, field size,
+    uniform split, opt shard group, full shape, after-reshape slice shape)."""
+    from mindspore import nn
+    from mindformers_st.checkpoint.network import CellState, layouts_from_parameter_layout_dict
+    from mindformers_st.errors import LayoutError
+
+    # fc1.weight (8, 4): rows split over 2 devices (tensor_map 0 -> the last dev_matrix axis)
+    entries = {"fc1.weight": [[2], [0, -1], [4, 4], 0, True, "", [8, 4], []],
+               "fc1.bias": [[2], [-1], [8], 0, True, "", [8], []]}
+    lays = layouts_from_parameter_layout_dict(entries, {"fc1.weight": (4, 4), "fc1.bias": (8,)})
+    assert lays["fc1.weight"].slice_for(1).offsets == (4, 0)
+    assert lays["fc1.weight"].slice_for(1).sizes == (4, 4)
+    assert lays["fc1.bias"].slice_for(1).sizes == (8,)
+    # without full_shape the slice shape times the split gives it
+    lays = layouts_from_parameter_layout_dict({"w": [[2, 2], [1, 0], [2, 3], 0, True, ""]},
+                                              {"w": (2, 3)})
+    assert lays["w"].global_shape == (4, 6)
+    with pytest.raises(LayoutError, match="not uniform"):
+        layouts_from_parameter_layout_dict({"w": [[2], [0], [2], 0, False, ""]}, {"w": (2,)})
+    with pytest.raises(LayoutError, match="strategy file"):
+        layouts_from_parameter_layout_dict({"w": [[2], [-1], [4], 0, True, "g0"]}, {"w": (4,)})
+
+    net = nn.Dense(4, 8)
+    net.parameter_layout_dict = {"weight": [[2], [0, -1], [4, 4], 0, True, "", [8, 4], []]}
+    state = CellState(net, None, world=2)
+    assert state.layouts["weight"].global_shape == (8, 4)
+    assert state.layouts["bias"].dev_matrix == (2,)          # not in the dict: replicated
