@@ -70,7 +70,14 @@ def convert_hf_folder(src_dir: str, dst_dir: str, family: Optional[str] = None,
                       workers: int = 2, progress: bool = True) -> ConversionResult:
     """Convert HF folder `src_dir` into a complete MindSpore folder `dst_dir` (same shard names
     plus `param_name_map.json`). A dry run plans and checks everything but writes nothing."""
-    result = plan_hf_folder(src_dir, family, qkv_concat)
+    return _write(plan_hf_folder(src_dir, family, qkv_concat), dst_dir, dry_run, overwrite,
+                  workers, progress)
+
+
+def _write(result: ConversionResult, dst_dir: str, dry_run: bool, overwrite: bool, workers: int,
+           progress: bool) -> ConversionResult:
+    """Run a conversion's plan into `dst_dir` (the engine: atomic folder, checksums checked)
+    unless `dry_run`; returns `result` with `.written` set."""
     if not dry_run:
         from ..transform.execute import execute
         result.written = execute(result.plan, dst_dir, workers=workers, progress=progress,
@@ -142,12 +149,8 @@ def export_hf_folder(src_dir: str, dst_dir: str, model_config: Mapping[str, Any]
                      progress: bool = True) -> ConversionResult:
     """Export complete MindSpore weights `src_dir` to an HF folder `dst_dir` (weights,
     `model.safetensors.index.json`, `config.json`) that `transformers` loads."""
-    result = plan_ms_folder(src_dir, model_config, family)
-    if not dry_run:
-        from ..transform.execute import execute
-        result.written = execute(result.plan, dst_dir, workers=workers, progress=progress,
-                                 overwrite=overwrite)
-    return result
+    return _write(plan_ms_folder(src_dir, model_config, family), dst_dir, dry_run, overwrite,
+                  workers, progress)
 
 
 def read_yaml_model_config(path: str) -> Dict[str, Any]:
