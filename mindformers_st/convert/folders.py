@@ -17,7 +17,6 @@ from ..transform.sources import SourceCheckpoint, describe_complete
 from .hf_config import (ST_TO_YAML_DTYPE, detect_family, hf_config_to_model_config,
                         model_config_to_hf_config, read_hf_config)
 from .planner import EMBEDDING, LM_HEAD, plan_convert_hf, plan_export_hf
-from .rules import fuse_rule_of
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +164,3 @@ def read_yaml_model_config(path: str) -> Dict[str, Any]:
         return dict(doc)
     raise ConfigError(f"{path}: no model.model_config section; pass the YAML the model was "
                       f"trained with")
-
-
-def is_fused(names) -> bool:
-    """True when any of `names` is a fused qkv_concat tensor."""
-    return any(fuse_rule_of(n) for n in names)

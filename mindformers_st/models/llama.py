@@ -27,7 +27,6 @@ from .config import LlamaConfig
 from .layers import (Attention, ColumnParallelLinear, FeedForward, RMSNorm, VocabEmbedding,
                      VocabParallelCrossEntropy, rotary_cos_sin)
 from .param_table import llama_param_table
-from .registry import register_model
 from .rope import inv_freq as rope_inv_freq
 
 logger = logging.getLogger(__name__)
@@ -88,7 +87,6 @@ class LlamaModel(nn.Cell):
         return self.norm_out(h), presents
 
 
-@register_model("LlamaForCausalLM")
 class LlamaForCausalLM(nn.Cell):
     """Causal LM. `construct(input_ids, labels=None) -> loss` as MindSpore Transformers:
 

@@ -1,8 +1,8 @@
 """Model registry: the names usable in YAML `model.arch.type` / `model.model_config.type`.
 
 `register_model` is a class decorator; `research/qwen2` style plug-ins call it from the file
-given to `--register_path`. The registry itself is pure; the built-in Llama model registers
-itself when `mindformers_st.models.llama` is imported (which `get_model` does on first use).
+given to `--register_path`. The registry itself is pure: built-in models are known by dotted
+name (`BUILTIN_MODELS`) and imported on first use, so no model module imports the registry.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ logger = logging.getLogger(__name__)
 
 _MODELS: Dict[str, Tuple[type, type]] = {}
 _CONFIGS: Dict[str, type] = {"LlamaConfig": LlamaConfig}
-# registered by importing mindformers_st.models.llama
-BUILTIN_MODELS = ("LlamaForCausalLM",)
+# built-in models: name -> (module, class, config class), imported on first use
+BUILTIN_MODELS = {"LlamaForCausalLM": ("mindformers_st.models.llama", "LlamaForCausalLM", LlamaConfig)}
 # models this repository ships as --register_path plug-ins (name -> the folder to pass)
 PLUGIN_PATHS = {"Qwen2ForCausalLM": "research/qwen2", "Qwen2Config": "research/qwen2"}
 
@@ -40,9 +40,12 @@ def register_model(name: str, config_cls: type = LlamaConfig):
 
 
 def _load_builtin() -> None:
-    # Importing llama registers LlamaForCausalLM; done lazily so the registry stays importable
-    # (and `config/` can validate names) without paying for a MindSpore import.
-    from . import llama  # noqa: F401
+    # Imported lazily so the registry stays importable (and configs can be validated) without
+    # paying for a MindSpore import.
+    import importlib
+    for name, (module, attr, config_cls) in BUILTIN_MODELS.items():
+        if name not in _MODELS:
+            _MODELS[name] = (getattr(importlib.import_module(module), attr), config_cls)
 
 
 def _unregistered(kind: str, name: str, known) -> ConfigError:
@@ -85,9 +88,3 @@ def get_config_class(name: Optional[str]) -> type:
         raise ConfigError(f"model.model_config.type {name!r} is not a known config class; "
                           f"known: {sorted(_CONFIGS)}")
     return _CONFIGS[name]
-
-
-def registered_models() -> Dict[str, Tuple[type, type]]:
-    """A copy of the registry (name -> (model class, config class))."""
-    _load_builtin()
-    return dict(_MODELS)
