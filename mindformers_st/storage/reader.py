@@ -385,6 +385,26 @@ class SafetensorsFile:
         self.read_into(name, out, offsets, sizes)
         return out
 
+    def view(self, name: str) -> np.ndarray:
+        """A zero-copy read-only array over the stored tensor (drop it before close())."""
+        return self._view(self.entry(name))
+
+    def prefetch(self, name: str, row0: int = 0, rows: Optional[int] = None) -> None:
+        """Ask the kernel to start reading rows [row0, row0+rows) of `name` (dim 0; the whole
+        tensor by default). A hint only: failures are ignored."""
+        e = self.entry(name)
+        mm = self._mmap
+        if mm is None or not hasattr(mm, "madvise") or not e.shape or e.nbytes == 0:
+            return
+        row_bytes = e.nbytes // max(1, e.shape[0])
+        rows = e.shape[0] - row0 if rows is None else rows
+        start = self.data_start + e.begin + row0 * row_bytes
+        lo = start // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_WILLNEED, lo, start + rows * row_bytes - lo)
+        except (OSError, ValueError, OverflowError):
+            pass
+
     def raw_bytes(self, name: str) -> memoryview:
         """A zero-copy read-only view of the stored bytes of `name` (release it before close())."""
         e = self.entry(name)

@@ -2,7 +2,7 @@
 
 How it moves bytes:
 - sources are memory-mapped read-only (page cache pages, not anonymous memory); only the byte
-  ranges the plan names are touched, and `posix_fadvise(WILLNEED)` starts reading a tensor's
+  ranges the plan names are touched, and `madvise(WILLNEED)` starts reading a tensor's
   ranges before it is copied, so disk reads overlap copying and writing;
 - a target tensor is produced in row blocks along dim 0. A block that one source block fills
   with whole contiguous rows is written straight from the mmap; any other block is assembled in
@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import CheckpointError, PlanError
 from ..dtypes import ITEMSIZE
 from ..dtypes import ST_TO_NUMPY
-from ..storage.reader import read_header
+from ..storage.reader import SafetensorsFile, read_header
 from ..storage.atomic import fsync_dir
 from ..storage.writer import SafetensorsWriter
 from .plan import CopyOp, Plan, TargetFile, TargetTensor
@@ -44,50 +44,17 @@ SMALL_DIRECT_BYTES = 1 << 20  # direct ranges below this are staged with their n
 
 
 # --------------------------------------------------------------------------- sources
-class _Source:
-    """One memory-mapped source file (read-only)."""
+class _Source(SafetensorsFile):
+    """One memory-mapped source file (storage's reader), read sequentially by default."""
 
     def __init__(self, path: str):
-        self.path = path
-        self.tensors, self.metadata, self.data_start = read_header(path)
-        self.fd = os.open(path, os.O_RDONLY)
-        size = os.fstat(self.fd).st_size
-        self.mm = mmap.mmap(self.fd, size, access=mmap.ACCESS_READ) if size else None
-        if self.mm is not None and hasattr(self.mm, "madvise"):
-            self.mm.madvise(mmap.MADV_SEQUENTIAL)
+        super().__init__(path)
+        if self._mmap is not None and hasattr(self._mmap, "madvise"):
+            self._mmap.madvise(mmap.MADV_SEQUENTIAL)
 
     def raw(self, name: str) -> memoryview:
         """The stored bytes of `name` (zero-copy; release before close)."""
-        e = self.tensors[name]
-        start = self.data_start + e.begin
-        if self.mm is None:
-            return memoryview(b"")
-        return memoryview(self.mm)[start:start + (e.end - e.begin)]
-
-    def view(self, name: str) -> np.ndarray:
-        e = self.tensors[name]
-        return np.ndarray(e.shape, dtype=ST_TO_NUMPY[e.dtype], buffer=self.mm,
-                          offset=self.data_start + e.begin)
-
-    def prefetch(self, name: str, row0: int, rows: int) -> None:
-        """Ask the kernel to start reading rows [row0, row0+rows) of tensor `name`."""
-        e = self.tensors[name]
-        if not e.shape:
-            return
-        row_bytes = (e.end - e.begin) // max(1, e.shape[0])
-        try:
-            os.posix_fadvise(self.fd, self.data_start + e.begin + row0 * row_bytes,
-                             rows * row_bytes, os.POSIX_FADV_WILLNEED)
-        except (AttributeError, OSError):   # not everywhere; only a speed hint
-            pass
-
-    def close(self) -> None:
-        if self.mm is not None:
-            try:
-                self.mm.close()
-            except BufferError:   # a view still exported; the GC unmaps it
-                pass
-        os.close(self.fd)
+        return self.raw_bytes(name)
 
 
 class _Sources:
