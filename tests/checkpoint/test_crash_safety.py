@@ -72,8 +72,8 @@ def test_sigkill_during_saves_never_leaves_a_bad_committed_save(tmp_path):
         committed_seen += len(entries)
         meta = cm.read_rank_meta(rank_dir) if os.path.isdir(rank_dir) else None
         if meta is not None:
-            _loads(os.path.join(rank_dir, meta["last_ckpt_file"]))
-            for name in meta["committed"]:
+            _loads(os.path.join(rank_dir, meta.last_ckpt_file))
+            for name in meta.committed:
                 _loads(os.path.join(rank_dir, name))
         for n in names:                                   # nothing partial under a final name
             if n.endswith(".safetensors") and not n.startswith("."):

@@ -50,7 +50,7 @@ def test_sync_save_writes_the_contract_file_and_prunes_to_keep_max(run):
     saves = cm.committed_saves(d)
     assert [(s.epoch, s.step, s.global_step) for s in saves] == [(1, 3, 3), (2, 1, 4)]
     meta = cm.read_rank_meta(os.path.join(d, "rank_0"))
-    assert meta == {"last_epoch": 2, "last_step": 1, "last_ckpt_file": "CKP_rank_0-2_1.safetensors",
+    assert meta.to_json() == {"last_epoch": 2, "last_step": 1, "last_ckpt_file": "CKP_rank_0-2_1.safetensors",
                     "committed": ["CKP_rank_0-1_3.safetensors", "CKP_rank_0-2_1.safetensors"]}
     assert [s.global_step for s in mons["sync"].stats] == [1, 2, 3, 4]
 

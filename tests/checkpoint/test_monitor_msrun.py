@@ -112,7 +112,7 @@ def test_dp2_saves_verify_dedup_and_merge(tmp_path):
     assert dedup_bytes < 0.6 * plain_bytes                   # dp2: about half
     for r in (0, 1):                                         # dp: each rank holds everything
         meta = cm.read_rank_meta(os.path.join(plain, f"rank_{r}"))
-        assert meta["last_ckpt_file"] == f"CKP_rank_{r}-2_1.safetensors"
+        assert meta.last_ckpt_file == f"CKP_rank_{r}-2_1.safetensors"
     truth = _global_truth(out)
     _check_merge(dedup, truth, out)
 
