@@ -313,3 +313,21 @@ def test_loading_a_corrupt_checkpoint_stops_every_rank_with_one_message(flow):
     assert all("checksum" in l.lower() or "corrupt" in l for l in logs), [_tail(l) for l in logs]
     assert not os.path.exists(os.path.join(out, "predict", "results.json"))
     assert not os.path.isdir(os.path.join(out, "unified_checkpoint"))
+
+
+def test_resume_skips_a_save_with_a_missing_rank_file_and_ignores_a_stale_uncommitted_one(flow):
+    """The newest committed save lost rank 1's file and a stale, never committed step-99_99 save of
+    another run lies beside it: resume takes the newest intact committed save (step 4), names
+    the missing file, and never the stale one."""
+    out = os.path.join(flow.base, "resume_missing")
+    ckpt = os.path.join(out, "checkpoint")
+    shutil.copytree(os.path.join(flow.out, "checkpoint"), ckpt)
+    step8 = load_committed_entries(ckpt)[-1]
+    for r in (0, 1):   # the stale save: same folder, higher step, not in committed.json
+        src = step8.path(r)
+        shutil.copy(src, re.sub(r"-\d+_\d+\.safetensors$", "-99_99.safetensors", src))
+    os.remove(step8.path(1))
+    log = flow.launch("resume_missing", flow.train_args(
+        out, 8, "--load_checkpoint", ckpt, "--resume_training", "True"))
+    assert "[resume] global step 4" in log
+    assert sorted(losses(log)) == [5, 6, 7, 8]
