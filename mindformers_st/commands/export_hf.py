@@ -1,6 +1,6 @@
-"""`mindformers-st export-hf SRC DST --config YAML`: complete MindSpore Transformers weights ->
-a Hugging Face folder (weights, `model.safetensors.index.json`, `config.json`) that
-`transformers` loads."""
+"""`mindformers-st export-hf SRC DST --config YAML`: MindSpore Transformers weights — complete,
+or a `rank_x/` folder exported in one pass without a merged copy — -> a Hugging Face folder
+(weights, `model.safetensors.index.json`, `config.json`) that `transformers` loads."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +13,8 @@ logger = logging.getLogger(__name__)
 
 def _export_hf(args) -> int:
     model_config = read_yaml_model_config(args.config)
-    result = plan_ms_folder(args.src, model_config, family=args.family)
+    result = plan_ms_folder(args.src, model_config, family=args.family,
+                            strategy=args.src_strategy, step=args.step)
     logger.info("family %s", result.family)
     return run_plan(args, result.plan)
 
@@ -23,7 +24,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("export-hf", help="MindSpore Transformers complete weights -> "
                                                 "Hugging Face folder",
                               description=__doc__.splitlines()[0])
-    add_common_args(p, src_strategy=False)
+    add_common_args(p)
     p.add_argument("--config", required=True,
                    help="run YAML whose model.model_config gives num_heads, n_kv_heads, "
                         "rms_norm_eps, theta... (sizes are read from the weights)")

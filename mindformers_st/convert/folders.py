@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from ..errors import ConversionError, ConfigError
 from ..transform.plan import Plan
-from ..transform.sources import SourceCheckpoint, describe_complete
+from ..transform.sources import SourceCheckpoint, describe_complete, describe_source
 from .hf_config import (ST_TO_YAML_DTYPE, detect_family, hf_config_to_model_config,
                         model_config_to_hf_config, read_hf_config)
 from .planner import EMBEDDING, LM_HEAD, plan_convert_hf, plan_export_hf
@@ -101,12 +101,14 @@ def _tensor_dims(src: SourceCheckpoint) -> Dict[str, Any]:
 
 
 def plan_ms_folder(src_dir: str, model_config: Mapping[str, Any], family: Optional[str] = None,
-                   ) -> ConversionResult:
-    """Plan the export of complete MindSpore weights `src_dir` to HF with the YAML
+                   strategy=None, step=None) -> ConversionResult:
+    """Plan the export of MindSpore weights `src_dir` — complete, or a `rank_x/` folder (the
+    save the scanner picks, or `step`; described by the files or `strategy`) exported in one
+    pass without a merged copy — to HF with the YAML
     `model_config` (num_heads, n_kv_heads, rms_norm_eps, theta...). Sizes the weights fix
     (vocab, hidden, layers, intermediate, tied embeddings) are taken from the tensors; a YAML
     value that contradicts them is a ConversionError."""
-    src = describe_complete(src_dir)
+    src = describe_source(src_dir, strategy, step)
     fam = family or _ms_family(src.names, model_config)
     merged = dict(model_config)
     for key, value in _tensor_dims(src).items():

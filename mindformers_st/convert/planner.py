@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from math import prod
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..dtypes import ITEMSIZE
 from ..errors import ConversionError
 from ..layout.param_table import OPTIMIZER_STATE_PREFIXES
 from ..storage.index import HF_INDEX, MS_INDEX, shard_file_name
@@ -266,10 +268,44 @@ def _check_parts(fused_name: str, parts: Sequence[SourceChunk]) -> None:
 
 
 # ----------------------------------------------------------------------------- MS -> HF
+def _global_ops(src: SourceCheckpoint, name: str, offsets, sizes, dst_offsets) -> Tuple[CopyOp, ...]:
+    """Copies filling target block `sizes` at `dst_offsets` with the global block of tensor
+    `name` at `offsets`, from whichever stored pieces hold it (one whole chunk for complete
+    weights, the rank files' slices for distributed ones)."""
+    from ..layout.slices import TensorSlice
+    from ..transform.planner import cover
+    want = TensorSlice(tuple(src.global_shapes[name]), tuple(offsets), tuple(sizes))
+    ops = []
+    for chunk, block in cover(want, src.chunks[name]):
+        src_off = tuple(b - c for b, c in zip(block.offsets, chunk.slice.offsets))
+        dst_off = tuple(d + b - o for d, b, o in zip(dst_offsets, block.offsets, offsets))
+        ops.append(CopyOp(chunk.file, chunk.name, src_off, dst_off, tuple(block.sizes)))
+    return tuple(ops)
+
+
+def _export_groups(src: SourceCheckpoint, names: Sequence[str],
+                   max_shard_size: int = 5 * 10 ** 9) -> Dict[str, str]:
+    """Which output shard each tensor goes to: its source file for complete weights (shard
+    names kept), else consecutive groups of at most `max_shard_size` bytes (rank files do not
+    make sensible Hugging Face shards)."""
+    if src.kind == "complete":
+        return {n: src.chunks[n][0].file for n in names}
+    out, size, k = {}, 0, 0
+    for n in names:
+        nbytes = prod(src.global_shapes[n]) * ITEMSIZE[src.dtypes[n]]
+        if size and size + nbytes > max_shard_size:
+            k, size = k + 1, 0
+        out[n] = f"shard{k:05d}"
+        size += nbytes
+    return out
+
+
 def plan_export_hf(src: SourceCheckpoint, family: str, num_heads: Optional[int] = None,
                    n_kv_heads: Optional[int] = None, hf_config: Optional[Mapping] = None,
                    head_dim: Optional[int] = None) -> Plan:
-    """Plan MindSpore Transformers complete weights `src` -> Hugging Face weights.
+    """Plan MindSpore Transformers weights `src` -> Hugging Face weights, in one pass: complete
+    weights, or distributed `rank_x/` files (each HF tensor assembled from the rank files'
+    slices, no merged copy in between).
 
     Fused `w_qkv`/`w_gate_hidden` are split back (needs `num_heads`, `n_kv_heads`, and
     `head_dim` when it is not hidden/heads); biases follow their weights; optimizer
@@ -279,7 +315,7 @@ def plan_export_hf(src: SourceCheckpoint, family: str, num_heads: Optional[int] 
     carry `{"format": "pt"}` metadata as transformers requires.
     """
     fam = get_family(family)
-    chunks = _whole_chunks(src)
+    chunks = src.chunks
     skipped = [n for n in chunks if n.startswith(OPTIMIZER_STATE_PREFIXES)]
     if skipped or src.hyper:
         logger.info("export-hf leaves out %d optimizer state tensor(s) and %d hyper value(s) "
@@ -300,28 +336,34 @@ def plan_export_hf(src: SourceCheckpoint, family: str, num_heads: Optional[int] 
     if hf_config and family == "llama":
         flags = {k: bool(hf_config.get(k)) for k in ("attention_bias", "mlp_bias")}
     num_layers = check_structure(unfused, family, "ms", tie, flags)
-    shapes = _unfused_shapes(weights)
+    shapes = _unfused_shapes(src, weights)
+    group = _export_groups(src, list(weights))
     fused_present = any(fuse_rule_of(n) for n in weights)
     dims = None
     if fused_present or num_heads is not None:
         dims = _dims(shapes, num_heads, n_kv_heads, head_dim)
 
     assigned: List[Tuple[TargetTensor, str]] = []
-    for n, c in weights.items():
+    for n in weights:
+        shape, dtype = tuple(src.global_shapes[n]), src.dtypes[n]
         rule = fuse_rule_of(n)
         if rule is None:
             hf_name = translate(n, fam.rows, 1)
-            assigned.append((TargetTensor(hf_name, c.dtype, tuple(c.slice.sizes),
-                                          (_whole_op(c),)), c.file))
+            zero = (0,) * len(shape)
+            assigned.append((TargetTensor(hf_name, dtype, shape,
+                                          _global_ops(src, n, zero, shape, zero)), group[n]))
             continue
         rule_, layer = rule
-        part_rows = _part_rows(rule_, c.slice.sizes[0], dims)
+        part_rows = _part_rows(rule_, shape[0], dims)
         blocks = _blocks_for(rule_, part_rows, *dims)
-        rest = tuple(c.slice.sizes[1:])
+        rest = tuple(shape[1:])
+        tail = (0,) * len(rest)
         for k, part in enumerate(rule_.parts):
-            ops = tuple(_block_op(c, b.fused_row, b.part_row, b.rows) for b in blocks if b.part == k)
+            ops = tuple(op for b in blocks if b.part == k
+                        for op in _global_ops(src, n, (b.fused_row,) + tail, (b.rows,) + rest,
+                                              (b.part_row,) + tail))
             hf_name = translate(fill(part, layer), fam.rows, 1)
-            assigned.append((TargetTensor(hf_name, c.dtype, (part_rows[k],) + rest, ops), c.file))
+            assigned.append((TargetTensor(hf_name, dtype, (part_rows[k],) + rest, ops), group[n]))
     if dims is not None:
         _check_heads(shapes, num_layers, *dims)
     files, weight_map, total = _files_by_source(assigned, "hf", rename_sources=True)
@@ -348,11 +390,11 @@ def _part_rows(rule: FuseRule, fused_rows: int, dims) -> List[int]:
     return rows
 
 
-def _unfused_shapes(weights: Mapping[str, SourceChunk]) -> Dict[str, Tuple[int, ...]]:
-    """Global shapes by unfused MindSpore name (fused parts get only their column shape)."""
+def _unfused_shapes(src: SourceCheckpoint, weights) -> Dict[str, Tuple[int, ...]]:
+    """Global shapes by MindSpore name of the weights."""
     out = {}
-    for n, c in weights.items():
-        out[n] = tuple(c.slice.global_shape)
+    for n in weights:
+        out[n] = tuple(src.global_shapes[n])
     if EMBEDDING not in out:
         raise ConversionError(f"{EMBEDDING} is missing; the weights are not a complete model")
     return out
