@@ -44,6 +44,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except MindformersSTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:   # the file system refused (full, read-only, a file in the way)
+        where = getattr(exc, "filename", None)
+        print(f"error: {where + ': ' if where else ''}{exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

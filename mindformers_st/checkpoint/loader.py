@@ -267,12 +267,13 @@ def _check_mode(source: CheckpointSource, opts: LoadOptions) -> None:
 
 
 def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: bool = False,
-                    file_suffix: Optional[str] = None) -> LoadReport:
+                    file_suffix: Optional[str] = None, check=None) -> LoadReport:
     """Load `opts.load_checkpoint` into this rank's `model` (and `optimizer` when `resume`).
 
     `model` is one of our models (with `optimizer` our AdamW) or a checkpoint.network
     NetworkState (any MindSpore network: see `mindformers_st.load_checkpoint`).
     `file_suffix` ("{epoch}_{step}") picks one step of distributed weights (resume uses it).
+    `check(arrays)` runs on the read arrays before anything is set (and may raise).
     Every rank must call this (conversions and merges are collective). Raises ConfigError for
     a wrong combination of keys, CheckpointError for missing weights (or, when resuming,
     missing optimizer state) or weights cut differently from this run without auto_trans_ckpt.
@@ -321,7 +322,8 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
             path = merge_online(src, opts, ctx, strategy)
             src = describe_complete(path)
 
-    report = _load_slices(src, source, mode, path, state, opt_names, ctx, resume, opts.verify)
+    report = _load_slices(src, source, mode, path, state, opt_names, ctx, resume, opts.verify,
+                          check)
     report.source = original
     if report.epoch is None and source.file_suffix:
         report.epoch, report.step = (int(x) for x in source.file_suffix.split("_"))
@@ -380,7 +382,7 @@ def merge_online(src: SourceCheckpoint, opts: LoadOptions, ctx, strategy=None) -
 
 def _load_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode, path: str,
                  state: NetworkState, opt_names: List[str], ctx, resume: bool,
-                 verify: str = "read") -> LoadReport:
+                 verify: str = "read", check=None) -> LoadReport:
     report = LoadReport(source, mode.value, path, epoch=src.epoch, step=src.step)
     weights, layouts = state.weights, state.layouts
     wanted = set(weights) | set(opt_names)
@@ -420,6 +422,8 @@ def _load_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode
     except (MindformersSTError, OSError) as exc:
         failure = exc
     agree_or_raise(ctx, failure, f"load_checkpoint {path}")
+    if check is not None:
+        check(arrays)   # every rank reads the same hyper values: they decide alike
     report.loaded = state.set_weights({n: arrays[n] for n in weights if n in arrays}, strict=True)
     report.hyper = {n: arrays[n] for n in src.hyper if n in arrays}
     if resume:

@@ -104,8 +104,21 @@ def _scalar(hyper, name):
     return value[0].item() if value.size else None
 
 
-def _load(opts, model, optimizer, ctx, suffix: Optional[str]):
-    return load_checkpoint(opts, model, optimizer, ctx, resume=True, file_suffix=suffix)
+def _load(opts, model, optimizer, ctx, suffix: Optional[str], record_step: Optional[int] = None):
+    def check(arrays) -> None:
+        """The commit record and the files must name the same global step (two runs mixed in
+        one folder otherwise); checked before any parameter is set."""
+        held = arrays.get("global_step")
+        if record_step is None or held is None:
+            return
+        value = int(np.asarray(held).reshape(-1)[0])
+        if value != record_step:
+            raise CheckpointError(
+                f"{opts.load_checkpoint}: committed.json says step {suffix} is global step "
+                f"{record_step} but the files hold global_step {value}; the checkpoint folder "
+                f"mixes two runs — point load_checkpoint at one run's folder")
+    return load_checkpoint(opts, model, optimizer, ctx, resume=True, file_suffix=suffix,
+                           check=check)
 
 
 def _load_first_intact(opts, model, optimizer, ctx, selection: SaveSelection):
@@ -122,7 +135,7 @@ def _load_first_intact(opts, model, optimizer, ctx, selection: SaveSelection):
     for cand in candidates:
         logger.info("resuming step %s (%s) from %s", cand.suffix, cand.how, selection.folder)
         try:
-            return _load(opts, model, optimizer, ctx, cand.suffix), cand
+            return _load(opts, model, optimizer, ctx, cand.suffix, cand.global_step), cand
         except ChecksumError as exc:
             failures.append(f"save {cand.suffix}: {exc}")
             if cand is candidates[-1]:
@@ -154,7 +167,6 @@ def resume_checkpoint(opts, resume_training, model, optimizer, ctx):
     when the newest fails its checksums, and return the LoadReport with `.resume` (a
     ResumeInfo) set. Every rank must call this."""
     selection = select_resume_save(opts.load_checkpoint, resume_training, opts.load_ckpt_format)
-    point = None
     if selection is None:
         report = _load(opts, model, optimizer, ctx, None)
     else:
@@ -162,8 +174,6 @@ def resume_checkpoint(opts, resume_training, model, optimizer, ctx):
         if os.path.isfile(path):   # a rank file: resume its folder at that step
             opts.load_checkpoint = os.path.dirname(os.path.dirname(os.path.abspath(path)))
         report, selection = _load_first_intact(opts, model, optimizer, ctx, selection)
-        epoch, step = selection.key if selection.key is not None else (0, 0)
-        point = ResumePoint(epoch, step, selection.how, selection.global_step)
     hyper = report.hyper
     info = ResumeInfo(
         global_step=_step_count(model, optimizer),
@@ -171,11 +181,6 @@ def resume_checkpoint(opts, resume_training, model, optimizer, ctx):
         data_position=_scalar(hyper, "data_position"), seed=_scalar(hyper, "seed"),
         global_batch_size=_scalar(hyper, "global_batch_size"),
         loss_scale=_scalar(hyper, "loss_scale"))
-    if point is not None and point.global_step is not None and point.global_step != info.global_step:
-        raise CheckpointError(
-            f"{opts.load_checkpoint}: committed.json says step {point.file_suffix} is global "
-            f"step {point.global_step} but the files hold global_step {info.global_step}; the "
-            f"checkpoint folder mixes two runs — point load_checkpoint at one run's folder")
     report.resume = info
     if ctx is None or ctx.is_main:
         print(f"[resume] global step {info.global_step} (epoch_num {info.epoch_num}, step_num "

@@ -42,10 +42,18 @@ def _check_checksums(files: List[StoredFile], problems: List[str]) -> int:
     checked = 0
     for f in files:
         if "checksums" not in f.metadata:
+            if f.ours is not None:   # our writer always records them: the header was altered
+                problems.append(f"{f.path}: written by mindformers-st but records no checksums; "
+                                f"the header was altered")
             continue
         try:
             with open_safetensors(f.path) as sf:
-                found = verify_checksums(sf)
+                # every tensor must have a digest and every digest a tensor
+                try:
+                    names = sorted(set(sf.tensors) | set(decode_checksums(sf.metadata) or {}))
+                except ValueError:
+                    names = None   # malformed: verify_checksums reports it
+                found = verify_checksums(sf, names)
                 problems.extend(found)
                 try:
                     checked += len(decode_checksums(sf.metadata) or {})

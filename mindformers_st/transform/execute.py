@@ -73,7 +73,7 @@ class _Sources:
         if v is not None and v.wants(path, name):
             raw = src.raw(name)
             try:
-                v.check(path, name, src.metadata, raw)
+                v.check(path, name, src.metadata, raw, src.tensors)
             finally:
                 raw.release()
         return src.view(name)
@@ -372,6 +372,19 @@ def _check_destination(out_dir: str, overwrite: bool) -> None:
                                   f"folder or pass --overwrite (overwrite=True)")
 
 
+def _check_not_over_sources(plan: Plan, out_dir: str) -> None:
+    """CheckpointError when `out_dir` is a source file's folder or one of its ancestors: the
+    output replaces that folder, so the sources would be deleted (with --overwrite) or mixed
+    with the output."""
+    real_out = os.path.realpath(out_dir)
+    for src in sorted({op.src_file for f in plan.files for t in f.tensors for op in t.ops}):
+        real = os.path.realpath(src)
+        if real == real_out or real.startswith(real_out.rstrip(os.sep) + os.sep):
+            raise CheckpointError(f"{out_dir}: the output folder holds the source {src}; writing "
+                                  f"it would replace the checkpoint being read. Choose a DST "
+                                  f"outside the source folder")
+
+
 def staging_folder(out_dir: str) -> str:
     """Create and return a hidden sibling of `out_dir` to build it in."""
     out_dir = os.path.abspath(out_dir)
@@ -425,6 +438,7 @@ def execute(plan: Plan, out_dir: str, workers: int = 4, progress: bool = True,
     Returns the final paths of the safetensors files written."""
     out_dir = os.path.abspath(out_dir)
     _check_destination(out_dir, overwrite)
+    _check_not_over_sources(plan, out_dir)
     shapes = read_source_shapes(plan)
     validate_plan(plan, shapes)   # refuse a bad plan before creating anything
     tmp = staging_folder(out_dir)

@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import threading
 from math import prod
-from typing import Dict, Iterable, Optional, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from ..errors import ChecksumError, ConfigError
 from ..layout.slices import TensorSlice
 from ..storage.checksum import ALGO, decode_checksums, hex_digest, new_hasher
+from ..records.rank_meta import METADATA_KEY
 from .plan import Plan
 from .sources import uncovered
 
@@ -46,7 +47,13 @@ def verify_mode(value) -> str:
 
 
 def keys_to_verify(plan: Plan, shapes: Dict[Key, Tuple[Tuple[int, ...], str]], mode: str) -> Set[Key]:
-    """The (source file, tensor) pairs the engine hashes under `mode` (see the module doc)."""
+    """The (source file, tensor) pairs the engine hashes under `mode` (see the module doc).
+
+    In `read` mode a stored tensor counts as read whole when the plan's reads of it — together
+    with its replicas' (the same tensor name and stored shape in other files, which a plan may
+    read part of each, e.g. rows 0-7 from one data-parallel copy and 8-15 from the other) —
+    cover all of it; then every copy the plan touched is hashed whole. Grouping by name and
+    shape can only check more than needed, never less."""
     mode = verify_mode(mode)
     if mode == "off":
         return set()
@@ -58,18 +65,46 @@ def keys_to_verify(plan: Plan, shapes: Dict[Key, Tuple[Tuple[int, ...], str]], m
                     (tuple(op.src_offsets), tuple(op.sizes)))
     if mode == "full":
         return set(boxes)
+    groups: Dict[Tuple[str, Tuple[int, ...]], List[Key]] = {}
+    for key in boxes:
+        groups.setdefault((key[1], tuple(shapes[key][0])), []).append(key)
     out = set()
-    for key, seen in boxes.items():
-        shape = tuple(shapes[key][0])
+    for (_, shape), keys in groups.items():
         whole = TensorSlice.whole(shape)
-        if not whole.numel or sum(prod(s) for _, s in seen) < whole.numel:
-            if not whole.numel:
-                out.add(key)
+        seen = set().union(*(boxes[k] for k in keys))
+        if whole.numel and sum(prod(s) for _, s in seen) < whole.numel:
             continue
         pieces = [TensorSlice(shape, o, s) for o, s in sorted(seen)]
-        if not uncovered(whole, pieces):
-            out.add(key)
+        if not whole.numel or not uncovered(whole, pieces):
+            out.update(keys)
     return out
+
+
+def check_record(path: str, metadata, names: Iterable[str] = ()) -> Optional[Dict[str, str]]:
+    """The digests a file records, None for a file that records none and is not ours.
+    ChecksumError (naming the file and the fix) for a malformed record, a digest of a tensor the
+    file does not hold, or a file of ours (with a `mindformers_st` description) whose record is
+    missing — one flipped header bit must not switch checking off."""
+    try:
+        recorded = decode_checksums(metadata)
+    except ValueError as exc:
+        raise ChecksumError(f"{path}: __metadata__['checksums'] is malformed ({exc}); the "
+                            f"file's integrity cannot be checked — restore it, or read it "
+                            f"unchecked with --verify off") from exc
+    if recorded is None:
+        if METADATA_KEY in metadata:
+            raise ChecksumError(f"{path}: written by mindformers-st (it carries "
+                                f"__metadata__[{METADATA_KEY!r}]) but records no checksums; the "
+                                f"header was altered — restore the file, or read it unchecked "
+                                f"with --verify off")
+        return None
+    names = set(names)
+    extra = sorted(set(recorded) - names) if names else []
+    if extra:
+        raise ChecksumError(f"{path}: the checksum record names tensor(s) the file does not hold "
+                            f"({extra[:3]}); the header was altered — restore the file, or read "
+                            f"it unchecked with --verify off")
+    return recorded
 
 
 class Verifier:
@@ -88,22 +123,20 @@ class Verifier:
         """True while (path, name) still has to be checked."""
         return (path, name) in self._pending
 
-    def recorded(self, path: str, metadata) -> Optional[Dict[str, str]]:
+    def recorded(self, path: str, metadata, names: Iterable[str] = ()) -> Optional[Dict[str, str]]:
         """The file's recorded digests (None without any); ChecksumError when the record is
-        malformed, since then nothing in the file can be trusted to be checked."""
+        malformed, names a tensor the file lacks, or is absent from a file of ours (its
+        `mindformers_st` description says our writer made it, and our writer always records
+        checksums: a missing record means an altered header)."""
         with self._meta_lock:
             if path not in self._recorded:
-                try:
-                    self._recorded[path] = decode_checksums(metadata)
-                except ValueError as exc:
-                    raise ChecksumError(f"{path}: __metadata__['checksums'] is malformed ({exc}); "
-                                        f"the file's integrity cannot be checked — restore it, or "
-                                        f"read it unchecked with --verify off") from exc
+                self._recorded[path] = check_record(path, metadata, names)
                 if self._recorded[path] is None:
                     self._unrecorded.add(path)
             return self._recorded[path]
 
-    def check(self, path: str, name: str, metadata, raw: memoryview) -> None:
+    def check(self, path: str, name: str, metadata, raw: memoryview,
+              names: Iterable[str] = ()) -> None:
         """Hash `raw` (the stored bytes of `name` in `path`) and compare with the record, once."""
         key = (path, name)
         lock = self._locks.get(key)
@@ -112,7 +145,7 @@ class Verifier:
         with lock:
             if key not in self._pending:
                 return
-            recorded = self.recorded(path, metadata)
+            recorded = self.recorded(path, metadata, names)
             if recorded is not None:
                 want = recorded.get(name)
                 if want is None:

@@ -125,10 +125,13 @@ def test_resume_refuses_a_record_that_disagrees_with_the_files(tmp_path):
         1, 6, 9, {r: f"rank_{r}/llama_rank_{r}-1_6.safetensors" for r in range(2)}))
     ctx = make_ctx(pc, 0)
     model = make_model(cfg, ctx)
+    before = {n: np.array(v) for n, v in model.get_local_params().items()}
     opts = LoadOptions(str(folder), "safetensors", use_parallel=True,
                        output_dir=str(tmp_path / "out"))
     with pytest.raises(CheckpointError, match="mixes two runs"):
         resume_checkpoint(opts, True, model, make_optimizer(model), ctx)
+    after = model.get_local_params()     # refused before anything was set
+    assert all(np.array_equal(before[n], after[n]) for n in before)
 
 
 def test_apply_resume_keeps_counters_consistent():

@@ -11,6 +11,7 @@ import yaml
 
 from mindformers_st.cli import main
 from mindformers_st.layout.parallel_config import ParallelConfig
+from mindformers_st.layout.parallel_config import ParallelConfig
 from mindformers_st.models.config import LlamaConfig
 from mindformers_st.models.param_table import llama_param_table
 from mindformers_st.records import names
@@ -181,3 +182,72 @@ def test_export_hf_straight_from_rank_files_equals_export_of_the_merged_folder(t
         assert_bit_exact(direct[name], via[name], name)
     assert json.load(open(tmp_path / "direct" / "config.json")) == \
         json.load(open(tmp_path / "via" / "config.json"))
+
+
+def _rewrite_header(path, edit):
+    """Rewrite the JSON header of `path` through `edit(obj)` keeping its length (space-padded)."""
+    with open(path, "r+b") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        obj = json.loads(fh.read(n))
+        edit(obj)
+        raw = json.dumps(obj, separators=(",", ":")).encode()
+        assert len(raw) <= n
+        fh.seek(8)
+        fh.write(raw + b" " * (n - len(raw)))
+
+
+def test_a_flip_in_one_data_parallel_copy_is_caught_when_the_copies_are_read_in_parts(tmp_path, capsys):
+    """dp2 -> mp2: each target rank reads half of wq, from a different replica; together the
+    reads cover the tensor, so every copy touched is checked whole (found by a hostile probe)."""
+    cfg = {"model": {"model_config": MODEL}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    table = llama_param_table(LlamaConfig.from_dict(dict(MODEL)))
+    save_distributed(str(tmp_path / "dp"), make_globals(table, 1), table,
+                     ParallelConfig(data_parallel=2), prefix="llama", suffix="1_4")
+    for rank in (0, 1):
+        src = tmp_path / f"dp{rank}"
+        import shutil
+        shutil.copytree(tmp_path / "dp", src)
+        recorded = flip_bit(str(src / f"rank_{rank}" / f"llama_rank_{rank}-1_4.safetensors"),
+                            byte=3 if rank == 0 else 1000)
+        assert main(["reshard", str(src), str(tmp_path / f"out{rank}"), "--no-progress",
+                     "--config", str(tmp_path / "cfg.yaml"), "--mp", "2", "--dp", "1"]) == 1
+        assert recorded in _err(capsys) and not (tmp_path / f"out{rank}").exists()
+
+
+def test_a_checksum_record_missing_or_incomplete_in_our_files_is_an_error(run, capsys):
+    tmp, _ = run
+    path = str(tmp / "ckpt" / "rank_0" / "llama_rank_0-1_4.safetensors")
+    _rewrite_header(path, lambda o: o["__metadata__"].__setitem__(
+        "checksums", json.dumps({"algo": "xxh3_64", "tensors": {
+            k: v for k, v in json.loads(o["__metadata__"]["checksums"])["tensors"].items()
+            if k != TENSOR}})))
+    assert main(["verify", str(tmp / "ckpt")]) == 1
+    assert "no recorded checksum" in capsys.readouterr().out
+    assert main(["merge", str(tmp / "ckpt"), str(tmp / "o"), "--no-progress"]) == 1
+    assert "no recorded checksum" in _err(capsys)
+    # one flipped bit in the key name switches the whole record off: refused too
+    _rewrite_header(path, lambda o: o["__metadata__"].__setitem__(
+        "chdcksums", o["__metadata__"].pop("checksums")))
+    assert main(["merge", str(tmp / "ckpt"), str(tmp / "o"), "--no-progress", "--verify", "full"]) == 1
+    assert "records no checksums" in _err(capsys)
+    assert main(["verify", str(tmp / "ckpt")]) == 1
+    assert main(["merge", str(tmp / "ckpt"), str(tmp / "o"), "--no-progress", "--no-verify"]) == 0
+
+
+def test_an_output_folder_holding_the_source_is_refused_even_with_overwrite(run, capsys):
+    tmp, _ = run
+    ckpt = tmp / "ckpt"
+    before = sorted(str(p) for p in ckpt.rglob("*"))
+    for dst in (ckpt, tmp, ckpt / "rank_0"):
+        assert main(["merge", str(ckpt), str(dst), "--no-progress", "--overwrite"]) == 1
+        assert "holds the source" in _err(capsys)
+    assert sorted(str(p) for p in ckpt.rglob("*")) == before and (tmp / "cfg.yaml").exists()
+
+
+def test_a_destination_the_file_system_refuses_is_one_error_line(run, capsys):
+    tmp, _ = run
+    (tmp / "afile").write_text("x")
+    assert main(["merge", str(tmp / "ckpt"), str(tmp / "afile" / "out"), "--no-progress"]) == 1
+    err = _err(capsys)
+    assert err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1
