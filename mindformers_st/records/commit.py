@@ -69,7 +69,10 @@ class CommittedSave:
             if not files or not all(isinstance(f, str) for f in files.values()):
                 raise ValueError("'files' must map ranks to file names")
             extra = {k: v for k, v in obj.items() if k not in _ENTRY_KEYS}
-            return CommittedSave(int(obj["epoch"]), int(obj["step"]), int(obj["global_step"]), files,
+            for key in ("epoch", "step", "global_step"):
+                if not isinstance(obj[key], int) or isinstance(obj[key], bool):
+                    raise ValueError(f"{key!r} must be an integer, got {obj[key]!r}")
+            return CommittedSave(obj["epoch"], obj["step"], obj["global_step"], files,
                                  directory, extra)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{where}: malformed save entry {obj!r} ({exc}); the record is "
@@ -220,7 +223,8 @@ def validate_save(save: CommittedSave, world_size: Optional[int] = None) -> List
                 _, metadata, _ = read_header(path)
                 ours = RankFileMeta.from_metadata(metadata, path)
             except (MindformersSTError, OSError) as exc:
-                problems.append(f"{path}: {exc}")
+                text = str(exc)
+                problems.append(text if text.startswith(path) else f"{path}: {text}")
                 continue
             if ours is not None and (ours.rank, ours.epoch, ours.step) != (rank, save.epoch, save.step):
                 problems.append(f"{path}: header says rank {ours.rank} epoch {ours.epoch} step "

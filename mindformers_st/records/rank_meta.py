@@ -83,6 +83,9 @@ class RankFileMeta:
         version = obj.get("version", VERSION)
         if not isinstance(version, int) or isinstance(version, bool):
             raise CheckpointError(f"{where}: version {version!r} is not an integer")
+        if version < 1:
+            raise CheckpointError(f"{where}: format version {version} does not exist (versions "
+                                  f"start at 1); the header was altered")
         if version > VERSION:
             raise CheckpointError(f"{where}: format version {version} is newer than this reader "
                                   f"(version {VERSION}); upgrade mindformers-st to read it")

@@ -101,7 +101,7 @@ def select_save(folder: str, step=None, fmt: str = "safetensors",
     if fmt not in FORMAT_SUFFIX:
         raise CheckpointError(f"checkpoint format {fmt!r}: use 'safetensors' or 'ckpt'")
     want: Optional[Key] = None
-    if step is not None and step != "":
+    if step is not None:
         want = tuple(step) if isinstance(step, tuple) else parse_step_arg(str(step), "step")
     if read_committed(folder) is not None:
         return _select_committed(folder, ranks, want, fmt, fallback)
@@ -139,8 +139,9 @@ def _select_committed(folder: str, ranks, want: Optional[Key], fmt: str,
         why = f"committed save {format_step(save.key)} cannot be read: {'; '.join(problems[:3])}"
         if not fallback or how == "named":
             older = [n for n in listed if n != format_step(save.key)]
-            raise CheckpointError(f"{folder}: {why}. Restore the file(s), or pick another committed "
-                                  f"save with --step EPOCH_STEP (committed: {older})")
+            raise CheckpointError(f"{folder}: {why.rstrip('.')}. Restore the file(s), or pick "
+                                  f"another committed save with --step EPOCH_STEP (committed: "
+                                  f"{older})")
         logger.warning("%s: %s; trying the previous committed save", folder, why)
         notes.append(why)
     if chosen is None:
@@ -212,6 +213,7 @@ def _take(folder, ranks, per_rank, key: Key, how: str) -> SaveSelection:
     if newer and how != "named":
         notes = (f"steps {[format_step(k) for k in newer][:6]} are not held by every rank and "
                  f"were not taken",)
+        logger.warning("%s: %s; reading step %s", folder, notes[0], format_step(key))
     return SaveSelection(folder, files, key, how, None, notes)
 
 
