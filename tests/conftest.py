@@ -3,6 +3,7 @@ building their LlamaConfig. Import helpers as `from tests.conftest import free_p
 import os
 import signal
 import socket
+import time
 
 import pytest
 
@@ -54,3 +55,23 @@ def kill_tagged(tag: str) -> int:
             except OSError:
                 pass
     return killed
+
+
+def kill_once_committed(proc, tag: str, ckpt_dir: str, reached, timeout: float,
+                        poll: float = 0.05) -> None:
+    """Wait until `reached(global steps committed in ckpt_dir)` holds (or `proc` ends, or
+    `timeout` passes), then SIGKILL every process of the tagged job and reap `proc`: a crash at
+    a known point of a real run."""
+    from mindformers_st.records.commit import load_committed_entries
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if reached([e.global_step for e in load_committed_entries(ckpt_dir)]):
+                    break
+            except Exception:   # the record appears atomically; absent means not yet
+                pass
+            time.sleep(poll)
+    finally:
+        kill_tagged(tag)
+        proc.wait(timeout=60)

@@ -21,7 +21,7 @@ import pytest
 from mindformers_st.records.commit import load_committed_entries
 from mindformers_st.storage.reader import open_safetensors
 from tests.conftest import free_port as _free_port
-from tests.conftest import kill_tagged as _kill_tagged
+from tests.conftest import kill_once_committed, kill_tagged as _kill_tagged
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -115,18 +115,7 @@ def killed(flow):
     ckpt = os.path.join(out, "checkpoint")
     tag = f"{os.getpid()}-{time.time_ns()}"
     proc, _ = flow.start("killed", flow.train_args(out, 8), env={"E2E_KILL_TAG": tag})
-    deadline = time.time() + LAUNCH_TIMEOUT
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if any(e.global_step == 4 for e in load_committed_entries(ckpt)):
-                    break
-            except Exception:   # the record appears atomically; absent means not yet
-                pass
-            time.sleep(0.2)
-    finally:
-        _kill_tagged(tag)
-        proc.wait(timeout=60)
+    kill_once_committed(proc, tag, ckpt, lambda steps: 4 in steps, LAUNCH_TIMEOUT, poll=0.2)
     entries = load_committed_entries(ckpt)
     assert [e.global_step for e in entries] == [4], "the kill came too late or too early"
     shutil.copytree(os.path.join(flow.out, "strategy"), os.path.join(out, "src_strategy"))

@@ -1,7 +1,6 @@
 """CheckpointMonitor and load_checkpoint as MindSpore components: `Model.train(callbacks=[...])`
 with a plain nn.Cell and MindSpore's optimizers, compared with MindSpore's own ModelCheckpoint
 (same run, both callbacks), MindSpore's loaders, and a resume that continues bit for bit."""
-import json
 import os
 import re
 import subprocess

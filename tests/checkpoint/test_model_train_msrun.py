@@ -16,7 +16,7 @@ from mindformers_st.cli import main as cli
 from mindformers_st.records.commit import load_committed_entries
 from mindformers_st.storage.index import read_index
 from mindformers_st.storage.reader import open_safetensors
-from tests.conftest import free_port, kill_tagged
+from tests.conftest import free_port, kill_once_committed
 from tests.models.msrun_util import run_msrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -93,18 +93,7 @@ def test_kill_9_and_resume_through_model_train_continue_bit_for_bit(tmp_path):
          "--join", "True", EXAMPLE, "--output_dir", out, "--epochs", "5"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt = os.path.join(out, "checkpoint")
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if any(e.global_step >= 2 * PER_EPOCH for e in load_committed_entries(ckpt)):
-                    break
-            except Exception:   # the record appears atomically; absent means not yet
-                pass
-            time.sleep(0.05)
-    finally:
-        kill_tagged(tag)
-        proc.wait(timeout=60)
+    kill_once_committed(proc, tag, ckpt, lambda steps: any(s >= 2 * PER_EPOCH for s in steps), 300)
     done = load_committed_entries(ckpt)[-1].global_step
     assert PER_EPOCH * 2 <= done < PER_EPOCH * 5, "the kill came too late"
     shutil.rmtree(os.path.join(out, "logs"))

@@ -11,7 +11,6 @@ import yaml
 
 from mindformers_st.cli import main
 from mindformers_st.layout.parallel_config import ParallelConfig
-from mindformers_st.layout.parallel_config import ParallelConfig
 from mindformers_st.models.config import LlamaConfig
 from mindformers_st.models.param_table import llama_param_table
 from mindformers_st.records import names
