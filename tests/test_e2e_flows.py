@@ -320,3 +320,17 @@ def test_resume_skips_a_save_with_a_missing_rank_file_and_ignores_a_stale_uncomm
         out, 8, "--load_checkpoint", ckpt, "--resume_training", "True"))
     assert "[resume] global step 4" in log
     assert sorted(losses(log)) == [5, 6, 7, 8]
+
+
+def test_resume_with_ignore_data_skip_restarts_the_data_not_the_step(flow, killed):
+    """`ignore_data_skip: True` (MindSpore Transformers' key): weights, moments and global step
+    come back from step 4, the data starts from its first batch again."""
+    out, ckpt = interrupted_copy(killed, "resume_noskip")
+    log = flow.launch("resume_noskip", flow.train_args(
+        out, 8, "--load_checkpoint", ckpt, "--resume_training", "True",
+        "--ignore_data_skip", "True"))
+    assert "[resume] global step 4" in log
+    assert "[data] starting at epoch 0 step 0 (ignore_data_skip" in log
+    straight, resumed = losses(flow.pretrain_log), losses(log)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert resumed[5] != straight[5]     # another batch than the uninterrupted run's step 5

@@ -7,7 +7,9 @@ Pure Python (no MindSpore).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
@@ -313,6 +315,40 @@ class CheckpointMonitorConfig:
         _require(self.enc_key is None,
                  f"config key '{_key(where, 'enc_key')}': encrypted checkpoints are not supported "
                  f"(safetensors files are plain by design)")
+        warn_no_effect(self, NO_EFFECT_MONITOR, where)
+
+
+# Keys MindSpore Transformers has that this runtime does not implement: accepted so their
+# configs load, and warned about BY NAME whenever set to anything but their default (never
+# silently ignored). key -> why it has no effect here.
+NO_EFFECT_TOP_LEVEL = {
+    "transform_process_num": "checkpoint transforms run in this process (threads) and are split "
+                             "over the job's ranks, not over extra processes",
+    "load_ckpt_async": "weights are loaded before the first step, synchronously",
+    "resume_by_last_timestamp_ckpt": "the save to resume is chosen by committed.json (or, without "
+                                     "one, meta.json / the newest step every rank holds), not by "
+                                     "file modification time",
+    "use_legacy": "only the legacy (MindFormers 1.x) layout is read and written",
+}
+NO_EFFECT_MONITOR = {
+    "saved_network": "the save holds the train network's tensors",
+    "append_info": "extra values are not stored (the hyper values are: epoch_num, step_num, "
+                   "loss_scale, global_batch_size, learning_rate, data_position, seed)",
+    "exception_save": "no save is made on an exception (the last committed save stays valid)",
+    "use_checkpoint_health_monitor": "the embedding-norm health monitor is not computed",
+    "embedding_local_norm_threshold": "the embedding-norm health monitor is not computed",
+    "embedding_size": "the embedding-norm health monitor is not computed",
+    "health_ckpts_record_dir": "the embedding-norm health monitor is not computed",
+}
+
+
+def warn_no_effect(obj, table, where: str) -> None:
+    """Warn, naming the key, for each key of `table` that `obj` sets to a non-default value."""
+    defaults = {f.name: f.default for f in dataclasses.fields(obj)}
+    for key, why in table.items():
+        value = getattr(obj, key)
+        if value != defaults.get(key) and value is not None:
+            logger.warning("config key '%s' = %r has no effect here: %s", _key(where, key), value, why)
 
 
 @dataclass
@@ -431,6 +467,20 @@ class RunConfig:
             self.resume_training = False
         self.load_checkpoint = self.load_checkpoint.rstrip("/") if self.load_checkpoint != "/" \
             else self.load_checkpoint
+        _require(self.data_skip_steps is None or self.data_skip_steps >= 0,
+                 f"config key 'data_skip_steps' must be >= 0, got {self.data_skip_steps}")
+        if not self.load_checkpoint and self.pretrained_model_dir:
+            # As MindSpore Transformers (Trainer._check_config_rules): an empty load_checkpoint
+            # takes pretrained_model_dir when it holds safetensors weights.
+            import glob
+            if glob.glob(os.path.join(self.pretrained_model_dir, "*.safetensors")):
+                logger.info("load_checkpoint is empty: loading pretrained_model_dir %s",
+                            self.pretrained_model_dir)
+                self.load_checkpoint = self.pretrained_model_dir.rstrip("/")
+            else:
+                logger.warning("config key 'pretrained_model_dir' = %r holds no *.safetensors "
+                               "file: it has no effect", self.pretrained_model_dir)
+        warn_no_effect(self, NO_EFFECT_TOP_LEVEL, "")
         if self.predict_batch_size is not None:
             _require(self.predict_batch_size >= 1, "config key 'predict_batch_size' must be >= 1")
         pc = self.parallel_config

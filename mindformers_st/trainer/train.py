@@ -27,6 +27,21 @@ def total_steps_of(config, steps_per_epoch: int) -> int:
     return rc.train_steps if rc.train_steps > 0 else rc.epochs * steps_per_epoch
 
 
+def data_start(config, global_step: int, steps_per_epoch: int):
+    """(epoch, step in epoch) the data starts at, as MindSpore Transformers skips data: from the
+    beginning with `ignore_data_skip: True`; after exactly `data_skip_steps` steps when set;
+    else at the resumed global step (0 for a fresh run). Printed on rank 0 by the caller."""
+    if getattr(config, "ignore_data_skip", False):
+        skip = 0
+    elif getattr(config, "data_skip_steps", None) is not None:
+        skip = int(config.data_skip_steps)
+    else:
+        skip = int(global_step)
+    if skip < 0:
+        raise ConfigError(f"config key 'data_skip_steps' must be >= 0, got {skip}")
+    return divmod(skip, max(1, steps_per_epoch))
+
+
 def build_model(config, resolved, ctx):
     """The registered model class of `resolved.arch` built for `ctx` (weights initialised)."""
     from ..models.registry import get_model
@@ -111,8 +126,14 @@ def run_train(config, resolved, ctx) -> TrainState:
     callbacks = build_callbacks(config)
     for cb in callbacks:
         cb.on_train_begin(run_context_of(state))
-    start = state.global_step
-    epoch, step_in_epoch = divmod(start, data.steps_per_epoch)
+    epoch, step_in_epoch = data_start(config, state.global_step, data.steps_per_epoch)
+    skipping = config.ignore_data_skip or config.data_skip_steps is not None
+    if ctx.is_main and ((epoch, step_in_epoch) != (0, 0) or skipping):
+        why = ("ignore_data_skip" if config.ignore_data_skip else
+               f"data_skip_steps {config.data_skip_steps}" if config.data_skip_steps is not None
+               else "the resumed step")
+        print(f"[data] starting at epoch {epoch} step {step_in_epoch} ({why}; global step "
+              f"{state.global_step})", flush=True)
     if ctx.is_main:
         print(f"training {total} steps ({data.steps_per_epoch} per epoch, global batch "
               f"{data.plan.global_batch} x {seq_len + 1} tokens, {ctx.world_size} ranks)", flush=True)
