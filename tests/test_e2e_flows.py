@@ -334,3 +334,14 @@ def test_resume_with_ignore_data_skip_restarts_the_data_not_the_step(flow, kille
     straight, resumed = losses(flow.pretrain_log), losses(log)
     assert sorted(resumed) == [5, 6, 7, 8]
     assert resumed[5] != straight[5]     # another batch than the uninterrupted run's step 5
+
+
+def test_resume_with_a_doubled_global_batch_rescales_the_step(flow, killed):
+    """A resume that doubles the global batch (8 -> 16 samples) continues from global step 2,
+    as MindSpore Transformers rescales it (samples consumed kept)."""
+    out, ckpt = interrupted_copy(killed, "resume_gbs")
+    log = flow.launch("resume_gbs", flow.train_args(
+        out, 8, "--load_checkpoint", ckpt, "--resume_training", "True",
+        "--runner_config.batch_size", "8"))
+    assert "[resume] global batch 8 -> 16: global step 4 -> 2" in log
+    assert sorted(losses(log)) == [3, 4, 5, 6, 7, 8]

@@ -188,11 +188,35 @@ def resume_checkpoint(opts, resume_training, model, optimizer, ctx):
     return report
 
 
+def rescaled_step(global_step: int, old_gbs: Optional[int], new_gbs: Optional[int]) -> int:
+    """The global step to continue from when the global batch changed, as MindSpore
+    Transformers computes it: `global_step * old_gbs / new_gbs` (floor), so the samples consumed
+    (and the learning-rate schedule's position in samples) carry over. Unchanged when either
+    batch is unknown or they are equal."""
+    if not old_gbs or not new_gbs or int(old_gbs) == int(new_gbs):
+        return int(global_step)
+    return int(int(global_step) * int(old_gbs) // int(new_gbs))
+
+
 def apply_resume(state, info: ResumeInfo) -> None:
-    """Put the resumed counters into the loop's TrainState: global_step, and epoch / step in
-    epoch derived from it (the data order is a pure function of seed, epoch and step, so this
-    is the data position too). Warns when the run's seed or global batch differ from the
-    checkpoint's, since the data order would then differ from the interrupted run."""
+    """Put the resumed counters into the loop's TrainState: global_step (rescaled when the
+    global batch changed, the optimizer's counter and so the learning-rate position with it),
+    and epoch / step in epoch derived from it (the data order is a pure function of seed, epoch
+    and step, so this is the data position too). Warns when the run's seed differs."""
+    gbs = state.global_batch_size
+    step = rescaled_step(info.global_step, info.global_batch_size, gbs)
+    if step != info.global_step:
+        if state.optimizer is not None and hasattr(state.optimizer, "set_state_arrays"):
+            state.optimizer.set_state_arrays({"global_step": np.array([step], np.int32)},
+                                             strict=False)
+        msg = (f"[resume] global batch {info.global_batch_size} -> {gbs}: global step "
+               f"{info.global_step} -> {step} (samples consumed kept, as MindSpore Transformers)")
+        logger.info(msg)
+        if state.ctx is None or state.ctx.is_main:
+            print(msg, flush=True)
+        info.global_step = step
+        if info.data_position is not None:
+            info.data_position = step * int(gbs)
     state.global_step = info.global_step
     if state.steps_per_epoch:
         state.epoch, state.step_in_epoch = divmod(info.global_step, state.steps_per_epoch)
@@ -200,10 +224,6 @@ def apply_resume(state, info: ResumeInfo) -> None:
     if info.seed is not None and seed is not None and int(info.seed) != int(seed):
         logger.warning("resume: the checkpoint was trained with seed %s, this run uses %s; the "
                        "data order will differ from the interrupted run", info.seed, seed)
-    gbs = state.global_batch_size
-    if info.global_batch_size and gbs and int(info.global_batch_size) != int(gbs):
-        logger.warning("resume: the checkpoint used global batch %s, this run %s; global_step "
-                       "is kept, so the data position in samples differs", info.global_batch_size, gbs)
     if info.data_position is not None and gbs and int(info.data_position) != info.global_step * gbs:
         logger.warning("resume: the checkpoint recorded data position %s, global_step x global "
                        "batch gives %s", info.data_position, info.global_step * gbs)

@@ -141,6 +141,26 @@ def test_apply_resume_keeps_counters_consistent():
     assert (state.global_step, state.epoch, state.step_in_epoch) == (7, 2, 1)
 
 
+def test_a_changed_global_batch_rescales_the_step_and_the_learning_rate_position(capsys):
+    """As MindSpore Transformers: step x old batch / new batch, so the samples consumed carry
+    over; the optimizer's counter (the lr position) moves with it."""
+    from mindformers_st.checkpoint.resume import rescaled_step
+    assert rescaled_step(6, 8, 16) == 3 and rescaled_step(7, 8, 16) == 3
+    assert rescaled_step(6, 8, 8) == 6 and rescaled_step(6, None, 16) == 6
+    cfg = tiny_cfg()
+    ctx = make_ctx()
+    model = make_model(cfg, ctx)
+    optimizer = make_optimizer(model)
+    optimizer.set_state_arrays({"global_step": np.array([6], np.int32)}, strict=False)
+    state = TrainState(config=type("C", (), {"seed": 0})(), model=model, optimizer=optimizer,
+                       ctx=ctx, steps_per_epoch=2, global_batch_size=16)
+    info = ResumeInfo(global_step=6, seed=0, data_position=48, global_batch_size=8)
+    apply_resume(state, info)
+    assert (state.global_step, state.epoch, state.step_in_epoch) == (3, 1, 1)
+    assert optimizer.step_count == 3 and info.data_position == 48
+    assert "global batch 8 -> 16: global step 6 -> 3" in capsys.readouterr().out
+
+
 def _run_config(**kw):
     base = dict(load_checkpoint="", load_ckpt_format="safetensors", auto_trans_ckpt=False,
                 use_parallel=False, src_strategy_path_or_dir="", output_dir="", seed=0,
