@@ -345,3 +345,23 @@ def test_resume_with_a_doubled_global_batch_rescales_the_step(flow, killed):
         "--runner_config.batch_size", "8"))
     assert "[resume] global batch 8 -> 16: global step 4 -> 2" in log
     assert sorted(losses(log)) == [3, 4, 5, 6, 7, 8]
+
+
+def test_resume_by_last_timestamp_in_a_folder_without_records(flow):
+    """A MindSpore Transformers style folder (no committed.json, no meta.json) with
+    `resume_by_last_timestamp_ckpt: True`: the newest files by modification time are resumed,
+    not the highest step."""
+    out = os.path.join(flow.base, "resume_mtime")
+    ckpt = os.path.join(out, "checkpoint")
+    shutil.copytree(os.path.join(flow.out, "checkpoint"), ckpt)
+    entries = load_committed_entries(ckpt)
+    os.remove(os.path.join(ckpt, "committed.json"))
+    for r in (0, 1):
+        os.remove(os.path.join(ckpt, f"rank_{r}", "meta.json"))
+        os.utime(entries[0].path(r))          # step 4's files become the newest
+        os.utime(entries[1].path(r), (1, 1))
+    log = flow.launch("resume_mtime", flow.train_args(
+        out, 8, "--load_checkpoint", ckpt, "--resume_training", "True",
+        "--resume_by_last_timestamp_ckpt", "True"))
+    assert "[resume] global step 4" in log
+    assert sorted(losses(log)) == [5, 6, 7, 8]

@@ -82,6 +82,7 @@ class LoadOptions:
     remove_redundancy: bool = False
     direct_reshard: bool = False
     verify_checksums: Any = True
+    resume_by_last_timestamp_ckpt: bool = False
 
     @staticmethod
     def from_config(config) -> "LoadOptions":
@@ -95,7 +96,9 @@ class LoadOptions:
             output_dir=getattr(config, "output_dir", "./output"),
             remove_redundancy=bool(getattr(config, "remove_redundancy", False)),
             direct_reshard=bool(getattr(config, "direct_reshard", False)),
-            verify_checksums=verify_mode(getattr(config, "verify_checksums", True)))
+            verify_checksums=verify_mode(getattr(config, "verify_checksums", True)),
+            resume_by_last_timestamp_ckpt=bool(getattr(config, "resume_by_last_timestamp_ckpt",
+                                                       False)))
 
     @property
     def verify(self) -> str:

@@ -74,7 +74,7 @@ def select_resume_point(directory: str, resume_training: Union[bool, str],
 
 
 def select_resume_save(directory: str, resume_training: Union[bool, str],
-                       fmt: str = "safetensors") -> Optional[SaveSelection]:
+                       fmt: str = "safetensors", by_timestamp: bool = False) -> Optional[SaveSelection]:
     """`select_resume_point` as the scanner's SaveSelection (files per rank, notes)."""
     directory = os.path.abspath(directory)
     if os.path.isfile(directory):
@@ -94,7 +94,7 @@ def select_resume_save(directory: str, resume_training: Union[bool, str],
                 f"resume_training {resume_training!r}: the name has no '-{{epoch}}_{{step}}' "
                 f"suffix; give a checkpoint file name such as llama_rank_0-1_4.safetensors, or "
                 f"True for the newest committed step")
-    return select_save(directory, step, fmt, fallback=True)
+    return select_save(directory, step, fmt, fallback=True, by_timestamp=by_timestamp)
 
 
 def _scalar(hyper, name):
@@ -166,7 +166,8 @@ def resume_checkpoint(opts, resume_training, model, optimizer, ctx):
     rank (`loader.load_checkpoint(resume=True)`), falling back to the previous committed save
     when the newest fails its checksums, and return the LoadReport with `.resume` (a
     ResumeInfo) set. Every rank must call this."""
-    selection = select_resume_save(opts.load_checkpoint, resume_training, opts.load_ckpt_format)
+    selection = select_resume_save(opts.load_checkpoint, resume_training, opts.load_ckpt_format,
+                                   bool(getattr(opts, "resume_by_last_timestamp_ckpt", False)))
     if selection is None:
         report = _load(opts, model, optimizer, ctx, None)
     else:

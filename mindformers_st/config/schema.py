@@ -325,9 +325,6 @@ NO_EFFECT_TOP_LEVEL = {
     "transform_process_num": "checkpoint transforms run in this process (threads) and are split "
                              "over the job's ranks, not over extra processes",
     "load_ckpt_async": "weights are loaded before the first step, synchronously",
-    "resume_by_last_timestamp_ckpt": "the save to resume is chosen by committed.json (or, without "
-                                     "one, meta.json / the newest step every rank holds), not by "
-                                     "file modification time",
     "use_legacy": "only the legacy (MindFormers 1.x) layout is read and written",
 }
 NO_EFFECT_MONITOR = {

@@ -86,14 +86,18 @@ def has_commit_record(folder: str) -> bool:
 
 
 def select_save(folder: str, step=None, fmt: str = "safetensors",
-                fallback: bool = False) -> SaveSelection:
+                fallback: bool = False, by_timestamp: bool = False) -> SaveSelection:
     """The save of `folder` (holding `rank_x/`) to read; `step` ("EPOCH_STEP", an (epoch, step)
     pair or a file name) picks one. CheckpointError, naming the folder and what is there, when
     no save qualifies or the chosen one is not complete (or not committed, with a record).
 
     With a record, a newest committed save whose files are missing or whose headers are bad is
     an error (the message names the file and the other committed saves); `fallback` (resume)
-    takes the previous committed save that validates instead, with a warning."""
+    takes the previous committed save that validates instead, with a warning.
+
+    `by_timestamp` (MindSpore Transformers' `resume_by_last_timestamp_ckpt`), for folders
+    without a record: every rank's newest file by modification time, which must all be of one
+    step. With a record the record still decides (an info line says so)."""
     folder = os.path.abspath(folder)
     ranks = rank_folders(folder)
     if not ranks:
@@ -104,8 +108,29 @@ def select_save(folder: str, step=None, fmt: str = "safetensors",
     if step is not None:
         want = tuple(step) if isinstance(step, tuple) else parse_step_arg(str(step), "step")
     if read_committed(folder) is not None:
+        if by_timestamp:
+            logger.info("%s: resume_by_last_timestamp_ckpt: the commit record decides which save "
+                        "is newest", folder)
         return _select_committed(folder, ranks, want, fmt, fallback)
+    if by_timestamp and want is None:
+        return _select_newest_by_mtime(folder, ranks, fmt)
     return _select_unrecorded(folder, ranks, want, fmt)
+
+
+def _select_newest_by_mtime(folder: str, ranks, fmt: str) -> SaveSelection:
+    newest = {}
+    for r, d in ranks.items():
+        files = files_of(d, fmt)
+        if not files:
+            raise CheckpointError(f"{d}: no {FORMAT_SUFFIX[fmt]} file in this rank folder")
+        newest[r] = max(files, key=os.path.getmtime)
+    keys = {parse_step(f) for f in newest.values()}
+    if len(keys) != 1 or None in keys:
+        raise CheckpointError(
+            f"{folder}: resume_by_last_timestamp_ckpt: the ranks' newest files are of different "
+            f"steps ({sorted(os.path.basename(f) for f in newest.values())[:4]}); a save was "
+            f"interrupted — name the step to resume (resume_training: <file name>)")
+    return SaveSelection(folder, newest, keys.pop(), "timestamp")
 
 
 def _select_committed(folder: str, ranks, want: Optional[Key], fmt: str,

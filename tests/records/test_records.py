@@ -165,3 +165,19 @@ def test_one_file_per_rank_of_different_steps_is_a_mix_and_refused(tmp_path):
                      {"w": np.zeros(1, np.float32)})
     with pytest.raises(CheckpointError, match="mixes saves"):
         select_save(str(tmp_path))
+
+
+def test_newest_by_timestamp_for_folders_without_a_record(tmp_path):
+    """resume_by_last_timestamp_ckpt: every rank's newest file by mtime, which must agree."""
+    _save(tmp_path, 4)
+    _save(tmp_path, 2)                       # written last: the newest by time
+    for r in range(2):
+        os.utime(tmp_path / f"rank_{r}" / names.ckpt_file_name("llama", r, 1, 4), (1, 1))
+    sel = select_save(str(tmp_path), by_timestamp=True)
+    assert (sel.key, sel.how) == ((1, 2), "timestamp")
+    assert select_save(str(tmp_path)).key == (1, 4)          # the default: the newest step
+    os.utime(tmp_path / "rank_1" / names.ckpt_file_name("llama", 1, 1, 4), (10**10, 10**10))
+    with pytest.raises(CheckpointError, match="different steps"):
+        select_save(str(tmp_path), by_timestamp=True)
+    _commit(tmp_path, 4, {r: f"rank_{r}/{names.ckpt_file_name('llama', r, 1, 4)}" for r in range(2)})
+    assert select_save(str(tmp_path), by_timestamp=True).key == (1, 4)   # the record decides
