@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from math import prod
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -300,6 +301,15 @@ class _Progress:
             self._bar.close()
 
 
+def _fault_pause() -> None:
+    """Fault-injection hook for the signal tests: with MFST_FAULT_PAUSE_AFTER_FILE=seconds the
+    engine sleeps after committing each output file, so a test can interrupt a run at a known
+    point (a file done, the folder not). Unset: nothing."""
+    pause = os.environ.get("MFST_FAULT_PAUSE_AFTER_FILE")
+    if pause:
+        time.sleep(float(pause))
+
+
 def execute_files(plan: Plan, folder: str, workers: int = 4, progress: bool = True,
                   shapes=None, verify: str = "read") -> List[str]:
     """Write `plan.files` into the existing `folder` (no side files, no folder rename): the part
@@ -343,15 +353,19 @@ def execute_files(plan: Plan, folder: str, workers: int = 4, progress: bool = Tr
                 path = writers[f.path].commit()
                 with lock:
                     done.append(path)
+                _fault_pause()
 
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pool = ThreadPoolExecutor(max_workers=max(1, workers))
+        try:
             futures = [pool.submit(run, i) for i in range(len(tasks))]
-            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            wait(futures, return_when=FIRST_EXCEPTION)
             for fut in futures:
                 if fut.done() and fut.exception() is not None:
-                    for other in futures:
-                        other.cancel()
                     raise fut.exception()
+        finally:
+            # on an error or a signal, tensors not started are dropped at once (the ones in
+            # flight finish their block) before the writers are aborted
+            pool.shutdown(wait=True, cancel_futures=True)
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -385,11 +399,47 @@ def _check_not_over_sources(plan: Plan, out_dir: str) -> None:
                                   f"outside the source folder")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_staging(out_dir: str) -> List[str]:
+    """Remove hidden staging folders of `out_dir` (`.{name}.tmp-{pid}-*`) whose process is gone
+    (a run killed with SIGKILL, or a power loss); a live run's folder is left alone. Returns the
+    folders removed (each logged)."""
+    parent, base = os.path.split(os.path.abspath(out_dir).rstrip("/"))
+    removed = []
+    try:
+        entries = os.listdir(parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    prefix = f".{base}.tmp-"
+    for entry in entries:
+        if not entry.startswith(prefix):
+            continue
+        pid = entry[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            path = os.path.join(parent, entry)
+            logger.warning("%s: removing the staging folder of a run that did not finish "
+                           "(process %s is gone)", path, pid)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def staging_folder(out_dir: str) -> str:
-    """Create and return a hidden sibling of `out_dir` to build it in."""
+    """Create and return a hidden sibling of `out_dir` to build it in (after removing the
+    staging folders earlier runs that died left for the same output)."""
     out_dir = os.path.abspath(out_dir)
     parent, base = os.path.split(out_dir.rstrip("/"))
     os.makedirs(parent, exist_ok=True)
+    remove_stale_staging(out_dir)
     tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     os.mkdir(tmp)
     return tmp
