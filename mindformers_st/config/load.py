@@ -19,18 +19,39 @@ from .typed import CliValue, build
 logger = logging.getLogger(__name__)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently; a config where a setting is quietly overridden is a wrong run)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"config key {key!r} appears twice in one mapping (line "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str) -> Dict[str, Any]:
-    """The mapping stored in the YAML file `path` (ConfigError if missing or malformed)."""
+    """The mapping stored in the YAML file `path`. ConfigError if it is missing, not UTF-8, not
+    valid YAML, empty, not a mapping, or gives a key twice."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist; pass --config with a YAML file "
                           f"such as configs/llama2/pretrain_llama2_tiny.yaml")
     try:
         with open(path, "r", encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start}); save it as UTF-8") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from exc
     if data is None:
-        data = {}
+        # an empty file would silently become the default 7B model
+        raise ConfigError(f"config file {path!r} is empty; a run config needs at least "
+                          f"model.model_config")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping at the top level, "
                           f"got {type(data).__name__}")

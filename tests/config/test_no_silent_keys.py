@@ -52,3 +52,12 @@ def test_pretrained_model_dir_is_loaded_when_load_checkpoint_is_empty(tmp_path):
     assert cfg.load_checkpoint == str(tmp_path)
     cfg = load_config(TINY, [("pretrained_model_dir", str(tmp_path)), ("load_checkpoint", "x")])
     assert cfg.load_checkpoint == "x"                          # an explicit path wins
+
+
+@pytest.mark.parametrize("text, why", [(b"", "is empty"), (b"a: 1\na: 2\n", "appears twice"),
+                                       (b"model: \xff\xfe\n", "not UTF-8"), (b"- 1\n", "mapping")])
+def test_a_yaml_that_is_empty_repeats_a_key_or_is_not_utf8_is_refused(tmp_path, text, why):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError, match=why):
+        load_config(str(path), [])
