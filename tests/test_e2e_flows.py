@@ -348,7 +348,8 @@ def test_resume_with_a_doubled_global_batch_rescales_the_step(flow, killed):
 
 
 def test_resume_by_last_timestamp_in_a_folder_without_records(flow):
-    """A MindSpore Transformers style folder (no committed.json, no meta.json) with
+    """A MindSpore Transformers style folder (no committed.json, no meta.json, rank files
+    without our description: with one they would be uncommitted saves of ours) with
     `resume_by_last_timestamp_ckpt: True`: the newest files by modification time are resumed,
     not the highest step."""
     out = os.path.join(flow.base, "resume_mtime")
@@ -356,8 +357,11 @@ def test_resume_by_last_timestamp_in_a_folder_without_records(flow):
     shutil.copytree(os.path.join(flow.out, "checkpoint"), ckpt)
     entries = load_committed_entries(ckpt)
     os.remove(os.path.join(ckpt, "committed.json"))
+    from mindformers_st.storage.writer import load_tensors, save_tensors
     for r in (0, 1):
         os.remove(os.path.join(ckpt, f"rank_{r}", "meta.json"))
+        for e in entries:   # as MindSpore Transformers writes them: no description of ours
+            save_tensors(e.path(r), load_tensors(e.path(r)), {"format": "ms"}, checksums=False)
         os.utime(entries[0].path(r))          # step 4's files become the newest
         os.utime(entries[1].path(r), (1, 1))
     log = flow.launch("resume_mtime", flow.train_args(

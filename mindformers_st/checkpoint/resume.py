@@ -94,7 +94,30 @@ def select_resume_save(directory: str, resume_training: Union[bool, str],
                 f"resume_training {resume_training!r}: the name has no '-{{epoch}}_{{step}}' "
                 f"suffix; give a checkpoint file name such as llama_rank_0-1_4.safetensors, or "
                 f"True for the newest committed step")
-    return select_save(directory, step, fmt, fallback=True, by_timestamp=by_timestamp)
+    selection = select_save(directory, step, fmt, fallback=True, by_timestamp=by_timestamp)
+    if selection.record is None:
+        _refuse_uncommitted_saves_of_ours(selection)
+    return selection
+
+
+def _refuse_uncommitted_saves_of_ours(selection: SaveSelection) -> None:
+    """Only committed saves are resumed from a folder this project writes. Our
+    CheckpointMonitor writes committed.json with its first commit, so training saves of ours
+    (their rank files describe their epoch and step) in a folder without one were never
+    committed: a run that stopped before its first commit, or a record deleted. Folders of
+    MindSpore Transformers or MindSpore (no description) keep their rule."""
+    from ..records.rank_meta import RankFileMeta
+    from ..storage.reader import read_header
+    path = selection.files[min(selection.files)]
+    if not path.endswith(".safetensors"):
+        return
+    meta = RankFileMeta.from_metadata(read_header(path)[1], path)
+    if meta is not None and meta.step is not None:
+        raise CheckpointError(
+            f"{selection.folder}: no save was committed (no committed.json) although its rank "
+            f"files were written by mindformers-st's CheckpointMonitor: the run stopped before "
+            f"its first commit, so {os.path.basename(path)} may be incomplete across ranks. "
+            f"Start without resume_training, or load a committed checkpoint")
 
 
 def _scalar(hyper, name):

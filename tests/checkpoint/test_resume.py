@@ -182,6 +182,12 @@ def test_load_weights_is_the_runtime_hook(tmp_path):
     values = global_values(cfg)
     folder = write_distributed(tmp_path / "ckpt", cfg, values, ParallelConfig(), suffix="1_6")
     out = str(tmp_path / "out")
+    optimizer = make_optimizer(model)
+    # training saves of ours without a commit record were never committed: not resumed
+    with pytest.raises(CheckpointError, match="no save was committed"):
+        load_weights(model, ctx, _run_config(load_checkpoint=str(folder), output_dir=out,
+                                             resume_training=True), optimizer)
+    add_committed(str(folder), 1, CommittedSave(1, 6, 6, {0: "rank_0/llama_rank_0-1_6.safetensors"}))
     with pytest.raises(CheckpointError, match="needs the optimizer"):
         load_weights(model, ctx, _run_config(load_checkpoint=str(folder), output_dir=out,
                                              resume_training=True))
