@@ -369,3 +369,14 @@ def test_resume_by_last_timestamp_in_a_folder_without_records(flow):
         "--resume_by_last_timestamp_ckpt", "True"))
     assert "[resume] global step 4" in log
     assert sorted(losses(log)) == [5, 6, 7, 8]
+
+
+def test_resume_at_train_steps_says_there_is_nothing_to_train(flow):
+    """Resuming a run whose newest save is at train_steps trains nothing and says so."""
+    out = os.path.join(flow.base, "resume_done")
+    ckpt = os.path.join(out, "checkpoint")
+    shutil.copytree(os.path.join(flow.out, "checkpoint"), ckpt)
+    log = flow.launch("resume_done", flow.train_args(
+        out, 8, "--load_checkpoint", ckpt, "--resume_training", "True"))
+    assert "[train] already at train_steps 8 (global step 8): nothing to train" in log
+    assert losses(log) == {}

@@ -113,8 +113,9 @@ class MFLossMonitor(Callback):
     def on_train_end(self, run_context) -> None:
         state = _state(run_context)
         if state.ctx.is_main and state.losses:
-            print(f"training done: {state.global_step} steps in {time.time() - self._t0:.1f} s, "
-                  f"loss {state.losses[0]:.4f} -> {state.losses[-1]:.4f}", flush=True)
+            print(f"training done: {len(state.losses)} steps in this run (global step "
+                  f"{state.global_step}) in {time.time() - self._t0:.1f} s, loss "
+                  f"{state.losses[0]:.4f} -> {state.losses[-1]:.4f}", flush=True)
 
 
 def build_callbacks(config) -> List[Callback]:

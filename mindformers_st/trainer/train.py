@@ -123,6 +123,12 @@ def run_train(config, resolved, ctx) -> TrainState:
     if loaded is not None and loaded.resume is not None:
         from ..checkpoint.resume import apply_resume
         apply_resume(state, loaded.resume)
+    if state.global_step >= total:
+        if ctx.is_main:
+            print(f"[train] already at train_steps {total} (global step {state.global_step}): "
+                  f"nothing to train; raise runner_config.train_steps (or epochs) to continue",
+                  flush=True)
+        return state
     callbacks = build_callbacks(config)
     for cb in callbacks:
         cb.on_train_begin(run_context_of(state))
