@@ -41,6 +41,14 @@ ITEMSIZE: Dict[str, int] = {k: v.itemsize for k, v in ST_TO_NUMPY.items()}
 YAML_DTYPE_TO_ST: Dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 ST_TO_YAML_DTYPE: Dict[str, str] = {v: k for k, v in YAML_DTYPE_TO_ST.items()}
 
+# MindSpore dtype names (`str(parameter.dtype)`) -> safetensors names; strings only, so reading
+# a parameter's dtype never copies its data off the device
+MINDSPORE_TO_ST: Dict[str, str] = {
+    "Bool": "BOOL", "UInt8": "U8", "Int8": "I8", "Int16": "I16", "UInt16": "U16",
+    "Float16": "F16", "BFloat16": "BF16", "Int32": "I32", "UInt32": "U32", "Float32": "F32",
+    "Float64": "F64", "Int64": "I64", "UInt64": "U64",
+}
+
 
 def numpy_to_st(dtype) -> str:
     """The safetensors dtype name of a numpy dtype (anything `np.dtype()` accepts).

@@ -97,10 +97,11 @@ def _format_of(path: str) -> str:
 
 def _needs_recut(path: str, ctx) -> bool:
     """Complete weights on several ranks, or rank files of another world size, are re-cut."""
-    from ..records.names import rank_folders
+    from ..records.names import parse_rank_dir, rank_folders
     root = path
-    if os.path.isfile(path):
-        root = os.path.dirname(os.path.dirname(path)) if rank_folders(os.path.dirname(os.path.dirname(path))) else ""
+    if os.path.isfile(path):   # a rank file names its folder's save; a lone file is complete
+        parent = os.path.dirname(path)
+        root = os.path.dirname(parent) if parse_rank_dir(parent) is not None else ""
     ranks = rank_folders(root) if root else {}
     if not ranks:
         return ctx.world_size > 1

@@ -114,11 +114,13 @@ class ModelState(NetworkState):
 
 
 def _st_dtype(param) -> str:
-    from ..dtypes import numpy_to_st
-    name = str(param.dtype).lower()
-    if "bfloat16" in name:
-        return "BF16"
-    return numpy_to_st(np.dtype(param.asnumpy().dtype))
+    """The safetensors dtype of a MindSpore parameter, from its dtype's name (no data copied)."""
+    from ..dtypes import MINDSPORE_TO_ST
+    name = str(param.dtype)
+    if name not in MINDSPORE_TO_ST:
+        raise CheckpointError(f"{param.name}: MindSpore dtype {name} has no safetensors "
+                              f"equivalent; cast the parameter to a standard dtype")
+    return MINDSPORE_TO_ST[name]
 
 
 def replicated_layout(shape: Sequence[int], world: int) -> TensorLayout:

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import CheckpointError
-from .commit import (CommittedSave, load_committed_entries, read_committed, read_rank_meta,
-                     validate_save)
+from .commit import COMMITTED_FILE, CommittedSave, read_committed, read_rank_meta, validate_save
 from .names import FORMAT_SUFFIX, format_step, parse_step, parse_step_arg, rank_folders
 
 logger = logging.getLogger(__name__)
@@ -107,11 +106,12 @@ def select_save(folder: str, step=None, fmt: str = "safetensors",
     want: Optional[Key] = None
     if step is not None:
         want = tuple(step) if isinstance(step, tuple) else parse_step_arg(str(step), "step")
-    if read_committed(folder) is not None:
+    record = read_committed(folder)   # read once: the choice below follows this very record
+    if record is not None:
         if by_timestamp:
             logger.info("%s: resume_by_last_timestamp_ckpt: the commit record decides which save "
                         "is newest", folder)
-        return _select_committed(folder, ranks, want, fmt, fallback)
+        return _select_committed(folder, ranks, record, want, fmt, fallback)
     if by_timestamp and want is None:
         return _select_newest_by_mtime(folder, ranks, fmt)
     return _select_unrecorded(folder, ranks, want, fmt)
@@ -133,10 +133,10 @@ def _select_newest_by_mtime(folder: str, ranks, fmt: str) -> SaveSelection:
     return SaveSelection(folder, newest, keys.pop(), "timestamp")
 
 
-def _select_committed(folder: str, ranks, want: Optional[Key], fmt: str,
+def _select_committed(folder: str, ranks, record: dict, want: Optional[Key], fmt: str,
                       fallback: bool) -> SaveSelection:
-    entries = load_committed_entries(folder)
-    record = read_committed(folder) or {}
+    where = os.path.join(folder, COMMITTED_FILE)
+    entries = [CommittedSave.from_json(e, folder, where) for e in record["saves"]]
     world = record.get("world_size") if isinstance(record.get("world_size"), int) else None
     listed = [format_step(s.key) for s in entries]
     if want is not None:
