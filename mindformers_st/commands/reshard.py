@@ -38,6 +38,17 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
+    return value
+
+
 def add_common_args(p: argparse.ArgumentParser, src_strategy: bool = True) -> None:
     """SRC, DST and the options every transform command has."""
     p.add_argument("src", metavar="SRC", help="source checkpoint (folder of rank_x/, complete "
@@ -49,7 +60,13 @@ def add_common_args(p: argparse.ArgumentParser, src_strategy: bool = True) -> No
                             "files, or pipeline-merged); optional for files we wrote")
         add_step_arg(p)
     add_verify_args(p)
-    p.add_argument("--workers", type=int, default=4, help="tensors in flight (threads)")
+    p.add_argument("--workers", type=int, default=4,
+                   help="tensors in flight per process (threads), default 4")
+    p.add_argument("--processes", type=positive_int, default=1, metavar="N",
+                   help="worker processes, default 1; the output files are divided among them "
+                        "(each file written by one process, with --workers threads), so at most "
+                        "one process per output file is used (MindSpore Transformers' "
+                        "transform_process_num)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan's costs (bytes read, files opened, peak buffer) and stop")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
@@ -122,11 +139,11 @@ def run_plan(args, plan, finalize=None) -> int:
     """Print the dry-run report, or execute the plan into DST."""
     if args.dry_run:
         print(plan.description)
-        print(format_stats(plan_stats(plan, args.workers)))
+        print(format_stats(plan_stats(plan, args.workers * args.processes)))
         return 0
     paths = execute(plan, args.dst, workers=args.workers, progress=not args.no_progress,
                     overwrite=args.overwrite, finalize=finalize,
-                    verify=getattr(args, "verify", "read"))
+                    verify=getattr(args, "verify", "read"), processes=args.processes)
     print(f"{plan.kind}: wrote {len(paths)} file(s) into {os.path.abspath(args.dst)}")
     return 0
 

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import logging
 import mmap
+import multiprocessing
 import os
 import secrets
 import shutil
+import signal
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from multiprocessing.connection import wait as mp_wait
 from math import prod
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -35,6 +38,7 @@ from ..storage.reader import SafetensorsFile, read_header
 from ..storage.atomic import fsync_dir
 from ..storage.writer import SafetensorsWriter
 from .plan import CopyOp, Plan, TargetFile, TargetTensor
+from .planner import split_plan
 from .verify import Verifier, keys_to_verify
 
 logger = logging.getLogger(__name__)
@@ -311,15 +315,19 @@ def _fault_pause() -> None:
 
 
 def execute_files(plan: Plan, folder: str, workers: int = 4, progress: bool = True,
-                  shapes=None, verify: str = "read") -> List[str]:
+                  shapes=None, verify: str = "read", verify_keys=None,
+                  on_file: Optional[Callable[[int], None]] = None) -> List[str]:
     """Write `plan.files` into the existing `folder` (no side files, no folder rename): the part
     a worker runs when several share one output (see `split_plan`). Each file is committed
     atomically by the writer; on error every unfinished file is removed. Source checksums are
-    checked per `verify` (transform/verify.py). Returns the paths."""
+    checked per `verify` (transform/verify.py), or exactly for `verify_keys` when given (a part
+    of a split plan must check what the whole plan's mode selects: see `execute_in_processes`).
+    `on_file(nbytes)` is called after each file is committed. Returns the paths."""
     shapes = read_source_shapes(plan) if shapes is None else shapes
     validate_plan(plan, shapes)
     folder = os.path.abspath(folder)
-    verifier = Verifier(keys_to_verify(plan, shapes, verify))
+    verifier = Verifier(keys_to_verify(plan, shapes, verify) if verify_keys is None
+                        else verify_keys)
     sources = _Sources(verifier)
     staging = _Staging()
     bar = _Progress(sum(f.nbytes for f in plan.files), progress, plan.kind)
@@ -339,6 +347,8 @@ def execute_files(plan: Plan, folder: str, workers: int = 4, progress: bool = Tr
         for f in plan.files:   # files without tensors commit now
             if not f.tensors:
                 done.append(writers[f.path].commit())
+                if on_file is not None:
+                    on_file(f.nbytes)
 
         def run(i: int) -> None:
             f, t = tasks[i]
@@ -353,6 +363,8 @@ def execute_files(plan: Plan, folder: str, workers: int = 4, progress: bool = Tr
                 path = writers[f.path].commit()
                 with lock:
                     done.append(path)
+                    if on_file is not None:
+                        on_file(f.nbytes)
                 _fault_pause()
 
         pool = ThreadPoolExecutor(max_workers=max(1, workers))
@@ -374,6 +386,106 @@ def execute_files(plan: Plan, folder: str, workers: int = 4, progress: bool = Tr
         bar.close()
         sources.close()
     verifier.report()
+    return sorted(done)
+
+
+# --------------------------------------------------------------------------- processes
+def _part_main(conn, part: Plan, folder: str, workers: int, shapes, keys) -> None:
+    """One worker process of `execute_in_processes`: write `part` into `folder` with the
+    ordinary engine, telling the parent ("file", nbytes) per committed file, then ("done",
+    paths) — or ("error", exception) on failure."""
+    # Ctrl-C in a terminal reaches the whole process group: the parent alone decides, and
+    # terminates us; SIGTERM ends us at once (the parent removes the staging folder).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        paths = execute_files(part, folder, workers, progress=False, shapes=shapes,
+                              verify_keys=keys, on_file=lambda n: conn.send(("file", n)))
+    except BaseException as exc:   # noqa: B902 - every failure goes back to the parent
+        try:
+            conn.send(("error", exc))
+        except Exception:   # an exception that does not pickle: its text, as our error type
+            conn.send(("error", CheckpointError(f"{type(exc).__name__}: {exc}")))
+        return
+    conn.send(("done", paths))
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join()
+
+
+def execute_in_processes(plan: Plan, folder: str, processes: int, workers: int = 4,
+                         progress: bool = True, shapes=None, verify: str = "read") -> List[str]:
+    """`execute_files` with the plan's files divided over `processes` child processes
+    (`split_plan`: each output file written by exactly one process, balanced by bytes), each
+    running the same engine with `workers` threads and the same bounded memory (so the whole
+    run holds about `processes x workers x CHUNK_BYTES`). Children are started with 'spawn'
+    (a fresh interpreter: no MindSpore or thread state is forked). Which source tensors are
+    checked is decided on the whole plan, so a split changes nothing that is verified.
+
+    A plan with fewer output files than `processes` uses one process per file; one file runs
+    here, without a child. The first failure in a child stops the others and is raised here
+    as the same exception (type and message); a child that dies without a word (killed, out of
+    memory) is a CheckpointError naming its exit code. Any exception in this process (a
+    signal's, Ctrl-C) terminates and waits for the children before it propagates, so the
+    caller may remove `folder` at once. Returns the paths written."""
+    shapes = read_source_shapes(plan) if shapes is None else shapes
+    validate_plan(plan, shapes)
+    keys = keys_to_verify(plan, shapes, verify)
+    parts = [p for p in split_plan(plan, max(1, processes)) if p.files]
+    if len(parts) <= 1:
+        return execute_files(plan, folder, workers, progress, shapes, verify_keys=keys)
+    if len(parts) < processes:
+        logger.info("%s: the plan has %d output file(s); %d process(es) used, not %d",
+                    plan.kind, len(parts), len(parts), processes)
+    folder = os.path.abspath(folder)
+    ctx = multiprocessing.get_context("spawn")
+    bar = _Progress(sum(f.nbytes for f in plan.files), progress,
+                    f"{plan.kind} ({len(parts)} processes)")
+    procs, pending, done = [], {}, []
+    try:
+        for part in parts:
+            reads = {(op.src_file, op.src_name) for f in part.files for t in f.tensors
+                     for op in t.ops}
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_part_main, daemon=True,
+                               args=(send, part, folder, workers,
+                                     {k: v for k, v in shapes.items() if k in reads},
+                                     {k for k in keys if k in reads}))
+            proc.start()
+            send.close()
+            procs.append(proc)
+            pending[recv] = proc
+        while pending:
+            for conn in mp_wait(list(pending)):
+                try:
+                    kind, value = conn.recv()
+                except EOFError:
+                    proc = pending[conn]
+                    proc.join()
+                    raise CheckpointError(
+                        f"{plan.kind}: worker process {proc.pid} ended (exit code "
+                        f"{proc.exitcode}) before writing its files; nothing was committed")
+                if kind == "file":
+                    bar(value)
+                elif kind == "done":
+                    done.extend(value)
+                    del pending[conn]
+                    conn.close()
+                else:
+                    raise value
+    except BaseException:
+        _stop(procs)
+        raise
+    finally:
+        bar.close()
+        for conn in pending:
+            conn.close()
+    _stop(procs)
     return sorted(done)
 
 
@@ -480,12 +592,13 @@ def commit_folder(tmp: str, out_dir: str, overwrite: bool = False) -> str:
 
 def execute(plan: Plan, out_dir: str, workers: int = 4, progress: bool = True,
             overwrite: bool = False, finalize: Optional[Callable[[str], None]] = None,
-            verify: str = "read") -> List[str]:
+            verify: str = "read", processes: int = 1) -> List[str]:
     """Run `plan` into `out_dir`: validate it against the source headers, stream every file with
-    at most `workers` tensors in flight, write side files, call `finalize(staging_folder)` (e.g.
-    to add strategy files), then rename the staging folder into place. The folder appears
-    complete or not at all; an existing non-empty `out_dir` is refused unless `overwrite`.
-    Returns the final paths of the safetensors files written."""
+    at most `workers` tensors in flight (in each of `processes` worker processes, the files
+    divided among them: `execute_in_processes`), write side files, call
+    `finalize(staging_folder)` (e.g. to add strategy files), then rename the staging folder
+    into place. The folder appears complete or not at all; an existing non-empty `out_dir` is
+    refused unless `overwrite`. Returns the final paths of the safetensors files written."""
     out_dir = os.path.abspath(out_dir)
     _check_destination(out_dir, overwrite)
     _check_not_over_sources(plan, out_dir)
@@ -493,7 +606,11 @@ def execute(plan: Plan, out_dir: str, workers: int = 4, progress: bool = True,
     validate_plan(plan, shapes)   # refuse a bad plan before creating anything
     tmp = staging_folder(out_dir)
     try:
-        written = execute_files(plan, tmp, workers, progress, shapes, verify)
+        if processes > 1:
+            written = execute_in_processes(plan, tmp, processes, workers, progress, shapes,
+                                           verify)
+        else:
+            written = execute_files(plan, tmp, workers, progress, shapes, verify)
         write_side_files(plan, tmp)
         if finalize is not None:
             finalize(tmp)

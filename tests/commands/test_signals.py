@@ -23,10 +23,11 @@ def src(tmp_path):
     return tmp_path
 
 
-def _start_merge(tmp_path, pause="2"):
+def _start_merge(tmp_path, pause="2", processes=1):
     env = dict(os.environ, MFST_FAULT_PAUSE_AFTER_FILE=pause)
     proc = subprocess.Popen([BIN, "merge", str(tmp_path / "src"), str(tmp_path / "out"),
-                             "--no-progress", "--max-shard-size", "1KB", "--workers", "1"],
+                             "--no-progress", "--max-shard-size", "1KB", "--workers", "1",
+                             "--processes", str(processes)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline:   # wait until the first output file is committed
@@ -39,10 +40,11 @@ def _start_merge(tmp_path, pause="2"):
     raise AssertionError("the merge never wrote its first file")
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"),
                                              (signal.SIGINT, 130, "interrupted")])
-def test_a_signal_during_merge_leaves_nothing_and_one_line(src, sig, code, word):
-    proc = _start_merge(src)
+def test_a_signal_during_merge_leaves_nothing_and_one_line(src, sig, code, word, processes):
+    proc = _start_merge(src, processes=processes)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code
