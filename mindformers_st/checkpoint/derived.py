@@ -5,9 +5,10 @@ weights converted to `{output_dir}/ms_safetensors`, distributed weights merged i
 One protocol for all three (`build_derived_folder`), run together by every rank:
 1. reuse the folder when the fingerprint it records equals the source's (file names, sizes,
    mtimes, options);
-2. otherwise rank 0 makes an empty staging folder `<out>.building`; every rank builds its share
-   of the content in it; the ranks agree that every share succeeded (`agree_or_raise`: when one
-   fails, all raise and the staging folder is removed);
+2. otherwise rank 0 makes an empty staging folder `<out>.building`; the `transform_process_num`
+   builder ranks (MindSpore Transformers' choice: ranks 0, W/N, 2W/N, ... of W) each build
+   their share of the content in it while the others wait; the ranks agree that every share
+   succeeded (`agree_or_raise`: when one fails, all raise and the staging folder is removed);
 3. rank 0 finishes (side files), writes the fingerprint and renames the staging folder into
    place, so the folder appears complete or not at all.
 """
@@ -21,11 +22,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..errors import ChecksumError, CheckpointError, MindformersSTError
+from ..errors import ChecksumError, CheckpointError, ConfigError, MindformersSTError
 from ..parallel.agree import all_reduce_sum
 from ..storage.atomic import atomic_write_text
-from ..transform.execute import commit_folder, execute_files, write_side_files
+from ..transform.execute import (commit_folder, execute_files, read_source_shapes,
+                                 write_side_files)
 from ..transform.planner import split_plan
+from ..transform.verify import keys_to_verify
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,25 @@ def rank_world(ctx):
     return (0, 1) if ctx is None else (ctx.rank, ctx.world_size)
 
 
+def transform_ranks(process_num: int, world: int) -> List[int]:
+    """The ranks that build a derived folder for `transform_process_num` = `process_num` in a
+    job of `world` ranks, as MindSpore Transformers chooses them (TransformCkpt): ranks 0,
+    W/N, 2W/N, ...; more than `world` is lowered to `world` with a warning naming the key; a
+    value that does not divide `world` (or is below 1) is a ConfigError."""
+    if not isinstance(process_num, int) or isinstance(process_num, bool) or process_num < 1:
+        raise ConfigError(f"config key 'transform_process_num' must be a whole number >= 1, "
+                          f"got {process_num!r}")
+    if process_num > world:
+        logger.warning("config key 'transform_process_num' is %d but the job has %d rank(s): "
+                       "%d used (as MindSpore Transformers)", process_num, world, world)
+        process_num = world
+    if world % process_num:
+        raise ConfigError(f"config key 'transform_process_num' is {process_num}, which does not "
+                          f"divide the job's {world} ranks (MindSpore Transformers' rule); use a "
+                          f"divisor of {world}, e.g. 1 or {world}")
+    return list(range(0, world, world // process_num))
+
+
 def _barrier(ctx) -> None:
     if ctx is not None:
         ctx.barrier()
@@ -82,11 +104,14 @@ def _barrier(ctx) -> None:
 
 def build_derived_folder(out_dir: str, fp: Dict[str, Any], ctx, what: str,
                          build_share: Callable[[str, int, int], None],
-                         finish: Optional[Callable[[str], None]] = None) -> bool:
-    """Make `out_dir` hold what `build_share(staging, rank, world)` writes on every rank (then
-    `finish(staging)` on rank 0) for the source fingerprint `fp`, or reuse it when it records
+                         finish: Optional[Callable[[str], None]] = None,
+                         process_num: int = 1) -> bool:
+    """Make `out_dir` hold what `build_share(staging, i, n)` writes on the n builder ranks
+    (`transform_ranks(process_num, world)`; i is this rank's index among them), then
+    `finish(staging)` on rank 0, for the source fingerprint `fp` — or reuse it when it records
     `fp` already (see the module doc). Every rank must call this. Returns True when rebuilt."""
     rank, world = rank_world(ctx)
+    builders = transform_ranks(process_num, world)
     reuse = read_fingerprint(out_dir) == fp
     _barrier(ctx)   # every rank has decided before rank 0 may touch the folder
     if reuse:
@@ -94,13 +119,15 @@ def build_derived_folder(out_dir: str, fp: Dict[str, Any], ctx, what: str,
         return False
     staging = out_dir.rstrip("/") + ".building"
     if rank == 0:
-        logger.info("%s: building %s over %d rank(s)", what, out_dir, world)
+        logger.info("%s: building %s on %d of %d rank(s) (transform_process_num; ranks %s)",
+                    what, out_dir, len(builders), world, builders)
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     _barrier(ctx)
     failure = None
     try:
-        build_share(staging, rank, world)
+        if rank in builders:
+            build_share(staging, builders.index(rank), len(builders))
     except (MindformersSTError, OSError) as exc:
         failure = exc
     try:   # also the barrier: every share is written past here
@@ -119,13 +146,15 @@ def build_derived_folder(out_dir: str, fp: Dict[str, Any], ctx, what: str,
 
 
 def build_shared_folder(out_dir: str, fp: Dict[str, Any], plan, ctx, what: str,
-                        verify: str = "read") -> bool:
-    """`build_derived_folder` for a transform plan: its files split over the ranks
-    (`split_plan`), source checksums checked per `verify`, rank 0 adding the side files once
-    every file is there."""
-    def build_share(staging: str, rank: int, world: int) -> None:
-        execute_files(split_plan(plan, world)[rank], staging, workers=LOAD_WORKERS,
-                      progress=False, verify=verify)
+                        verify: str = "read", process_num: int = 1) -> bool:
+    """`build_derived_folder` for a transform plan: its files split over the builder ranks
+    (`split_plan`; `process_num` is transform_process_num), source checksums checked per
+    `verify` as decided on the whole plan, rank 0 adding the side files once every file is
+    there."""
+    def build_share(staging: str, index: int, count: int) -> None:
+        keys = keys_to_verify(plan, read_source_shapes(plan), verify)
+        execute_files(split_plan(plan, count)[index], staging, workers=LOAD_WORKERS,
+                      progress=False, verify_keys=keys)
 
     def finish(staging: str) -> None:
         absent = [f.path for f in plan.files if not os.path.isfile(os.path.join(staging, f.path))]
@@ -134,4 +163,4 @@ def build_shared_folder(out_dir: str, fp: Dict[str, Any], plan, ctx, what: str,
                                   f"(e.g. {absent[0]}); every rank must run the load hook")
         write_side_files(plan, staging)
 
-    return build_derived_folder(out_dir, fp, ctx, what, build_share, finish)
+    return build_derived_folder(out_dir, fp, ctx, what, build_share, finish, process_num)

@@ -6,15 +6,16 @@ The flow on every rank (see docs/checkpoint-loading.md):
    (`{output_dir}/ckpt_safetensors`), Hugging Face folders converted to MindSpore names
    (`{output_dir}/ms_safetensors`). Both are shared folders built once, split over the ranks,
    committed by rank 0 behind barriers, and reused while their source fingerprint (file names,
-   sizes, mtimes, options) is unchanged;
+   sizes, mtimes, options) is unchanged. `transform_process_num` (N) says how many ranks build
+   them: ranks 0, W/N, 2W/N, ... as MindSpore Transformers (N must divide the world size W);
 2. decide by `use_parallel` and `auto_trans_ckpt` how the slices must be produced:
    - complete weights: one card loads them whole; under use_parallel they are cut online
      (auto_trans_ckpt must be True), each rank reading only its slices;
    - distributed weights, auto_trans_ckpt False: the files must already be cut as this run's
      layout (checked; a mismatch names both layouts);
    - distributed weights, auto_trans_ckpt True: merged online into `{output_dir}/unified_checkpoint`
-     (the merge split over all ranks), then cut; `direct_reshard: True` cuts straight from the
-     rank files instead;
+     (the merge split over the transform_process_num builder ranks), then cut;
+     `direct_reshard: True` cuts straight from the rank files instead;
 3. run `plan_rank_slices` + `execute_to_memory` and set the parameters. Missing and unexpected
    names are always reported; a missing weight is a CheckpointError, missing optimizer state is
    one only when resuming.
@@ -40,7 +41,7 @@ from ..transform.planner import DEFAULT_MAX_SHARD_SIZE, plan_merge, plan_rank_sl
 from ..transform.sources import SourceCheckpoint, describe_complete, describe_distributed
 from ..transform.verify import verify_mode
 from .derived import (LOAD_WORKERS, agree_or_raise, build_derived_folder,
-                      build_shared_folder, fingerprint, rank_world)
+                      build_shared_folder, fingerprint, rank_world, transform_ranks)
 from .detect import CheckpointSource, detect_checkpoint
 from .network import ModelState, NetworkState, is_optimizer_state
 
@@ -71,6 +72,9 @@ class LoadOptions:
         from the rank files instead of writing `{output_dir}/unified_checkpoint` first.
     verify_checksums: True / "read" (check every tensor read whole), "full" (every tensor
         touched), False / "off" (transform/verify.py).
+    transform_process_num: how many ranks build the shared derived folders (online merge,
+        Hugging Face and .ckpt conversion): ranks 0, W/N, ... as MindSpore Transformers; it
+        must divide the world size (`derived.transform_ranks`).
     """
 
     load_checkpoint: str
@@ -83,6 +87,7 @@ class LoadOptions:
     direct_reshard: bool = False
     verify_checksums: Any = True
     resume_by_last_timestamp_ckpt: bool = False
+    transform_process_num: int = 1
 
     @staticmethod
     def from_config(config) -> "LoadOptions":
@@ -98,7 +103,8 @@ class LoadOptions:
             direct_reshard=bool(getattr(config, "direct_reshard", False)),
             verify_checksums=verify_mode(getattr(config, "verify_checksums", True)),
             resume_by_last_timestamp_ckpt=bool(getattr(config, "resume_by_last_timestamp_ckpt",
-                                                       False)))
+                                                       False)),
+            transform_process_num=getattr(config, "transform_process_num", 1))
 
     @property
     def verify(self) -> str:
@@ -162,14 +168,15 @@ def _ckpt_to_safetensors(source: CheckpointSource, opts: LoadOptions, ctx) -> Ch
     out_dir = os.path.join(os.path.abspath(opts.output_dir), CKPT_SAFETENSORS)
     fp = fingerprint([os.path.join(root, r) for r in rels], root, {"kind": "ckpt"})
 
-    def build_share(staging: str, rank: int, world: int) -> None:
+    def build_share(staging: str, index: int, count: int) -> None:
         for i, rel in enumerate(rels):
-            if i % world == rank:
+            if i % count == index:
                 dst = os.path.join(staging, os.path.splitext(rel)[0] + ".safetensors")
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 convert_file(os.path.join(root, rel), dst)
 
-    build_derived_folder(out_dir, fp, ctx, ".ckpt weights", build_share)
+    build_derived_folder(out_dir, fp, ctx, ".ckpt weights", build_share,
+                         process_num=opts.transform_process_num)
     path = out_dir
     if os.path.isfile(source.path):
         path = os.path.join(out_dir, os.path.splitext(rels[0])[0] + ".safetensors")
@@ -198,7 +205,7 @@ def convert_hf_online(source: CheckpointSource, opts: LoadOptions, ctx,
     fp = fingerprint(inputs, root, {"kind": "hf", "family": result.family,
                                     "qkv_concat": bool(qkv_concat)})
     build_shared_folder(out_dir, fp, result.plan, ctx, f"Hugging Face {result.family} weights",
-                        opts.verify)
+                        opts.verify, opts.transform_process_num)
     return CheckpointSource("complete", "safetensors", out_dir, None,
                             tuple(sorted(os.path.join(out_dir, f.path) for f in result.plan.files)))
 
@@ -281,59 +288,137 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
     a wrong combination of keys, CheckpointError for missing weights (or, when resuming,
     missing optimizer state) or weights cut differently from this run without auto_trans_ckpt.
     """
-    source = detect_checkpoint(opts.load_checkpoint, opts.load_ckpt_format)
-    if file_suffix and source.kind == "distributed":
-        source = CheckpointSource(source.kind, source.format, source.path, file_suffix,
-                                  source.files)
-    if source.kind == "distributed" and not source.file_suffix:
-        # The one scanner decides which save (the commit record, when there is one), before any
-        # conversion, so a .ckpt folder converted to safetensors loads the same save.
-        chosen = select_save(source.path, None, source.format)
-        source = CheckpointSource(source.kind, source.format, source.path, chosen.suffix,
-                                  source.files)
-    original = source
-    _check_mode(source, opts)
-    if source.format == "ckpt":
-        source = _ckpt_to_safetensors(source, opts, ctx)
     state = model if isinstance(model, NetworkState) else ModelState(
         model, optimizer, ctx, with_optimizer=resume and optimizer is not None)
-    if resume and not state.optimizer_states:
-        raise CheckpointError("resume_training needs the optimizer to restore its state")
-    if source.kind == "hf":
-        fused = any(".w_qkv." in n or ".w_gate_hidden." in n for n in state.weights)
-        source = convert_hf_online(source, opts, ctx, qkv_concat=fused)
-    weights, layouts = state.weights, state.layouts
-    opt_names = state.optimizer_states if resume else []
-    strategy = opts.src_strategy_path_or_dir or None
+    return PendingLoad(opts, state, ctx, resume, file_suffix, check).finish(state)
 
-    if source.kind == "complete":
-        mode = LoadMode.CUT if opts.use_parallel else LoadMode.WHOLE
-        src = describe_complete(source.path)
-        path = source.path
-    elif not opts.auto_trans_ckpt:
-        mode = LoadMode.SAME_LAYOUT
-        src = _describe_rank_files(source, strategy, layouts)
-        path = source.path
-        check_same_layout(src, layouts, [n for n in weights + opt_names
-                                         if n in src.chunks and n in layouts], ctx, source.path)
-    else:
-        src = _describe_rank_files(source, strategy, None)
-        if opts.direct_reshard:
-            mode, path = LoadMode.DIRECT_RESHARD, source.path
+
+class PendingLoad:
+    """One load in two halves, so the reading can overlap building the network
+    (`load_ckpt_async`).
+
+    Created on the main thread with the tensors this rank will have (`state`: a NetworkState,
+    or a `ModelState.planned` one before the model exists), it does at once what needs the
+    other ranks — detection, the `.ckpt` / Hugging Face conversions, the online merge (all
+    collective) — and then reads and checks this rank's bytes (`execute_to_memory`: local
+    work only) on a background thread when `background`, else at once. `finish(state)` on the
+    main thread waits for the read, agrees with the other ranks that every read succeeded
+    (the one collective after the read), runs `check`, and sets the tensors of `state` (the
+    real network and optimizer). An error of the read is raised by `finish`, as the same
+    exception a synchronous load raises, before anything is set."""
+
+    def __init__(self, opts: LoadOptions, state: NetworkState, ctx=None, resume: bool = False,
+                 file_suffix: Optional[str] = None, check=None, background: bool = False):
+        self.opts, self.state, self.ctx, self.resume, self.check = opts, state, ctx, resume, check
+        self._prepare(file_suffix)
+        self._report: Optional[LoadReport] = None
+        self._arrays: Dict[str, np.ndarray] = {}
+        self._failure: Optional[BaseException] = None   # a read error: agreed on, then raised
+        self._error: Optional[BaseException] = None     # any other error: raised as it is
+        self._thread = None
+        if background:
+            import threading
+            self._thread = threading.Thread(target=self._read_guarded, daemon=True,
+                                            name="load_ckpt_async")
+            self._thread.start()
         else:
-            mode = LoadMode.MERGE_AND_CUT
-            path = merge_online(src, opts, ctx, strategy)
-            src = describe_complete(path)
+            self._read()
 
-    report = _load_slices(src, source, mode, path, state, opt_names, ctx, resume, opts.verify,
-                          check)
-    report.source = original
-    if report.epoch is None and source.file_suffix:
-        report.epoch, report.step = (int(x) for x in source.file_suffix.split("_"))
-    logger.info("rank %d: %s", ctx.rank if ctx else 0, report.summary())
-    if ctx is None or ctx.is_main:
-        print(f"[load_checkpoint] {report.summary()}", flush=True)
-    return report
+    def _prepare(self, file_suffix: Optional[str]) -> None:
+        """The collective half: which files, in which form, read how (LoadMode)."""
+        opts, state, ctx, resume = self.opts, self.state, self.ctx, self.resume
+        source = detect_checkpoint(opts.load_checkpoint, opts.load_ckpt_format)
+        if file_suffix and source.kind == "distributed":
+            source = CheckpointSource(source.kind, source.format, source.path, file_suffix,
+                                      source.files)
+        if source.kind == "distributed" and not source.file_suffix:
+            # The one scanner decides which save (the commit record, when there is one), before
+            # any conversion, so a .ckpt folder converted to safetensors loads the same save.
+            chosen = select_save(source.path, None, source.format)
+            source = CheckpointSource(source.kind, source.format, source.path, chosen.suffix,
+                                      source.files)
+        self.original = source
+        _check_mode(source, opts)
+        if source.format == "ckpt":
+            source = _ckpt_to_safetensors(source, opts, ctx)
+        if resume and not state.optimizer_states:
+            raise CheckpointError("resume_training needs the optimizer to restore its state")
+        if source.kind == "hf":
+            fused = any(".w_qkv." in n or ".w_gate_hidden." in n for n in state.weights)
+            source = convert_hf_online(source, opts, ctx, qkv_concat=fused)
+        weights, layouts = state.weights, state.layouts
+        self.opt_names = opt_names = state.optimizer_states if resume else []
+        strategy = opts.src_strategy_path_or_dir or None
+
+        if source.kind == "complete":
+            mode = LoadMode.CUT if opts.use_parallel else LoadMode.WHOLE
+            src = describe_complete(source.path)
+            path = source.path
+        elif not opts.auto_trans_ckpt:
+            mode = LoadMode.SAME_LAYOUT
+            src = _describe_rank_files(source, strategy, layouts)
+            path = source.path
+            check_same_layout(src, layouts, [n for n in weights + opt_names
+                                             if n in src.chunks and n in layouts], ctx,
+                              source.path)
+        else:
+            src = _describe_rank_files(source, strategy, None)
+            if opts.direct_reshard:
+                mode, path = LoadMode.DIRECT_RESHARD, source.path
+            else:
+                mode = LoadMode.MERGE_AND_CUT
+                path = merge_online(src, opts, ctx, strategy)
+                src = describe_complete(path)
+        self.source, self.mode, self.src, self.path = source, mode, src, path
+
+    def _read_guarded(self) -> None:
+        try:
+            self._read()
+        except BaseException as exc:   # noqa: B902 - raised again by finish() on the main thread
+            self._error = exc
+
+    def _read(self) -> None:
+        """The local half: plan this rank's slices, read and check them into memory."""
+        self._report, self._arrays, self._failure = _read_slices(
+            self.src, self.source, self.mode, self.path, self.state, self.opt_names, self.ctx,
+            self.resume, self.opts.verify)
+
+    def finish(self, state: Optional[NetworkState] = None) -> LoadReport:
+        """Wait for the read, agree with every rank that it succeeded, run `check`, and set
+        the tensors into `state` (default: the state the load was planned with), which must
+        hold the tensors the load was planned for. Returns the LoadReport."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        state = self.state if state is None else state
+        if state is not self.state and (state.weights != self.state.weights or
+                                        state.optimizer_states != self.state.optimizer_states or
+                                        state.layouts != self.state.layouts):
+            raise CheckpointError(f"load_checkpoint {self.path}: the network built has other "
+                                  f"tensors or layouts than the load was planned for; set "
+                                  f"load_ckpt_async: False")
+        report = self._report
+        agree_or_raise(self.ctx, self._failure, f"load_checkpoint {self.path}")
+        arrays, self._arrays = self._arrays, {}
+        if self.check is not None:
+            self.check(arrays)   # every rank reads the same hyper values: they decide alike
+        weights, opt_names = state.weights, self.opt_names
+        report.loaded = state.set_weights({n: arrays[n] for n in weights if n in arrays},
+                                          strict=True)
+        report.hyper = {n: arrays[n] for n in self.src.hyper if n in arrays}
+        if self.resume:
+            report.loaded += state.set_optimizer_states({n: arrays[n] for n in opt_names},
+                                                        strict=True)
+            report.optimizer_loaded = True
+        report.source = self.original
+        if report.epoch is None and self.source.file_suffix:
+            report.epoch, report.step = (int(x) for x in self.source.file_suffix.split("_"))
+        ctx = self.ctx
+        logger.info("rank %d: %s", ctx.rank if ctx else 0, report.summary())
+        if ctx is None or ctx.is_main:
+            print(f"[load_checkpoint] {report.summary()}", flush=True)
+        return report
 
 
 def _describe_rank_files(source: CheckpointSource, strategy, target_layouts) -> SourceCheckpoint:
@@ -364,13 +449,15 @@ def _describe_with_target(source: CheckpointSource, layouts) -> SourceCheckpoint
 
 def merge_online(src: SourceCheckpoint, opts: LoadOptions, ctx, strategy=None) -> str:
     """Merge distributed `src` into `{output_dir}/unified_checkpoint` (complete weights,
-    `param_name_map.json`, `hyper_param.safetensors`), the work split over every rank; reused
-    while the rank files (and strategy) are unchanged. Returns the folder."""
+    `param_name_map.json`, `hyper_param.safetensors`), the work split over the
+    transform_process_num builder ranks; reused while the rank files (and strategy) are
+    unchanged. Returns the folder."""
     out_dir = os.path.join(os.path.abspath(opts.output_dir), UNIFIED)
     _, world = rank_world(ctx)
+    builders = len(transform_ranks(opts.transform_process_num, world))
     total = sum(int(np.prod(src.global_shapes[n])) * ITEMSIZE[src.dtypes[n]] for n in src.chunks)
-    # about one shard per rank, so the merge is split evenly (MindSpore's 5 GB cap kept)
-    shard = min(DEFAULT_MAX_SHARD_SIZE, max(1 << 20, ceil(total / max(1, world))))
+    # about one shard per builder, so the merge is split evenly (MindSpore's 5 GB cap kept)
+    shard = min(DEFAULT_MAX_SHARD_SIZE, max(1 << 20, ceil(total / builders)))
     plan = plan_merge(src, max_shard_size=shard)
     inputs = list(src.files)
     if strategy and os.path.exists(strategy):
@@ -379,13 +466,16 @@ def merge_online(src: SourceCheckpoint, opts: LoadOptions, ctx, strategy=None) -
     fp = fingerprint(inputs, src.root, {"kind": "merge", "shard": shard,
                                         "epoch": src.epoch, "step": src.step})
     build_shared_folder(out_dir, fp, plan, ctx, "online merge of distributed weights",
-                        opts.verify)
+                        opts.verify, opts.transform_process_num)
     return out_dir
 
 
-def _load_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode, path: str,
+def _read_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode, path: str,
                  state: NetworkState, opt_names: List[str], ctx, resume: bool,
-                 verify: str = "read", check=None) -> LoadReport:
+                 verify: str = "read"):
+    """(report, {name: array}, read failure or None): this rank's slices read and checked into
+    memory — local work only, no collective. Missing weights (or, resuming, missing optimizer
+    state) raise at once: every rank sees the same description, so they all raise."""
     report = LoadReport(source, mode.value, path, epoch=src.epoch, step=src.step)
     weights, layouts = state.weights, state.layouts
     wanted = set(weights) | set(opt_names)
@@ -424,12 +514,4 @@ def _load_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode
         arrays = execute_to_memory(plan, workers=LOAD_WORKERS, verify=verify)
     except (MindformersSTError, OSError) as exc:
         failure = exc
-    agree_or_raise(ctx, failure, f"load_checkpoint {path}")
-    if check is not None:
-        check(arrays)   # every rank reads the same hyper values: they decide alike
-    report.loaded = state.set_weights({n: arrays[n] for n in weights if n in arrays}, strict=True)
-    report.hyper = {n: arrays[n] for n in src.hyper if n in arrays}
-    if resume:
-        report.loaded += state.set_optimizer_states({n: arrays[n] for n in opt_names}, strict=True)
-        report.optimizer_loaded = True
-    return report
+    return report, arrays, failure

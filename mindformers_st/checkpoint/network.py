@@ -83,12 +83,14 @@ class ModelState(NetworkState):
 
     def __init__(self, model, optimizer, ctx, with_optimizer: bool = True):
         self.model, self.optimizer, self.ctx = model, optimizer, ctx
-        table = model.param_table()
+        self._describe(model.param_table(), ctx, with_optimizer and optimizer is not None)
+
+    def _describe(self, table, ctx, with_optimizer: bool) -> None:
         self.weights = [p.name for p in table]
-        if with_optimizer and optimizer is not None:
+        if with_optimizer:
             table = table.with_optimizer_states()
         self.optimizer_states = [p.name for p in table if p.name not in set(self.weights)]
-        if with_optimizer and optimizer is not None:
+        if with_optimizer:
             self.optimizer_states.append("global_step")   # whole-valued: no layout
         if ctx is not None:
             self.layouts = ctx.layouts(table)
@@ -96,6 +98,16 @@ class ModelState(NetworkState):
             from ..layout.parallel_config import ParallelConfig, plan_layouts
             self.layouts = plan_layouts(table, ParallelConfig())
         self.dtypes = {p.name: p.dtype for p in table}
+
+    @classmethod
+    def planned(cls, table, ctx, with_optimizer: bool) -> "ModelState":
+        """The tensors a model of parameter table `table` (with AdamW's when `with_optimizer`)
+        will have on this rank, before the model exists: enough to plan and read a load
+        (`loader.PendingLoad`), not to set it (no model, no optimizer)."""
+        state = cls.__new__(cls)
+        state.model, state.optimizer, state.ctx = None, None, ctx
+        state._describe(table, ctx, with_optimizer)
+        return state
 
     def parameters(self) -> Dict[str, object]:
         out = {p.name: p for p in self.model.get_parameters()}

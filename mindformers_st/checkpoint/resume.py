@@ -127,7 +127,7 @@ def _scalar(hyper, name):
     return value[0].item() if value.size else None
 
 
-def _load(opts, model, optimizer, ctx, suffix: Optional[str], record_step: Optional[int] = None):
+def _step_check(opts, suffix: Optional[str], record_step: Optional[int]):
     def check(arrays) -> None:
         """The commit record and the files must name the same global step (two runs mixed in
         one folder otherwise); checked before any parameter is set."""
@@ -140,14 +140,19 @@ def _load(opts, model, optimizer, ctx, suffix: Optional[str], record_step: Optio
                 f"{opts.load_checkpoint}: committed.json says step {suffix} is global step "
                 f"{record_step} but the files hold global_step {value}; the checkpoint folder "
                 f"mixes two runs — point load_checkpoint at one run's folder")
+    return check
+
+
+def _load(opts, model, optimizer, ctx, suffix: Optional[str], record_step: Optional[int] = None):
     return load_checkpoint(opts, model, optimizer, ctx, resume=True, file_suffix=suffix,
-                           check=check)
+                           check=_step_check(opts, suffix, record_step))
 
 
-def _load_first_intact(opts, model, optimizer, ctx, selection: SaveSelection):
-    """Load `selection`; when its bytes fail their checksums (on any rank: the ranks agree in
-    the load), warn naming the file and try the previous committed save, newest first, until
-    one loads. Only a save the scanner chose itself falls back (a named one is an error).
+def _load_first_intact(opts, model, optimizer, ctx, selection: SaveSelection, first=None):
+    """Load `selection` (through `first()` when given: a load of it started earlier); when its
+    bytes fail their checksums (on any rank: the ranks agree in the load), warn naming the file
+    and try the previous committed save, newest first, until one loads. Only a save the
+    scanner chose itself falls back (a named one is an error).
     Returns (report, the save loaded)."""
     candidates = [selection]
     if selection.record is not None and selection.how == "committed":
@@ -158,6 +163,8 @@ def _load_first_intact(opts, model, optimizer, ctx, selection: SaveSelection):
     for cand in candidates:
         logger.info("resuming step %s (%s) from %s", cand.suffix, cand.how, selection.folder)
         try:
+            if first is not None and cand is candidates[0]:
+                return first(), cand
             return _load(opts, model, optimizer, ctx, cand.suffix, cand.global_step), cand
         except ChecksumError as exc:
             failures.append(f"save {cand.suffix}: {exc}")
@@ -189,27 +196,68 @@ def resume_checkpoint(opts, resume_training, model, optimizer, ctx):
     rank (`loader.load_checkpoint(resume=True)`), falling back to the previous committed save
     when the newest fails its checksums, and return the LoadReport with `.resume` (a
     ResumeInfo) set. Every rank must call this."""
-    selection = select_resume_save(opts.load_checkpoint, resume_training, opts.load_ckpt_format,
-                                   bool(getattr(opts, "resume_by_last_timestamp_ckpt", False)))
-    if selection is None:
-        report = _load(opts, model, optimizer, ctx, None)
-    else:
-        path = opts.load_checkpoint
-        if os.path.isfile(path):   # a rank file: resume its folder at that step
-            opts.load_checkpoint = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-        report, selection = _load_first_intact(opts, model, optimizer, ctx, selection)
-    hyper = report.hyper
-    info = ResumeInfo(
-        global_step=_step_count(model, optimizer),
-        epoch_num=_scalar(hyper, "epoch_num"), step_num=_scalar(hyper, "step_num"),
-        data_position=_scalar(hyper, "data_position"), seed=_scalar(hyper, "seed"),
-        global_batch_size=_scalar(hyper, "global_batch_size"),
-        loss_scale=_scalar(hyper, "loss_scale"))
-    report.resume = info
-    if ctx is None or ctx.is_main:
-        print(f"[resume] global step {info.global_step} (epoch_num {info.epoch_num}, step_num "
-              f"{info.step_num}, data position {info.data_position})", flush=True)
-    return report
+    return PendingResume(opts, resume_training, ctx).finish(model, optimizer)
+
+
+class PendingResume:
+    """`resume_checkpoint` in two halves (`load_ckpt_async`). Created on the main thread, it
+    selects the save and, given `planned` (`network.ModelState.planned`: the tensors the model
+    and optimizer will have), starts loading it (`loader.PendingLoad`: collective preparation
+    now, the read on a background thread); `finish(model, optimizer)` on the main thread sets
+    them, falling back to older committed saves (synchronously) when the first fails its
+    checksums, exactly as `resume_checkpoint`. Without `planned` everything happens in
+    `finish`."""
+
+    def __init__(self, opts, resume_training, ctx, planned=None):
+        self.opts, self.ctx = opts, ctx
+        self.selection = select_resume_save(opts.load_checkpoint, resume_training,
+                                            opts.load_ckpt_format,
+                                            bool(getattr(opts, "resume_by_last_timestamp_ckpt",
+                                                         False)))
+        if self.selection is not None and os.path.isfile(opts.load_checkpoint):
+            # a rank file: resume its folder at that step
+            opts.load_checkpoint = os.path.dirname(os.path.dirname(
+                os.path.abspath(opts.load_checkpoint)))
+        self._pending, self._early = None, None
+        if planned is not None:
+            from .loader import PendingLoad
+            sel = self.selection
+            suffix = None if sel is None else sel.suffix
+            record = None if sel is None else sel.global_step
+            try:
+                self._pending = PendingLoad(opts, planned, ctx, resume=True, file_suffix=suffix,
+                                            check=_step_check(opts, suffix, record),
+                                            background=True)
+            except ChecksumError as exc:   # the online merge found it damaged: fall back later
+                self._early = exc
+
+    def finish(self, model, optimizer):
+        """Set the chosen save into `model` and `optimizer`; the LoadReport with `.resume`."""
+        opts, ctx, selection = self.opts, self.ctx, self.selection
+        first = None
+        if self._pending is not None or self._early is not None:
+            from .network import ModelState
+
+            def first():
+                if self._early is not None:
+                    raise self._early
+                return self._pending.finish(ModelState(model, optimizer, ctx))
+        if selection is None:
+            report = first() if first else _load(opts, model, optimizer, ctx, None)
+        else:
+            report, selection = _load_first_intact(opts, model, optimizer, ctx, selection, first)
+        hyper = report.hyper
+        info = ResumeInfo(
+            global_step=_step_count(model, optimizer),
+            epoch_num=_scalar(hyper, "epoch_num"), step_num=_scalar(hyper, "step_num"),
+            data_position=_scalar(hyper, "data_position"), seed=_scalar(hyper, "seed"),
+            global_batch_size=_scalar(hyper, "global_batch_size"),
+            loss_scale=_scalar(hyper, "loss_scale"))
+        report.resume = info
+        if ctx is None or ctx.is_main:
+            print(f"[resume] global step {info.global_step} (epoch_num {info.epoch_num}, "
+                  f"step_num {info.step_num}, data position {info.data_position})", flush=True)
+        return report
 
 
 def rescaled_step(global_step: int, old_gbs: Optional[int], new_gbs: Optional[int]) -> int:

@@ -59,7 +59,7 @@ _HELP = {
     "num_samples": "read only this many samples of the dataset",
     "remove_redundancy": "weights to load were saved without redundancy",
     "only_save_strategy": "write {output_dir}/strategy/ files and exit",
-    "transform_process_num": "processes for checkpoint transforms",
+    "transform_process_num": "ranks that build an online merge/conversion (divides the world size)",
     "device_target": "context.device_target (CPU)",
     "mode": "context.mode (0 graph, 1 pynative)",
     "device_id": "context.device_id",

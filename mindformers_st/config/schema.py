@@ -322,9 +322,6 @@ class CheckpointMonitorConfig:
 # configs load, and warned about BY NAME whenever set to anything but their default (never
 # silently ignored). key -> why it has no effect here.
 NO_EFFECT_TOP_LEVEL = {
-    "transform_process_num": "checkpoint transforms run in this process (threads) and are split "
-                             "over the job's ranks, not over extra processes",
-    "load_ckpt_async": "weights are loaded before the first step, synchronously",
     "use_legacy": "only the legacy (MindFormers 1.x) layout is read and written",
 }
 NO_EFFECT_MONITOR = {

@@ -24,7 +24,7 @@ def run_predict(config, resolved, ctx) -> List[Dict]:
     from ..data.tokenizer import load_tokenizer
     from ..storage.index import atomic_write_text
     from .generate import generate
-    from .train import build_model
+    from .train import build_model, start_async_load
 
     prompts = list(config.predict_data)
     if not prompts:
@@ -38,10 +38,11 @@ def run_predict(config, resolved, ctx) -> List[Dict]:
     if tok.vocab_size > mc.vocab_size:
         raise ConfigError(f"tokenizer {tok_path} has {tok.vocab_size} tokens but "
                           f"model_config.vocab_size is {mc.vocab_size}")
+    pending = start_async_load(config, resolved, ctx, with_optimizer=False)
     model = build_model(config, resolved, ctx)
     if config.load_checkpoint:
         from ..checkpoint.hook import load_weights
-        load_weights(model, ctx, config)
+        load_weights(model, ctx, config, pending=pending)
     else:
         logger.warning("load_checkpoint is empty: predicting with randomly initialised weights")
     model.set_train(False)

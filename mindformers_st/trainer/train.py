@@ -50,6 +50,23 @@ def build_model(config, resolved, ctx):
     return model_cls(resolved.config, ctx)
 
 
+def start_async_load(config, resolved, ctx, with_optimizer: bool):
+    """With `load_ckpt_async: True` and a checkpoint to load: the load started before the
+    network is built (`checkpoint.hook.start_load_weights`: this rank's bytes read and checked
+    on a background thread), to finish with `load_weights(..., pending=)` before the first
+    step; else None (the load runs after the network is built, as before)."""
+    if not (getattr(config, "load_ckpt_async", False) and config.load_checkpoint):
+        return None
+    from ..checkpoint.hook import start_load_weights
+    from .resolve import param_table_of
+
+    pending = start_load_weights(ctx, config, param_table_of(resolved, False), with_optimizer)
+    if pending is not None and ctx.is_main:
+        print("[load_checkpoint] load_ckpt_async: reading the weights on a background thread "
+              "while the network is built", flush=True)
+    return pending
+
+
 def write_strategy_files(config, model, ctx) -> Optional[str]:
     """Rank 0 writes `{output_dir}/strategy/ckpt_strategy_rank_{r}.ckpt` for every rank (the
     layouts of parameters and AdamW moments); returns the folder on rank 0."""
@@ -90,6 +107,7 @@ def run_train(config, resolved, ctx) -> TrainState:
     from .step import TrainStep
 
     rc, td = config.runner_config, config.train_dataset
+    pending = start_async_load(config, resolved, ctx, with_optimizer=True)
     data_dir = td.data_loader.dataset_dir
     seq_len = resolved.config.seq_length
     # Each rank reads batch_size x gradient_accumulation_steps rows per step and TrainStep runs
@@ -108,7 +126,7 @@ def run_train(config, resolved, ctx) -> TrainState:
     loaded = None
     if config.load_checkpoint or config.resume_training:   # after the optimizer: resume restores its moments and step
         from ..checkpoint.hook import load_weights
-        loaded = load_weights(model, ctx, config, optimizer)
+        loaded = load_weights(model, ctx, config, optimizer, pending=pending)
     wrapper = config.runner_wrapper
     step = TrainStep(model, optimizer, ctx,
                      clip_norm=wrapper.max_grad_norm if wrapper.use_clip_grad else None,

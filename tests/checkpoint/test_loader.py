@@ -3,13 +3,15 @@ weights (same layout, remove_redundancy, other layout refused, merged online, di
 Hugging Face folders converted online and reused, .ckpt files, and the missing/unexpected
 report. Checkpoint files are made with our own storage and transform engine."""
 import json
+import logging
 import os
 import threading
 
 import numpy as np
 import pytest
 
-from mindformers_st.checkpoint.derived import FINGERPRINT_FILE, build_shared_folder, fingerprint
+from mindformers_st.checkpoint.derived import (FINGERPRINT_FILE, build_shared_folder, fingerprint,
+                                               transform_ranks)
 from mindformers_st.checkpoint.loader import LoadOptions, load_checkpoint
 from mindformers_st.errors import CheckpointError, ConfigError
 from mindformers_st.layout.parallel_config import ParallelConfig, plan_layouts
@@ -292,8 +294,23 @@ def test_rank_file_path_loads_that_step_on_every_rank(tmp_path):
     assert_weights(model, values, cfg, pc, 1)
 
 
-def test_shared_folder_is_built_by_all_ranks_together(tmp_path):
-    """Two ranks (threads with a real barrier) split one merge plan and commit once."""
+def test_transform_process_num_picks_ranks_as_mindspore_transformers(caplog):
+    assert transform_ranks(1, 8) == [0]
+    assert transform_ranks(2, 8) == [0, 4]
+    assert transform_ranks(8, 8) == list(range(8))
+    with caplog.at_level(logging.WARNING):
+        assert transform_ranks(2, 1) == [0]          # more than the world: lowered, said
+    assert "'transform_process_num' is 2" in caplog.text
+    for bad in (3, 0, True):
+        with pytest.raises(ConfigError, match="transform_process_num"):
+            transform_ranks(bad, 8 if bad != 3 else 4)
+
+
+@pytest.mark.parametrize("process_num", [1, 2])
+def test_shared_folder_is_built_by_the_transform_process_num_ranks(tmp_path, process_num,
+                                                                  monkeypatch):
+    """Two ranks (threads with a real barrier) split one merge plan and commit once;
+    transform_process_num 1 has rank 0 build it alone, 2 both (MindSpore Transformers)."""
     cfg = tiny_cfg()
     values = global_values(cfg)
     folder = write_distributed(tmp_path / "dist", cfg, values, ParallelConfig(data_parallel=2))
@@ -321,14 +338,22 @@ def test_shared_folder_is_built_by_all_ranks_together(tmp_path):
 
     out = str(tmp_path / "unified")
     fp = fingerprint(src.files, src.root, {"kind": "merge"})
-    results, errors = {}, []
+    results, errors, builders = {}, [], []
+    import mindformers_st.checkpoint.derived as derived
+    real_execute_files = derived.execute_files
 
     def run(rank):
         try:
-            results[rank] = build_shared_folder(out, fp, plan, Ctx(rank), "test merge")
+            results[rank] = build_shared_folder(out, fp, plan, Ctx(rank), "test merge",
+                                                process_num=process_num)
         except Exception as exc:   # surfaced below
             errors.append(exc)
             barrier.abort()
+
+    def counting_execute_files(part, *args, **kw):   # which part each builder wrote
+        builders.append(len(part.files))
+        return real_execute_files(part, *args, **kw)
+    monkeypatch.setattr(derived, "execute_files", counting_execute_files)
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
     for t in threads:
@@ -336,6 +361,7 @@ def test_shared_folder_is_built_by_all_ranks_together(tmp_path):
     for t in threads:
         t.join(120)
     assert not errors and results == {0: True, 1: True}
+    assert len(builders) == process_num and sum(builders) == len(plan.files)
     merged = describe_complete(out)
     from mindformers_st.storage.reader import open_safetensors
     for name in ("model.layers.0.attention.wq.weight", "adam_m.lm_head.weight"):
