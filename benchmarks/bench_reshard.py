@@ -10,14 +10,20 @@ dp=2 x mp=2 with remove_redundancy), then times, each op in its own child proces
   merge_noverify the same merge with --verify off (the cost of verification is merge/this)
   merge_dedup    mindformers-st merge of the de-duplicated dp2 x mp2 save
   reshard        mindformers-st reshard mp4 -> mp2 (rank files to rank files)
+  merge_sharded  the merge into ~8 output shards (--max-shard-size), one process
+  merge_sharded_p2  the same plan over 2 worker processes (--processes 2 / transform_process_num)
+  reshard_p2     the reshard over 2 worker processes (one output rank file each)
   ms_unified     mindspore.unified_safetensors on the same mp4 input
   ms_transform   mindspore.transform_checkpoints mp4 -> mp2 (output checked bit for bit)
 
 Peak anonymous memory (RssAnon summed over the child's process tree) is sampled every 10 ms.
 Results go to docs/bench/reshard.json (keyed by size, so 2 GiB and 8 GiB runs sit side by side)
-and a PNG chart next to it. Usage:
+and a PNG chart next to it. `--many-tensors` makes the model of many small layers (hidden 256:
+thousands of tensors) instead of a few large ones. Usage:
 
     .venv/bin/python benchmarks/bench_reshard.py [--size 2GiB] [--reps 3] [--skip-mindspore]
+    .venv/bin/python benchmarks/bench_reshard.py --size 1GiB --many-tensors --skip-mindspore \
+        --ops floor,merge_sharded,merge_sharded_p2,reshard,reshard_p2 --json docs/bench/processes.json
 """
 from __future__ import annotations
 
@@ -46,7 +52,9 @@ from mindformers_st.models.config import LlamaConfig  # noqa: E402
 from mindformers_st.models.param_table import llama_param_table  # noqa: E402
 from mindformers_st.commands.reshard import parse_size  # noqa: E402
 
-OPS = ["floor", "merge", "merge_noverify", "merge_dedup", "reshard", "ms_unified", "ms_transform"]
+OPS = ["floor", "merge", "merge_noverify", "merge_dedup", "merge_sharded", "merge_sharded_p2",
+       "reshard", "reshard_p2", "ms_unified", "ms_transform"]
+PROCESSES = {"merge_sharded_p2": 2, "reshard_p2": 2}
 MS_OPS = {"ms_unified", "ms_transform"}
 SRC_PC = ParallelConfig(model_parallel=4, vocab_emb_dp=False)
 DEDUP_PC = ParallelConfig(data_parallel=2, model_parallel=2, vocab_emb_dp=False)
@@ -54,9 +62,12 @@ DST_PC = ParallelConfig(model_parallel=2, vocab_emb_dp=False)
 
 
 # --------------------------------------------------------------------------- the model
-def model_config(size: int) -> LlamaConfig:
-    """A Llama-like config of about `size` bytes in fp32 (big: 2048 hidden as a 1B-class model)."""
-    if size >= 2 ** 30:
+def model_config(size: int, many: bool = False) -> LlamaConfig:
+    """A Llama-like config of about `size` bytes in fp32 (big: 2048 hidden as a 1B-class model;
+    `many`: hidden 256, so the bytes are spread over thousands of small tensors)."""
+    if many:
+        vocab, hidden, inter, heads = 8192, 256, 768, 8
+    elif size >= 2 ** 30:
         vocab, hidden, inter, heads = 32000, 2048, 6912, 16
     else:
         vocab, hidden, inter, heads = 4096, 512, 1536, 8
@@ -73,10 +84,10 @@ def global_value(name: str, shape) -> np.ndarray:
     return rng.standard_normal(shape, dtype=np.float32)
 
 
-def generate(work: str, size: int) -> dict:
+def generate(work: str, size: int, many: bool = False) -> dict:
     """Write the mp4 and dedup dp2xmp2 sources and the strategy files MindSpore needs."""
     from mindformers_st.storage.writer import SafetensorsWriter
-    cfg = model_config(size)
+    cfg = model_config(size, many)
     table = llama_param_table(cfg)
     info = {"vocab": cfg.vocab_size, "hidden": cfg.hidden_size, "layers": cfg.num_layers,
             "intermediate": cfg.intermediate_size, "tensors": len(table),
@@ -168,10 +179,14 @@ def run_op(op: str, work: str, out: str, workers: int) -> dict:
     elif op in ("merge", "merge_noverify", "merge_dedup"):
         execute(plan_merge(describe_distributed(src)), out, workers=workers, progress=False,
                 verify=verify)
-    elif op == "reshard":
+    elif op in ("merge_sharded", "merge_sharded_p2"):
+        shard = json.load(open(os.path.join(work, "model.json")))["bytes"] // 8 + 1
+        execute(plan_merge(describe_distributed(src), max_shard_size=shard), out,
+                workers=workers, progress=False, processes=PROCESSES.get(op, 1))
+    elif op in ("reshard", "reshard_p2"):
         table = llama_param_table(model_config_from(work))
         execute(plan_distributed(describe_distributed(src), plan_layouts(table, DST_PC), DST_PC),
-                out, workers=workers, progress=False)
+                out, workers=workers, progress=False, processes=PROCESSES.get(op, 1))
     elif op == "ms_unified":
         ms.unified_safetensors(src, os.path.join(work, "strategy_src_mp4.ckpt"), out)
     elif op == "ms_transform":
@@ -278,7 +293,7 @@ def verify(work: str, outs: Dict[str, str]) -> Dict[str, dict]:
                 result[op]["missing"].append(p.name)
                 continue
             for f in held:
-                if op in ("reshard", "ms_transform"):
+                if op in ("reshard", "reshard_p2", "ms_transform"):
                     rank = int(os.path.basename(os.path.dirname(f.path)).split("_")[1])
                     want = value[dst[p.name].slice_for(rank).index()]
                 else:
@@ -336,6 +351,8 @@ def main(argv=None) -> int:
                     help="scratch folder (on the disk being measured)")
     ap.add_argument("--json", default=os.path.join(ROOT, "docs", "bench", "reshard.json"))
     ap.add_argument("--skip-mindspore", action="store_true")
+    ap.add_argument("--many-tensors", action="store_true",
+                    help="a model of many small tensors (hidden 256) of --size bytes")
     ap.add_argument("--ops", default=None, help="comma-separated subset of " + ",".join(OPS))
     ap.add_argument("--timeout", type=float, default=600.0, help="per op run (unified can hang)")
     ap.add_argument("--keep", action="store_true", help="keep the generated sources")
@@ -347,10 +364,10 @@ def main(argv=None) -> int:
         return 0
 
     size = parse_size(args.size)
-    key = args.size
+    key = args.size + ("-many-tensors" if args.many_tensors else "")
     work = os.path.join(os.path.abspath(args.work), key)
     t = time.perf_counter()
-    info = generate(work, size)
+    info = generate(work, size, args.many_tensors)
     print(f"model {key}: {info} (generated/found in {time.perf_counter() - t:.1f} s)", flush=True)
     ops = args.ops.split(",") if args.ops else list(OPS)
     if args.skip_mindspore:
@@ -395,6 +412,8 @@ def main(argv=None) -> int:
                      "merge/merge_noverify": ratio("merge", "merge_noverify"),
                      "merge_dedup/floor": ratio("merge_dedup", "floor"),
                      "reshard/floor": ratio("reshard", "floor"),
+                     "merge_sharded_p2/merge_sharded": ratio("merge_sharded_p2", "merge_sharded"),
+                     "reshard_p2/reshard": ratio("reshard_p2", "reshard"),
                      "ms_unified/merge": ratio("ms_unified", "merge"),
                      "ms_transform/reshard": ratio("ms_transform", "reshard")}
     dmed = {op: r["durable_median"] for op, r in run["ops"].items()}

@@ -266,7 +266,9 @@ def _flip_a_weight(path):
 
 def test_resume_skips_a_damaged_newest_save_together_on_every_rank(flow):
     """One flipped bit in rank 1's step-8 file: both ranks resume from step 4 (the newest save
-    that passes its checksums) and continue with the uninterrupted run's losses."""
+    that passes its checksums) and continue with the uninterrupted run's losses. With
+    load_ckpt_async the damage is found by the background read while the network is built and
+    surfaces before the first step: the fallback and the losses are the same."""
     out = os.path.join(flow.base, "resume_damaged")
     ckpt = os.path.join(out, "checkpoint")
     shutil.copytree(os.path.join(flow.out, "checkpoint"), ckpt)
@@ -274,7 +276,9 @@ def test_resume_skips_a_damaged_newest_save_together_on_every_rank(flow):
     assert step8.global_step == 8
     _flip_a_weight(step8.path(1))
     log = flow.launch("resume_damaged", flow.train_args(
-        out, 8, "--load_checkpoint", ckpt, "--resume_training", "True"))
+        out, 8, "--load_checkpoint", ckpt, "--resume_training", "True",
+        "--load_ckpt_async", "True"))
+    assert "load_ckpt_async: reading the weights on a background thread" in log
     assert "[resume] WARNING: save" in log and "damaged" in log
     assert "[resume] global step 4" in log
     straight, resumed = losses(flow.pretrain_log), losses(log)
