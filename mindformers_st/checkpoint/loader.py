@@ -26,6 +26,7 @@ import enum
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from math import ceil
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -316,6 +317,7 @@ class PendingLoad:
         self._failure: Optional[BaseException] = None   # a read error: agreed on, then raised
         self._error: Optional[BaseException] = None     # any other error: raised as it is
         self._thread = None
+        self._read_seconds = 0.0
         if background:
             import threading
             self._thread = threading.Thread(target=self._read_guarded, daemon=True,
@@ -379,16 +381,25 @@ class PendingLoad:
 
     def _read(self) -> None:
         """The local half: plan this rank's slices, read and check them into memory."""
+        t0 = time.perf_counter()
         self._report, self._arrays, self._failure = _read_slices(
             self.src, self.source, self.mode, self.path, self.state, self.opt_names, self.ctx,
             self.resume, self.opts.verify)
+        self._read_seconds = time.perf_counter() - t0
 
     def finish(self, state: Optional[NetworkState] = None) -> LoadReport:
         """Wait for the read, agree with every rank that it succeeded, run `check`, and set
         the tensors into `state` (default: the state the load was planned with), which must
         hold the tensors the load was planned for. Returns the LoadReport."""
         if self._thread is not None:
+            t0 = time.perf_counter()
             self._thread.join()
+            waited = time.perf_counter() - t0
+            if self._error is None and (self.ctx is None or self.ctx.is_main):
+                read = self._read_seconds
+                print(f"[load_checkpoint] load_ckpt_async: read and checked in {read:.2f} s on "
+                      f"a background thread, {max(0.0, read - waited):.2f} s of it while the "
+                      f"network was built (waited {waited:.2f} s)", flush=True)
         if self._error is not None:
             raise self._error
         state = self.state if state is None else state

@@ -37,7 +37,8 @@ def _flip(path, name):
 
 
 @pytest.mark.parametrize("resume", [False, True])
-def test_async_load_sets_exactly_what_a_synchronous_load_sets(tmp_path, resume, monkeypatch):
+def test_async_load_sets_exactly_what_a_synchronous_load_sets(tmp_path, resume, monkeypatch,
+                                                              capsys):
     cfg = tiny_cfg()
     ctx = make_ctx()
     folder = write_distributed(tmp_path / "ckpt", cfg, global_values(cfg), ParallelConfig(),
@@ -62,6 +63,7 @@ def test_async_load_sets_exactly_what_a_synchronous_load_sets(tmp_path, resume, 
     opt = make_optimizer(model)
     report = load_weights(model, ctx, config, opt, pending=pending)
     assert readers == ["load_ckpt_async"]
+    assert "load_ckpt_async: read and checked in" in capsys.readouterr().out
     assert report.optimizer_loaded == resume and (report.resume is not None) == resume
     want, got = _params(sync_model, sync_opt), _params(model, opt)
     assert sorted(want) == sorted(got)
