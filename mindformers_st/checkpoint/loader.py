@@ -25,7 +25,7 @@ import enum
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import ceil
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -37,7 +37,8 @@ from ..errors import (CheckpointError, ConfigError, MindformersSTError, PlanErro
 from ..records.scan import select_save
 from ..transform.execute import execute_to_memory
 from ..transform.planner import DEFAULT_MAX_SHARD_SIZE, plan_merge, plan_rank_slices
-from ..transform.sources import SourceCheckpoint, describe_complete, describe_distributed
+from ..transform.sources import (SourceCheckpoint, describe_complete, describe_distributed,
+                                 describe_iteration)
 from ..transform.verify import verify_mode
 from .derived import (LOAD_WORKERS, agree_or_raise, build_derived_folder,
                       build_shared_folder, fingerprint, rank_world)
@@ -282,15 +283,14 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
     missing optimizer state) or weights cut differently from this run without auto_trans_ckpt.
     """
     source = detect_checkpoint(opts.load_checkpoint, opts.load_ckpt_format)
-    if file_suffix and source.kind == "distributed":
-        source = CheckpointSource(source.kind, source.format, source.path, file_suffix,
-                                  source.files)
-    if source.kind == "distributed" and not source.file_suffix:
+    iteration = source.layout == "iteration"   # Checkpoint 2.0: its metadata.json describes it
+    if file_suffix and source.kind == "distributed" and not iteration:
+        source = replace(source, file_suffix=file_suffix)
+    if source.kind == "distributed" and not source.file_suffix and not iteration:
         # The one scanner decides which save (the commit record, when there is one), before any
         # conversion, so a .ckpt folder converted to safetensors loads the same save.
         chosen = select_save(source.path, None, source.format)
-        source = CheckpointSource(source.kind, source.format, source.path, chosen.suffix,
-                                  source.files)
+        source = replace(source, file_suffix=chosen.suffix)
     original = source
     _check_mode(source, opts)
     if source.format == "ckpt":
@@ -308,7 +308,7 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
 
     if source.kind == "complete":
         mode = LoadMode.CUT if opts.use_parallel else LoadMode.WHOLE
-        src = describe_complete(source.path)
+        src = describe_iteration(source.path) if iteration else describe_complete(source.path)
         path = source.path
     elif not opts.auto_trans_ckpt:
         mode = LoadMode.SAME_LAYOUT
@@ -325,8 +325,13 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
             path = merge_online(src, opts, ctx, strategy)
             src = describe_complete(path)
 
+    counters = dict(src.counters)   # taken before an online merge replaces src
     report = _load_slices(src, source, mode, path, state, opt_names, ctx, resume, opts.verify,
                           check)
+    for name, value in counters.items():   # common.json: only what no file holds
+        report.hyper.setdefault(name, np.asarray([value]))
+    if report.epoch is None and "epoch_num" in counters:
+        report.epoch, report.step = int(counters["epoch_num"]), counters.get("step_num")
     report.source = original
     if report.epoch is None and source.file_suffix:
         report.epoch, report.step = (int(x) for x in source.file_suffix.split("_"))
@@ -338,7 +343,13 @@ def load_checkpoint(opts: LoadOptions, model, optimizer=None, ctx=None, resume: 
 
 def _describe_rank_files(source: CheckpointSource, strategy, target_layouts) -> SourceCheckpoint:
     """Describe distributed weights from their own metadata, a given source strategy, or (when
-    neither exists and the files must be this run's layout) the target layouts themselves."""
+    neither exists and the files must be this run's layout) the target layouts themselves.
+    A Checkpoint 2.0 save is described by its own metadata.json."""
+    if source.layout == "iteration":
+        if strategy:
+            logger.warning("load_checkpoint %s: metadata.json describes the slices; "
+                           "src_strategy_path_or_dir is not used", source.path)
+        return describe_iteration(source.path)
     try:
         return describe_distributed(source.path, strategy, source.file_suffix)
     except UndescribedRankFilesError as exc:
