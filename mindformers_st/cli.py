@@ -18,7 +18,7 @@ from .errors import MindformersSTError
 # module name in mindformers_st.commands, in the order `--help` lists them
 COMMAND_MODULES = [
     "inspect", "verify", "merge", "split", "reshard",
-    "convert_hf", "export_hf", "ckpt_to_safetensors",
+    "convert_hf", "export_hf", "ckpt_to_safetensors", "convert_layout",
 ]
 
 

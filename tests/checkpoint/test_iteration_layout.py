@@ -1,7 +1,10 @@
 """MindSpore Transformers 2.x Checkpoint 2.0 saves, written by its own code (subprocess, see
 tests/reference/mindformers_ref.py), read everywhere we read checkpoints: the load hook (top
 folder, iteration folder, one shard file), resume (moments, global_step and common.json
-counters), merge and describe. Skipped with the reason when the reference is not installed."""
+counters), merge and describe; and the saves we write (convert-layout, one card and 2 ranks
+with metadata.json) read with identical tensors by its own load_checkpoint (one card) or, for
+the sharded save its loader cannot merge in one CPU process, by its metadata and common-info
+readers. Skipped with the reason when the reference is not installed."""
 import json
 import os
 
@@ -18,7 +21,8 @@ from mindformers_st.transform.sources import describe_source
 from tests.reference import mindformers_ref
 from tests.reference.mindformers_ref import requires_mindformers
 
-from .test_loader import assert_weights, global_values, make_ctx, make_model, make_optimizer, tiny_cfg
+from .test_loader import (assert_weights, global_values, make_ctx, make_model, make_optimizer,
+                          tiny_cfg, write_complete, write_distributed)
 
 COMMON = {"epoch_num": 1, "step_num": 2, "global_step": 6, "loss_scale": 1024.0,
           "global_batch_size": 4}
@@ -44,19 +48,33 @@ def mf_saves(tmp_path_factory):
     values = _values(cfg)
     npz = tmp / "values.npz"
     np.savez(npz, **values)
-    one, two = mindformers_ref.run(
+    # ours, written before the reference runs (one process does both directions)
+    hyper = {"global_step": values["global_step"], "epoch_num": np.array([1], np.int64),
+             "step_num": np.array([2], np.int64), "loss_scale": np.array([1024.0], np.float32),
+             "global_batch_size": np.array([4], np.int64)}
+    weights = {n: v for n, v in values.items() if n != "global_step"}
+    legacy = write_complete(tmp / "legacy", weights, hyper)
+    ranks = write_distributed(tmp / "legacy_mp2", cfg, weights,
+                              ParallelConfig(model_parallel=2, vocab_emb_dp=False))
+    from mindformers_st.cli import main
+    assert main(["convert-layout", str(legacy), str(tmp / "ours_one"), "--no-progress"]) == 0
+    assert main(["convert-layout", str(ranks), str(tmp / "ours_two"), "--no-progress"]) == 0
+    answers = mindformers_ref.run(
         tmp, ("save", dict(values=str(npz), iteration=6, common=COMMON, out=str(tmp / "one"))),
         ("save_sharded", dict(values=str(npz), iteration=6, common=COMMON, out=str(tmp / "two"),
-                              world=2, split=SPLIT)))
-    assert one["files"] == ["iteration_00000006", "latest_checkpointed_iteration.txt"]
-    assert "metadata.json" in two["files"]
-    return cfg, values, tmp
+                              world=2, split=SPLIT)),
+        ("load", dict(values=str(npz), path=str(tmp / "ours_one"), optimizer=True,
+                      out=str(tmp / "mf_read_one.npz"))),
+        ("assemble", dict(path=str(tmp / "ours_two"), out=str(tmp / "mf_read_two.npz"))))
+    assert answers[0]["files"] == ["iteration_00000006", "latest_checkpointed_iteration.txt"]
+    assert "metadata.json" in answers[1]["files"]
+    return cfg, values, tmp, answers[2:]
 
 
 @requires_mindformers
 @pytest.mark.slow
 def test_mindformers_one_card_save_loads_identical_from_top_folder_or_iteration(mf_saves, tmp_path):
-    cfg, values, tmp = mf_saves
+    cfg, values, tmp, _ = mf_saves
     top = tmp / "one"
     for path in (top, top / "iteration_00000006",
                  top / "iteration_00000006" / "model-0000000-0000001.safetensors"):
@@ -75,7 +93,7 @@ def test_mindformers_one_card_save_loads_identical_from_top_folder_or_iteration(
 @requires_mindformers
 @pytest.mark.slow
 def test_resume_from_mindformers_save_restores_moments_and_common_counters(mf_saves, tmp_path):
-    cfg, values, tmp = mf_saves
+    cfg, values, tmp, _ = mf_saves
     ctx = make_ctx()
     model = make_model(cfg, ctx)
     optimizer = make_optimizer(model)
@@ -93,7 +111,7 @@ def test_resume_from_mindformers_save_restores_moments_and_common_counters(mf_sa
 @requires_mindformers
 @pytest.mark.slow
 def test_mindformers_sharded_save_is_described_by_its_metadata_and_merges(mf_saves, tmp_path):
-    cfg, values, tmp = mf_saves
+    cfg, values, tmp, _ = mf_saves
     src = describe_source(str(tmp / "two"))
     assert (src.kind, src.layout) == ("distributed", "iteration")
     emb = src.chunks["model.tok_embeddings.embedding_weight"]
@@ -122,7 +140,7 @@ def test_mindformers_sharded_save_is_described_by_its_metadata_and_merges(mf_sav
 @pytest.mark.slow
 def test_a_sharded_save_missing_a_rank_file_is_refused(mf_saves, tmp_path):
     import shutil
-    _, _, tmp = mf_saves
+    _, _, tmp, _ = mf_saves
     broken = tmp_path / "two"
     shutil.copytree(tmp / "two", broken)
     os.remove(broken / "iteration_00000006" / "model-0000001-0000002.safetensors")
@@ -131,3 +149,20 @@ def test_a_sharded_save_missing_a_rank_file_is_refused(mf_saves, tmp_path):
         describe_source(str(broken))
     meta = json.loads((tmp / "two" / "iteration_00000006" / "metadata.json").read_text())
     assert "('lm_head.weight', (0, 0))" in meta["storage_data"]
+
+
+@requires_mindformers
+@pytest.mark.slow
+def test_mindformers_load_checkpoint_reads_what_we_write(mf_saves):
+    _, values, tmp, answers = mf_saves
+    # the rank files' hyper values are test_loader.HYPER's (global_step 6, epoch 1, step 6)
+    common_two = {"epoch_num": 1, "step_num": 6, "global_step": 6, "loss_scale": None,
+                  "global_batch_size": None, "ckpt_status": None}
+    for which, answer, common in zip(("one", "two"), answers,
+                                     ({**COMMON, "ckpt_status": None}, common_two)):
+        assert answer["folder"].endswith(f"ours_{which}/iteration_00000006")
+        assert answer["common"] == common
+        held = dict(np.load(tmp / f"mf_read_{which}.npz"))
+        assert sorted(held) == sorted(values)
+        for n, v in values.items():
+            np.testing.assert_array_equal(held[n], v, err_msg=f"{which}: {n}")

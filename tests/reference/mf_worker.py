@@ -10,7 +10,11 @@ process (importing mindformers once); prints `MF_RESULT [json answers]` last.
   `metadata.json` via its `save_metadata` over `build_sharded_tensor`s (the collective part of
   save_checkpoint cannot run in one process);
 - load: its `load_checkpoint(path, net, opt)` into a one-card network of zeros, then saves what
-  it holds to `out` (.npz), with its `CommonInfo.load_common` and `get_checkpoint_path` answers.
+  it holds to `out` (.npz), with its `CommonInfo.load_common` and `get_checkpoint_path` answers;
+- assemble: for a sharded save (its load_checkpoint cannot merge one on a single CPU process:
+  it hands the net a rank's block), its `get_checkpoint_path`, `verify_ckpt_valid` and
+  `get_metadata_of_checkpoint` say which file holds which chunk; each chunk is read with
+  MindSpore's safetensors loader and placed at its global offset; the globals go to `out`.
 """
 import json
 import os
@@ -124,7 +128,36 @@ def load(args):
     return {"folder": folder, "common": common}
 
 
+def assemble(args):
+    import mindspore as ms
+    from mindformers.checkpoint.checkpoint import CommonInfo, get_checkpoint_path
+    from mindformers.checkpoint.metadata import get_metadata_of_checkpoint
+    from mindformers.checkpoint.utils import get_sharded_tensor_shard_id, verify_ckpt_valid
+    folder = get_checkpoint_path(args["path"])
+    verify_ckpt_valid(folder)
+    metas, storage = get_metadata_of_checkpoint(folder)
+    files, out = {}, {}
+    for name, shards in metas.items():
+        full = None
+        for st in shards:
+            entry = storage[get_sharded_tensor_shard_id(name, st.global_offset)][0]
+            path = os.path.join(folder, entry["file_name"])
+            if path not in files:
+                files[path] = {n: p.asnumpy() for n, p in
+                               ms.load_checkpoint(path, format="safetensors").items()}
+            block = files[path][name]
+            assert tuple(block.shape) == tuple(st.local_shape), (name, block.shape, st.local_shape)
+            if full is None:
+                full = np.zeros(tuple(st.global_shape), block.dtype)
+            index = tuple(slice(o, o + s) for o, s in zip(st.global_offset, st.local_shape))
+            full[index] = block
+        out[name] = full
+    np.savez(args["out"], **out)
+    common = CommonInfo.load_common(os.path.join(folder, "common.json")).__dict__
+    return {"folder": folder, "common": common}
+
+
 if __name__ == "__main__":
-    commands = {"save": save, "save_sharded": save_sharded, "load": load}
+    commands = {"save": save, "save_sharded": save_sharded, "load": load, "assemble": assemble}
     results = [commands[name](args) for name, args in json.loads(sys.argv[1])]
     print("MF_RESULT " + json.dumps(results), flush=True)
