@@ -88,3 +88,30 @@ def test_a_source_without_global_step_needs_an_iteration(tmp_path, capsys):
     assert main(["convert-layout", str(src), str(tmp_path / "v2")]) == 1
     assert "pass --iteration N" in capsys.readouterr().err
     assert not (tmp_path / "v2").exists()
+
+
+def test_inspect_and_verify_read_checkpoint_2(tmp_path, capsys):
+    cfg = tiny_cfg()
+    values = global_values(cfg)
+    pc = ParallelConfig(model_parallel=2, vocab_emb_dp=False)
+    src = write_distributed(tmp_path / "ckpt", cfg, values, pc)
+    assert main(["convert-layout", str(src), str(tmp_path / "v2"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "v2"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["kind"], summary["layout"], summary["step"]) == ("distributed", "iteration", 6)
+    row = [r for r in summary["tensors"] if r["name"] == "model.layers.0.attention.wq.weight"
+           and r["rank"] == 1][0]
+    assert row["offsets"] == [cfg.hidden_size // 2, 0]
+    assert main(["verify", str(tmp_path / "v2")]) == 0
+    assert "OK: Checkpoint 2.0 checkpoint" in capsys.readouterr().out
+    # a chunk lost from metadata.json leaves a hole verify names
+    it = tmp_path / "v2" / "iteration_00000006"
+    raw = json.loads((it / "metadata.json").read_text())
+    name = "model.layers.0.attention.wq.weight"
+    raw["state_dict_metadata"][name]["chunk"].pop()
+    raw["storage_data"].pop(f"('{name}', (8, 0))")
+    (it / "metadata.json").write_text(json.dumps(raw))
+    assert main(["verify", str(tmp_path / "v2")]) == 1
+    out = capsys.readouterr().out
+    assert "is not described by metadata.json" in out or "is in no" in out
