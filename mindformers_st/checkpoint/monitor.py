@@ -14,6 +14,10 @@ records are `commit.py`; bytes go through `storage/`. One save:
    of the dropped saves and only then writes its `meta.json`, which therefore only ever names
    committed files.
 
+With `use_legacy_format: False` (MindSpore Transformers 2.x) the same snapshot is written in the
+Checkpoint 2.0 layout instead (`iteration_save.py`: iteration folders, common.json,
+metadata.json, the tracker as commit record).
+
 Collectives happen on the main thread, in the same order on every rank: an async save is
 committed at the first step end where every rank's writer has finished (an all-reduce per step
 while one is pending), before the next save starts, or at train end.
@@ -59,6 +63,7 @@ class _Save:
     write_time: float = 0.0
     error: Optional[BaseException] = None
     thread: Optional[threading.Thread] = None
+    iteration: Optional[tuple] = None     # use_legacy_format False: (CommonInfo, snapshot)
 
     @property
     def done(self) -> bool:
@@ -102,7 +107,7 @@ class CheckpointMonitor(MindSporeCallback):
                  save_trainable_params: bool = False, integrated_save: bool = True,
                  global_batch_size: Optional[int] = None, output_dir: str = "./output",
                  save_checkpoint_seconds: int = 0, keep_checkpoint_per_n_minutes: int = 0,
-                 layouts=None):
+                 layouts=None, use_legacy_format: bool = True):
         super().__init__()
         if not isinstance(prefix, str) or not prefix or "/" in prefix or "\\" in prefix:
             raise ConfigError(f"CheckpointMonitor prefix must be a non-empty name without '/', got {prefix!r}")
@@ -113,6 +118,10 @@ class CheckpointMonitor(MindSporeCallback):
             raise ConfigError("CheckpointMonitor remove_redundancy: True needs checkpoint_format: "
                               f"safetensors (got {checkpoint_format!r}); set the format or drop "
                               "remove_redundancy")
+        if not use_legacy_format and (checkpoint_format != "safetensors" or remove_redundancy):
+            raise ConfigError("CheckpointMonitor use_legacy_format: False (the Checkpoint 2.0 "
+                              "layout) needs checkpoint_format: safetensors and remove_redundancy: "
+                              f"False (got {checkpoint_format!r}, {remove_redundancy!r})")
         for key, v in (("save_checkpoint_steps", save_checkpoint_steps),
                        ("keep_checkpoint_max", keep_checkpoint_max)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -135,6 +144,8 @@ class CheckpointMonitor(MindSporeCallback):
         self.save_network_params = bool(save_network_params)
         self.save_trainable_params = bool(save_trainable_params)
         self.global_batch_size = global_batch_size
+        self.use_legacy_format = bool(use_legacy_format)
+        self._iterations: List[int] = []   # Checkpoint 2.0 saves of this run, oldest first
         self.stats: List[SaveStats] = []
         self._pending: Optional[_Save] = None
         self._committed: List[cm.CommittedSave] = []
@@ -162,7 +173,8 @@ class CheckpointMonitor(MindSporeCallback):
                    global_batch_size=cb_cfg.global_batch_size,
                    output_dir=getattr(config, "output_dir", "./output"),
                    save_checkpoint_seconds=cb_cfg.save_checkpoint_seconds,
-                   keep_checkpoint_per_n_minutes=cb_cfg.keep_checkpoint_per_n_minutes)
+                   keep_checkpoint_per_n_minutes=cb_cfg.keep_checkpoint_per_n_minutes,
+                   use_legacy_format=getattr(config, "use_legacy_format", True))
 
     # ---- paths -------------------------------------------------------------------------------
     def _extra_root(self, kind: str) -> str:
@@ -207,9 +219,11 @@ class CheckpointMonitor(MindSporeCallback):
         self._last_step = self._global_step(cb)
         if self.remove_redundancy and ctx.world_size == 1:
             logger.info("remove_redundancy on one rank: the file holds everything (nothing is replicated)")
-        for p in self._paths(ctx.rank, 0, 0):
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            _sweep_temporaries(os.path.dirname(p))
+        folders = ([os.path.dirname(p) for p in self._paths(ctx.rank, 0, 0)]
+                   if self.use_legacy_format else [self.directory])   # 2.0: no rank_x/
+        for folder in folders:
+            os.makedirs(folder, exist_ok=True)
+            _sweep_temporaries(folder)
         if ctx.is_main:
             _sweep_temporaries(self.directory)
             if cb.get("mfst_state") is None:
@@ -307,7 +321,17 @@ class CheckpointMonitor(MindSporeCallback):
         paths = self._paths(ctx.rank, epoch, step)
         pending = _Save(epoch, step, global_step, paths, snap.nbytes)
         jobs = [(paths[0], snap)]
-        if len(paths) > 1:
+        if not self.use_legacy_format:
+            from ..records.iteration import CommonInfo
+            from .iteration_save import iteration_files
+            jobs = iteration_files(self.directory, snap, ctx.rank, ctx.world_size, global_step)
+            pending.paths = paths = [p for p, _ in jobs]
+            os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
+            # common.json as MindSpore Transformers' monitor fills it: step_num is the global step
+            pending.iteration = (CommonInfo(epoch, global_step, global_step,
+                                            float(hyper["loss_scale"]),
+                                            int(hyper["global_batch_size"])), snap)
+        elif len(paths) > 1:
             names = snap.trainable_names if self.save_trainable_params else snap.network_names
             jobs.append((paths[1], snap.subset(names)))
 
@@ -347,6 +371,8 @@ class CheckpointMonitor(MindSporeCallback):
 
     def _commit(self, ctx, pending: _Save, waited: float = 0.0) -> None:
         """Make `pending` count on every rank, or raise CheckpointError on every rank."""
+        if pending.iteration is not None:
+            return self._commit_iteration(ctx, pending, waited)
         self._pending = None
         t0 = time.perf_counter()
         name = os.path.basename(pending.paths[0])
@@ -390,6 +416,34 @@ class CheckpointMonitor(MindSporeCallback):
                     pending.global_step, name, pending.nbytes / 1e6, pending.blocked * 1e3,
                     pending.write_time * 1e3, commit_time * 1e3,
                     f"; pruned {[e.key for e in dropped]}" if dropped else "")
+
+    def _commit_iteration(self, ctx, pending: _Save, waited: float = 0.0) -> None:
+        """Checkpoint 2.0: every rank agrees all wrote their files; rank 0 writes common.json,
+        metadata.json and, last, the tracker, then drops folders beyond keep_checkpoint_max."""
+        from .iteration_save import commit_iteration, prune_iterations
+        self._pending = None
+        t0 = time.perf_counter()
+        if not all_ranks(ctx, pending.error is None):
+            why = f"this rank: {pending.error}" if pending.error else "another rank failed (see its log)"
+            raise CheckpointError(f"save of iteration {pending.global_step} failed and was not "
+                                  f"committed ({why}); latest_checkpointed_iteration.txt in "
+                                  f"{self.directory} still names the last good save")
+        if ctx.is_main:
+            common, snap = pending.iteration
+            commit_iteration(self.directory, pending.global_step, common, snap,
+                             self._net.layouts, ctx.world_size)
+        self._iterations = [i for i in self._iterations if i != pending.global_step]
+        self._iterations.append(pending.global_step)
+        all_ranks(ctx, True)   # the tracker names the new save before anything is removed
+        if ctx.is_main:
+            self._iterations = prune_iterations(self.directory, self._iterations, self.keep_max)
+        else:
+            self._iterations = self._iterations[-self.keep_max:]
+        commit_time = time.perf_counter() - t0
+        self.stats.append(SaveStats(pending.global_step, pending.nbytes, pending.blocked,
+                                    pending.write_time, commit_time, waited, pending.thread is not None))
+        logger.info("step %d: committed iteration %d (Checkpoint 2.0, %.1f MB)",
+                    pending.global_step, pending.global_step, pending.nbytes / 1e6)
 
     def _prune(self, ctx, dropped: List[cm.CommittedSave]) -> None:
         """Delete this rank's files of saves no record names any more (rank 0 also removes

@@ -417,6 +417,8 @@ class RunConfig:
     data_skip_steps: Optional[int] = None
     resume_by_last_timestamp_ckpt: Optional[bool] = None
     use_legacy: bool = True
+    # False: CheckpointMonitor saves in MindSpore Transformers 2.x's Checkpoint 2.0 layout
+    use_legacy_format: bool = True
     pretrained_model_dir: str = ""
     predict_data: List[str] = field(default_factory=list)
     predict_batch_size: Optional[int] = None

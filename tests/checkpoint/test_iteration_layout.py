@@ -59,16 +59,36 @@ def mf_saves(tmp_path_factory):
     from mindformers_st.cli import main
     assert main(["convert-layout", str(legacy), str(tmp / "ours_one"), "--no-progress"]) == 0
     assert main(["convert-layout", str(ranks), str(tmp / "ours_two"), "--no-progress"]) == 0
+    from .test_monitor_iteration import monitor_iteration_run   # CheckpointMonitor's own saves
+    truth = monitor_iteration_run(str(tmp / "mon"))
+    np.savez(tmp / "mon_truth.npz", **truth)
     answers = mindformers_ref.run(
         tmp, ("save", dict(values=str(npz), iteration=6, common=COMMON, out=str(tmp / "one"))),
         ("save_sharded", dict(values=str(npz), iteration=6, common=COMMON, out=str(tmp / "two"),
                               world=2, split=SPLIT)),
         ("load", dict(values=str(npz), path=str(tmp / "ours_one"), optimizer=True,
                       out=str(tmp / "mf_read_one.npz"))),
-        ("assemble", dict(path=str(tmp / "ours_two"), out=str(tmp / "mf_read_two.npz"))))
+        ("assemble", dict(path=str(tmp / "ours_two"), out=str(tmp / "mf_read_two.npz"))),
+        ("load", dict(values=str(tmp / "mon_truth.npz"), path=str(tmp / "mon" / "checkpoint"),
+                      optimizer=True, out=str(tmp / "mf_read_mon.npz"))))
     assert answers[0]["files"] == ["iteration_00000006", "latest_checkpointed_iteration.txt"]
     assert "metadata.json" in answers[1]["files"]
     return cfg, values, tmp, answers[2:]
+
+
+@requires_mindformers
+@pytest.mark.slow
+def test_mindformers_load_checkpoint_reads_what_checkpoint_monitor_saves(mf_saves):
+    _, _, tmp, answers = mf_saves
+    answer = answers[2]
+    assert answer["folder"].endswith("mon/checkpoint/iteration_00000003")
+    assert answer["common"] == {"epoch_num": 2, "step_num": 3, "global_step": 3,
+                                "loss_scale": 1.0, "global_batch_size": 4, "ckpt_status": None}
+    truth = dict(np.load(tmp / "mon_truth.npz"))
+    held = dict(np.load(tmp / "mf_read_mon.npz"))
+    assert sorted(held) == sorted(truth)
+    for n, v in truth.items():
+        np.testing.assert_array_equal(held[n], v, err_msg=n)
 
 
 @requires_mindformers
@@ -158,7 +178,7 @@ def test_mindformers_load_checkpoint_reads_what_we_write(mf_saves):
     # the rank files' hyper values are test_loader.HYPER's (global_step 6, epoch 1, step 6)
     common_two = {"epoch_num": 1, "step_num": 6, "global_step": 6, "loss_scale": None,
                   "global_batch_size": None, "ckpt_status": None}
-    for which, answer, common in zip(("one", "two"), answers,
+    for which, answer, common in zip(("one", "two"), answers[:2],
                                      ({**COMMON, "ckpt_status": None}, common_two)):
         assert answer["folder"].endswith(f"ours_{which}/iteration_00000006")
         assert answer["common"] == common

@@ -1,0 +1,72 @@
+"""CheckpointMonitor with use_legacy_format: False writes MindSpore Transformers 2.x's
+Checkpoint 2.0 layout (one real tiny training), and every reader of ours takes it back."""
+import os
+
+import numpy as np
+import pytest
+
+from mindformers_st.checkpoint.loader import LoadOptions
+from mindformers_st.checkpoint.monitor import CheckpointMonitor
+from mindformers_st.checkpoint.resume import resume_checkpoint
+from mindformers_st.commands.verify import verify_path
+from mindformers_st.errors import ConfigError
+from mindformers_st.records.iteration import read_common, read_tracker
+from mindformers_st.storage.checksum import verify_checksums
+from mindformers_st.storage.reader import open_safetensors
+
+from .monitor_worker import build_run, train
+
+STEPS, PER_EPOCH, BATCH = 3, 2, 4
+
+
+def monitor_iteration_run(out):
+    """3 steps saving every step (keep 2) in the Checkpoint 2.0 layout; returns the truth."""
+    model, opt, step, ctx = build_run()
+    mon = CheckpointMonitor(checkpoint_format="safetensors", save_checkpoint_steps=1,
+                            keep_checkpoint_max=2, output_dir=out, use_legacy_format=False)
+    asy = CheckpointMonitor(checkpoint_format="safetensors", save_checkpoint_steps=2,
+                            directory=os.path.join(out, "async"), async_save=True,
+                            output_dir=out, use_legacy_format=False)
+    train(model, opt, step, ctx, [mon, asy], STEPS, out, PER_EPOCH, BATCH)
+    truth = dict(model.get_local_params())
+    truth.update(opt.get_state_arrays())
+    return truth
+
+
+@pytest.mark.slow
+def test_monitor_writes_checkpoint_2_that_resumes(tmp_path):
+    out = str(tmp_path)
+    truth = monitor_iteration_run(out)
+    top = os.path.join(out, "checkpoint")
+    assert sorted(os.listdir(top)) == ["iteration_00000002", "iteration_00000003",
+                                       "latest_checkpointed_iteration.txt"]
+    assert read_tracker(top) == 3
+    it = os.path.join(top, "iteration_00000003")
+    assert sorted(os.listdir(it)) == ["common.json", "model-0000000-0000001.safetensors",
+                                      "opt-0000000-0000001.safetensors"]
+    common = read_common(it)
+    assert (common.epoch_num, common.step_num, common.global_step, common.global_batch_size,
+            common.loss_scale) == (2, 3, 3, BATCH, 1.0)
+    with open_safetensors(os.path.join(it, "opt-0000000-0000001.safetensors")) as f:
+        assert verify_checksums(f) == []
+        assert sorted(f.tensors) == sorted(n for n in truth if n.startswith("adam_")
+                                           or n == "global_step")
+    assert read_tracker(os.path.join(out, "async")) == 2
+    assert verify_path(top)[0] == []
+    # resume into a fresh model: weights, moments and counters
+    model, opt, _, ctx = build_run(seed=1)
+    report = resume_checkpoint(LoadOptions(top, "safetensors", output_dir=out), True, model,
+                               opt, ctx)
+    assert (report.resume.global_step, report.resume.epoch_num) == (3, 2)
+    held = dict(model.get_local_params())
+    held.update(opt.get_state_arrays())
+    for n, v in truth.items():
+        np.testing.assert_array_equal(held[n], v, err_msg=n)
+
+
+def test_checkpoint_2_needs_safetensors_without_remove_redundancy():
+    with pytest.raises(ConfigError, match="use_legacy_format: False"):
+        CheckpointMonitor(checkpoint_format="ckpt", use_legacy_format=False)
+    with pytest.raises(ConfigError, match="remove_redundancy: False"):
+        CheckpointMonitor(checkpoint_format="safetensors", remove_redundancy=True,
+                          use_legacy_format=False)
