@@ -115,3 +115,27 @@ def test_inspect_and_verify_read_checkpoint_2(tmp_path, capsys):
     assert main(["verify", str(tmp_path / "v2")]) == 1
     out = capsys.readouterr().out
     assert "is not described by metadata.json" in out or "is in no" in out
+
+
+def test_reshard_and_export_hf_read_checkpoint_2(tmp_path):
+    import yaml
+    from tests.conftest import TINY_LLAMA
+    cfg = tiny_cfg()
+    values = global_values(cfg)
+    src = write_distributed(tmp_path / "ckpt", cfg, values,
+                            ParallelConfig(model_parallel=2, vocab_emb_dp=False))
+    assert main(["convert-layout", str(src), str(tmp_path / "v2"), "--no-progress"]) == 0
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump({"model": {"model_config": dict(TINY_LLAMA)}}))
+    assert main(["reshard", str(tmp_path / "v2"), str(tmp_path / "dp2"), "--config",
+                 str(run_yaml), "--dp", "2", "--no-progress"]) == 0
+    for r in (0, 1):   # data parallel: every rank holds every tensor whole
+        held = load_tensors(str(tmp_path / "dp2" / f"rank_{r}" / f"checkpoint_rank_{r}.safetensors"))
+        for n, v in values.items():
+            np.testing.assert_array_equal(held[n], v, err_msg=n)
+    assert main(["export-hf", str(tmp_path / "v2"), str(tmp_path / "hf"), "--config",
+                 str(run_yaml), "--no-progress"]) == 0
+    hf = _complete(tmp_path / "hf")
+    np.testing.assert_array_equal(hf["model.embed_tokens.weight"],
+                                  values["model.tok_embeddings.embedding_weight"])
+    assert not any(n.startswith("adam_") for n in hf)
