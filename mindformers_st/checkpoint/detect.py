@@ -16,7 +16,7 @@ from typing import List, Optional
 
 from ..convert.rules import ALL_RENAMES, translate
 from ..errors import ConfigError, CheckpointError
-from ..records.iteration import (METADATA_FILE, find_iteration,
+from ..records.iteration import (METADATA_FILE, find_iteration, refuse_mixed_layouts,
                                  parse_iteration_dir, parse_shard_file, shard_files)
 from ..records.names import HYPER_FILE, parse_rank_dir, rank_folders, step_suffix
 from ..storage.index import HF_INDEX, MS_INDEX, read_index
@@ -114,9 +114,10 @@ def detect_checkpoint(path: str, load_ckpt_format: str = "ckpt") -> CheckpointSo
                               f"paths are taken from the working directory {os.getcwd()})")
     if os.path.isfile(path):
         return _detect_file(path, fmt)
+    ranks = rank_folders(path)
+    refuse_mixed_layouts(path, bool(ranks))
     if find_iteration(path) is not None:
         return _detect_iteration(path, fmt)
-    ranks = rank_folders(path)
     if ranks:
         first = ranks[min(ranks)]
         files = _files(first, fmt)

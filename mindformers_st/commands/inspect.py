@@ -20,7 +20,7 @@ from ..errors import CheckpointError, LayoutError
 from ..layout.slices import TensorSlice
 from ..records.hyper import DISPLAY_ORDER, is_hyper
 from ..records.iteration import (IterationSave, find_iteration, parse_shard_file, read_common,
-                                 read_metadata, shard_files)
+                                 read_metadata, refuse_mixed_layouts, shard_files)
 from ..records.names import parse_step, rank_folders
 from ..records.rank_meta import RankFileMeta
 from ..records.scan import SaveSelection, complete_files, select_save
@@ -71,10 +71,11 @@ def scan(path: str, strategy: Optional[str] = None, step: Optional[str] = None) 
         return Checkpoint(path, "file", [load_file(path)])
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such file or folder")
+    ranks = rank_folders(path)
+    refuse_mixed_layouts(path, bool(ranks))
     it = find_iteration(path)
     if it is not None:
         return scan_iteration(it)
-    ranks = rank_folders(path)
     if not ranks:
         index, files = complete_files(path)
         return Checkpoint(path, "complete", [load_file(f) for f in files], index)

@@ -25,7 +25,7 @@ from ..records.hyper import is_hyper
 from ..records.names import rank_folders
 from ..records.scan import complete_files, select_save
 from ..storage.reader import open_safetensors
-from ..records.iteration import find_iteration
+from ..records.iteration import find_iteration, refuse_mixed_layouts
 from .inspect import Checkpoint, StoredFile, apply_strategy, load_file, scan_iteration
 from .options import add_step_arg
 
@@ -205,6 +205,7 @@ def verify_path(path: str, strategy: Optional[str] = None, step: Optional[str] =
         kind = "file"
     elif os.path.isdir(path):
         try:
+            refuse_mixed_layouts(path, bool(rank_folders(path)))
             iteration = find_iteration(path)
         except MindformersSTError as exc:
             return [str(exc)], {}

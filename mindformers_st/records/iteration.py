@@ -158,6 +158,17 @@ def find_iteration(path: str) -> Optional[IterationSave]:
     return None
 
 
+def refuse_mixed_layouts(path: str, has_rank_folders: bool) -> None:
+    """CheckpointError when `path` holds both legacy `rank_x/` folders and Checkpoint 2.0
+    iteration folders: which one a reader takes must never depend on the reader."""
+    if has_rank_folders and (os.path.isfile(os.path.join(path, TRACKER_FILE))
+                             or iterations_on_disk(path)):
+        raise CheckpointError(
+            f"{path}: holds both rank_x/ folders (legacy layout) and iteration_XXXXXXXX/ folders "
+            f"(Checkpoint 2.0); point at one iteration_XXXXXXXX folder, or move one layout's "
+            f"saves to another folder")
+
+
 def shard_files(folder: str) -> List[str]:
     """The `model-`/`opt-` shard files of an iteration folder, sorted (absolute paths); any
     other `*.safetensors` there is a CheckpointError (MindSpore Transformers would load it)."""

@@ -27,7 +27,8 @@ from ..errors import CheckpointError, LayoutError, UndescribedRankFilesError
 from ..layout.slices import TensorSlice
 from ..records.hyper import HYPER_NAMES
 from ..records.iteration import (TRACKER_FILE, find_iteration, iterations_on_disk,
-                                 parse_iteration_dir, read_common, read_metadata, shard_files)
+                                 parse_iteration_dir, read_common, read_metadata,
+                                 refuse_mixed_layouts, shard_files)
 from ..records.names import HYPER_FILE, rank_folders
 from ..records.rank_meta import RankFileMeta
 from ..records.scan import SaveSelection, complete_files, select_save
@@ -396,6 +397,8 @@ def describe_source(path: str, strategy=None, step=None) -> SourceCheckpoint:
     """Describe whatever `path` is: a folder of rank_x/ (distributed; `step` picks a save), a
     Checkpoint 2.0 folder (the tracker's iteration, or the iteration folder given) or complete
     weights."""
+    if os.path.isdir(path):
+        refuse_mixed_layouts(os.path.abspath(path), is_distributed(path))
     if is_distributed(path):
         return describe_distributed(path, strategy, step)
     if is_iteration_layout(path):

@@ -102,3 +102,15 @@ def test_metadata_problems_are_named(edit, message):
     edit(obj)
     with pytest.raises(CheckpointError, match=message):
         IterationMetadata.from_json(obj, "metadata.json")
+
+
+def test_a_folder_of_both_layouts_is_refused_by_every_reader(tmp_path):
+    from mindformers_st.checkpoint.detect import detect_checkpoint
+    from mindformers_st.transform.sources import describe_source
+    (tmp_path / "rank_0").mkdir()
+    (tmp_path / "iteration_00000002").mkdir()
+    write_tracker(str(tmp_path), 2)
+    for read in (lambda: detect_checkpoint(str(tmp_path), "safetensors"),
+                 lambda: describe_source(str(tmp_path))):
+        with pytest.raises(CheckpointError, match="holds both rank_x/ folders"):
+            read()
