@@ -325,7 +325,8 @@ NO_EFFECT_TOP_LEVEL = {
     "transform_process_num": "checkpoint transforms run in this process (threads) and are split "
                              "over the job's ranks, not over extra processes",
     "load_ckpt_async": "weights are loaded before the first step, synchronously",
-    "use_legacy": "only the legacy (MindFormers 1.x) layout is read and written",
+    "use_legacy": "only the legacy (MindFormers 1.x) model implementations exist here (the checkpoint "
+                  "layout is chosen by use_legacy_format)",
 }
 NO_EFFECT_MONITOR = {
     "saved_network": "the save holds the train network's tensors",

@@ -70,3 +70,16 @@ def test_checkpoint_2_needs_safetensors_without_remove_redundancy():
     with pytest.raises(ConfigError, match="remove_redundancy: False"):
         CheckpointMonitor(checkpoint_format="safetensors", remove_redundancy=True,
                           use_legacy_format=False)
+
+
+def test_the_public_loader_recuts_a_checkpoint_2_save_only_for_another_world_size(tmp_path):
+    from types import SimpleNamespace
+    from mindformers_st.checkpoint.api import _needs_recut
+    it = tmp_path / "iteration_00000004"
+    it.mkdir()
+    for r in (0, 1):
+        (it / f"model-{r:07d}-0000002.safetensors").write_bytes(b"")
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("4")
+    for path in (tmp_path, it, it / "model-0000001-0000002.safetensors"):
+        assert _needs_recut(str(path), SimpleNamespace(world_size=2)) is False
+        assert _needs_recut(str(path), SimpleNamespace(world_size=4)) is True
