@@ -122,6 +122,10 @@ class CheckpointMonitor(MindSporeCallback):
             raise ConfigError("CheckpointMonitor use_legacy_format: False (the Checkpoint 2.0 "
                               "layout) needs checkpoint_format: safetensors and remove_redundancy: "
                               f"False (got {checkpoint_format!r}, {remove_redundancy!r})")
+        if not use_legacy_format and (save_network_params or save_trainable_params):
+            raise ConfigError("CheckpointMonitor use_legacy_format: False writes model-/opt- files "
+                              "only; drop save_network_params / save_trainable_params (the model- "
+                              "files already hold the network parameters alone)")
         for key, v in (("save_checkpoint_steps", save_checkpoint_steps),
                        ("keep_checkpoint_max", keep_checkpoint_max)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -70,6 +70,9 @@ def test_checkpoint_2_needs_safetensors_without_remove_redundancy():
     with pytest.raises(ConfigError, match="remove_redundancy: False"):
         CheckpointMonitor(checkpoint_format="safetensors", remove_redundancy=True,
                           use_legacy_format=False)
+    with pytest.raises(ConfigError, match="drop save_network_params"):
+        CheckpointMonitor(checkpoint_format="safetensors", save_network_params=True,
+                          use_legacy_format=False)
 
 
 def test_the_public_loader_recuts_a_checkpoint_2_save_only_for_another_world_size(tmp_path):
