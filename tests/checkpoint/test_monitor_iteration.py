@@ -86,3 +86,53 @@ def test_the_public_loader_recuts_a_checkpoint_2_save_only_for_another_world_siz
     for path in (tmp_path, it, it / "model-0000001-0000002.safetensors"):
         assert _needs_recut(str(path), SimpleNamespace(world_size=2)) is False
         assert _needs_recut(str(path), SimpleNamespace(world_size=4)) is True
+
+
+def test_a_two_rank_commit_describes_every_rank_as_convert_layout_does(tmp_path):
+    """The monitor's multi-rank path without msrun: each rank's model-/opt- files from its
+    snapshot, then rank 0's commit (metadata.json from the layouts) — equal to the record
+    convert-layout writes from the same blocks, and read back whole."""
+    from mindformers_st.checkpoint.iteration_save import commit_iteration, iteration_files
+    from mindformers_st.checkpoint.state import RankSnapshot, write_rank_file
+    from mindformers_st.cli import main
+    from mindformers_st.layout.parallel_config import ParallelConfig, plan_layouts
+    from mindformers_st.models.param_table import llama_param_table
+    from mindformers_st.records.iteration import CommonInfo, read_metadata
+    from mindformers_st.records.rank_meta import RankFileMeta
+    from mindformers_st.transform.sources import describe_source
+    from .test_loader import global_values, tiny_cfg, write_distributed
+
+    cfg = tiny_cfg()
+    values = global_values(cfg)
+    pc = ParallelConfig(model_parallel=2, vocab_emb_dp=False)
+    layouts = plan_layouts(llama_param_table(cfg).with_optimizer_states(), pc)
+    weights = tuple(n for n in values if not n.startswith("adam_"))
+    top = tmp_path / "mon"
+    snaps = []
+    for r in (0, 1):
+        slices = {n: layouts[n].slice_for(r) for n in values}
+        arrays = {n: np.ascontiguousarray(values[n][slices[n].index()]) for n in values}
+        arrays["global_step"] = np.array([6], np.int32)
+        snap = RankSnapshot(arrays, slices, RankFileMeta(r, 2, slices, pc.to_json(), False, 1, 6),
+                            network_names=weights)
+        for path, part in iteration_files(str(top), snap, r, 2, 6):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_rank_file(path, part)
+        snaps.append(snap)
+    commit_iteration(str(top), 6, CommonInfo(1, 6, 6, 1.0, 4), snaps[0], layouts, 2)
+    src = describe_source(str(top))
+    assert (src.kind, src.counters["global_step"]) == ("distributed", 6)
+    assert main(["merge", str(top), str(tmp_path / "merged"), "--no-progress"]) == 0
+    from mindformers_st.storage.writer import load_tensors
+    merged = {}
+    for f in os.listdir(tmp_path / "merged"):
+        if f.endswith(".safetensors"):
+            merged.update(load_tensors(str(tmp_path / "merged" / f)))
+    for n, v in values.items():
+        np.testing.assert_array_equal(merged[n], v, err_msg=n)
+    legacy = write_distributed(tmp_path / "legacy", cfg, values, pc)
+    assert main(["convert-layout", str(legacy), str(tmp_path / "conv"), "--no-progress"]) == 0
+    ours = read_metadata(str(top / "iteration_00000006")).tensors
+    theirs = read_metadata(str(tmp_path / "conv" / "iteration_00000006")).tensors
+    assert set(theirs) - set(ours) == {"global_step"}
+    assert all(ours[n] == theirs[n] for n in ours)
