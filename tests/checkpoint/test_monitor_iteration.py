@@ -136,3 +136,14 @@ def test_a_two_rank_commit_describes_every_rank_as_convert_layout_does(tmp_path)
     theirs = read_metadata(str(tmp_path / "conv" / "iteration_00000006")).tensors
     assert set(theirs) - set(ours) == {"global_step"}
     assert all(ours[n] == theirs[n] for n in ours)
+
+
+def test_the_yaml_key_reaches_the_monitor():
+    from mindformers_st.config.load import build_config
+    config = build_config({"use_legacy_format": False, "callbacks": [
+        {"type": "CheckpointMonitor", "checkpoint_format": "safetensors"}]})
+    assert config.use_legacy_format is False
+    cb_cfg = [c for c in config.callbacks if getattr(c, "type", "") == "CheckpointMonitor"][0]
+    assert CheckpointMonitor.from_config(cb_cfg, config).use_legacy_format is False
+    with pytest.raises(ConfigError, match="use_legacy_format: False"):   # ckpt is the default
+        CheckpointMonitor.from_config(type(cb_cfg)(), config)
