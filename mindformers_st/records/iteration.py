@@ -25,8 +25,10 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Mapping, Optional, Tuple
 
+from ..dtypes import MINDSPORE_TO_ST as MS_DTYPE_TO_ST
 from ..errors import CheckpointError
 from ..layout.slices import TensorSlice
+from ..storage.atomic import atomic_write_text
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 COMMON_FILE = "common.json"
@@ -38,10 +40,7 @@ _ITER_DIR = re.compile(r"^iteration_(\d+)$")
 _SHARD = re.compile(r"^(?:(?P<prefix>.+)-)?(?P<kind>model|opt)-(?P<rank>\d{7})-(?P<world>\d{7})"
                     r"\.safetensors$")
 
-# MindSpore dtype names as metadata.json spells them (str(mindspore dtype)) <-> safetensors names
-MS_DTYPE_TO_ST = {"Bool": "BOOL", "UInt8": "U8", "Int8": "I8", "Int16": "I16", "UInt16": "U16",
-                  "Float16": "F16", "BFloat16": "BF16", "Int32": "I32", "UInt32": "U32",
-                  "Float32": "F32", "Float64": "F64", "Int64": "I64", "UInt64": "U64"}
+# metadata.json spells dtypes as MindSpore names them (str(mindspore dtype))
 ST_TO_MS_DTYPE = {v: k for k, v in MS_DTYPE_TO_ST.items()}
 
 
@@ -111,7 +110,6 @@ def read_tracker(root: str) -> Optional[int]:
 def write_tracker(root: str, iteration: int) -> str:
     """Atomically point `latest_checkpointed_iteration.txt` at `iteration` (the commit of a
     save in this layout: written after every file of the iteration). Returns its path."""
-    from ..storage.atomic import atomic_write_text
     return atomic_write_text(os.path.join(root, TRACKER_FILE), str(int(iteration)))
 
 
@@ -245,7 +243,6 @@ def read_common(folder: str) -> Optional[CommonInfo]:
 
 def write_common(folder: str, info: CommonInfo) -> str:
     """Atomically write `common.json` into an iteration folder. Returns its path."""
-    from ..storage.atomic import atomic_write_text
     return atomic_write_text(os.path.join(folder, COMMON_FILE), info.to_json())
 
 
@@ -397,7 +394,6 @@ def read_metadata(folder: str) -> Optional[IterationMetadata]:
 
 def write_metadata(folder: str, meta: IterationMetadata) -> str:
     """Atomically write `metadata.json` into an iteration folder. Returns its path."""
-    from ..storage.atomic import atomic_write_text
     return atomic_write_text(os.path.join(folder, METADATA_FILE), meta.to_json())
 
 
