@@ -293,7 +293,12 @@ def _ints(value, what: str, where: str) -> Tuple[int, ...]:
 
 @dataclass(frozen=True)
 class IterationMetadata:
-    """`metadata.json`, read into our slice types: name -> TensorMeta."""
+    """`metadata.json`, read into our slice types: name -> TensorMeta.
+
+    Its per-tensor `layout` (a serialized MindSpore Layout), `axis_fragmentations` and
+    `replica_id` are not read: the chunks (global offset + local shape) and the files storing
+    each say where every byte is, which is all a reader needs; they are written in
+    MindSpore Transformers' shape so its readers accept our files."""
 
     tensors: Dict[str, TensorMeta]
 
