@@ -29,7 +29,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, os_error_text, write_failed
 from ..parallel.agree import all_ranks, broadcast_json
 from ..records import commit as cm
 from ..records.names import ckpt_file_name, rank_dir_name
@@ -208,7 +208,10 @@ class CheckpointMonitor(MindSporeCallback):
         if self.remove_redundancy and ctx.world_size == 1:
             logger.info("remove_redundancy on one rank: the file holds everything (nothing is replicated)")
         for p in self._paths(ctx.rank, 0, 0):
-            os.makedirs(os.path.dirname(p), exist_ok=True)
+            try:
+                os.makedirs(os.path.dirname(p), exist_ok=True)
+            except OSError as exc:
+                raise write_failed("training save folder", os.path.dirname(p), exc) from exc
             _sweep_temporaries(os.path.dirname(p))
         if ctx.is_main:
             _sweep_temporaries(self.directory)
@@ -353,8 +356,11 @@ class CheckpointMonitor(MindSporeCallback):
         rank_dir = os.path.dirname(pending.paths[0])
         rel = os.path.relpath(pending.paths[0], self.directory)
         if not all_ranks(ctx, pending.error is None):   # also the barrier: every file is durable
-            why = f"this rank: {pending.error}" if pending.error else "another rank failed (see its log)"
-            raise CheckpointError(f"save of global step {pending.global_step} ({name}) failed and was "
+            err = pending.error
+            why = ("another rank failed (see its log)" if err is None else
+                   f"this rank: writing {os_error_text(err, pending.paths[0])}"
+                   if isinstance(err, OSError) else f"this rank: {err}")
+            raise CheckpointError(f"training save of global step {pending.global_step} ({name}) failed and was "
                                   f"not committed ({why}); the last committed save in {self.directory} "
                                   f"is still valid. Fix the cause (disk space? permissions?) and resume.")
         files = {r: os.path.join(rank_dir_name(r), ckpt_file_name(self.prefix, r, pending.epoch,

@@ -15,7 +15,7 @@ import os
 import time
 from typing import Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, write_failed
 from .callbacks import TrainState, build_callbacks, run_context_of
 
 logger = logging.getLogger(__name__)
@@ -59,9 +59,12 @@ def write_strategy_files(config, model, ctx) -> Optional[str]:
     from ..layout.strategy import write_rank_strategy_files
 
     folder = os.path.join(config.output_dir, "strategy")
-    os.makedirs(folder, exist_ok=True)
     layouts = plan_layouts(model.param_table().with_optimizer_states(), ctx.config)
-    write_rank_strategy_files(folder, layouts, ctx.config)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        write_rank_strategy_files(folder, layouts, ctx.config)
+    except OSError as exc:
+        raise write_failed("strategy files (output_dir/strategy)", folder, exc) from exc
     return folder
 
 
