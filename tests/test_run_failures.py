@@ -24,39 +24,24 @@ def runner():
     return load()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tokenizer and a small MindRecord dataset (seq_length 64)."""
-    out = tmp_path_factory.mktemp("tiny")
-    assets = os.path.join(ROOT, "mindformers_st", "data", "assets")
-    tok = str(out / "tokenizer.json")
-    for args in (["train-tokenizer", "--input", f"{assets}/tiny_corpus.txt", "--vocab_size", "512",
-                  "--output", tok],
-                 ["pretrain", "--input", f"{assets}/tiny_corpus.txt", "--tokenizer", tok,
-                  "--seq_length", "64", "--output", str(out / "wiki.mindrecord")]):
-        subprocess.run([sys.executable, "-m", "mindformers_st.data", *args], check=True, cwd=ROOT,
-                       capture_output=True, timeout=300, env=_env())
-    return out
-
-
 def _env(**extra):
     return dict(os.environ, PYTHONPATH=ROOT, GLOG_v="3", OMP_NUM_THREADS="1", **extra)
 
 
-def run_job(tiny, out, *args, config=PRETRAIN, env=None, timeout=300):
+def run_job(data, out, *args, config=PRETRAIN, env=None, timeout=300):
     """run_mindformer.py on one process; returns (exit code, stdout, stderr)."""
     cmd = [sys.executable, os.path.join(ROOT, "run_mindformer.py"), "--config", config,
            "--use_parallel", "False", "--output_dir", str(out),
-           "--processor.tokenizer.tokenizer_file", str(tiny / "tokenizer.json")] + list(args)
+           "--processor.tokenizer.tokenizer_file", str(data / "tokenizer.json")] + list(args)
     res = subprocess.run(cmd, cwd=str(out.parent if hasattr(out, "parent") else ROOT),
                          capture_output=True, text=True, timeout=timeout, env=_env(**(env or {})))
     return res.returncode, res.stdout, res.stderr
 
 
-def train_args(tiny, steps=4, every=2, *extra):
-    return ["--run_mode", "train", "--train_dataset_dir", str(tiny / "wiki.mindrecord"),
-            "--runner_config.train_steps", str(steps), "--callbacks.1.save_checkpoint_steps",
-            str(every)] + list(extra)
+def train_args(data, steps=4, every=2, *extra):
+    return ["--run_mode", "train", "--train_dataset_dir", str(data / "wiki.mindrecord"),
+            "--runner_config.train_steps", str(steps), "--callbacks.0.per_print_times", "1",
+            "--callbacks.1.save_checkpoint_steps", str(every)] + list(extra)
 
 
 def one_error_line(err):
@@ -95,15 +80,15 @@ def test_an_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
 # ---- through the real script -------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_a_wrong_train_dataset_dir_and_an_over_long_prompt_are_one_line(tiny, tmp_path):
-    code, _, err = run_job(tiny, tmp_path / "o1", "--run_mode", "train", "--train_dataset_dir",
-                           str(tiny / "tokenizer.json"))
+def test_a_wrong_train_dataset_dir_and_an_over_long_prompt_are_one_line(tiny_run_data, tmp_path):
+    code, _, err = run_job(tiny_run_data, tmp_path / "o1", "--run_mode", "train",
+                           "--train_dataset_dir", str(tiny_run_data / "tokenizer.json"))
     assert code == 1
     assert "--train_dataset_dir" in one_error_line(err) and "tokenizer.json" in err
     # As MindSpore Transformers: a prompt longer than max_decode_length is an error (it used
     # to exit 0 having generated nothing)
-    code, out, err = run_job(tiny, tmp_path / "o2", "--run_mode", "predict", "--predict_data",
-                             "short one", "the red fox lives in the forest " * 20,
+    code, out, err = run_job(tiny_run_data, tmp_path / "o2", "--run_mode", "predict",
+                             "--predict_data", "short one", "the red fox lives in the forest " * 20,
                              config=PREDICT)
     assert code == 1 and "text_generation_text" not in out
     line = one_error_line(err)
@@ -126,10 +111,10 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_full_disk_names_the_path_and_what_was_written(tiny, tmp_path, small_disk):
+def test_a_full_disk_names_the_path_and_what_was_written(tiny_run_data, tmp_path, small_disk):
     # training save: step 2 fits, step 4 does not -> one line naming the file; step 2 stays
     out = small_disk / "run"
-    code, _, err = run_job(tiny, out, *train_args(tiny, 4, 2))
+    code, _, err = run_job(tiny_run_data, out, *train_args(tiny_run_data, 4, 2))
     assert code == 1
     line = one_error_line(err)
     assert "training save of global step 4" in line and "No space left on device (ENOSPC)" in line
@@ -141,7 +126,7 @@ def test_a_full_disk_names_the_path_and_what_was_written(tiny, tmp_path, small_d
     shutil.rmtree(out)
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * (2 * 1024 * 1024 + 512 * 1024))
-    code, _, err = run_job(tiny, small_disk / "run2", *train_args(tiny, 4, 2),
+    code, _, err = run_job(tiny_run_data, small_disk / "run2", *train_args(tiny_run_data, 4, 2),
                            "--load_checkpoint", str(src), "--auto_trans_ckpt", "True")
     assert code == 1
     line = one_error_line(err)

@@ -102,7 +102,7 @@ class CheckpointMonitor(MindSporeCallback):
                  save_trainable_params: bool = False, integrated_save: bool = True,
                  global_batch_size: Optional[int] = None, output_dir: str = "./output",
                  save_checkpoint_seconds: int = 0, keep_checkpoint_per_n_minutes: int = 0,
-                 layouts=None):
+                 layouts=None, exception_save: bool = False):
         super().__init__()
         if not isinstance(prefix, str) or not prefix or "/" in prefix or "\\" in prefix:
             raise ConfigError(f"CheckpointMonitor prefix must be a non-empty name without '/', got {prefix!r}")
@@ -135,6 +135,8 @@ class CheckpointMonitor(MindSporeCallback):
         self.save_network_params = bool(save_network_params)
         self.save_trainable_params = bool(save_trainable_params)
         self.global_batch_size = global_batch_size
+        # read by our trainer (trainer/stop.py), which saves the last completed step on an exception
+        self.exception_save = bool(exception_save)
         self.stats: List[SaveStats] = []
         self._pending: Optional[_Save] = None
         self._committed: List[cm.CommittedSave] = []
@@ -162,7 +164,8 @@ class CheckpointMonitor(MindSporeCallback):
                    global_batch_size=cb_cfg.global_batch_size,
                    output_dir=getattr(config, "output_dir", "./output"),
                    save_checkpoint_seconds=cb_cfg.save_checkpoint_seconds,
-                   keep_checkpoint_per_n_minutes=cb_cfg.keep_checkpoint_per_n_minutes)
+                   keep_checkpoint_per_n_minutes=cb_cfg.keep_checkpoint_per_n_minutes,
+                   exception_save=cb_cfg.exception_save)
 
     # ---- paths -------------------------------------------------------------------------------
     def _extra_root(self, kind: str) -> str:
@@ -336,6 +339,25 @@ class CheckpointMonitor(MindSporeCallback):
             write()
             pending.blocked = time.perf_counter() - t0
             self._commit(ctx, pending)
+
+    def save_unsaved_step(self, run_context) -> bool:
+        """Save and commit the step `run_context` describes unless a save of it is committed or
+        under way (graceful exit, exception_save); an async save is committed before returning.
+        Every rank must call this at the same step. Returns True when it saved."""
+        if self._ctx is None:
+            self.on_train_begin(run_context)
+        step = self._global_step(run_context.original_args())
+        done = {e.global_step for e in self._committed}
+        if self._pending is not None:
+            done.add(self._pending.global_step)
+        if step <= 0 or step in done:
+            if self._pending is not None:
+                self._wait_and_commit(self._ctx)
+            return False
+        self.save(run_context)
+        if self._pending is not None:
+            self._wait_and_commit(self._ctx)
+        return True
 
     def _wait_and_commit(self, ctx) -> None:
         pending = self._pending

@@ -331,7 +331,6 @@ NO_EFFECT_MONITOR = {
     "saved_network": "the save holds the train network's tensors",
     "append_info": "extra values are not stored (the hyper values are: epoch_num, step_num, "
                    "loss_scale, global_batch_size, learning_rate, data_position, seed)",
-    "exception_save": "no save is made on an exception (the last committed save stays valid)",
     "use_checkpoint_health_monitor": "the embedding-norm health monitor is not computed",
     "embedding_local_norm_threshold": "the embedding-norm health monitor is not computed",
     "embedding_size": "the embedding-norm health monitor is not computed",
@@ -387,7 +386,7 @@ IGNORED_TOP_LEVEL = (
     "layer_scale", "layer_decay", "lr_scale", "micro_batch_interleave_num", "swap_config",
     "auto_tune", "filepath_prefix", "autotune_per_step", "remote_save_url", "do_eval",
     "eval_step_interval", "eval_epoch_interval", "use_checkpoint_health_monitor",
-    "use_graceful_exit", "monitor_config", "tensorboard", "wrapper", "adapter_id",
+    "monitor_config", "tensorboard", "wrapper", "adapter_id",
     "model_name", "trust_remote_code",
 )
 
@@ -416,6 +415,8 @@ class RunConfig:
     ignore_data_skip: bool = False
     data_skip_steps: Optional[int] = None
     resume_by_last_timestamp_ckpt: Optional[bool] = None
+    # SIGTERM: finish the step, save and commit it, exit 0 (trainer/stop.py)
+    use_graceful_exit: bool = False
     use_legacy: bool = True
     pretrained_model_dir: str = ""
     predict_data: List[str] = field(default_factory=list)
