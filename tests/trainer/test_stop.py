@@ -35,12 +35,14 @@ def start(data, out, *args, env=None):
 def wait_for_step(proc, log, step, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        with open(log, errors="replace") as fh:
-            if any(int(s) >= step for s in STEP.findall(fh.read())):
-                return
+        if os.path.exists(log):   # msrun creates its worker logs a moment after starting
+            with open(log, errors="replace") as fh:
+                if any(int(s) >= step for s in STEP.findall(fh.read())):
+                    return
         time.sleep(0.1)
     proc.kill()
-    raise AssertionError(f"step {step} never came:\n" + open(log, errors="replace").read()[-3000:])
+    text = open(log, errors="replace").read() if os.path.exists(log) else "(no log)"
+    raise AssertionError(f"step {step} never came:\n" + text[-3000:])
 
 
 def test_sigterm_with_use_graceful_exit_saves_the_step_exits_0_and_resume_continues(
@@ -84,3 +86,33 @@ def test_exception_save_commits_the_last_completed_step_before_the_error(tiny_ru
     entries = load_committed_entries(str(out / "checkpoint"))
     assert [e.global_step for e in entries] == [2, 3]
     assert "has no effect" not in err   # exception_save is no longer a key without effect
+
+
+def test_sigterm_to_the_msrun_launcher_stops_both_workers_after_the_same_saved_step(
+        tiny_run_data, tmp_path):
+    from tests.conftest import free_port, kill_tagged
+    out, logs = tmp_path / "out", tmp_path / "log"
+    cmd = " ".join([os.path.join(ROOT, "run_mindformer.py"), "--config",
+                    os.path.join(ROOT, "configs", "llama2", "pretrain_llama2_tiny.yaml"),
+                    "--use_parallel", "True", "--output_dir", str(out),
+                    "--processor.tokenizer.tokenizer_file", str(tiny_run_data / "tokenizer.json"),
+                    "--use_graceful_exit", "True"] + train_args(tiny_run_data, 300, 100))
+    tag = f"{os.getpid()}-{time.time_ns()}"
+    env = dict(_env(E2E_KILL_TAG=tag), PATH=os.path.dirname(sys.executable) + os.pathsep
+               + os.environ.get("PATH", ""))
+    with open(tmp_path / "launcher.out", "wb") as fh:
+        proc = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "msrun_launcher.sh"), cmd,
+                                 "2", str(free_port()), str(logs), "True", "300"],
+                                cwd=str(tmp_path), env=env, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        wait_for_step(proc, str(logs / "worker_0.log"), 2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=180) == 0, open(tmp_path / "launcher.out").read()[-3000:]
+    finally:
+        kill_tagged(tag)
+    assert "every worker saved and stopped" in open(tmp_path / "launcher.out").read()
+    stopped = [re.findall(r"stopped after global step (\d+)", open(logs / f"worker_{w}.log").read())
+               for w in (0, 1)]
+    reached = int(stopped[0][0])
+    assert stopped[1] == [] or stopped[1] == [str(reached)]   # rank 1 prints nothing (not main)
+    assert [e.global_step for e in load_committed_entries(str(out / "checkpoint"))] == [reached]
