@@ -348,6 +348,35 @@ def warn_no_effect(obj, table, where: str) -> None:
 
 
 @dataclass
+class OnRequestExitConfig:
+    """`{type: OnRequestExit}` — MindSpore's graceful-exit callback, as MindSpore Transformers
+    configures it: with `use_graceful_exit: True`, SIGTERM or `config_file` holding
+    `{"GracefulExit": 1}` stops the run after the current step; `save_ckpt` saves that step
+    through the CheckpointMonitor first (trainer/stop.py)."""
+
+    type: str = "OnRequestExit"
+    save_ckpt: bool = True
+    save_mindir: bool = False
+    file_name: str = "Net"
+    directory: str = "./"
+    config_file: Optional[str] = None
+    sig: Any = None
+
+    def _validate(self, where: str) -> None:
+        _require(self.sig in (None, 15, "SIGTERM", "signal.SIGTERM"),
+                 f"config key '{_key(where, 'sig')}': only SIGTERM (15) asks for a graceful "
+                 f"exit here, got {self.sig!r}")
+        warn_no_effect(self, NO_EFFECT_ON_REQUEST_EXIT, where)
+
+
+NO_EFFECT_ON_REQUEST_EXIT = {
+    "save_mindir": "no MindIR is exported",
+    "file_name": "the step is saved by the CheckpointMonitor, with its prefix",
+    "directory": "the step is saved by the CheckpointMonitor, in its directory",
+}
+
+
+@dataclass
 class SummaryMonitorConfig:
     """`{type: SummaryMonitor}` / `{type: ProfileMonitor}` — accepted, no effect on this runtime."""
 
@@ -358,6 +387,7 @@ class SummaryMonitorConfig:
 CALLBACK_TYPES = {
     "MFLossMonitor": MFLossMonitorConfig,
     "CheckpointMonitor": CheckpointMonitorConfig,
+    "OnRequestExit": OnRequestExitConfig,
 }
 
 

@@ -2,7 +2,8 @@
 CheckpointMonitor's `exception_save`, as MindSpore Transformers does them.
 
 Graceful exit (MindSpore's `OnRequestExit`, which MindSpore Transformers enables with
-`use_graceful_exit: True`): SIGTERM only sets a flag; at the end of the step under way every
+`use_graceful_exit: True`; here `use_graceful_exit` alone is enough, an OnRequestExit entry adds
+its `config_file` and `save_ckpt`): SIGTERM only sets a flag; at the end of the step under way every
 rank learns whether any rank was asked to stop (one all-reduce per step on more than one rank,
 so all stop after the same step), the CheckpointMonitor saves and commits that step unless it
 has just done so, the callbacks' `on_train_end` runs and the run returns normally: exit code 0.
@@ -18,6 +19,7 @@ starts, before any of its work.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -31,14 +33,30 @@ FAULT_ENV = "MFST_FAULT_RAISE_AT_STEP"
 
 
 class GracefulExit:
-    """While active, SIGTERM asks the run to stop after the current step (see the module doc).
-    `enabled` False: SIGTERM keeps whatever handler was installed (run_mindformer.py: exit 143)."""
+    """While active, SIGTERM — or `config_file` holding `{"GracefulExit": 1}` (OnRequestExit's)
+    — asks the run to stop after the current step (see the module doc); `save` says whether
+    that step is saved first (OnRequestExit's save_ckpt). `enabled` False: SIGTERM keeps
+    whatever handler was installed (run_mindformer.py: exit 143)."""
 
-    def __init__(self, enabled: bool, ctx):
+    def __init__(self, enabled: bool, ctx, config_file: Optional[str] = None, save: bool = True):
         self.enabled = bool(enabled)
         self.ctx = ctx
+        self.config_file = config_file
+        self.save = bool(save)
         self.requested = False
         self._previous = None
+
+    @classmethod
+    def of_config(cls, config, ctx) -> "GracefulExit":
+        """From `use_graceful_exit` and the OnRequestExit callback entry, if any. As in
+        MindSpore, OnRequestExit without use_graceful_exit does nothing (a warning says so)."""
+        entry = config.callback("OnRequestExit")
+        if entry is not None and not config.use_graceful_exit:
+            logger.warning("callbacks: OnRequestExit has no effect without use_graceful_exit: "
+                           "True (as in MindSpore Transformers)")
+        return cls(config.use_graceful_exit, ctx,
+                   entry.config_file if entry is not None else None,
+                   entry.save_ckpt if entry is not None else True)
 
     def __enter__(self) -> "GracefulExit":
         if self.enabled:
@@ -60,7 +78,23 @@ class GracefulExit:
         rank: a collective on more than one rank)."""
         if not self.enabled:
             return False
+        if not self.requested and self.config_file and _asks_to_exit(self.config_file):
+            logger.warning("%s asks for a graceful exit: stopping after the current step",
+                           self.config_file)
+            self.requested = True
         return not all_ranks(self.ctx, not self.requested)
+
+
+def _asks_to_exit(path: str) -> bool:
+    """True when the JSON file `path` exists and holds `"GracefulExit": 1` (MindSpore's key)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh).get("GracefulExit") == 1
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, AttributeError) as exc:
+        logger.warning("%s: cannot read the graceful-exit request (%s)", path, exc)
+        return False
 
 
 def inject_fault(global_step: int) -> None:

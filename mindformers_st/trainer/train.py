@@ -134,11 +134,12 @@ def run_train(config, resolved, ctx) -> TrainState:
                   flush=True)
         return state
     callbacks = build_callbacks(config)
-    if config.use_graceful_exit and not any(getattr(cb, "save_unsaved_step", None)
-                                            for cb in callbacks):
+    graceful = GracefulExit.of_config(config, ctx)
+    if graceful.enabled and graceful.save and not any(getattr(cb, "save_unsaved_step", None)
+                                                      for cb in callbacks):
         raise ConfigError("use_graceful_exit: True saves through the CheckpointMonitor callback, "
-                          "and callbacks: has none; add {type: CheckpointMonitor} or drop "
-                          "use_graceful_exit")
+                          "and callbacks: has none; add {type: CheckpointMonitor} (or set "
+                          "OnRequestExit save_ckpt: False to stop without saving)")
     for cb in callbacks:
         cb.on_train_begin(run_context_of(state))
     epoch, step_in_epoch = data_start(config, state.global_step, data.steps_per_epoch)
@@ -152,7 +153,7 @@ def run_train(config, resolved, ctx) -> TrainState:
     if ctx.is_main:
         print(f"training {total} steps ({data.steps_per_epoch} per epoch, global batch "
               f"{data.plan.global_batch} x {seq_len + 1} tokens, {ctx.world_size} ranks)", flush=True)
-    with GracefulExit(config.use_graceful_exit, ctx) as graceful:
+    with graceful:
         try:
             _loop(state, data, step, callbacks, graceful, epoch, step_in_epoch, total, seq_len)
         except BaseException as exc:
@@ -188,17 +189,21 @@ def _loop(state, data, step, callbacks, graceful, epoch, step_in_epoch, total, s
             for cb in callbacks:
                 cb.on_train_step_end(step_context)
             if graceful.stop_now():
-                _stop_gracefully(state, callbacks, step_context)
+                _stop_gracefully(state, callbacks, step_context, graceful.save)
                 return
         epoch, step_in_epoch = epoch + 1, 0
 
 
-def _stop_gracefully(state, callbacks, run_context) -> None:
-    """Save and commit the step just finished (unless it was just saved) and say so."""
-    for cb in callbacks:
-        if getattr(cb, "save_unsaved_step", None):
-            cb.save_unsaved_step(run_context)
+def _stop_gracefully(state, callbacks, run_context, save: bool) -> None:
+    """Save and commit the step just finished (unless it was just saved, or `save` is False)
+    and say so."""
+    if save:
+        for cb in callbacks:
+            if getattr(cb, "save_unsaved_step", None):
+                cb.save_unsaved_step(run_context)
     if state.ctx.is_main:
-        print(f"[train] graceful exit (SIGTERM, use_graceful_exit): stopped after global step "
-              f"{state.global_step}, which is saved and committed; resume with "
-              f"--resume_training True --load_checkpoint <the checkpoint folder>", flush=True)
+        print(f"[train] graceful exit (use_graceful_exit): stopped after global step "
+              f"{state.global_step}" + (", which is saved and committed; resume with "
+                                        "--resume_training True --load_checkpoint <the checkpoint "
+                                        "folder>" if save else " without saving (save_ckpt: False)"),
+              flush=True)
