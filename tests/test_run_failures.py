@@ -133,3 +133,11 @@ def test_a_full_disk_names_the_path_and_what_was_written(tiny_run_data, tmp_path
     assert "online merge of distributed weights into unified_checkpoint" in line
     assert "ENOSPC" in line and str(small_disk / "run2") in line
     assert not [n for n in os.listdir(small_disk / "run2") if n.endswith(".building")]
+    # a read-only disk: the first write (the strategy files) names itself and EROFS
+    res = subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True)
+    if res.returncode == 0:
+        code, _, err = run_job(tiny_run_data, small_disk / "run3", *train_args(tiny_run_data, 4, 2))
+        assert code == 1
+        line = one_error_line(err)
+        assert "strategy files" in line and "Read-only file system (EROFS)" in line
+        assert str(small_disk / "run3") in line
