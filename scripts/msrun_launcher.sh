@@ -241,6 +241,8 @@ if [ "$RC" != 0 ] && [ "$JOIN" = True ]; then
       tail -n 15 "$log" >&2
     done
   fi
+  # The workers' own one-line reasons (run_mindformer.py prints one `error:` line), each once, last.
+  grep -h "^error: " "$LOG_DIR"/worker_*.log 2>/dev/null | sort -u | sed 's/^error: /error: worker: /' >&2
   if [ "$GOT_TERM" = 1 ] && [ "$RC" != 124 ]; then
     echo "error: terminated (SIGTERM) before every worker had saved and stopped; logs in $LOG_DIR" >&2
     RC=143

@@ -141,3 +141,20 @@ def test_a_full_disk_names_the_path_and_what_was_written(tiny_run_data, tmp_path
         line = one_error_line(err)
         assert "strategy files" in line and "Read-only file system (EROFS)" in line
         assert str(small_disk / "run3") in line
+
+
+@pytest.mark.slow
+def test_under_the_msrun_launcher_the_workers_line_comes_last(tmp_path):
+    from tests.conftest import free_port
+    afile = tmp_path / "out"
+    afile.write_text("x")
+    cmd = " ".join([os.path.join(ROOT, "run_mindformer.py"), "--config", PRETRAIN,
+                    "--use_parallel", "True", "--output_dir", str(afile)])
+    env = dict(_env(), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    res = subprocess.run(["bash", os.path.join(ROOT, "scripts", "msrun_launcher.sh"), cmd, "2",
+                          str(free_port()), str(tmp_path / "log"), "True", "60"],
+                         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-2:]
+    assert last[0].startswith("error: worker: config key 'output_dir' (--output_dir)")
+    assert last[1].startswith("error: distributed job failed")
