@@ -397,7 +397,11 @@ class CheckpointMonitor(MindSporeCallback):
         dropped = self._committed[:max(0, len(self._committed) - self.keep_max)]
         self._committed = self._committed[len(dropped):]
         if ctx.is_main:
-            cm.write_committed(self.directory, ctx.world_size, self._committed)
+            try:
+                cm.write_committed(self.directory, ctx.world_size, self._committed)
+            except OSError as exc:   # the files are written; without the record nothing counts
+                raise write_failed(f"training save of global step {pending.global_step}: its "
+                                   f"commit record", self.directory, exc) from exc
         all_ranks(ctx, True)   # committed.json no longer names the dropped saves past here
         if dropped:
             self._prune(ctx, dropped)
