@@ -33,7 +33,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, os_error_text, write_failed
 from ..parallel.agree import all_ranks, broadcast_json
 from ..records import commit as cm
 from ..records.names import ckpt_file_name, rank_dir_name
@@ -107,7 +107,7 @@ class CheckpointMonitor(MindSporeCallback):
                  save_trainable_params: bool = False, integrated_save: bool = True,
                  global_batch_size: Optional[int] = None, output_dir: str = "./output",
                  save_checkpoint_seconds: int = 0, keep_checkpoint_per_n_minutes: int = 0,
-                 layouts=None, use_legacy_format: bool = True):
+                 layouts=None, use_legacy_format: bool = True, exception_save: bool = False):
         super().__init__()
         if not isinstance(prefix, str) or not prefix or "/" in prefix or "\\" in prefix:
             raise ConfigError(f"CheckpointMonitor prefix must be a non-empty name without '/', got {prefix!r}")
@@ -150,6 +150,8 @@ class CheckpointMonitor(MindSporeCallback):
         self.global_batch_size = global_batch_size
         self.use_legacy_format = bool(use_legacy_format)
         self._iterations: List[int] = []   # Checkpoint 2.0 saves of this run, oldest first
+        # read by our trainer (trainer/stop.py), which saves the last completed step on an exception
+        self.exception_save = bool(exception_save)
         self.stats: List[SaveStats] = []
         self._pending: Optional[_Save] = None
         self._committed: List[cm.CommittedSave] = []
@@ -178,7 +180,8 @@ class CheckpointMonitor(MindSporeCallback):
                    output_dir=getattr(config, "output_dir", "./output"),
                    save_checkpoint_seconds=cb_cfg.save_checkpoint_seconds,
                    keep_checkpoint_per_n_minutes=cb_cfg.keep_checkpoint_per_n_minutes,
-                   use_legacy_format=getattr(config, "use_legacy_format", True))
+                   use_legacy_format=getattr(config, "use_legacy_format", True),
+                   exception_save=cb_cfg.exception_save)
 
     # ---- paths -------------------------------------------------------------------------------
     def _extra_root(self, kind: str) -> str:
@@ -226,7 +229,10 @@ class CheckpointMonitor(MindSporeCallback):
         folders = ([os.path.dirname(p) for p in self._paths(ctx.rank, 0, 0)]
                    if self.use_legacy_format else [self.directory])   # 2.0: no rank_x/
         for folder in folders:
-            os.makedirs(folder, exist_ok=True)
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise write_failed("training save folder", folder, exc) from exc
             _sweep_temporaries(folder)
         if ctx.is_main:
             _sweep_temporaries(self.directory)
@@ -362,6 +368,25 @@ class CheckpointMonitor(MindSporeCallback):
             pending.blocked = time.perf_counter() - t0
             self._commit(ctx, pending)
 
+    def save_unsaved_step(self, run_context) -> bool:
+        """Save and commit the step `run_context` describes unless a save of it is committed or
+        under way (graceful exit, exception_save); an async save is committed before returning.
+        Every rank must call this at the same step. Returns True when it saved."""
+        if self._ctx is None:
+            self.on_train_begin(run_context)
+        step = self._global_step(run_context.original_args())
+        done = {e.global_step for e in self._committed}
+        if self._pending is not None:
+            done.add(self._pending.global_step)
+        if step <= 0 or step in done:
+            if self._pending is not None:
+                self._wait_and_commit(self._ctx)
+            return False
+        self.save(run_context)
+        if self._pending is not None:
+            self._wait_and_commit(self._ctx)
+        return True
+
     def _wait_and_commit(self, ctx) -> None:
         pending = self._pending
         t0 = time.perf_counter()
@@ -383,8 +408,11 @@ class CheckpointMonitor(MindSporeCallback):
         rank_dir = os.path.dirname(pending.paths[0])
         rel = os.path.relpath(pending.paths[0], self.directory)
         if not all_ranks(ctx, pending.error is None):   # also the barrier: every file is durable
-            why = f"this rank: {pending.error}" if pending.error else "another rank failed (see its log)"
-            raise CheckpointError(f"save of global step {pending.global_step} ({name}) failed and was "
+            err = pending.error
+            why = ("another rank failed (see its log)" if err is None else
+                   f"this rank: writing {os_error_text(err, pending.paths[0])}"
+                   if isinstance(err, OSError) else f"this rank: {err}")
+            raise CheckpointError(f"training save of global step {pending.global_step} ({name}) failed and was "
                                   f"not committed ({why}); the last committed save in {self.directory} "
                                   f"is still valid. Fix the cause (disk space? permissions?) and resume.")
         files = {r: os.path.join(rank_dir_name(r), ckpt_file_name(self.prefix, r, pending.epoch,
@@ -399,7 +427,11 @@ class CheckpointMonitor(MindSporeCallback):
         dropped = self._committed[:max(0, len(self._committed) - self.keep_max)]
         self._committed = self._committed[len(dropped):]
         if ctx.is_main:
-            cm.write_committed(self.directory, ctx.world_size, self._committed)
+            try:
+                cm.write_committed(self.directory, ctx.world_size, self._committed)
+            except OSError as exc:   # the files are written; without the record nothing counts
+                raise write_failed(f"training save of global step {pending.global_step}: its "
+                                   f"commit record", self.directory, exc) from exc
         all_ranks(ctx, True)   # committed.json no longer names the dropped saves past here
         if dropped:
             self._prune(ctx, dropped)
