@@ -5,7 +5,9 @@
     bash scripts/msrun_launcher.sh "run_mindformer.py --config ... --use_parallel True" 2
 
 Flags are MindSpore Transformers' (see docs/runtime.md); any `--a.b.c value` overrides that
-YAML key. Exit code 0 on success, 1 on a configuration/checkpoint error (message on stderr).
+YAML key. Exit code 0 on success (also after a graceful exit, see docs/runtime.md), 1 on a
+configuration, checkpoint or file-system error, 143 on SIGTERM, 130 on SIGINT: always one
+`error:` line on stderr naming the key or path.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from mindformers_st.errors import ConfigError, MindformersSTError  # noqa: E402
+from mindformers_st.errors import ConfigError  # noqa: E402
 
 logger = logging.getLogger("run_mindformer")
 
@@ -48,20 +50,24 @@ def _rank_from_env() -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the job described by argv; returns the process exit code."""
+    from mindformers_st.cli import run_reporting
     from mindformers_st.config import load_config, parse_run_args
 
     rank = _rank_from_env()
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    try:
+
+    def job() -> int:
         args = parse_run_args(sys.argv[1:] if argv is None else argv)
         if args.register_path:
             import_register_path(args.register_path)
         cfg = load_config(args.config, args.overrides)
         return run(cfg, rank)
-    except MindformersSTError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
+
+    # One error line per failure, as the offline tools report them (mindformers_st/cli.py).
+    return run_reporting("run_mindformer", job,
+                         "saves committed before stay valid (use_graceful_exit: True saves the "
+                         "current step first)")
 
 
 def run(cfg, rank: int = 0) -> int:
@@ -69,6 +75,9 @@ def run(cfg, rank: int = 0) -> int:
     from mindformers_st.trainer.resolve import (describe_plan, parallel_config_of, resolve_model,
                                                write_strategy)
 
+    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+        raise ConfigError(f"config key 'output_dir' (--output_dir): {cfg.output_dir} is a file, "
+                          f"not a folder; name a folder (it is created when absent)")
     resolved = resolve_model(cfg)
     if cfg.only_save_strategy:
         if rank == 0:

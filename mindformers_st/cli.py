@@ -11,14 +11,14 @@ import logging
 import os
 import signal
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
-from .errors import MindformersSTError
+from .errors import MindformersSTError, os_error_text
 
 # module name in mindformers_st.commands, in the order `--help` lists them
 COMMAND_MODULES = [
     "inspect", "verify", "merge", "split", "reshard",
-    "convert_hf", "export_hf", "ckpt_to_safetensors",
+    "convert_hf", "export_hf", "ckpt_to_safetensors", "convert_layout",
 ]
 
 
@@ -41,12 +41,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    return run_reporting(args.command, lambda: args.func(args), "nothing was written")
+
+
+def run_reporting(name: str, func: Callable[[], Optional[int]], after_signal: str) -> int:
+    """Run `func()` and turn every way it can fail into one `error:` line on stderr and an exit
+    code: 1 for our errors and refused file-system writes (the path and the reason), 143 for
+    SIGTERM and 130 for SIGINT (`after_signal` says what was left behind), 0 when stdout's
+    reader went away (`... | head`). The one place the offline tools and run_mindformer.py
+    report failures; returns func's code (0 for None)."""
     # SIGTERM unwinds like Ctrl-C, so the engine removes its staging folder on the way out.
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        return int(args.func(args) or 0)
+        return int(func() or 0)
     except MindformersSTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error_line(str(exc))
         return 1
     except BrokenPipeError:   # `mindformers-st inspect ... | head`: the reader left
         try:
@@ -55,17 +64,24 @@ def main(argv: Optional[List[str]] = None) -> int:
             pass
         return 0
     except OSError as exc:   # the file system refused (full, read-only, a file in the way)
-        where = getattr(exc, "filename", None)
-        print(f"error: {where + ': ' if where else ''}{exc.strerror or exc}", file=sys.stderr)
+        _error_line(os_error_text(exc))
         return 1
     except _Terminated:
-        print(f"error: {args.command}: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        _error_line(f"{name}: terminated (SIGTERM); {after_signal}")
         return 143
     except KeyboardInterrupt:
-        print(f"error: {args.command}: interrupted; nothing was written", file=sys.stderr)
+        _error_line(f"{name}: interrupted; {after_signal}")
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _error_line(text: str) -> None:
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    print(f"error: {text}", file=sys.stderr, flush=True)
 
 
 class _Terminated(BaseException):

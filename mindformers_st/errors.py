@@ -38,3 +38,22 @@ class UndescribedRankFilesError(CheckpointError):
 
 class ChecksumError(CheckpointError):
     """Stored bytes do not match the checksum recorded for them (the file is corrupt)."""
+
+
+class WriteError(MindformersSTError):
+    """The file system refused a write (full, read-only, no permission, a file in the way); the
+    message names what was being written and where."""
+
+
+def os_error_text(exc: OSError, path: str = "") -> str:
+    """`path: reason (ENAME)` for an OSError: its own file name when it has one, else `path`."""
+    import errno as _errno
+    where = getattr(exc, "filename", None) or path
+    reason = exc.strerror or str(exc)
+    name = _errno.errorcode.get(exc.errno or 0)
+    return f"{where + ': ' if where else ''}{reason}{f' ({name})' if name else ''}"
+
+
+def write_failed(what: str, path: str, exc: OSError) -> WriteError:
+    """A WriteError saying that writing `what` to `path` failed and why (raise it `from exc`)."""
+    return WriteError(f"{what}: writing {os_error_text(exc, path)}")

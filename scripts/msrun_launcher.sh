@@ -13,6 +13,8 @@
 # script waits and exits non-zero when a worker fails (printing the tail of its log);
 # MF_LAUNCH_TIMEOUT=SECONDS kills the whole job (exit 124) when it runs longer;
 # MF_BIND_CORE=True passes --bind_core=True (off by default: CPU workers share few cores);
+# SIGTERM is passed on to the workers (graceful exit: docs/runtime.md), MF_GRACE_SECONDS (300)
+# later the job is killed;
 # MF_MASTER_PORT changes the default port 8118 of the 1- and 2-argument forms.
 set -u
 
@@ -160,7 +162,33 @@ kill_job() {
     fi
   done
 }
-trap 'kill_job; exit 130' INT TERM
+trap 'kill_job; exit 130' INT
+
+# SIGTERM (a preempted cluster's notice) goes on to the workers only — not msrun, not the
+# scheduler — so a run with use_graceful_exit: True finishes its step, saves, commits and exits
+# 0 on every rank (the others exit 143 with one line). After MF_GRACE_SECONDS (default 300) the
+# job is killed as on SIGINT.
+GOT_TERM=0
+forward_term() {
+  [ "$GOT_TERM" = 1 ] && return
+  GOT_TERM=1
+  echo "SIGTERM: passing it on to the workers (use_graceful_exit saves the current step);" \
+       "killing the job after ${MF_GRACE_SECONDS:-300} s" >&2
+  local f pid env
+  for f in /proc/[0-9]*/environ; do
+    pid=${f#/proc/}; pid=${pid%/environ}
+    [ "$pid" = "$$" ] && continue
+    env=$(tr '\0' '\n' < "$f" 2>/dev/null) || continue
+    if grep -qx "MF_LAUNCH_ID=$MF_LAUNCH_ID" <<< "$env" && grep -qx "MS_ROLE=MS_WORKER" <<< "$env" \
+       && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" != tail ]; then
+      kill -TERM "$pid" 2>/dev/null
+    fi
+  done
+  ( sleep "${MF_GRACE_SECONDS:-300}" && kill -USR2 $$ 2>/dev/null ) </dev/null >/dev/null 2>&1 &
+  GRACE_PID=$!
+}
+trap forward_term TERM
+trap 'kill_job' USR2
 
 TIMED_OUT=0
 if [ -n "${MF_LAUNCH_TIMEOUT:-}" ]; then
@@ -182,6 +210,12 @@ if [ -n "${WATCHDOG_PID:-}" ]; then
   pkill -P "$WATCHDOG_PID" sleep 2>/dev/null   # its sleep first, or it outlives us
   kill "$WATCHDOG_PID" 2>/dev/null
   wait "$WATCHDOG_PID" 2>/dev/null
+fi
+
+if [ -n "${GRACE_PID:-}" ]; then
+  pkill -P "$GRACE_PID" sleep 2>/dev/null
+  kill "$GRACE_PID" 2>/dev/null
+  wait "$GRACE_PID" 2>/dev/null
 fi
 
 if [ "$TIMED_OUT" = 1 ]; then
@@ -207,7 +241,16 @@ if [ "$RC" != 0 ] && [ "$JOIN" = True ]; then
       tail -n 15 "$log" >&2
     done
   fi
-  echo "error: distributed job failed (exit $RC); logs in $LOG_DIR" >&2
-  [ "$RC" = 124 ] || RC=1
+  # The workers' own one-line reasons (run_mindformer.py prints one `error:` line), each once, last.
+  grep -h "^error: " "$LOG_DIR"/worker_*.log 2>/dev/null | sort -u | sed 's/^error: /error: worker: /' >&2
+  if [ "$GOT_TERM" = 1 ] && [ "$RC" != 124 ]; then
+    echo "error: terminated (SIGTERM) before every worker had saved and stopped; logs in $LOG_DIR" >&2
+    RC=143
+  else
+    echo "error: distributed job failed (exit $RC); logs in $LOG_DIR" >&2
+    [ "$RC" = 124 ] || RC=1
+  fi
+elif [ "$GOT_TERM" = 1 ] && [ "$RC" = 0 ]; then
+  echo "SIGTERM: every worker saved and stopped (graceful exit)"
 fi
 exit "$RC"

@@ -75,3 +75,23 @@ def kill_once_committed(proc, tag: str, ckpt_dir: str, reached, timeout: float,
     finally:
         kill_tagged(tag)
         proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_data(tmp_path_factory):
+    """A tokenizer.json and a MindRecord dataset (seq_length 64) for run_mindformer.py runs with
+    the tiny configs: `tiny_run_data / "tokenizer.json"`, `tiny_run_data / "wiki.mindrecord"`."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path_factory.mktemp("tiny_run_data")
+    assets = os.path.join(root, "mindformers_st", "data", "assets")
+    tok = str(out / "tokenizer.json")
+    env = dict(os.environ, PYTHONPATH=root)
+    for args in (["train-tokenizer", "--input", f"{assets}/tiny_corpus.txt", "--vocab_size", "512",
+                  "--output", tok],
+                 ["pretrain", "--input", f"{assets}/tiny_corpus.txt", "--tokenizer", tok,
+                  "--seq_length", "64", "--output", str(out / "wiki.mindrecord")]):
+        subprocess.run([sys.executable, "-m", "mindformers_st.data", *args], check=True, cwd=root,
+                       capture_output=True, timeout=300, env=env)
+    return out

@@ -108,5 +108,18 @@ def _needs_recut(path: str, ctx) -> bool:
         root = os.path.dirname(parent) if parse_rank_dir(parent) is not None else ""
     ranks = rank_folders(root) if root else {}
     if not ranks:
-        return ctx.world_size > 1
+        world = _iteration_world(path)
+        return ctx.world_size > 1 if world is None else world != ctx.world_size
     return len(ranks) != ctx.world_size
+
+
+def _iteration_world(path: str) -> Optional[int]:
+    """The world size a Checkpoint 2.0 save was written by (its shard names), else None (any
+    problem with the folder is the loader's to report)."""
+    from ..errors import MindformersSTError
+    from ..records.iteration import find_iteration, parse_shard_file, shard_files
+    try:
+        it = find_iteration(path if os.path.isdir(path) else os.path.dirname(path))
+        return None if it is None else parse_shard_file(shard_files(it.folder)[0]).world
+    except (MindformersSTError, OSError):
+        return None

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..errors import ChecksumError, CheckpointError, ConfigError, MindformersSTError
+from ..errors import ChecksumError, CheckpointError, ConfigError, MindformersSTError, write_failed
 from ..parallel.agree import all_reduce_sum
 from ..storage.atomic import atomic_write_text
 from ..transform.execute import (commit_folder, execute_files, read_source_shapes,
@@ -118,18 +118,23 @@ def build_derived_folder(out_dir: str, fp: Dict[str, Any], ctx, what: str,
         logger.info("%s: reusing %s (source unchanged)", what, out_dir)
         return False
     staging = out_dir.rstrip("/") + ".building"
+    failure = None
     if rank == 0:
         logger.info("%s: building %s on %d of %d rank(s) (transform_process_num; ranks %s)",
                     what, out_dir, len(builders), world, builders)
         shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
+        try:
+            os.makedirs(staging)
+        except OSError as exc:
+            failure = write_failed(what, staging, exc)
     _barrier(ctx)
-    failure = None
-    try:
-        if rank in builders:
+    if failure is None and rank in builders:
+        try:
             build_share(staging, builders.index(rank), len(builders))
-    except (MindformersSTError, OSError) as exc:
-        failure = exc
+        except MindformersSTError as exc:
+            failure = exc
+        except OSError as exc:   # full, read-only...: one line naming the folder, not a traceback
+            failure = write_failed(f"{what} into {os.path.basename(out_dir)}", staging, exc)
     try:   # also the barrier: every share is written past here
         agree_or_raise(ctx, failure, f"{what}: building {out_dir}")
         if rank == 0:
@@ -137,9 +142,11 @@ def build_derived_folder(out_dir: str, fp: Dict[str, Any], ctx, what: str,
                 finish(staging)
             atomic_write_text(os.path.join(staging, FINGERPRINT_FILE), json.dumps(fp, indent=1))
             commit_folder(staging, out_dir, overwrite=True)
-    except BaseException:
+    except BaseException as exc:
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise write_failed(f"{what} into {os.path.basename(out_dir)}", out_dir, exc) from exc
         raise
     _barrier(ctx)
     return True

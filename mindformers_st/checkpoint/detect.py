@@ -1,5 +1,6 @@
 """What `load_checkpoint` points at: Hugging Face weights, complete MindSpore weights, a folder of
-`rank_x/` distributed weights, one file, or MindSpore `.ckpt` files.
+`rank_x/` distributed weights, one file, MindSpore `.ckpt` files, or MindSpore Transformers 2.x's
+Checkpoint 2.0 layout (`iteration_XXXXXXXX/`, records.iteration).
 
 Detection reads directory listings and safetensors headers only (never tensor data), so it is
 cheap enough to run on every rank. It also enforces `load_ckpt_format`: a folder that holds the
@@ -15,6 +16,8 @@ from typing import List, Optional
 
 from ..convert.rules import ALL_RENAMES, translate
 from ..errors import ConfigError, CheckpointError
+from ..records.iteration import (METADATA_FILE, find_iteration, refuse_mixed_layouts,
+                                 parse_iteration_dir, parse_shard_file, shard_files)
 from ..records.names import HYPER_FILE, parse_rank_dir, rank_folders, step_suffix
 from ..storage.index import HF_INDEX, MS_INDEX, read_index
 from ..storage.reader import read_header
@@ -34,6 +37,9 @@ class CheckpointSource:
     path: the folder (or the single complete file) to read.
     file_suffix: "{epoch}_{step}" when a rank file was named, so every rank takes that step.
     files: the weight files found (top level for complete/hf; rank 0's folder for distributed).
+    layout: "legacy", or "iteration" for a Checkpoint 2.0 save (path is then its
+        `iteration_XXXXXXXX/` folder; kind "complete" for a one-card save without
+        metadata.json, "distributed" with one).
     """
 
     kind: str
@@ -41,6 +47,7 @@ class CheckpointSource:
     path: str
     file_suffix: Optional[str] = None
     files: tuple = ()
+    layout: str = "legacy"
 
 
 def _ext(fmt: str) -> str:
@@ -89,6 +96,8 @@ def detect_checkpoint(path: str, load_ckpt_format: str = "ckpt") -> CheckpointSo
       names a step of distributed weights (every rank loads the file of that step), otherwise it
       is complete weights in one file (Hugging Face names are detected);
     - a folder with `rank_x/` subfolders: distributed weights;
+    - a Checkpoint 2.0 folder (`latest_checkpointed_iteration.txt`: its iteration), one
+      `iteration_XXXXXXXX/` folder, or a `model-`/`opt-` file in one: that iteration;
     - a folder with weight files: complete weights, Hugging Face when `config.json` /
       `model.safetensors.index.json` or the tensor names say so.
     CheckpointError when the path does not exist or holds no weights; ConfigError when it holds
@@ -106,6 +115,9 @@ def detect_checkpoint(path: str, load_ckpt_format: str = "ckpt") -> CheckpointSo
     if os.path.isfile(path):
         return _detect_file(path, fmt)
     ranks = rank_folders(path)
+    refuse_mixed_layouts(path, bool(ranks))
+    if find_iteration(path) is not None:
+        return _detect_iteration(path, fmt)
     if ranks:
         first = ranks[min(ranks)]
         files = _files(first, fmt)
@@ -134,6 +146,15 @@ def detect_checkpoint(path: str, load_ckpt_format: str = "ckpt") -> CheckpointSo
     return CheckpointSource(kind, fmt, path, None, tuple(files))
 
 
+def _detect_iteration(path: str, fmt: str) -> CheckpointSource:
+    it = find_iteration(path)
+    if fmt != "safetensors":
+        raise _wrong_format(path, "safetensors", fmt)
+    files = shard_files(it.folder)
+    kind = "distributed" if os.path.isfile(os.path.join(it.folder, METADATA_FILE)) else "complete"
+    return CheckpointSource(kind, fmt, it.folder, None, tuple(files), "iteration")
+
+
 def _detect_file(path: str, fmt: str) -> CheckpointSource:
     ext = os.path.splitext(path)[1]
     if ext not in (".safetensors", ".ckpt"):
@@ -142,6 +163,9 @@ def _detect_file(path: str, fmt: str) -> CheckpointSource:
     if found != fmt:
         raise _wrong_format(path, found, fmt)
     parent = os.path.dirname(path)
+    if parse_iteration_dir(parent) is not None and parse_shard_file(path) is not None:
+        # one rank's shard of a Checkpoint 2.0 save: the save is the whole iteration folder
+        return _detect_iteration(parent, fmt)
     if parse_rank_dir(parent) is not None:
         # A rank file names a step of distributed weights: MindSpore Transformers globbed
         # `<file>/rank_r/...` here and silently loaded nothing; we load that step on every rank.

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import ceil
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -39,7 +39,8 @@ from ..errors import (CheckpointError, ConfigError, MindformersSTError, PlanErro
 from ..records.scan import select_save
 from ..transform.execute import execute_to_memory
 from ..transform.planner import DEFAULT_MAX_SHARD_SIZE, plan_merge, plan_rank_slices
-from ..transform.sources import SourceCheckpoint, describe_complete, describe_distributed
+from ..transform.sources import (SourceCheckpoint, describe_complete, describe_distributed,
+                                 describe_iteration)
 from ..transform.verify import verify_mode
 from .derived import (LOAD_WORKERS, agree_or_raise, build_derived_folder,
                       build_shared_folder, fingerprint, rank_world, transform_ranks)
@@ -330,15 +331,14 @@ class PendingLoad:
         """The collective half: which files, in which form, read how (LoadMode)."""
         opts, state, ctx, resume = self.opts, self.state, self.ctx, self.resume
         source = detect_checkpoint(opts.load_checkpoint, opts.load_ckpt_format)
-        if file_suffix and source.kind == "distributed":
-            source = CheckpointSource(source.kind, source.format, source.path, file_suffix,
-                                      source.files)
-        if source.kind == "distributed" and not source.file_suffix:
+        iteration = source.layout == "iteration"   # Checkpoint 2.0: its metadata.json says
+        if file_suffix and source.kind == "distributed" and not iteration:
+            source = replace(source, file_suffix=file_suffix)
+        if source.kind == "distributed" and not source.file_suffix and not iteration:
             # The one scanner decides which save (the commit record, when there is one), before
             # any conversion, so a .ckpt folder converted to safetensors loads the same save.
             chosen = select_save(source.path, None, source.format)
-            source = CheckpointSource(source.kind, source.format, source.path, chosen.suffix,
-                                      source.files)
+            source = replace(source, file_suffix=chosen.suffix)
         self.original = source
         _check_mode(source, opts)
         if source.format == "ckpt":
@@ -354,7 +354,8 @@ class PendingLoad:
 
         if source.kind == "complete":
             mode = LoadMode.CUT if opts.use_parallel else LoadMode.WHOLE
-            src = describe_complete(source.path)
+            src = (describe_iteration(source.path) if iteration
+                   else describe_complete(source.path))
             path = source.path
         elif not opts.auto_trans_ckpt:
             mode = LoadMode.SAME_LAYOUT
@@ -371,6 +372,7 @@ class PendingLoad:
                 mode = LoadMode.MERGE_AND_CUT
                 path = merge_online(src, opts, ctx, strategy)
                 src = describe_complete(path)
+        self.counters = dict(src.counters)   # taken before an online merge replaces src
         self.source, self.mode, self.src, self.path = source, mode, src, path
 
     def _read_guarded(self) -> None:
@@ -422,6 +424,11 @@ class PendingLoad:
             report.loaded += state.set_optimizer_states({n: arrays[n] for n in opt_names},
                                                         strict=True)
             report.optimizer_loaded = True
+        for name, value in self.counters.items():   # common.json: only what no file holds
+            report.hyper.setdefault(name, np.asarray([value]))
+        if report.epoch is None and "epoch_num" in self.counters:
+            report.epoch = int(self.counters["epoch_num"])
+            report.step = self.counters.get("step_num")
         report.source = self.original
         if report.epoch is None and self.source.file_suffix:
             report.epoch, report.step = (int(x) for x in self.source.file_suffix.split("_"))
@@ -434,7 +441,13 @@ class PendingLoad:
 
 def _describe_rank_files(source: CheckpointSource, strategy, target_layouts) -> SourceCheckpoint:
     """Describe distributed weights from their own metadata, a given source strategy, or (when
-    neither exists and the files must be this run's layout) the target layouts themselves."""
+    neither exists and the files must be this run's layout) the target layouts themselves.
+    A Checkpoint 2.0 save is described by its own metadata.json."""
+    if source.layout == "iteration":
+        if strategy:
+            logger.warning("load_checkpoint %s: metadata.json describes the slices; "
+                           "src_strategy_path_or_dir is not used", source.path)
+        return describe_iteration(source.path)
     try:
         return describe_distributed(source.path, strategy, source.file_suffix)
     except UndescribedRankFilesError as exc:

@@ -14,6 +14,10 @@ records are `commit.py`; bytes go through `storage/`. One save:
    of the dropped saves and only then writes its `meta.json`, which therefore only ever names
    committed files.
 
+With `use_legacy_format: False` (MindSpore Transformers 2.x) the same snapshot is written in the
+Checkpoint 2.0 layout instead (`iteration_save.py`: iteration folders, common.json,
+metadata.json, the tracker as commit record).
+
 Collectives happen on the main thread, in the same order on every rank: an async save is
 committed at the first step end where every rank's writer has finished (an all-reduce per step
 while one is pending), before the next save starts, or at train end.
@@ -29,7 +33,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, os_error_text, write_failed
 from ..parallel.agree import all_ranks, broadcast_json
 from ..records import commit as cm
 from ..records.names import ckpt_file_name, rank_dir_name
@@ -59,6 +63,7 @@ class _Save:
     write_time: float = 0.0
     error: Optional[BaseException] = None
     thread: Optional[threading.Thread] = None
+    iteration: Optional[tuple] = None     # use_legacy_format False: (CommonInfo, snapshot)
 
     @property
     def done(self) -> bool:
@@ -102,7 +107,7 @@ class CheckpointMonitor(MindSporeCallback):
                  save_trainable_params: bool = False, integrated_save: bool = True,
                  global_batch_size: Optional[int] = None, output_dir: str = "./output",
                  save_checkpoint_seconds: int = 0, keep_checkpoint_per_n_minutes: int = 0,
-                 layouts=None):
+                 layouts=None, use_legacy_format: bool = True, exception_save: bool = False):
         super().__init__()
         if not isinstance(prefix, str) or not prefix or "/" in prefix or "\\" in prefix:
             raise ConfigError(f"CheckpointMonitor prefix must be a non-empty name without '/', got {prefix!r}")
@@ -113,6 +118,14 @@ class CheckpointMonitor(MindSporeCallback):
             raise ConfigError("CheckpointMonitor remove_redundancy: True needs checkpoint_format: "
                               f"safetensors (got {checkpoint_format!r}); set the format or drop "
                               "remove_redundancy")
+        if not use_legacy_format and (checkpoint_format != "safetensors" or remove_redundancy):
+            raise ConfigError("CheckpointMonitor use_legacy_format: False (the Checkpoint 2.0 "
+                              "layout) needs checkpoint_format: safetensors and remove_redundancy: "
+                              f"False (got {checkpoint_format!r}, {remove_redundancy!r})")
+        if not use_legacy_format and (save_network_params or save_trainable_params):
+            raise ConfigError("CheckpointMonitor use_legacy_format: False writes model-/opt- files "
+                              "only; drop save_network_params / save_trainable_params (the model- "
+                              "files already hold the network parameters alone)")
         for key, v in (("save_checkpoint_steps", save_checkpoint_steps),
                        ("keep_checkpoint_max", keep_checkpoint_max)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -135,6 +148,10 @@ class CheckpointMonitor(MindSporeCallback):
         self.save_network_params = bool(save_network_params)
         self.save_trainable_params = bool(save_trainable_params)
         self.global_batch_size = global_batch_size
+        self.use_legacy_format = bool(use_legacy_format)
+        self._iterations: List[int] = []   # Checkpoint 2.0 saves of this run, oldest first
+        # read by our trainer (trainer/stop.py), which saves the last completed step on an exception
+        self.exception_save = bool(exception_save)
         self.stats: List[SaveStats] = []
         self._pending: Optional[_Save] = None
         self._committed: List[cm.CommittedSave] = []
@@ -162,7 +179,9 @@ class CheckpointMonitor(MindSporeCallback):
                    global_batch_size=cb_cfg.global_batch_size,
                    output_dir=getattr(config, "output_dir", "./output"),
                    save_checkpoint_seconds=cb_cfg.save_checkpoint_seconds,
-                   keep_checkpoint_per_n_minutes=cb_cfg.keep_checkpoint_per_n_minutes)
+                   keep_checkpoint_per_n_minutes=cb_cfg.keep_checkpoint_per_n_minutes,
+                   use_legacy_format=getattr(config, "use_legacy_format", True),
+                   exception_save=cb_cfg.exception_save)
 
     # ---- paths -------------------------------------------------------------------------------
     def _extra_root(self, kind: str) -> str:
@@ -207,9 +226,14 @@ class CheckpointMonitor(MindSporeCallback):
         self._last_step = self._global_step(cb)
         if self.remove_redundancy and ctx.world_size == 1:
             logger.info("remove_redundancy on one rank: the file holds everything (nothing is replicated)")
-        for p in self._paths(ctx.rank, 0, 0):
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            _sweep_temporaries(os.path.dirname(p))
+        folders = ([os.path.dirname(p) for p in self._paths(ctx.rank, 0, 0)]
+                   if self.use_legacy_format else [self.directory])   # 2.0: no rank_x/
+        for folder in folders:
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise write_failed("training save folder", folder, exc) from exc
+            _sweep_temporaries(folder)
         if ctx.is_main:
             _sweep_temporaries(self.directory)
             if cb.get("mfst_state") is None:
@@ -307,7 +331,17 @@ class CheckpointMonitor(MindSporeCallback):
         paths = self._paths(ctx.rank, epoch, step)
         pending = _Save(epoch, step, global_step, paths, snap.nbytes)
         jobs = [(paths[0], snap)]
-        if len(paths) > 1:
+        if not self.use_legacy_format:
+            from ..records.iteration import CommonInfo
+            from .iteration_save import iteration_files
+            jobs = iteration_files(self.directory, snap, ctx.rank, ctx.world_size, global_step)
+            pending.paths = paths = [p for p, _ in jobs]
+            os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
+            # common.json as MindSpore Transformers' monitor fills it: step_num is the global step
+            pending.iteration = (CommonInfo(epoch, global_step, global_step,
+                                            float(hyper["loss_scale"]),
+                                            int(hyper["global_batch_size"])), snap)
+        elif len(paths) > 1:
             names = snap.trainable_names if self.save_trainable_params else snap.network_names
             jobs.append((paths[1], snap.subset(names)))
 
@@ -334,6 +368,25 @@ class CheckpointMonitor(MindSporeCallback):
             pending.blocked = time.perf_counter() - t0
             self._commit(ctx, pending)
 
+    def save_unsaved_step(self, run_context) -> bool:
+        """Save and commit the step `run_context` describes unless a save of it is committed or
+        under way (graceful exit, exception_save); an async save is committed before returning.
+        Every rank must call this at the same step. Returns True when it saved."""
+        if self._ctx is None:
+            self.on_train_begin(run_context)
+        step = self._global_step(run_context.original_args())
+        done = {e.global_step for e in self._committed}
+        if self._pending is not None:
+            done.add(self._pending.global_step)
+        if step <= 0 or step in done:
+            if self._pending is not None:
+                self._wait_and_commit(self._ctx)
+            return False
+        self.save(run_context)
+        if self._pending is not None:
+            self._wait_and_commit(self._ctx)
+        return True
+
     def _wait_and_commit(self, ctx) -> None:
         pending = self._pending
         t0 = time.perf_counter()
@@ -347,14 +400,19 @@ class CheckpointMonitor(MindSporeCallback):
 
     def _commit(self, ctx, pending: _Save, waited: float = 0.0) -> None:
         """Make `pending` count on every rank, or raise CheckpointError on every rank."""
+        if pending.iteration is not None:
+            return self._commit_iteration(ctx, pending, waited)
         self._pending = None
         t0 = time.perf_counter()
         name = os.path.basename(pending.paths[0])
         rank_dir = os.path.dirname(pending.paths[0])
         rel = os.path.relpath(pending.paths[0], self.directory)
         if not all_ranks(ctx, pending.error is None):   # also the barrier: every file is durable
-            why = f"this rank: {pending.error}" if pending.error else "another rank failed (see its log)"
-            raise CheckpointError(f"save of global step {pending.global_step} ({name}) failed and was "
+            err = pending.error
+            why = ("another rank failed (see its log)" if err is None else
+                   f"this rank: writing {os_error_text(err, pending.paths[0])}"
+                   if isinstance(err, OSError) else f"this rank: {err}")
+            raise CheckpointError(f"training save of global step {pending.global_step} ({name}) failed and was "
                                   f"not committed ({why}); the last committed save in {self.directory} "
                                   f"is still valid. Fix the cause (disk space? permissions?) and resume.")
         files = {r: os.path.join(rank_dir_name(r), ckpt_file_name(self.prefix, r, pending.epoch,
@@ -369,7 +427,11 @@ class CheckpointMonitor(MindSporeCallback):
         dropped = self._committed[:max(0, len(self._committed) - self.keep_max)]
         self._committed = self._committed[len(dropped):]
         if ctx.is_main:
-            cm.write_committed(self.directory, ctx.world_size, self._committed)
+            try:
+                cm.write_committed(self.directory, ctx.world_size, self._committed)
+            except OSError as exc:   # the files are written; without the record nothing counts
+                raise write_failed(f"training save of global step {pending.global_step}: its "
+                                   f"commit record", self.directory, exc) from exc
         all_ranks(ctx, True)   # committed.json no longer names the dropped saves past here
         if dropped:
             self._prune(ctx, dropped)
@@ -390,6 +452,34 @@ class CheckpointMonitor(MindSporeCallback):
                     pending.global_step, name, pending.nbytes / 1e6, pending.blocked * 1e3,
                     pending.write_time * 1e3, commit_time * 1e3,
                     f"; pruned {[e.key for e in dropped]}" if dropped else "")
+
+    def _commit_iteration(self, ctx, pending: _Save, waited: float = 0.0) -> None:
+        """Checkpoint 2.0: every rank agrees all wrote their files; rank 0 writes common.json,
+        metadata.json and, last, the tracker, then drops folders beyond keep_checkpoint_max."""
+        from .iteration_save import commit_iteration, prune_iterations
+        self._pending = None
+        t0 = time.perf_counter()
+        if not all_ranks(ctx, pending.error is None):
+            why = f"this rank: {pending.error}" if pending.error else "another rank failed (see its log)"
+            raise CheckpointError(f"save of iteration {pending.global_step} failed and was not "
+                                  f"committed ({why}); latest_checkpointed_iteration.txt in "
+                                  f"{self.directory} still names the last good save")
+        if ctx.is_main:
+            common, snap = pending.iteration
+            commit_iteration(self.directory, pending.global_step, common, snap,
+                             self._net.layouts, ctx.world_size)
+        self._iterations = [i for i in self._iterations if i != pending.global_step]
+        self._iterations.append(pending.global_step)
+        all_ranks(ctx, True)   # the tracker names the new save before anything is removed
+        if ctx.is_main:
+            self._iterations = prune_iterations(self.directory, self._iterations, self.keep_max)
+        else:
+            self._iterations = self._iterations[-self.keep_max:]
+        commit_time = time.perf_counter() - t0
+        self.stats.append(SaveStats(pending.global_step, pending.nbytes, pending.blocked,
+                                    pending.write_time, commit_time, waited, pending.thread is not None))
+        logger.info("step %d: committed iteration %d (Checkpoint 2.0, %.1f MB)",
+                    pending.global_step, pending.global_step, pending.nbytes / 1e6)
 
     def _prune(self, ctx, dropped: List[cm.CommittedSave]) -> None:
         """Delete this rank's files of saves no record names any more (rank 0 also removes

@@ -1,7 +1,9 @@
 """`mindformers-st inspect PATH [--json]`: what a checkpoint holds, from its headers only.
 
 PATH is one safetensors file, a complete folder (MindSpore `param_name_map.json`, Hugging Face
-index or a lone `model.safetensors`, or just `*.safetensors`) or a distributed `rank_x/` folder.
+index or a lone `model.safetensors`, or just `*.safetensors`), a distributed `rank_x/` folder, or
+a Checkpoint 2.0 folder (its tracker's iteration, or one `iteration_XXXXXXXX/`: blocks from its
+metadata.json, counters from its common.json).
 Prints one row per stored tensor (dtype, shape, bytes, file; for rank files the block of the
 global tensor it holds, from our `__metadata__` or `--strategy`), step/epoch/metadata, totals.
 `--json` prints the same as one JSON object. Exit 0 when readable; on any error the message and 1.
@@ -17,6 +19,8 @@ from typing import Dict, List, Optional
 from ..errors import CheckpointError, LayoutError
 from ..layout.slices import TensorSlice
 from ..records.hyper import DISPLAY_ORDER, is_hyper
+from ..records.iteration import (IterationSave, find_iteration, parse_shard_file, read_common,
+                                 read_metadata, refuse_mixed_layouts, shard_files)
 from ..records.names import parse_step, rank_folders
 from ..records.rank_meta import RankFileMeta
 from ..records.scan import SaveSelection, complete_files, select_save
@@ -48,6 +52,8 @@ class Checkpoint:
     index: Optional[object] = None     # storage.index.WeightIndex for complete folders
     missing_ranks: List[int] = field(default_factory=list)
     selection: Optional[SaveSelection] = None   # which save of a rank_x/ folder, and why
+    layout: str = "legacy"             # or "iteration" (Checkpoint 2.0)
+    counters: Dict[str, float] = field(default_factory=dict)   # common.json
 
 
 def load_file(path: str, rank: Optional[int] = None) -> StoredFile:
@@ -66,6 +72,10 @@ def scan(path: str, strategy: Optional[str] = None, step: Optional[str] = None) 
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such file or folder")
     ranks = rank_folders(path)
+    refuse_mixed_layouts(path, bool(ranks))
+    it = find_iteration(path)
+    if it is not None:
+        return scan_iteration(it)
     if not ranks:
         index, files = complete_files(path)
         return Checkpoint(path, "complete", [load_file(f) for f in files], index)
@@ -78,6 +88,24 @@ def scan(path: str, strategy: Optional[str] = None, step: Optional[str] = None) 
     if strategy:
         apply_strategy(ckpt, strategy)
     return ckpt
+
+
+def scan_iteration(it: IterationSave) -> Checkpoint:
+    """The files of one Checkpoint 2.0 iteration, each rank file's blocks from metadata.json
+    ("distributed"), or a one-card save without it ("complete")."""
+    meta = read_metadata(it.folder)
+    common = read_common(it.folder)
+    files = [load_file(p, parse_shard_file(p).rank if meta else None)
+             for p in shard_files(it.folder)]
+    if meta is not None:
+        by_name = {os.path.basename(f.path): f for f in files}
+        for t in meta.tensors.values():
+            for chunk in t.chunks:
+                for fname in chunk.files:
+                    if fname in by_name:
+                        by_name[fname].slices[t.name] = chunk.slice
+    return Checkpoint(it.folder, "distributed" if meta else "complete", files,
+                      layout="iteration", counters=common.hyper_values() if common else {})
 
 
 def apply_strategy(ckpt: Checkpoint, strategy: str) -> None:
@@ -142,13 +170,17 @@ def summarize(ckpt: Checkpoint) -> dict:
             epoch, step = key
         for k, v in _hyper_values(f).items():
             hyper.setdefault(k, v)
+    for k, v in ckpt.counters.items():   # common.json
+        hyper.setdefault(k, [v])
+    if step is None and "step_num" in ckpt.counters:
+        step = ckpt.counters["step_num"]
     if step is None and "global_step" in hyper:
         step = hyper["global_step"][0]
     if epoch is None and "epoch_num" in hyper:
         epoch = hyper["epoch_num"][0]
     global_names = {r["name"] for r in rows}
     return {
-        "path": ckpt.path, "kind": ckpt.kind,
+        "path": ckpt.path, "kind": ckpt.kind, "layout": ckpt.layout,
         "index": ({"kind": ckpt.index.kind, "total_size": ckpt.index.total_size}
                   if ckpt.index is not None else None),
         "step": step, "epoch": epoch, "parallel_config": pcfg, "remove_redundancy": dedup,
@@ -170,7 +202,8 @@ def _fmt_block(row: dict) -> str:
 
 def print_table(summary: dict) -> None:
     """Human form of `summarize`'s result."""
-    print(f"{summary['kind']} checkpoint: {summary['path']}")
+    layout = " (Checkpoint 2.0)" if summary.get("layout") == "iteration" else ""
+    print(f"{summary['kind']} checkpoint{layout}: {summary['path']}")
     for key in ("step", "epoch", "remove_redundancy", "parallel_config", "index"):
         if summary.get(key) is not None:
             print(f"  {key}: {summary[key]}")

@@ -1,5 +1,6 @@
-"""`mindformers-st merge SRC DST`: distributed rank_x/ weights -> complete weights
-(`model-0000k-of-0000n.safetensors`, `param_name_map.json`, `hyper_param.safetensors`)."""
+"""`mindformers-st merge SRC DST`: distributed rank_x/ weights (or a Checkpoint 2.0 save) ->
+complete weights (`model-0000k-of-0000n.safetensors`, `param_name_map.json`,
+`hyper_param.safetensors`)."""
 from __future__ import annotations
 
 from ..errors import PlanError
@@ -10,6 +11,9 @@ from .reshard import add_common_args, parse_size, run_plan
 
 def _merge(args) -> int:
     src = describe_source(args.src, args.src_strategy, args.step)
+    if src.layout == "iteration":   # either cut: merged, its common.json counters kept
+        from .convert_layout import counters_writer
+        return run_plan(args, plan_merge(src, args.max_shard_size), finalize=counters_writer(src))
     if src.kind != "distributed":
         raise PlanError(f"{args.src} already holds complete weights; nothing to merge (use "
                         f"`split` or `reshard` to re-cut)")

@@ -4,6 +4,8 @@ Checks, collecting every problem rather than stopping at the first:
 - every file's header is valid safetensors (strict rules of storage/reader.py);
 - recorded xxh3 checksums match the bytes (files without checksums are only header-checked);
 - complete folders: the index names existing files that hold the tensors it lists;
+- Checkpoint 2.0 folders: every chunk metadata.json names is in its file with its shape and
+  dtype, and the blocks tile each tensor (as distributed folders);
 - distributed folders: no rank folder is missing; each stored tensor has the shape of its block;
   the distinct blocks of every global tensor tile it exactly (no hole, no partial overlap);
   with remove_redundancy every block is stored once; replicas agree in dtype and, where both
@@ -23,7 +25,8 @@ from ..records.hyper import is_hyper
 from ..records.names import rank_folders
 from ..records.scan import complete_files, select_save
 from ..storage.reader import open_safetensors
-from .inspect import Checkpoint, StoredFile, apply_strategy, load_file
+from ..records.iteration import find_iteration, refuse_mixed_layouts
+from .inspect import Checkpoint, StoredFile, apply_strategy, load_file, scan_iteration
 from .options import add_step_arg
 
 logger = logging.getLogger(__name__)
@@ -179,6 +182,19 @@ def _check_tiling(folder: str, files: List[StoredFile], problems: List[str]) -> 
                                     f"{first[0]} and {other[0]} have different checksums")
 
 
+def _check_iteration(path: str, problems: List[str]) -> List[StoredFile]:
+    from ..transform.sources import describe_iteration
+    try:
+        ckpt = scan_iteration(find_iteration(path))
+        describe_iteration(path)   # each chunk in its file, shapes, dtypes, no hole
+    except (MindformersSTError, OSError) as exc:
+        problems.append(str(exc))
+        return []
+    if ckpt.kind == "distributed":
+        _check_tiling(ckpt.path, ckpt.files, problems)
+    return ckpt.files
+
+
 def verify_path(path: str, strategy: Optional[str] = None, step: Optional[str] = None
                 ) -> Tuple[List[str], dict]:
     """(problems, stats) for the checkpoint at `path`; problems is [] when it is sound."""
@@ -188,7 +204,15 @@ def verify_path(path: str, strategy: Optional[str] = None, step: Optional[str] =
         files = [f for f in [_try_load(path, None, problems)] if f is not None]
         kind = "file"
     elif os.path.isdir(path):
-        if rank_folders(path):
+        try:
+            refuse_mixed_layouts(path, bool(rank_folders(path)))
+            iteration = find_iteration(path)
+        except MindformersSTError as exc:
+            return [str(exc)], {}
+        if iteration is not None:
+            kind = "Checkpoint 2.0"
+            files = _check_iteration(path, problems)
+        elif rank_folders(path):
             kind = "distributed"
             files = _check_distributed(path, strategy, problems, step)
         else:

@@ -322,13 +322,13 @@ class CheckpointMonitorConfig:
 # configs load, and warned about BY NAME whenever set to anything but their default (never
 # silently ignored). key -> why it has no effect here.
 NO_EFFECT_TOP_LEVEL = {
-    "use_legacy": "only the legacy (MindFormers 1.x) layout is read and written",
+    "use_legacy": "only the legacy (MindFormers 1.x) model implementations exist here (the checkpoint "
+                  "layout is chosen by use_legacy_format)",
 }
 NO_EFFECT_MONITOR = {
     "saved_network": "the save holds the train network's tensors",
     "append_info": "extra values are not stored (the hyper values are: epoch_num, step_num, "
                    "loss_scale, global_batch_size, learning_rate, data_position, seed)",
-    "exception_save": "no save is made on an exception (the last committed save stays valid)",
     "use_checkpoint_health_monitor": "the embedding-norm health monitor is not computed",
     "embedding_local_norm_threshold": "the embedding-norm health monitor is not computed",
     "embedding_size": "the embedding-norm health monitor is not computed",
@@ -346,6 +346,35 @@ def warn_no_effect(obj, table, where: str) -> None:
 
 
 @dataclass
+class OnRequestExitConfig:
+    """`{type: OnRequestExit}` — MindSpore's graceful-exit callback, as MindSpore Transformers
+    configures it: with `use_graceful_exit: True`, SIGTERM or `config_file` holding
+    `{"GracefulExit": 1}` stops the run after the current step; `save_ckpt` saves that step
+    through the CheckpointMonitor first (trainer/stop.py)."""
+
+    type: str = "OnRequestExit"
+    save_ckpt: bool = True
+    save_mindir: bool = False
+    file_name: str = "Net"
+    directory: str = "./"
+    config_file: Optional[str] = None
+    sig: Any = None
+
+    def _validate(self, where: str) -> None:
+        _require(self.sig in (None, 15, "SIGTERM", "signal.SIGTERM"),
+                 f"config key '{_key(where, 'sig')}': only SIGTERM (15) asks for a graceful "
+                 f"exit here, got {self.sig!r}")
+        warn_no_effect(self, NO_EFFECT_ON_REQUEST_EXIT, where)
+
+
+NO_EFFECT_ON_REQUEST_EXIT = {
+    "save_mindir": "no MindIR is exported",
+    "file_name": "the step is saved by the CheckpointMonitor, with its prefix",
+    "directory": "the step is saved by the CheckpointMonitor, in its directory",
+}
+
+
+@dataclass
 class SummaryMonitorConfig:
     """`{type: SummaryMonitor}` / `{type: ProfileMonitor}` — accepted, no effect on this runtime."""
 
@@ -356,6 +385,7 @@ class SummaryMonitorConfig:
 CALLBACK_TYPES = {
     "MFLossMonitor": MFLossMonitorConfig,
     "CheckpointMonitor": CheckpointMonitorConfig,
+    "OnRequestExit": OnRequestExitConfig,
 }
 
 
@@ -384,7 +414,7 @@ IGNORED_TOP_LEVEL = (
     "layer_scale", "layer_decay", "lr_scale", "micro_batch_interleave_num", "swap_config",
     "auto_tune", "filepath_prefix", "autotune_per_step", "remote_save_url", "do_eval",
     "eval_step_interval", "eval_epoch_interval", "use_checkpoint_health_monitor",
-    "use_graceful_exit", "monitor_config", "tensorboard", "wrapper", "adapter_id",
+    "monitor_config", "tensorboard", "wrapper", "adapter_id",
     "model_name", "trust_remote_code",
 )
 
@@ -413,7 +443,11 @@ class RunConfig:
     ignore_data_skip: bool = False
     data_skip_steps: Optional[int] = None
     resume_by_last_timestamp_ckpt: Optional[bool] = None
+    # SIGTERM: finish the step, save and commit it, exit 0 (trainer/stop.py)
+    use_graceful_exit: bool = False
     use_legacy: bool = True
+    # False: CheckpointMonitor saves in MindSpore Transformers 2.x's Checkpoint 2.0 layout
+    use_legacy_format: bool = True
     pretrained_model_dir: str = ""
     predict_data: List[str] = field(default_factory=list)
     predict_batch_size: Optional[int] = None

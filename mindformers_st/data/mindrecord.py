@@ -54,6 +54,12 @@ def mindrecord_files(dataset_dir: str) -> List[str]:
         raise ConfigError("train_dataset.data_loader.dataset_dir is empty; pass "
                           "--train_dataset_dir /path/to/data.mindrecord")
     if os.path.isfile(dataset_dir):
+        why = _not_mindrecord(dataset_dir)
+        if why:
+            raise ConfigError(f"config key 'train_dataset.data_loader.dataset_dir' "
+                              f"(--train_dataset_dir): {dataset_dir} is not a MindRecord file "
+                              f"({why}); build one with `python -m mindformers_st.data "
+                              f"pretrain|finetune`")
         return [dataset_dir]
     if os.path.isdir(dataset_dir):
         files = sorted(f for f in glob.glob(os.path.join(dataset_dir, "*"))
@@ -61,8 +67,27 @@ def mindrecord_files(dataset_dir: str) -> List[str]:
                        and os.path.exists(f + ".db"))
         if files:
             return files
-    raise ConfigError(f"dataset {dataset_dir!r}: no MindRecord file (with its .db index) found; "
+    raise ConfigError(f"config key 'train_dataset.data_loader.dataset_dir' (--train_dataset_dir): "
+                      f"{dataset_dir!r}: no MindRecord file (with its .db index) found; "
                       f"build one with `python -m mindformers_st.data pretrain|finetune`")
+
+
+def _not_mindrecord(path: str) -> str:
+    """Why `path` is not a MindRecord shard MindSpore can open ('' when it looks like one): the
+    file starts with its header's length (uint64, little-endian) and the header's JSON, and
+    its `.db` index sits next to it."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8 + 16)
+        size = os.path.getsize(path)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if len(head) < 24 or int.from_bytes(head[:8], "little") > size \
+            or not head[8:].startswith(b'{"header_size"'):
+        return "no MindRecord header"
+    if not os.path.isfile(path + ".db"):
+        return f"its index {os.path.basename(path)}.db is missing"
+    return ""
 
 
 @dataclass

@@ -6,6 +6,8 @@
 - `rank_meta`  — `RankFileMeta`, the `__metadata__` self-description of a rank file;
 - `commit`     — `committed.json` (`CommitRecord`, `CommittedSave`) and the per-rank `meta.json`;
 - `scan`       — the one folder scanner: which save of a checkpoint folder to read.
+- `iteration`  — MindSpore Transformers 2.x's Checkpoint 2.0 layout: `iteration_XXXXXXXX/` names,
+                 the tracker, `common.json` (`CommonInfo`) and `metadata.json` (`IterationMetadata`).
 
 Every writer and reader imports these; nobody else spells a key, a regex or a file name.
 Pure Python over `storage/` (headers, atomic writes) and `layout/` (slices): no MindSpore.

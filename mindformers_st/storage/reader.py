@@ -11,6 +11,7 @@ import json
 import logging
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 from math import prod
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -207,11 +208,18 @@ def read_header(path) -> Tuple[Dict[str, TensorEntry], Dict[str, str], int]:
 
 
 def _open_fd(path: str) -> int:
+    """A read-only descriptor of `path`, a regular file or a symlink to one (storage.index's
+    rule); a FIFO, device or folder is refused before it is opened (a FIFO would block)."""
+    if not os.path.lexists(path) or (os.path.islink(path) and not os.path.exists(path)):
+        raise CheckpointError(f"{path}: no such safetensors file"
+                              f"{' (a dangling symlink)' if os.path.islink(path) else ''}; check the path")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not a regular file; point at a .safetensors file")
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such safetensors file; check the path") from None
-    if not os.path.isfile(path):
+    if not stat.S_ISREG(os.fstat(fd).st_mode):   # swapped between the check and the open
         os.close(fd)
         raise CheckpointError(f"{path}: not a regular file; point at a .safetensors file")
     return fd

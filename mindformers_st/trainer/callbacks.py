@@ -130,6 +130,8 @@ def build_callbacks(config) -> List[Callback]:
             out.append(MFLossMonitor(cb.per_print_times))
         elif cb.type == "CheckpointMonitor":
             out.append(_checkpoint_monitor(cb, config))
+        elif cb.type == "OnRequestExit":
+            continue   # the loop's graceful exit (trainer/stop.py) reads it
         else:  # the schema only lets known types through
             raise ConfigError(f"callback type {cb.type!r} has no implementation")
     if not any(isinstance(c, MFLossMonitor) for c in out):

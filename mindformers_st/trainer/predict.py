@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Dict, List
 
-from ..errors import ConfigError
+from ..errors import ConfigError, write_failed
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,15 @@ def run_predict(config, resolved, ctx) -> List[Dict]:
     if tok.vocab_size > mc.vocab_size:
         raise ConfigError(f"tokenizer {tok_path} has {tok.vocab_size} tokens but "
                           f"model_config.vocab_size is {mc.vocab_size}")
+    prompt_ids = [tok.encode(p) for p in prompts]
+    for i, ids in enumerate(prompt_ids):
+        # As MindSpore Transformers (text_generator: "The max_length set is smaller than the
+        # length in the input_ids"): an error, not a silent empty generation or a truncation.
+        if len(ids) > mc.max_decode_length:
+            raise ConfigError(
+                f"--predict_data prompt {i + 1} of {len(prompt_ids)} is {len(ids)} tokens long, "
+                f"more than model_config.max_decode_length {mc.max_decode_length} (prompt plus "
+                f"generated tokens): shorten it or raise max_decode_length")
     pending = start_async_load(config, resolved, ctx, with_optimizer=False)
     model = build_model(config, resolved, ctx)
     if config.load_checkpoint:
@@ -48,7 +57,6 @@ def run_predict(config, resolved, ctx) -> List[Dict]:
     model.set_train(False)
 
     batch = config.predict_batch_size or len(prompts)
-    prompt_ids = [tok.encode(p) for p in prompts]
     longest = max(len(p) for p in prompt_ids)
     # max_decode_length bounds prompt + generated tokens, as in MindSpore Transformers
     max_new = max(0, mc.max_decode_length - longest)
@@ -67,8 +75,11 @@ def run_predict(config, resolved, ctx) -> List[Dict]:
         texts = [r["text"] for r in results]
         print({"text_generation_text": texts}, flush=True)
         folder = os.path.join(config.output_dir, "predict")
-        os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "results.json")
-        atomic_write_text(path, json.dumps(results, ensure_ascii=False, indent=1) + "\n")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            atomic_write_text(path, json.dumps(results, ensure_ascii=False, indent=1) + "\n")
+        except OSError as exc:
+            raise write_failed("predict results", path, exc) from exc
         print(f"predict results written to {path}", flush=True)
     return results

@@ -47,6 +47,7 @@ class TrainStep:
         self.last_lr: Optional[float] = None
         self.last_grad_norm: Optional[float] = None
         self.last_loss: Optional[float] = None
+        self.updating = False
 
     @property
     def step_count(self) -> int:
@@ -59,7 +60,11 @@ class TrainStep:
         if self.clip_norm and self.clip_norm > 0 and norm > self.clip_norm:
             scale = self.clip_norm / (norm + 1e-6)
             grads = [g * scale for g in grads]
+        # True while weights and moments are being changed: an exception in this window leaves
+        # a mix of two steps, which exception_save must not save (trainer/stop.py).
+        self.updating = True
         self.last_lr = float(self.optimizer(grads))
+        self.updating = False
         self.last_grad_norm, self.last_loss = norm, loss_value
         return loss_value
 

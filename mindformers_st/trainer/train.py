@@ -15,8 +15,9 @@ import os
 import time
 from typing import Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, write_failed
 from .callbacks import TrainState, build_callbacks, run_context_of
+from .stop import GracefulExit, exception_save, inject_fault
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +77,12 @@ def write_strategy_files(config, model, ctx) -> Optional[str]:
     from ..layout.strategy import write_rank_strategy_files
 
     folder = os.path.join(config.output_dir, "strategy")
-    os.makedirs(folder, exist_ok=True)
     layouts = plan_layouts(model.param_table().with_optimizer_states(), ctx.config)
-    write_rank_strategy_files(folder, layouts, ctx.config)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        write_rank_strategy_files(folder, layouts, ctx.config)
+    except OSError as exc:
+        raise write_failed("strategy files (output_dir/strategy)", folder, exc) from exc
     return folder
 
 
@@ -148,6 +152,12 @@ def run_train(config, resolved, ctx) -> TrainState:
                   flush=True)
         return state
     callbacks = build_callbacks(config)
+    graceful = GracefulExit.of_config(config, ctx)
+    if graceful.enabled and graceful.save and not any(getattr(cb, "save_unsaved_step", None)
+                                                      for cb in callbacks):
+        raise ConfigError("use_graceful_exit: True saves through the CheckpointMonitor callback, "
+                          "and callbacks: has none; add {type: CheckpointMonitor} (or set "
+                          "OnRequestExit save_ckpt: False to stop without saving)")
     for cb in callbacks:
         cb.on_train_begin(run_context_of(state))
     epoch, step_in_epoch = data_start(config, state.global_step, data.steps_per_epoch)
@@ -161,6 +171,20 @@ def run_train(config, resolved, ctx) -> TrainState:
     if ctx.is_main:
         print(f"training {total} steps ({data.steps_per_epoch} per epoch, global batch "
               f"{data.plan.global_batch} x {seq_len + 1} tokens, {ctx.world_size} ranks)", flush=True)
+    with graceful:
+        try:
+            _loop(state, data, step, callbacks, graceful, epoch, step_in_epoch, total, seq_len)
+        except BaseException as exc:
+            exception_save(callbacks, run_context_of(state), state, exc)
+            raise
+    for cb in callbacks:
+        cb.on_train_end(run_context_of(state))
+    return state
+
+
+def _loop(state, data, step, callbacks, graceful, epoch, step_in_epoch, total, seq_len) -> None:
+    """Steps until `total` (or a graceful exit after a step): one step per batch, callbacks
+    after each."""
     while state.global_step < total:
         for batch in data.batches(epoch, step_in_epoch):
             if state.global_step >= total:
@@ -170,6 +194,7 @@ def run_train(config, resolved, ctx) -> TrainState:
             if ids.shape[1] != seq_len + 1:
                 raise ConfigError(f"dataset rows have {ids.shape[1]} tokens but model_config."
                                   f"seq_length is {seq_len} (rows must be seq_length + 1)")
+            inject_fault(state.global_step + 1)
             loss = step(ids, batch.get("labels"))
             step_in_epoch += 1
             state.global_step += 1
@@ -181,7 +206,22 @@ def run_train(config, resolved, ctx) -> TrainState:
             step_context = run_context_of(state)
             for cb in callbacks:
                 cb.on_train_step_end(step_context)
+            if graceful.stop_now():
+                _stop_gracefully(state, callbacks, step_context, graceful.save)
+                return
         epoch, step_in_epoch = epoch + 1, 0
-    for cb in callbacks:
-        cb.on_train_end(run_context_of(state))
-    return state
+
+
+def _stop_gracefully(state, callbacks, run_context, save: bool) -> None:
+    """Save and commit the step just finished (unless it was just saved, or `save` is False)
+    and say so."""
+    if save:
+        for cb in callbacks:
+            if getattr(cb, "save_unsaved_step", None):
+                cb.save_unsaved_step(run_context)
+    if state.ctx.is_main:
+        print(f"[train] graceful exit (use_graceful_exit): stopped after global step "
+              f"{state.global_step}" + (", which is saved and committed; resume with "
+                                        "--resume_training True --load_checkpoint <the checkpoint "
+                                        "folder>" if save else " without saving (save_ckpt: False)"),
+              flush=True)

@@ -5,6 +5,10 @@ Three shapes of input are understood:
 - complete: one file, or a folder with `param_name_map.json` (MindSpore) or
   `model.safetensors.index.json` (Hugging Face), or a folder of `*.safetensors` without index;
   every stored tensor is whole. `hyper_param.safetensors` holds the hyper values.
+- MindSpore Transformers 2.x Checkpoint 2.0 (`iteration_XXXXXXXX/`, `records.iteration`): the
+  iteration the tracker names (or the iteration folder given); its `metadata.json` says which
+  chunk each `model-`/`opt-` file holds (none: a one-card save, every tensor whole), and its
+  `common.json` counters become `counters`;
 - distributed: `rank_{r}/*.safetensors`, one file per rank (which save, when a folder holds
   several, is `records.scan.select_save`'s answer: the commit record decides), described by MindSpore strategy
   files or by the `__metadata__["mindformers_st"]["slices"]` our own files carry. Files saved with
@@ -22,6 +26,9 @@ from typing import Dict, List, Mapping, Optional, Tuple
 from ..errors import CheckpointError, LayoutError, UndescribedRankFilesError
 from ..layout.slices import TensorSlice
 from ..records.hyper import HYPER_NAMES
+from ..records.iteration import (TRACKER_FILE, find_iteration, iterations_on_disk,
+                                 parse_iteration_dir, read_common, read_metadata,
+                                 refuse_mixed_layouts, shard_files)
 from ..records.names import HYPER_FILE, rank_folders
 from ..records.rank_meta import RankFileMeta
 from ..records.scan import SaveSelection, complete_files, select_save
@@ -51,6 +58,9 @@ class SourceCheckpoint:
     global_shapes / dtypes: per global name.
     hyper: name -> the whole stored value (a `SourceChunk` with a whole slice) of non-sliced values.
     kind: "complete" or "distributed"; epoch/step when the source says so (file name or metadata).
+    layout: "legacy" (MindSpore Transformers' default layouts) or "iteration" (Checkpoint 2.0).
+    counters: hyper values recorded beside the tensors rather than in a file (Checkpoint 2.0's
+        `common.json`: epoch_num, step_num, global_step, loss_scale, global_batch_size).
     """
 
     chunks: Dict[str, List[SourceChunk]]
@@ -62,6 +72,8 @@ class SourceCheckpoint:
     epoch: Optional[int] = None
     step: Optional[int] = None
     selection: Optional[SaveSelection] = None   # which save of a rank_x/ folder (distributed)
+    layout: str = "legacy"
+    counters: Dict[str, float] = field(default_factory=dict)
 
     @property
     def names(self) -> List[str]:
@@ -300,16 +312,103 @@ def _check_replicas_agree(src: SourceCheckpoint, digests: Mapping[Tuple[str, str
                     f"match these files, pass the one of the run that saved them")
 
 
+# --------------------------------------------------------------------------- Checkpoint 2.0
+def describe_iteration(path: str) -> SourceCheckpoint:
+    """Describe one iteration of a Checkpoint 2.0 folder from its headers, `metadata.json` and
+    `common.json`: `path` is the folder holding `latest_checkpointed_iteration.txt` (its
+    iteration) or one `iteration_XXXXXXXX/` folder. Without metadata.json (a one-card save)
+    every tensor is whole and the source is "complete"; with it, "distributed". Hyper names
+    (global_step, learning_rate, ...) are hyper values. CheckpointError naming the file and
+    tensor when a file, a tensor or a chunk the metadata names is missing or of another shape
+    or dtype, or a tensor is left with a hole."""
+    it = find_iteration(path)
+    if it is None:
+        raise CheckpointError(f"{os.path.abspath(path)}: not a Checkpoint 2.0 folder (no "
+                              f"latest_checkpointed_iteration.txt, not an iteration_XXXXXXXX "
+                              f"folder)")
+    files = shard_files(it.folder)
+    meta = read_metadata(it.folder)
+    common = read_common(it.folder)
+    src = SourceCheckpoint({}, {}, {}, kind="complete" if meta is None else "distributed",
+                           root=it.folder, layout="iteration",
+                           counters=common.hyper_values() if common else {})
+    if common is not None:
+        src.epoch, src.step = common.epoch_num, common.step_num
+    headers = {os.path.basename(f): _header(f)[0] for f in files}
+    described = set()
+    if meta is not None:
+        for name, tensor in meta.tensors.items():
+            for chunk in tensor.chunks:
+                for fname in chunk.files:
+                    fpath = os.path.join(it.folder, fname)
+                    entry = headers.get(fname, {}).get(name)
+                    if entry is None:
+                        what = "does not exist" if fname not in headers else "does not hold it"
+                        raise CheckpointError(
+                            f"{fpath}: metadata.json says this file holds {name!r} at "
+                            f"{list(chunk.slice.offsets)} but the file {what}; the iteration "
+                            f"folder is incomplete — copy every rank's model-/opt- file")
+                    if tuple(entry.shape) != tuple(chunk.slice.sizes) or entry.dtype != tensor.dtype:
+                        raise CheckpointError(
+                            f"{fpath}: tensor {name!r} is stored as {entry.dtype}{list(entry.shape)} "
+                            f"but metadata.json says {tensor.dtype}{list(chunk.slice.sizes)}; the "
+                            f"metadata belongs to another save")
+                    described.add((fname, name))
+                    piece = SourceChunk(fpath, name, entry.dtype, name, chunk.slice)
+                    if name in HYPER_NAMES:
+                        src.hyper.setdefault(name, piece)
+                    else:
+                        src.add(piece)
+    for f in files:
+        fname = os.path.basename(f)
+        for name, entry in headers[fname].items():
+            if (fname, name) in described:
+                continue
+            chunk = _chunk_whole(f, name, entry)
+            if name in HYPER_NAMES:
+                src.hyper.setdefault(name, chunk)
+            elif meta is not None:
+                raise CheckpointError(f"{f}: tensor {name!r} is not described by metadata.json; "
+                                      f"the metadata belongs to another save")
+            elif name in src.chunks:
+                raise CheckpointError(f"tensor {name!r} is stored twice in a one-card save "
+                                      f"({src.chunks[name][0].file} and {f}); remove one copy")
+            else:
+                src.add(chunk)
+    src.check_complete()
+    return src
+
+
+def is_iteration_layout(path: str) -> bool:
+    """True when `path` is a Checkpoint 2.0 folder (a tracker or a folder of iteration folders)
+    or one `iteration_XXXXXXXX/` folder."""
+    path = os.path.abspath(path)
+    return os.path.isdir(path) and (parse_iteration_dir(path) is not None
+                                    or os.path.isfile(os.path.join(path, TRACKER_FILE))
+                                    or bool(iterations_on_disk(path)))
+
+
 def is_distributed(path: str) -> bool:
     """True when `path` is a folder holding rank_x/ subfolders."""
     return os.path.isdir(path) and bool(rank_folders(path))
 
 
 def describe_source(path: str, strategy=None, step=None) -> SourceCheckpoint:
-    """Describe whatever `path` is: a folder of rank_x/ (distributed; `step` picks a save) or
-    complete weights."""
+    """Describe whatever `path` is: a folder of rank_x/ (distributed; `step` picks a save), a
+    Checkpoint 2.0 folder (the tracker's iteration, or the iteration folder given) or complete
+    weights."""
+    if os.path.isdir(path):
+        refuse_mixed_layouts(os.path.abspath(path), is_distributed(path))
     if is_distributed(path):
         return describe_distributed(path, strategy, step)
+    if is_iteration_layout(path):
+        if step is not None:
+            raise CheckpointError(f"{path}: a Checkpoint 2.0 folder has no EPOCH_STEP saves; "
+                                  f"point at its iteration_XXXXXXXX folder instead of --step")
+        if strategy is not None:
+            logger.warning("%s: metadata.json describes the slices; the source strategy is not "
+                           "used", path)
+        return describe_iteration(path)
     if strategy is not None:
         logger.warning("%s holds complete weights; the source strategy is not needed", path)
     return describe_complete(path)

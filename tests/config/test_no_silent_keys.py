@@ -15,7 +15,7 @@ from mindformers_st.trainer.train import data_start
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "llama2", "pretrain_llama2_tiny.yaml")
 VALUES = {"use_legacy": "False",
-          "saved_network": "net", "append_info": "[{epoch: 1}]", "exception_save": "True",
+          "saved_network": "net", "append_info": "[{epoch: 1}]",
           "use_checkpoint_health_monitor": "True", "embedding_local_norm_threshold": "2.0",
           "embedding_size": "16", "health_ckpts_record_dir": "out/health"}
 

@@ -84,3 +84,22 @@ def read_folder(folder):
 
 
 BF16 = ml_dtypes.bfloat16
+
+
+def as_hub_cache(folder, cache_root, repo="models--org--tiny", revision="abc123"):
+    """Lay `folder`'s files out as the Hugging Face hub cache does: the bytes in
+    `{cache_root}/{repo}/blobs/<sha256>`, the snapshot `{repo}/snapshots/{revision}/` holding
+    relative symlinks `name -> ../../blobs/<sha256>`. Returns the snapshot folder."""
+    import hashlib
+    repo_dir = os.path.join(str(cache_root), repo)
+    snap = os.path.join(repo_dir, "snapshots", revision)
+    os.makedirs(snap)
+    os.makedirs(os.path.join(repo_dir, "blobs"), exist_ok=True)
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as fh:
+            data = fh.read()
+        sha = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(repo_dir, "blobs", sha), "wb") as fh:
+            fh.write(data)
+        os.symlink(os.path.join("..", "..", "blobs", sha), os.path.join(snap, name))
+    return snap
