@@ -103,3 +103,23 @@ def test_a_child_failure_through_the_cli_is_one_line_and_leaves_nothing(tiny, tm
     assert len(lines) == 1 and "is corrupt" in lines[0] and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".out.tmp-")]
+
+
+def test_a_file_system_error_in_a_child_is_the_same_oserror_as_in_one_process(tiny, tmp_path):
+    from mindformers_st.layout.parallel_config import plan_layouts
+    from mindformers_st.transform import plan_distributed
+    from mindformers_st.transform.execute import execute_files
+    table = llama_param_table(LlamaConfig.from_dict(dict(MODEL)))
+    pc = ParallelConfig(model_parallel=2)
+    plan = plan_distributed(describe_source(str(tiny / "src")), plan_layouts(table, pc), pc)
+    errors = []
+    for run in (lambda d: execute_files(plan, d, progress=False),
+                lambda d: execute_in_processes(plan, d, 2, progress=False)):
+        folder = tmp_path / f"out{len(errors)}"
+        folder.mkdir()
+        (folder / "rank_1").write_text("a file where the rank folder should go")
+        with pytest.raises(OSError) as info:
+            run(str(folder))
+        errors.append((type(info.value), info.value.errno,
+                       os.path.relpath(info.value.filename, folder)))
+    assert errors[0] == errors[1]
