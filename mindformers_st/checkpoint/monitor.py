@@ -102,7 +102,10 @@ class CheckpointMonitor(MindSporeCallback):
                  save_trainable_params: bool = False, integrated_save: bool = True,
                  global_batch_size: Optional[int] = None, output_dir: str = "./output",
                  save_checkpoint_seconds: int = 0, keep_checkpoint_per_n_minutes: int = 0,
-                 layouts=None):
+                 layouts=None, saved_network=None, append_info=None, enc_key: Optional[bytes] = None,
+                 enc_mode: str = "AES-GCM", use_checkpoint_health_monitor: bool = False,
+                 embedding_local_norm_threshold: float = 1.0,
+                 health_ckpts_record_dir: Optional[str] = None):
         super().__init__()
         if not isinstance(prefix, str) or not prefix or "/" in prefix or "\\" in prefix:
             raise ConfigError(f"CheckpointMonitor prefix must be a non-empty name without '/', got {prefix!r}")
@@ -147,6 +150,12 @@ class CheckpointMonitor(MindSporeCallback):
             from ..layout.strategy import read_strategy
             layouts = read_strategy(layouts)
         self.layouts = dict(layouts) if layouts else None
+        self.append_values = _append_values(append_info)
+        self.enc_key, self.enc_mode = _encryption(enc_key, enc_mode, checkpoint_format)
+        self.saved_network = _saved_network(saved_network)
+        self._saved = None
+        self.health = _health(use_checkpoint_health_monitor, embedding_local_norm_threshold,
+                              health_ckpts_record_dir or output_dir)
 
     @classmethod
     def from_config(cls, cb_cfg, config) -> "CheckpointMonitor":
@@ -162,7 +171,12 @@ class CheckpointMonitor(MindSporeCallback):
                    global_batch_size=cb_cfg.global_batch_size,
                    output_dir=getattr(config, "output_dir", "./output"),
                    save_checkpoint_seconds=cb_cfg.save_checkpoint_seconds,
-                   keep_checkpoint_per_n_minutes=cb_cfg.keep_checkpoint_per_n_minutes)
+                   keep_checkpoint_per_n_minutes=cb_cfg.keep_checkpoint_per_n_minutes,
+                   append_info=cb_cfg.append_info, enc_mode=cb_cfg.enc_mode,
+                   # As MindSpore Transformers' trainer: the top-level switch, records in output_dir.
+                   use_checkpoint_health_monitor=bool(getattr(config, "use_checkpoint_health_monitor",
+                                                              False)),
+                   embedding_local_norm_threshold=cb_cfg.embedding_local_norm_threshold)
 
     # ---- paths -------------------------------------------------------------------------------
     def _extra_root(self, kind: str) -> str:
@@ -204,6 +218,12 @@ class CheckpointMonitor(MindSporeCallback):
         strategy files of a network we did not plan (rank 0)."""
         cb, ctx, net_state = self._bind(run_context)
         self._ctx, self._net = ctx, net_state
+        if self.saved_network is not None:   # MindSpore: save this cell instead of the train network
+            self._saved = CellState(self.saved_network, None, ctx.world_size, self.layouts)
+        if self.health is not None and ctx.config.pipeline_stage > 1:
+            raise ConfigError("use_checkpoint_health_monitor with pipeline_stage > 1 compares the "
+                              "embedding local norm of the first stage, which this runtime cannot "
+                              "run (no pipeline execution on CPU); set pipeline_stage 1")
         self._last_step = self._global_step(cb)
         if self.remove_redundancy and ctx.world_size == 1:
             logger.info("remove_redundancy on one rank: the file holds everything (nothing is replicated)")
@@ -213,7 +233,7 @@ class CheckpointMonitor(MindSporeCallback):
         if ctx.is_main:
             _sweep_temporaries(self.directory)
             if cb.get("mfst_state") is None:
-                self._write_strategy(ctx, net_state)
+                self._write_strategy(ctx, self._saved or net_state)
         entries = None
         if ctx.is_main:
             entries = [e.to_json() for e in cm.load_committed_entries(self.directory)]
@@ -221,7 +241,7 @@ class CheckpointMonitor(MindSporeCallback):
         self._committed = [cm.CommittedSave.from_json(e, self.directory, cm.COMMITTED_FILE)
                            for e in entries]
         if self.remove_redundancy:
-            self._owned = owned_names(net_state, ctx)
+            self._owned = owned_names(self._saved or net_state, ctx)
         logger.info("CheckpointMonitor: %s every %d steps to %s (keep %d, %s%s)", self.fmt,
                     self.save_steps, self.directory, self.keep_max,
                     "async" if self.async_save else "sync",
@@ -301,9 +321,10 @@ class CheckpointMonitor(MindSporeCallback):
             self._wait_and_commit(ctx)
         t0 = time.perf_counter()
         epoch, step, global_step, hyper = self._hyper(cb, ctx, net_state)
-        snap = snapshot_rank(net_state, ctx, epoch=epoch, step=step, hyper=hyper,
+        snap = snapshot_rank(self._saved or net_state, ctx, epoch=epoch, step=step, hyper=hyper,
                              remove_redundancy=self.remove_redundancy, owned=self._owned,
-                             copy=self.async_save, buffers=self._buffers if self.async_save else None)
+                             copy=self.async_save, buffers=self._buffers if self.async_save else None,
+                             extra=self.append_values)
         paths = self._paths(ctx.rank, epoch, step)
         pending = _Save(epoch, step, global_step, paths, snap.nbytes)
         jobs = [(paths[0], snap)]
@@ -315,7 +336,7 @@ class CheckpointMonitor(MindSporeCallback):
             tw = time.perf_counter()
             try:
                 for path, s in jobs:
-                    write_rank_file(path, s, self.fmt)
+                    write_rank_file(path, s, self.fmt, self.enc_key, self.enc_mode)
             except BaseException as exc:   # reported at commit, on the main thread
                 pending.error = exc
                 logger.error("rank %d: writing %s failed: %s", ctx.rank, paths[0], exc)
@@ -383,6 +404,8 @@ class CheckpointMonitor(MindSporeCallback):
         except OSError as exc:   # committed.json already holds the save; meta.json is a mirror
             logger.warning("rank %d: %s: could not write meta.json (%s); the save is committed "
                            "in committed.json", ctx.rank, rank_dir, exc)
+        if self.health is not None and ctx.is_main:
+            self._record_health(name)
         commit_time = time.perf_counter() - t0
         self.stats.append(SaveStats(pending.global_step, pending.nbytes, pending.blocked,
                                     pending.write_time, commit_time, waited, pending.thread is not None))
@@ -390,6 +413,15 @@ class CheckpointMonitor(MindSporeCallback):
                     pending.global_step, name, pending.nbytes / 1e6, pending.blocked * 1e3,
                     pending.write_time * 1e3, commit_time * 1e3,
                     f"; pruned {[e.key for e in dropped]}" if dropped else "")
+
+    def _record_health(self, name: str) -> None:
+        """Append the committed save to health_ckpts.json, as MindSpore Transformers: with one
+        pipeline stage (all this runtime runs) its embedding norm is never compared, so every save
+        is healthy (is_health 0)."""
+        from ..records.health import HealthEntry, append_health
+        path = append_health(self.health["dir"], HealthEntry(0, name))
+        logger.info("%s: %s is healthy (pipeline_stage 1: embedding_local_norm_threshold %s is "
+                    "not compared)", path, name, self.health["threshold"])
 
     def _prune(self, ctx, dropped: List[cm.CommittedSave]) -> None:
         """Delete this rank's files of saves no record names any more (rank 0 also removes
@@ -406,6 +438,60 @@ class CheckpointMonitor(MindSporeCallback):
                         paths.append(os.path.join(self._extra_root(root), rank_dir_name(r),
                                                   ckpt_file_name(self.prefix, r, e.epoch, e.step, fmt, kind)))
         cm.remove_files(paths)
+
+
+def _append_values(append_info) -> dict:
+    """MindSpore's append_info as {name: 0-d array} (records.hyper), or ConfigError."""
+    from ..records.hyper import append_info_values
+    try:
+        return append_info_values(append_info, "CheckpointMonitor append_info")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+ENC_MODES = ("AES-GCM", "AES-CBC", "SM4-CBC")
+
+
+def _encryption(enc_key, enc_mode, fmt):
+    """(key, mode) for mindspore.save_checkpoint: MindSpore encrypts `.ckpt` only and refuses
+    both options for safetensors; ConfigError for those and for a key that is not 16/24/32 bytes."""
+    if fmt == "safetensors" and (enc_key is not None or enc_mode != "AES-GCM"):
+        key = "enc_key" if enc_key is not None else "enc_mode"
+        raise ConfigError(f"CheckpointMonitor {key}: safetensors files are never encrypted "
+                          f"(MindSpore encrypts checkpoint_format 'ckpt' only); drop {key} or "
+                          f"save ckpt")
+    if enc_mode not in ENC_MODES:
+        raise ConfigError(f"CheckpointMonitor enc_mode must be one of {ENC_MODES}, got {enc_mode!r}")
+    if enc_key is None:
+        if enc_mode != "AES-GCM":
+            logger.warning("CheckpointMonitor enc_mode %r has no effect without enc_key", enc_mode)
+        return None, enc_mode
+    if not isinstance(enc_key, bytes) or len(enc_key) not in (16, 24, 32):
+        raise ConfigError("CheckpointMonitor enc_key must be bytes of length 16, 24 or 32 (as "
+                          f"MindSpore), got {type(enc_key).__name__}"
+                          f"{' of length %d' % len(enc_key) if isinstance(enc_key, (bytes, str)) else ''}")
+    return enc_key, enc_mode
+
+
+def _saved_network(net):
+    """MindSpore's saved_network: None or an nn.Cell, else ConfigError."""
+    if net is None:
+        return None
+    from mindspore import nn
+    if not isinstance(net, nn.Cell):
+        raise ConfigError(f"CheckpointMonitor saved_network must be None or a mindspore.nn.Cell "
+                          f"(as MindSpore), got {type(net).__name__}")
+    return net
+
+
+def _health(on, threshold, folder):
+    """The health-monitor settings ({"threshold", "dir"}) or None when it is off."""
+    if not isinstance(on, bool):
+        raise ConfigError(f"use_checkpoint_health_monitor must be a bool, got {on!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, float):
+        raise ConfigError(f"embedding_local_norm_threshold must be a float (as MindSpore "
+                          f"Transformers), got {threshold!r}")
+    return {"threshold": threshold, "dir": os.path.abspath(folder)} if on else None
 
 
 def _sweep_temporaries(folder: str) -> None:

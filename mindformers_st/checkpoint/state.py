@@ -98,7 +98,8 @@ def _live(param, copy: bool, buffers: Optional[Dict[str, np.ndarray]] = None) ->
 
 def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, float],
                   remove_redundancy: bool = False, owned: Optional[Set[str]] = None,
-                  copy: bool = False, buffers: Optional[Dict[str, np.ndarray]] = None) -> RankSnapshot:
+                  copy: bool = False, buffers: Optional[Dict[str, np.ndarray]] = None,
+                  extra: Optional[Mapping[str, np.ndarray]] = None) -> RankSnapshot:
     """This rank's save of `state` (a checkpoint.network.NetworkState): every tensor it holds
     (weights, optimizer moments and counters, under MindSpore's names), then the hyper tensors.
 
@@ -107,7 +108,9 @@ def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, floa
     remove_redundancy, `owned` (from owned_names) limits the sliced tensors written; tensors
     without a layout (global_step and other counters) are written whole by every rank. `copy`
     takes copies (for async saves), into `buffers` {name: array} when given: the caller must not
-    reuse them before the previous snapshot's file is written."""
+    reuse them before the previous snapshot's file is written. `extra` ({name: 0-d array}, a
+    CheckpointMonitor's append_info) is written last, whole, by every rank; a name the save
+    already holds is refused."""
     missing = sorted(set(HYPER_DTYPES) - set(hyper))
     if missing:
         raise CheckpointError(f"snapshot: hyper values {missing} are missing; a save needs all of "
@@ -139,6 +142,11 @@ def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, floa
     for name, dtype in HYPER_DTYPES.items():
         if name not in arrays:
             arrays[name] = np.array(hyper[name], dtype=dtype)
+    for name, value in (extra or {}).items():
+        if name in arrays or name in params:
+            raise CheckpointError(f"append_info: {name!r} is already a tensor of this save; "
+                                  f"choose another name")
+        arrays[name] = np.array(value, copy=True)
 
     pc = ctx.config
     meta = RankFileMeta(int(ctx.rank), int(ctx.world_size), dict(slices),
@@ -149,18 +157,22 @@ def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, floa
     return RankSnapshot(arrays, slices, meta, copy, network, trainable)
 
 
-def write_rank_file(path: str, snap: RankSnapshot, fmt: str = "safetensors") -> str:
+def write_rank_file(path: str, snap: RankSnapshot, fmt: str = "safetensors",
+                    enc_key: Optional[bytes] = None, enc_mode: str = "AES-GCM") -> str:
     """Write `snap` to `path` atomically and durably; returns the path.
 
     safetensors: streamed, checksummed, fsynced and renamed by storage.SafetensorsWriter.
     ckpt: mindspore.save_checkpoint into a hidden temporary name, then fsync, rename, folder fsync
-    (MindSpore renames but does not fsync, and a crash must never leave a half file under `path`)."""
+    (MindSpore renames but does not fsync, and a crash must never leave a half file under `path`),
+    encrypted by MindSpore with `enc_key`/`enc_mode` when a key is given."""
     if fmt == "safetensors":
         specs = [(n, numpy_to_st(a.dtype), a.shape) for n, a in snap.arrays.items()]
         with SafetensorsWriter(path, specs, metadata=snap.metadata) as w:
             for n, a in snap.arrays.items():
                 w.write(n, a)
         return path
+    if enc_key is not None and fmt != "ckpt":
+        raise CheckpointError("enc_key: only ckpt files are encrypted (as MindSpore)")
     if fmt != "ckpt":
         raise CheckpointError(f"checkpoint_format {fmt!r}: use 'safetensors' or 'ckpt'")
     import mindspore as ms
@@ -168,5 +180,8 @@ def write_rank_file(path: str, snap: RankSnapshot, fmt: str = "safetensors") -> 
     items = [{"name": n, "data": ms.Tensor(a)} for n, a in snap.arrays.items()]
     # The temporary name ends in .ckpt so MindSpore does not append another suffix.
     with atomic_path(path, suffix=".tmp.ckpt") as tmp:
-        ms.save_checkpoint(items, tmp)
+        if enc_key is None:
+            ms.save_checkpoint(items, tmp)
+        else:
+            ms.save_checkpoint(items, tmp, enc_key=enc_key, enc_mode=enc_mode)
     return path

@@ -105,6 +105,9 @@ def apply_strategy(ckpt: Checkpoint, strategy: str) -> None:
 def _hyper_values(f: StoredFile) -> Dict[str, list]:
     out = {}
     wanted = [n for n in DISPLAY_ORDER if n in f.tensors and f.tensors[n].numel <= 16]
+    # then the other whole scalars (a CheckpointMonitor's append_info): 0-d and not a slice
+    wanted += sorted(n for n, e in f.tensors.items()
+                     if tuple(e.shape) == () and n not in f.slices and n not in DISPLAY_ORDER)
     if wanted:
         with open_safetensors(f.path) as sf:
             for n in wanted:

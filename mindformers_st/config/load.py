@@ -112,6 +112,9 @@ def build_config(data: Dict[str, Any]) -> RunConfig:
     cfg = build(RunConfig, data, "")
     cfg.callbacks = [build_callback(cb, f"callbacks.{i}") for i, cb in enumerate(raw_callbacks)]
     cfg.ignored = ignored
+    if cfg.use_checkpoint_health_monitor and cfg.callback("CheckpointMonitor") is None:
+        logger.warning("config key 'use_checkpoint_health_monitor' = True has no effect here: no "
+                       "CheckpointMonitor callback is configured (it records that callback's saves)")
     return cfg
 
 

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY = os.path.join(ROOT, "configs", "llama2", "pretrain_llama2_tiny.yaml")
 VALUES = {"transform_process_num": "2", "load_ckpt_async": "True",
 "use_legacy": "False",
-          "saved_network": "net", "append_info": "[{epoch: 1}]", "exception_save": "True",
+          "enc_mode": "AES-CBC", "exception_save": "True",
           "use_checkpoint_health_monitor": "True", "embedding_local_norm_threshold": "2.0",
           "embedding_size": "16", "health_ckpts_record_dir": "out/health"}
 
