@@ -263,6 +263,8 @@ class MFLossMonitorConfig:
     def _validate(self, where: str) -> None:
         _require(self.per_print_times >= 1,
                  f"config key '{_key(where, 'per_print_times')}' must be >= 1")
+        from .unused_keys import NO_EFFECT_LOSS_MONITOR
+        warn_no_effect(self, NO_EFFECT_LOSS_MONITOR, where)
 
 
 @dataclass
@@ -347,7 +349,8 @@ NO_EFFECT_MONITOR = {
 
 def warn_no_effect(obj, table, where: str) -> None:
     """Warn, naming the key, for each key of `table` that `obj` sets to a non-default value."""
-    defaults = {f.name: f.default for f in dataclasses.fields(obj)}
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING
+                else f.default_factory() for f in dataclasses.fields(obj)}
     for key, why in table.items():
         value = getattr(obj, key)
         if value != defaults.get(key) and value is not None:
