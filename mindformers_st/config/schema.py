@@ -344,6 +344,9 @@ NO_EFFECT_MONITOR = {
     "embedding_size": "the embedding size is model_config hidden_size x vocab_size",
     "health_ckpts_record_dir": "health_ckpts.json is written in output_dir",
     "enc_mode": "it applies only with enc_key, which a YAML file cannot set",
+    "save_checkpoint_seconds": "saves are collective, so they follow save_checkpoint_steps "
+                               "(a clock would differ between ranks)",
+    "keep_checkpoint_per_n_minutes": "the saves kept are the last keep_checkpoint_max",
 }
 
 

@@ -108,3 +108,50 @@ def test_beta1_beta2_are_betas():
             return [ms.Parameter(ms.Tensor(np.ones(2, np.float32)), name="w")]
     opt = build_optimizer(Net(), {"type": "AdamW", "beta1": 0.8, "beta2": 0.9}, 1e-3)
     assert (opt.beta1, opt.beta2) == (0.8, 0.9)
+
+
+def test_ffn_dim_multiplier_scales_the_derived_intermediate_size():
+    from mindformers_st.models.config import LlamaConfig
+
+    base = dict(vocab_size=64, hidden_size=96, num_layers=1, num_heads=4, multiple_of=16)
+    scaled = LlamaConfig.from_dict(dict(base, ffn_dim_multiplier=1.5))
+    unscaled = LlamaConfig.from_dict(dict(base))
+    # 4h*2/3 = 256, times 1.5 = 384, rounded up to multiple_of 16 (as MindSpore Transformers)
+    assert (unscaled.intermediate_size, scaled.intermediate_size) == (256, 384)
+
+
+def test_initializer_range_is_the_std_of_initial_weights():
+    from mindformers_st.models.llama import global_init
+    w = global_init("model.layers.0.attention.wq.weight", (256, 256), 0, 0.5)
+    assert abs(float(w.std()) - 0.5) < 0.01
+    from mindformers_st.models.config import LlamaConfig
+    assert LlamaConfig.from_dict({"initializer_range": 0.5}).initializer_range == 0.5
+
+
+def test_temperature_sharpens_or_flattens_sampling():
+    from mindformers_st.trainer.generate import _choose
+    logits = np.array([[0.0, 1.0, 0.5, -1.0]])
+    rng = np.random.default_rng(0)
+    assert {int(_choose(logits, rng, True, 0, 1.0, 0.01)[0]) for _ in range(30)} == {1}
+    assert len({int(_choose(logits, rng, True, 0, 1.0, 100.0)[0]) for _ in range(60)}) == 4
+
+
+def test_vocab_file_names_a_tokenizer_json_or_is_refused(tiny_run):
+    from mindformers_st.trainer.resolve import tokenizer_file
+    base, tok, data = tiny_run
+    cfg = _config(base, "", data, ("processor.tokenizer.vocab_file", tok))
+    assert tokenizer_file(cfg) == tok
+    cfg = _config(base, "", data, ("processor.tokenizer.vocab_file", str(base / "tokenizer.model")))
+    with pytest.raises(ConfigError, match="vocab_file"):
+        tokenizer_file(cfg)
+
+
+def test_embedding_init_type_other_than_param_init_type_is_refused():
+    from mindformers_st.layout.parallel_config import ParallelConfig
+    from mindformers_st.models.config import LlamaConfig
+    from mindformers_st.models.llama import LlamaForCausalLM
+    from mindformers_st.parallel.context import init_parallel
+    cfg = LlamaConfig.from_dict(dict(vocab_size=64, hidden_size=16, num_layers=1, num_heads=4,
+                                     embedding_init_type="float16"))
+    with pytest.raises(ConfigError, match="embedding_init_type"):
+        LlamaForCausalLM(cfg, init_parallel(ParallelConfig(), False))
