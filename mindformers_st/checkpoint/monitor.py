@@ -91,8 +91,12 @@ class CheckpointMonitor(MindSporeCallback):
     `layouts` (a MindSpore strategy file/folder, or {name: TensorLayout}) says how a network's
     tensors are cut over the ranks when MindSpore's `parameter_layout_dict` does not; by default
     every tensor is whole on every rank (one card, DATA_PARALLEL).
-    `directory` None means `{output_dir}/checkpoint`. ConfigError for invalid combinations
-    (remove_redundancy with ckpt, a prefix with '/', non-positive step counts).
+    `directory` None means `{output_dir}/checkpoint`. As MindSpore: `append_info` adds scalars to
+    every save, `saved_network` (an nn.Cell) is saved instead of the train network, `enc_key` /
+    `enc_mode` encrypt `.ckpt` saves; `use_checkpoint_health_monitor` appends each committed save
+    to `{health_ckpts_record_dir or output_dir}/health_ckpts.json` (MindSpore Transformers).
+    ConfigError for invalid combinations (remove_redundancy with ckpt, a prefix with '/',
+    non-positive step counts, encryption of safetensors, a malformed append_info).
     """
 
     def __init__(self, prefix: str = "CKP", directory: Optional[str] = None,

@@ -39,3 +39,45 @@ def schema_keys():
         keys.extend(f"callbacks.{kind}.{f.name}" for f in dataclasses.fields(cls))
     keys.extend(IGNORED_TOP_LEVEL)
     return keys
+
+
+def key_table() -> str:
+    """The rows of docs/runtime.md "Every key", from the walk's registry and the no-effect tables
+    (print them with `python -m tests.config.key_walk_keys` after adding a key)."""
+    from mindformers_st.config.schema import NO_EFFECT_MONITOR, NO_EFFECT_TOP_LEVEL
+    from mindformers_st.config.unused_keys import IGNORED_WHY, NO_EFFECT_KEYS, NO_EFFECT_LOSS_MONITOR
+    from mindformers_st.models.config import NO_EFFECT_FIELDS
+    from tests.config import test_key_walk as walk
+
+    def why(k):
+        leaf = k.split(".")[-1]
+        for table, key in ((NO_EFFECT_TOP_LEVEL, k), (NO_EFFECT_KEYS, k), (IGNORED_WHY, k)):
+            if key in table:
+                return table[key]
+        if k.startswith("callbacks.CheckpointMonitor.") and leaf in NO_EFFECT_MONITOR:
+            return NO_EFFECT_MONITOR[leaf]
+        if k.startswith("callbacks.MFLossMonitor.") and leaf in NO_EFFECT_LOSS_MONITOR:
+            return NO_EFFECT_LOSS_MONITOR[leaf]
+        if leaf in NO_EFFECT_FIELDS:
+            return NO_EFFECT_FIELDS[leaf]
+        return "this runtime does not implement it (docs/models.md)"
+
+    rows = ["| key | behaviour | test |", "|---|---|---|"]
+    for k in schema_keys():
+        if k in walk.TESTED:
+            e = walk.TESTED[k]
+            rows.append(f"| `{k}` | honoured, as MindSpore Transformers | "
+                        f"{e[0] if isinstance(e, tuple) else e} |")
+        elif k in walk.REFUSED:
+            rows.append(f"| `{k}` | refused with a ConfigError naming it (see the rules above) | "
+                        f"tests/config/test_key_walk.py (refused) |")
+        elif k in walk.DOCUMENTED:
+            rows.append(f"| `{k}` | cannot change behaviour here (table above) | documented |")
+        else:
+            rows.append(f"| `{k}` | warned by name when set: {why(k)} | "
+                        f"tests/config/test_key_walk.py (warned) |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(key_table())

@@ -18,7 +18,8 @@ VALUES = {"transform_process_num": "2", "load_ckpt_async": "True",
 "use_legacy": "False",
           "enc_mode": "AES-CBC", "exception_save": "True",
           "use_checkpoint_health_monitor": "True", "embedding_local_norm_threshold": "2.0",
-          "embedding_size": "16", "health_ckpts_record_dir": "out/health"}
+          "embedding_size": "16", "health_ckpts_record_dir": "out/health",
+          "save_checkpoint_seconds": "60", "keep_checkpoint_per_n_minutes": "5"}
 
 
 @pytest.mark.parametrize("key", sorted(NO_EFFECT_TOP_LEVEL) + sorted(NO_EFFECT_MONITOR))
