@@ -34,6 +34,12 @@ def is_hyper(name: str) -> bool:
     return name in HYPER_NAMES
 
 
+def is_whole_value(name: str, shape) -> bool:
+    """True for a tensor stored whole beside the weights: a hyper name, or any 0-d tensor (the
+    append_info scalars of a CheckpointMonitor are 0-d; no weight or moment is)."""
+    return is_hyper(name) or tuple(shape) == ()
+
+
 # ---- append_info: extra whole-valued tensors a CheckpointMonitor user asks for ----------------
 
 # The words MindSpore's CheckpointConfig accepts in an append_info list; every save of ours

@@ -194,3 +194,11 @@ def test_run_mindformer_stores_append_info_and_records_health(tmp_path):
     assert main(["merge", ckpt, str(tmp_path / "merged")]) == 0
     with open_safetensors(str(tmp_path / "merged" / "hyper_param.safetensors")) as h:
         assert (h.read("run_id").item(), h.read("tag").item()) == (7, 0.5)
+
+
+def test_verify_accepts_a_save_with_append_info(tmp_path):
+    _train(tmp_path, lambda net: CheckpointMonitor(
+        prefix="net", checkpoint_format="safetensors", save_checkpoint_steps=6,
+        output_dir=str(tmp_path), append_info=[dict(EXTRA)]))
+    from mindformers_st.cli import main
+    assert main(["verify", str(tmp_path / "checkpoint")]) == 0
