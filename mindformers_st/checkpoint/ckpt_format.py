@@ -38,7 +38,7 @@ def read_ckpt(path: str) -> Tuple[Dict[str, np.ndarray], List[str]]:
         params = ms.load_checkpoint(path)
     except Exception as exc:   # MindSpore raises ValueError/RuntimeError for damaged files
         raise CheckpointError(f"{path}: MindSpore cannot read this .ckpt ({exc}); is it a "
-                              f"complete MindSpore checkpoint (not one encrypted with enc_key)?") from exc
+                              f"complete MindSpore checkpoint?") from exc
     arrays, skipped = {}, []
     for name, value in params.items():
         if hasattr(value, "asnumpy"):

@@ -33,6 +33,7 @@ from ..errors import CheckpointError, ConfigError
 from ..parallel.agree import all_ranks, broadcast_json
 from ..records import commit as cm
 from ..records.names import ckpt_file_name, rank_dir_name
+from . import monitor_options as options
 from .network import CellState, ModelState
 from .state import owned_names, snapshot_rank, write_rank_file
 
@@ -154,12 +155,13 @@ class CheckpointMonitor(MindSporeCallback):
             from ..layout.strategy import read_strategy
             layouts = read_strategy(layouts)
         self.layouts = dict(layouts) if layouts else None
-        self.append_values = _append_values(append_info)
-        self.enc_key, self.enc_mode = _encryption(enc_key, enc_mode, checkpoint_format)
-        self.saved_network = _saved_network(saved_network)
+        self.append_values = options.append_values(append_info)
+        self.enc_key, self.enc_mode = options.encryption(enc_key, enc_mode, checkpoint_format)
+        self.saved_network = options.saved_network(saved_network)
         self._saved = None
-        self.health = _health(use_checkpoint_health_monitor, embedding_local_norm_threshold,
-                              health_ckpts_record_dir or output_dir)
+        self.health = options.health_settings(use_checkpoint_health_monitor,
+                                              embedding_local_norm_threshold,
+                                              health_ckpts_record_dir or output_dir)
 
     @classmethod
     def from_config(cls, cb_cfg, config) -> "CheckpointMonitor":
@@ -237,7 +239,7 @@ class CheckpointMonitor(MindSporeCallback):
         if ctx.is_main:
             _sweep_temporaries(self.directory)
             if cb.get("mfst_state") is None:
-                self._write_strategy(ctx, self._saved or net_state)
+                self._write_strategy(ctx, net_state)
         entries = None
         if ctx.is_main:
             entries = [e.to_json() for e in cm.load_committed_entries(self.directory)]
@@ -327,10 +329,10 @@ class CheckpointMonitor(MindSporeCallback):
         epoch, step, global_step, hyper = self._hyper(cb, ctx, net_state)
         snap = snapshot_rank(self._saved or net_state, ctx, epoch=epoch, step=step, hyper=hyper,
                              remove_redundancy=self.remove_redundancy, owned=self._owned,
-                             copy=self.async_save, buffers=self._buffers if self.async_save else None,
-                             extra=self.append_values)
+                             copy=self.async_save, buffers=self._buffers if self.async_save else None)
         paths = self._paths(ctx.rank, epoch, step)
         pending = _Save(epoch, step, global_step, paths, snap.nbytes)
+        options.add_append_values(snap, self.append_values, self._saved or net_state)
         jobs = [(paths[0], snap)]
         if len(paths) > 1:
             names = snap.trainable_names if self.save_trainable_params else snap.network_names
@@ -442,60 +444,6 @@ class CheckpointMonitor(MindSporeCallback):
                         paths.append(os.path.join(self._extra_root(root), rank_dir_name(r),
                                                   ckpt_file_name(self.prefix, r, e.epoch, e.step, fmt, kind)))
         cm.remove_files(paths)
-
-
-def _append_values(append_info) -> dict:
-    """MindSpore's append_info as {name: 0-d array} (records.hyper), or ConfigError."""
-    from ..records.hyper import append_info_values
-    try:
-        return append_info_values(append_info, "CheckpointMonitor append_info")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-ENC_MODES = ("AES-GCM", "AES-CBC", "SM4-CBC")
-
-
-def _encryption(enc_key, enc_mode, fmt):
-    """(key, mode) for mindspore.save_checkpoint: MindSpore encrypts `.ckpt` only and refuses
-    both options for safetensors; ConfigError for those and for a key that is not 16/24/32 bytes."""
-    if fmt == "safetensors" and (enc_key is not None or enc_mode != "AES-GCM"):
-        key = "enc_key" if enc_key is not None else "enc_mode"
-        raise ConfigError(f"CheckpointMonitor {key}: safetensors files are never encrypted "
-                          f"(MindSpore encrypts checkpoint_format 'ckpt' only); drop {key} or "
-                          f"save ckpt")
-    if enc_mode not in ENC_MODES:
-        raise ConfigError(f"CheckpointMonitor enc_mode must be one of {ENC_MODES}, got {enc_mode!r}")
-    if enc_key is None:
-        if enc_mode != "AES-GCM":
-            logger.warning("CheckpointMonitor enc_mode %r has no effect without enc_key", enc_mode)
-        return None, enc_mode
-    if not isinstance(enc_key, bytes) or len(enc_key) not in (16, 24, 32):
-        raise ConfigError("CheckpointMonitor enc_key must be bytes of length 16, 24 or 32 (as "
-                          f"MindSpore), got {type(enc_key).__name__}"
-                          f"{' of length %d' % len(enc_key) if isinstance(enc_key, (bytes, str)) else ''}")
-    return enc_key, enc_mode
-
-
-def _saved_network(net):
-    """MindSpore's saved_network: None or an nn.Cell, else ConfigError."""
-    if net is None:
-        return None
-    from mindspore import nn
-    if not isinstance(net, nn.Cell):
-        raise ConfigError(f"CheckpointMonitor saved_network must be None or a mindspore.nn.Cell "
-                          f"(as MindSpore), got {type(net).__name__}")
-    return net
-
-
-def _health(on, threshold, folder):
-    """The health-monitor settings ({"threshold", "dir"}) or None when it is off."""
-    if not isinstance(on, bool):
-        raise ConfigError(f"use_checkpoint_health_monitor must be a bool, got {on!r}")
-    if isinstance(threshold, bool) or not isinstance(threshold, float):
-        raise ConfigError(f"embedding_local_norm_threshold must be a float (as MindSpore "
-                          f"Transformers), got {threshold!r}")
-    return {"threshold": threshold, "dir": os.path.abspath(folder)} if on else None
 
 
 def _sweep_temporaries(folder: str) -> None:

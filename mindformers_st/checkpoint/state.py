@@ -98,8 +98,7 @@ def _live(param, copy: bool, buffers: Optional[Dict[str, np.ndarray]] = None) ->
 
 def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, float],
                   remove_redundancy: bool = False, owned: Optional[Set[str]] = None,
-                  copy: bool = False, buffers: Optional[Dict[str, np.ndarray]] = None,
-                  extra: Optional[Mapping[str, np.ndarray]] = None) -> RankSnapshot:
+                  copy: bool = False, buffers: Optional[Dict[str, np.ndarray]] = None) -> RankSnapshot:
     """This rank's save of `state` (a checkpoint.network.NetworkState): every tensor it holds
     (weights, optimizer moments and counters, under MindSpore's names), then the hyper tensors.
 
@@ -108,9 +107,7 @@ def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, floa
     remove_redundancy, `owned` (from owned_names) limits the sliced tensors written; tensors
     without a layout (global_step and other counters) are written whole by every rank. `copy`
     takes copies (for async saves), into `buffers` {name: array} when given: the caller must not
-    reuse them before the previous snapshot's file is written. `extra` ({name: 0-d array}, a
-    CheckpointMonitor's append_info) is written last, whole, by every rank; a name the save
-    already holds is refused."""
+    reuse them before the previous snapshot's file is written."""
     missing = sorted(set(HYPER_DTYPES) - set(hyper))
     if missing:
         raise CheckpointError(f"snapshot: hyper values {missing} are missing; a save needs all of "
@@ -142,11 +139,6 @@ def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, floa
     for name, dtype in HYPER_DTYPES.items():
         if name not in arrays:
             arrays[name] = np.array(hyper[name], dtype=dtype)
-    for name, value in (extra or {}).items():
-        if name in arrays or name in params:
-            raise CheckpointError(f"append_info: {name!r} is already a tensor of this save; "
-                                  f"choose another name")
-        arrays[name] = np.array(value, copy=True)
 
     pc = ctx.config
     meta = RankFileMeta(int(ctx.rank), int(ctx.world_size), dict(slices),
