@@ -33,9 +33,9 @@ from ..errors import CheckpointError, ConfigError
 from ..parallel.agree import all_ranks, broadcast_json
 from ..records import commit as cm
 from ..records.names import ckpt_file_name, rank_dir_name
-from . import monitor_options as options
 from .network import CellState, ModelState
 from .state import owned_names, snapshot_rank, write_rank_file
+from . import monitor_options as options
 
 try:   # the class is a mindspore.train.Callback; importing this module imports MindSpore
     from mindspore.train import Callback as MindSporeCallback

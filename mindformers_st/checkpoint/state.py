@@ -157,23 +157,21 @@ def write_rank_file(path: str, snap: RankSnapshot, fmt: str = "safetensors",
     ckpt: mindspore.save_checkpoint into a hidden temporary name, then fsync, rename, folder fsync
     (MindSpore renames but does not fsync, and a crash must never leave a half file under `path`),
     encrypted by MindSpore with `enc_key`/`enc_mode` when a key is given."""
+    if enc_key is not None and fmt != "ckpt":
+        raise CheckpointError("enc_key: only ckpt files are encrypted (as MindSpore)")
     if fmt == "safetensors":
         specs = [(n, numpy_to_st(a.dtype), a.shape) for n, a in snap.arrays.items()]
         with SafetensorsWriter(path, specs, metadata=snap.metadata) as w:
             for n, a in snap.arrays.items():
                 w.write(n, a)
         return path
-    if enc_key is not None and fmt != "ckpt":
-        raise CheckpointError("enc_key: only ckpt files are encrypted (as MindSpore)")
     if fmt != "ckpt":
         raise CheckpointError(f"checkpoint_format {fmt!r}: use 'safetensors' or 'ckpt'")
     import mindspore as ms
 
+    encrypt = {} if enc_key is None else {"enc_key": enc_key, "enc_mode": enc_mode}
     items = [{"name": n, "data": ms.Tensor(a)} for n, a in snap.arrays.items()]
     # The temporary name ends in .ckpt so MindSpore does not append another suffix.
     with atomic_path(path, suffix=".tmp.ckpt") as tmp:
-        if enc_key is None:
-            ms.save_checkpoint(items, tmp)
-        else:
-            ms.save_checkpoint(items, tmp, enc_key=enc_key, enc_mode=enc_mode)
+        ms.save_checkpoint(items, tmp, **encrypt)
     return path

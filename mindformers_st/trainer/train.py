@@ -102,7 +102,6 @@ def run_train(config, resolved, ctx) -> TrainState:
                      num_parallel_workers=min(td.num_parallel_workers, 2))
     total = total_steps_of(config, data.steps_per_epoch)
 
-    callbacks = build_callbacks(config)   # before the model: a bad callback option fails fast
     model = build_model(config, resolved, ctx)
     lr = build_lr_schedule(config.lr_schedule, total)
     optimizer = build_optimizer(model, config.optimizer, lr)
@@ -130,6 +129,7 @@ def run_train(config, resolved, ctx) -> TrainState:
                   f"nothing to train; raise runner_config.train_steps (or epochs) to continue",
                   flush=True)
         return state
+    callbacks = build_callbacks(config)
     for cb in callbacks:
         cb.on_train_begin(run_context_of(state))
     epoch, step_in_epoch = data_start(config, state.global_step, data.steps_per_epoch)
