@@ -115,6 +115,9 @@ class LlamaForCausalLM(nn.Cell):
         # their dtype and computed in float32 there.
         self.param_dtype = ms_dtype(cfg.param_init_type)
         compute = cfg.compute_dtype if ctx.device_target != "CPU" else "float32"
+        if compute != cfg.compute_dtype:
+            logger.warning("config key 'model.model_config.compute_dtype' = %r has no effect on "
+                           "CPU: MatMul there computes in float32", cfg.compute_dtype)
         self.compute_dtype = ms_dtype(compute)
         split_vocab = (not pc.vocab_emb_dp) and mp > 1
         self.split_vocab = split_vocab
