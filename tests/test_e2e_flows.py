@@ -380,3 +380,56 @@ def test_resume_at_train_steps_says_there_is_nothing_to_train(flow):
         out, 8, "--load_checkpoint", ckpt, "--resume_training", "True"))
     assert "[train] already at train_steps 8 (global step 8): nothing to train" in log
     assert losses(log) == {}
+
+
+PIPELINE = os.path.join(ROOT, "configs", "llama2", "pretrain_llama2_tiny_pp2.yaml")
+
+
+def test_pipeline_pp2_trains_as_dp2_saves_per_stage_merges_alike_and_resumes_on_dp2(flow, merged):
+    """The pipeline leg: the pp2 twin (same global batch, 2 micro-batches) trains with the dp2
+    losses, each stage saves its own tensors and strategy, the merged step-8 save equals the
+    merged dp2 one, and a resume from its step-4 save on dp2 (load hook, auto_trans_ckpt with
+    the pp2 strategy) continues with the uninterrupted losses."""
+    from mindformers_st.layout.strategy import read_strategy
+    out = os.path.join(flow.base, "pp2")
+    log = flow.launch("pp2", flow.train_args(out, 8), config=PIPELINE)
+    straight, piped = losses(flow.pretrain_log), losses(log)
+    assert sorted(piped) == list(range(1, 9))
+    for s in piped:
+        assert abs(float(piped[s]) - float(straight[s])) < 2e-4, (straight, piped)
+    entries = load_committed_entries(os.path.join(out, "checkpoint"))
+    assert [e.global_step for e in entries] == [4, 8]
+    held = []
+    for r in (0, 1):
+        with open_safetensors(entries[-1].path(r)) as f:
+            held.append(set(f.tensors))
+    assert "model.tok_embeddings.embedding_weight" in held[0] - held[1]
+    assert {"lm_head.weight", "adam_m.lm_head.weight", "model.norm_out.weight"} <= held[1] - held[0]
+    assert not any(n.startswith("model.layers.1.") for n in held[0])
+    strategy = read_strategy(os.path.join(out, "strategy"))
+    assert strategy["lm_head.weight"].stage == 1 and strategy["model.layers.0.attention.wq.weight"].stage == 0
+
+    dst = os.path.join(flow.base, "pp2_merged")
+    subprocess.run([os.path.join(BIN, "mindformers-st"), "merge",
+                    os.path.join(out, "checkpoint"), dst, "--no-progress"],
+                   check=True, env=_env(), timeout=300)
+    ours, theirs = {}, {}
+    for folder, into in ((dst, ours), (merged, theirs)):
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("model-"):
+                into.update(_tensors(os.path.join(folder, name)))
+    assert sorted(ours) == sorted(theirs)
+    for n in ours:
+        np.testing.assert_allclose(ours[n], theirs[n], rtol=1e-4, atol=1e-5, err_msg=n)
+
+    resumed = flow.launch("pp2_to_dp2", flow.train_args(
+        os.path.join(flow.base, "pp2_to_dp2"), 8, "--load_checkpoint",
+        os.path.join(out, "checkpoint"), "--resume_training",
+        os.path.basename(entries[0].path(0)), "--auto_trans_ckpt", "True",
+        "--src_strategy_path_or_dir", os.path.join(out, "strategy")))
+    line = load_line(resumed)
+    assert "mode merge_and_cut" in line and "optimizer state restored" in line
+    again = losses(resumed)
+    assert sorted(again) == [5, 6, 7, 8]
+    for s in again:
+        assert abs(float(again[s]) - float(straight[s])) < 2e-4, (straight, again)
