@@ -321,3 +321,24 @@ def test_hf_model_gives_the_same_logits(family):
     with torch.no_grad():
         want = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(model.forward_logits(Tensor(ids))[0].asnumpy(), want, atol=1e-4)
+
+
+def test_pipeline_batch_rules_follow_mindspore_transformers(caplog):
+    from types import SimpleNamespace
+    from mindformers_st.errors import ConfigError
+    from mindformers_st.trainer.lr import build_lr_schedule
+    from mindformers_st.trainer.optim import build_optimizer
+    from mindformers_st.trainer.step import TrainStep
+    from mindformers_st.trainer.train import pipeline_rows
+    pc = ParallelConfig(pipeline_stage=2, micro_batch_num=3)
+    # global batch = batch_size x dp x micro_batch_num; gradient accumulation is named and unused
+    assert pipeline_rows(SimpleNamespace(batch_size=4, gradient_accumulation_steps=1), pc) == 12
+    with caplog.at_level("WARNING"):
+        assert pipeline_rows(SimpleNamespace(batch_size=4, gradient_accumulation_steps=2), pc) == 12
+    assert "gradient_accumulation_steps" in caplog.text
+    model = _stage_model(LlamaConfig.from_dict(TINY), pc, 0)
+    opt = build_optimizer(model, None, build_lr_schedule(None, 4))
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        TrainStep(model, opt, model.ctx, accumulation_steps=2)
+    with pytest.raises(ConfigError, match="micro_batch_num=3"):
+        TrainStep(model, opt, model.ctx)(np.ones((4, 9), np.int32))
