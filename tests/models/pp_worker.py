@@ -1,7 +1,7 @@
 """Worker for test_pipeline: train a tiny Llama 3 steps with pipeline stages, dump results.
 
 `python pp_worker.py OUT 1 1 1 MB` on one card, or under msrun with dp*mp*pp workers
-(`msrun ... pp_worker.py OUT DP MP PP MB`). Every rank writes OUT/rank_<r>.json (losses, grad
+(`msrun ... pp_worker.py OUT DP MP PP MB [OPTIMIZER_SHARD]`). Every rank writes OUT/rank_<r>.json (losses, grad
 norms, lrs, greedy tokens) and OUT/rank_<r>.npz (its parameter and moment slices with their
 offsets, as equiv_worker does) so the test can rebuild the global tensors.
 """
@@ -28,9 +28,10 @@ TINY = dict(vocab_size=256, hidden_size=64, num_layers=4, num_heads=4, n_kv_head
 GLOBAL_BATCH, STEPS = 4, 3
 
 
-def main(out, dp, mp, pp, micro):
+def main(out, dp, mp, pp, micro, optimizer_shard=0):
     pc = ParallelConfig(data_parallel=dp, model_parallel=mp, pipeline_stage=pp,
-                        micro_batch_num=micro, vocab_emb_dp=mp == 1)
+                        micro_batch_num=micro, vocab_emb_dp=mp == 1,
+                        optimizer_shard=bool(optimizer_shard))
     ctx = init_parallel(pc, use_parallel=dp * mp * pp > 1, device_target="CPU", seed=1234)
     cfg = LlamaConfig.from_dict(TINY)
     model = LlamaForCausalLM(cfg, ctx)
@@ -70,4 +71,4 @@ def main(out, dp, mp, pp, micro):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *(int(a) for a in sys.argv[2:6]))
+    main(sys.argv[1], *(int(a) for a in sys.argv[2:]))

@@ -3,8 +3,9 @@
 Same seed, init and global batch (4 rows; on 2 stages as 2 micro-batches of 2): the losses,
 gradient norms (clipping active) and learning rates of 3 steps agree on every rank, greedy
 tokens are identical, and the weights and Adam moments re-assembled from the two stages equal
-the single-card ones. Measured as well (not run here, 4 workers take ~60 s on 2 cores):
-pp2 x dp2 and pp2 x mp2 (vocab-parallel) give the same losses to 1e-7.
+the single-card ones. Measured as well (not run here, 4 workers take 60-90 s on 2 cores;
+`msrun --worker_num 4 ... pp_worker.py OUT DP MP 2 2 [1]`): pp2 x dp2, pp2 x dp2 with optimizer
+shard and pp2 x mp2 (vocab-parallel) give the single-card losses to 1e-7.
 """
 import json
 import os
