@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 NEG_INF = -1e9   # additive mask value; finite so fully padded rows stay NaN-free
 
 KVCache = List[Tuple[Tensor, Tensor]]
+EMBEDDING = "model.tok_embeddings.embedding_weight"
 
 
 def global_init(name: str, shape: Tuple[int, ...], seed: int, std: float) -> np.ndarray:
@@ -150,10 +151,6 @@ class LlamaForCausalLM(nn.Cell):
         # (layout.parallel_config.stage_of), so saves and loads line up with the plan.
         self.num_stages, self.stage = pc.pipeline_stage, ctx.coords[0]
         self.is_first, self.is_last = self.stage == 0, self.stage == self.num_stages - 1
-        if cfg.tie_word_embeddings and self.num_stages > 1:
-            raise LayoutError("tie_word_embeddings with pipeline_stage > 1 is not supported: the "
-                              "embedding (first stage) would be needed by lm_head (last stage); "
-                              "untie the weights or use pipeline_stage 1")
         stage_names = {n for n, lay in self._layouts.items() if lay.stage == self.stage}
         layer_ids = sorted({p.layer for p in self._table
                             if p.name in stage_names and 0 <= p.layer < cfg.num_layers})
@@ -168,6 +165,10 @@ class LlamaForCausalLM(nn.Cell):
         self.loss_fn = VocabParallelCrossEntropy(split_vocab, self.mp_rank, mp, group)
         self._params = {p.name: p for p in self.get_parameters()}
         self._check_and_init(ctx.seed)
+        if self.tied and self.num_stages > 1 and EMBEDDING in self.opt_sharded:
+            raise LayoutError("tie_word_embeddings with pipeline_stage > 1 and an optimizer-"
+                              "sharded embedding is not supported (the last stage's lm_head "
+                              "gradient would be added to a shard); set optimizer_shard False")
 
     # ---- parameters, slices and numpy access -------------------------------------------
     def param_table(self) -> ParamTable:
@@ -277,6 +278,21 @@ class LlamaForCausalLM(nn.Cell):
         c = self.cfg
         return rope_inv_freq(c.head_dim, c.theta, c.extend_method, c.scaling_factor, seq_len)
 
+    def shared_lm_weight(self) -> Optional[Tensor]:
+        """Tied embeddings under pipeline parallelism: the first stage's embedding block (this
+        mp rank's vocab rows, float32) on every stage of this (dp, mp) position, by an
+        all-reduce over `pp_group` where the other stages add zeros; the last stage uses it as
+        lm_head. None when the weights are not tied or there is one stage. Every stage of the
+        group must call it at the same point (it is a collective)."""
+        if not (self.tied and self.num_stages > 1):
+            return None
+        if self.is_first:
+            w = self.model.tok_embeddings._full("embedding_weight").astype(ms.float32)
+        else:
+            rows = self.cfg.vocab_size // (self.mp if self.split_vocab else 1)
+            w = ops.zeros((rows, self.cfg.hidden_size), ms.float32)
+        return ops.AllReduce(group=self.ctx.pp_group)(w)
+
     def _lm_weight(self):
         if self.tied:
             return self.model.tok_embeddings._full("embedding_weight")
@@ -300,11 +316,12 @@ class LlamaForCausalLM(nn.Cell):
         mask = _additive_mask(b, s, past, attention_mask)
         return self.model(inputs, cos, sin, mask, cache)
 
-    def logits_of(self, h: Tensor) -> Tensor:
+    def logits_of(self, h: Tensor, lm_weight: Optional[Tensor] = None) -> Tensor:
         """Logits of this rank's vocab shard [B, S, V/mp] (V if not split) in float32 from the
-        last stage's normed hidden state."""
+        last stage's normed hidden state; `lm_weight` is the tied embedding a last stage got
+        from `shared_lm_weight` (None: this model's own lm_head or embedding)."""
         h = self.lm_enter(h)
-        w = self._lm_weight().astype(self.compute_dtype)
+        w = (self._lm_weight() if lm_weight is None else lm_weight).astype(self.compute_dtype)
         return ops.matmul(h.astype(self.compute_dtype), w.T).astype(ms.float32)
 
     def forward_logits(self, input_ids: Tensor, attention_mask: Optional[np.ndarray] = None,
@@ -331,16 +348,17 @@ class LlamaForCausalLM(nn.Cell):
                                  flat_labels != self.cfg.ignore_token_id).astype(ms.float32)
         return (per_token * weight).sum() / ops.maximum(weight.sum(), 1.0)
 
-    def stage_construct(self, hidden_in, input_ids, labels=None):
+    def stage_construct(self, hidden_in, input_ids, labels=None, lm_weight=None):
         """The training forward of this pipeline stage on one micro-batch: the first stage reads
         input_ids (hidden_in is ignored), the others the previous stage's hidden state
-        [B, S-1, H]; the last stage returns the loss, the others their hidden state."""
+        [B, S-1, H]; the last stage returns the loss (with `lm_weight`, the tied embedding from
+        `shared_lm_weight`, as lm_head), the others their hidden state."""
         s = input_ids.shape[1]
         inputs = input_ids[:, :s - 1] if self.is_first else hidden_in
         h, _ = self.forward_hidden(inputs)
         if not self.is_last:
             return h
-        return self.loss_of(self.logits_of(h), input_ids, labels)
+        return self.loss_of(self.logits_of(h, lm_weight), input_ids, labels)
 
     def construct(self, input_ids, labels=None):
         if self.num_stages > 1:

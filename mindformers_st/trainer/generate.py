@@ -85,13 +85,14 @@ def _next_logits(model, ctx, step_ids, mask, step_pos, cache):
     import mindspore as ms
     from mindspore import ops
     b, s = step_ids.shape
+    lm_weight = model.shared_lm_weight()   # tied embeddings: the first stage's table, else None
     inputs = Tensor(step_ids)
     if not model.is_first:
         inputs = p2p_transfer(ops.zeros((b, s, model.cfg.hidden_size), model.compute_dtype),
                               ctx.prev_group)
     h, cache = model.forward_hidden(inputs, mask, step_pos, cache)
     if model.is_last:
-        last = full_vocab_logits(model, ctx, model.logits_of(h)[:, -1, :])
+        last = full_vocab_logits(model, ctx, model.logits_of(h, lm_weight)[:, -1, :])
     else:
         p2p_transfer(h, ctx.next_group)
         last = np.zeros((b, model.cfg.vocab_size), np.float32)

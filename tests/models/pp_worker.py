@@ -1,8 +1,8 @@
 """Worker for test_pipeline: train a tiny Llama 3 steps with pipeline stages, dump results.
 
 `python pp_worker.py OUT 1 1 1 MB` on one card, or under msrun with dp*mp*pp workers
-(`msrun ... pp_worker.py OUT DP MP PP MB [OPTIMIZER_SHARD]`). Every rank writes OUT/rank_<r>.json (losses, grad
-norms, lrs, greedy tokens) and OUT/rank_<r>.npz (its parameter and moment slices with their
+(`msrun ... pp_worker.py OUT DP MP PP MB [OPTIMIZER_SHARD]`). Every rank writes OUT/<variant>_rank_<r>.json
+(losses, grad norms, lrs, greedy tokens) and OUT/<variant>_rank_<r>.npz (its parameter and moment slices with their
 offsets, as equiv_worker does) so the test can rebuild the global tensors.
 """
 import json
@@ -28,12 +28,21 @@ TINY = dict(vocab_size=256, hidden_size=64, num_layers=4, num_heads=4, n_kv_head
 GLOBAL_BATCH, STEPS = 4, 3
 
 
+# the second variant ties lm_head to the embedding: the table lives on stage 0 and is used on
+# stage 1 too (sent there each step, its gradient sent back)
+VARIANTS = {"untied": TINY, "tied": dict(TINY, tie_word_embeddings=True)}
+
+
 def main(out, dp, mp, pp, micro, optimizer_shard=0):
     pc = ParallelConfig(data_parallel=dp, model_parallel=mp, pipeline_stage=pp,
                         micro_batch_num=micro, vocab_emb_dp=mp == 1,
                         optimizer_shard=bool(optimizer_shard))
     ctx = init_parallel(pc, use_parallel=dp * mp * pp > 1, device_target="CPU", seed=1234)
-    cfg = LlamaConfig.from_dict(TINY)
+    for variant, model_config in VARIANTS.items():
+        run_variant(out, ctx, variant, LlamaConfig.from_dict(model_config))
+
+
+def run_variant(out, ctx, variant, cfg):
     model = LlamaForCausalLM(cfg, ctx)
     params = model.get_local_params()
     for name, sl in model.local_slices().items():
@@ -65,8 +74,8 @@ def main(out, dp, mp, pp, micro, optimizer_shard=0):
     for name, value in opt.get_state_arrays().items():
         if name != "global_step":
             arrays[name] = value
-    np.savez(os.path.join(out, f"rank_{ctx.rank}.npz"), **arrays)
-    with open(os.path.join(out, f"rank_{ctx.rank}.json"), "w") as f:
+    np.savez(os.path.join(out, f"{variant}_rank_{ctx.rank}.npz"), **arrays)
+    with open(os.path.join(out, f"{variant}_rank_{ctx.rank}.json"), "w") as f:
         json.dump(record, f)
 
 
