@@ -248,8 +248,9 @@ class CheckpointMonitor(MindSporeCallback):
             self._saved = CellState(self.saved_network, None, ctx.world_size, self.layouts)
         if self.health is not None and ctx.config.pipeline_stage > 1:
             raise ConfigError("use_checkpoint_health_monitor with pipeline_stage > 1 compares the "
-                              "embedding local norm of the first stage, which this runtime cannot "
-                              "run (no pipeline execution on CPU); set pipeline_stage 1")
+                              "embedding local norm of the first stage (MindSpore Transformers' "
+                              "runner_wrapper.local_norm), which this runtime does not compute; "
+                              "set pipeline_stage 1 or drop use_checkpoint_health_monitor")
         self._last_step = self._global_step(cb)
         if self.remove_redundancy and ctx.world_size == 1:
             logger.info("remove_redundancy on one rank: the file holds everything (nothing is replicated)")

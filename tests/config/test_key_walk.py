@@ -140,6 +140,7 @@ TESTED = {
     "callbacks.CheckpointMonitor.embedding_local_norm_threshold": f"{MON_K}::test_health_monitor_records_every_committed_save",
     "callbacks.CheckpointMonitor.exception_save": "tests/trainer/test_stop.py::test_exception_save_commits_the_last_completed_step_before_the_error",
     "use_graceful_exit": "tests/trainer/test_stop.py::test_sigterm_with_use_graceful_exit_saves_the_step_exits_0_and_resume_continues",
+    "parallel_config.micro_batch_num": ("tests/models/test_pipeline.py::test_pp2_matches_one_card", "micro-batches"),
     "use_legacy_format": "tests/checkpoint/test_monitor_iteration.py::test_the_yaml_key_reaches_the_monitor",
     "callbacks.OnRequestExit.type": ("tests/trainer/test_stop_rules.py::test_on_request_exit_config_file_asks_for_a_stop", "OnRequestExit"),
     "callbacks.OnRequestExit.config_file": "tests/trainer/test_stop_rules.py::test_on_request_exit_config_file_asks_for_a_stop",
@@ -163,7 +164,6 @@ REFUSED = {
 # the key table of docs/runtime.md with the reason.
 DOCUMENTED = {
     "callbacks.CheckpointMonitor.integrated_save",   # MindSpore Transformers forces it False under parallel
-    "parallel_config.micro_batch_num",               # only pipeline stages use it
     "model.model_config.type",                       # the class is model.arch.type's
 }
 
