@@ -2,7 +2,9 @@
 (dp2, de-redundant safetensors) -> `mindformers-st merge` -> finetune from complete weights cut
 for mp2 and from distributed weights (same strategy) -> predict from an HF folder, complete and
 distributed weights (all three give the same text) -> resume with the same strategy (losses
-bit-identical to the uninterrupted run) and with a changed strategy dp2 -> mp2 (fp32 tolerance).
+bit-identical to the uninterrupted run) and with a changed strategy dp2 -> mp2 (fp32 tolerance)
+-> the pipeline twin (pp2) trains as dp2, merges (ours and MindSpore's tools) to the dp2
+tensors, and resumes on dp2.
 
 One pretrain (8 steps, saves at 4 and 8) is shared by the module; a second identical run is
 killed with SIGKILL (every process of the job) as soon as its step-4 save is committed, and both
@@ -387,3 +389,75 @@ def test_resume_at_train_steps_says_there_is_nothing_to_train(flow):
         out, 8, "--load_checkpoint", ckpt, "--resume_training", "True"))
     assert "[train] already at train_steps 8 (global step 8): nothing to train" in log
     assert losses(log) == {}
+
+
+PIPELINE = os.path.join(ROOT, "configs", "llama2", "pretrain_llama2_tiny_pp2.yaml")
+
+
+def test_pipeline_pp2_trains_as_dp2_saves_per_stage_merges_alike_and_resumes_on_dp2(flow, merged):
+    """The pipeline leg: the pp2 twin (same global batch, 2 micro-batches) trains with the dp2
+    losses, each stage saves its own tensors and strategy, the merged step-8 save equals the
+    merged dp2 one and what MindSpore's merge_pipeline_strategys + unified_safetensors make of
+    it, and a resume from its step-4 save on dp2 (load hook, auto_trans_ckpt with
+    the pp2 strategy) continues with the uninterrupted losses."""
+    from mindformers_st.layout.strategy import read_strategy
+    out = os.path.join(flow.base, "pp2")
+    log = flow.launch("pp2", flow.train_args(out, 8), config=PIPELINE)
+    straight, piped = losses(flow.pretrain_log), losses(log)
+    assert sorted(piped) == list(range(1, 9))
+    for s in piped:
+        assert abs(float(piped[s]) - float(straight[s])) < 2e-4, (straight, piped)
+    entries = load_committed_entries(os.path.join(out, "checkpoint"))
+    assert [e.global_step for e in entries] == [4, 8]
+    held = []
+    for r in (0, 1):
+        with open_safetensors(entries[-1].path(r)) as f:
+            held.append(set(f.tensors))
+    assert "model.tok_embeddings.embedding_weight" in held[0] - held[1]
+    assert {"lm_head.weight", "adam_m.lm_head.weight", "model.norm_out.weight"} <= held[1] - held[0]
+    assert not any(n.startswith("model.layers.1.") for n in held[0])
+    strategy = read_strategy(os.path.join(out, "strategy"))
+    assert strategy["lm_head.weight"].stage == 1 and strategy["model.layers.0.attention.wq.weight"].stage == 0
+
+    dst = os.path.join(flow.base, "pp2_merged")
+    subprocess.run([os.path.join(BIN, "mindformers-st"), "merge",
+                    os.path.join(out, "checkpoint"), dst, "--no-progress"],
+                   check=True, env=_env(), timeout=300)
+    ours, theirs = {}, {}
+    for folder, into in ((dst, ours), (merged, theirs)):
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("model-"):
+                into.update(_tensors(os.path.join(folder, name)))
+    assert sorted(ours) == sorted(theirs)
+    for n in ours:
+        np.testing.assert_allclose(ours[n], theirs[n], rtol=1e-4, atol=1e-5, err_msg=n)
+    # MindSpore's own tools on the real pp2 save: merge_pipeline_strategys gives our layouts,
+    # unified_safetensors our merged tensors (bit for bit)
+    from tests.layout.test_interop_mindspore import run_mindspore
+    uni = os.path.join(flow.base, "pp2_unified")
+    for r in (0, 1):
+        os.makedirs(os.path.join(uni, "src", f"rank_{r}"))
+        shutil.copy(entries[-1].path(r), os.path.join(uni, "src", f"rank_{r}"))
+    run_mindspore(f"""
+        import mindspore as ms
+        ms.merge_pipeline_strategys({os.path.join(out, 'strategy')!r}, {uni + '/strategy.ckpt'!r})
+        ms.unified_safetensors({uni + '/src'!r}, {uni + '/strategy.ckpt'!r}, {uni + '/merged'!r},
+                               max_process_num=1)
+        """)
+    assert read_strategy(os.path.join(uni, "strategy.ckpt")) == strategy
+    name_map = json.load(open(os.path.join(uni, "merged", "param_name_map.json")))["weight_map"]
+    for n in ours:
+        with open_safetensors(os.path.join(uni, "merged", name_map[n])) as f:
+            np.testing.assert_array_equal(f.read(n), ours[n], err_msg=n)
+
+    resumed = flow.launch("pp2_to_dp2", flow.train_args(
+        os.path.join(flow.base, "pp2_to_dp2"), 8, "--load_checkpoint",
+        os.path.join(out, "checkpoint"), "--resume_training",
+        os.path.basename(entries[0].path(0)), "--auto_trans_ckpt", "True",
+        "--src_strategy_path_or_dir", os.path.join(out, "strategy")))
+    line = load_line(resumed)
+    assert "mode merge_and_cut" in line and "optimizer state restored" in line
+    again = losses(resumed)
+    assert sorted(again) == [5, 6, 7, 8]
+    for s in again:
+        assert abs(float(again[s]) - float(straight[s])) < 2e-4, (straight, again)

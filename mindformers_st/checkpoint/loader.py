@@ -507,6 +507,8 @@ def _read_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode
     def held(n: str) -> bool:   # sliced tensors are chunks, whole-valued counters hyper values
         return n in src.chunks if n in layouts else n in src.hyper
     report.missing = [n for n in weights + opt_names if not held(n)]
+    # tensors of the other pipeline stages are expected in a complete checkpoint: not reported
+    wanted = wanted | set(state.elsewhere)
     report.unexpected = [n for n in src.chunks
                          if n not in wanted and not (is_optimizer_state(n) and not resume)]
     report.optimizer_ignored = [n for n in src.chunks if n not in wanted and is_optimizer_state(n)

@@ -39,6 +39,7 @@ from ..records import commit as cm
 from ..records.names import ckpt_file_name, rank_dir_name
 from .network import CellState, ModelState
 from .state import owned_names, snapshot_rank, write_rank_file
+from . import monitor_options as options
 
 try:   # the class is a mindspore.train.Callback; importing this module imports MindSpore
     from mindspore.train import Callback as MindSporeCallback
@@ -96,8 +97,12 @@ class CheckpointMonitor(MindSporeCallback):
     `layouts` (a MindSpore strategy file/folder, or {name: TensorLayout}) says how a network's
     tensors are cut over the ranks when MindSpore's `parameter_layout_dict` does not; by default
     every tensor is whole on every rank (one card, DATA_PARALLEL).
-    `directory` None means `{output_dir}/checkpoint`. ConfigError for invalid combinations
-    (remove_redundancy with ckpt, a prefix with '/', non-positive step counts).
+    `directory` None means `{output_dir}/checkpoint`. As MindSpore: `append_info` adds scalars to
+    every save, `saved_network` (an nn.Cell) is saved instead of the train network, `enc_key` /
+    `enc_mode` encrypt `.ckpt` saves; `use_checkpoint_health_monitor` appends each committed save
+    to `{health_ckpts_record_dir or output_dir}/health_ckpts.json` (MindSpore Transformers).
+    ConfigError for invalid combinations (remove_redundancy with ckpt, a prefix with '/',
+    non-positive step counts, encryption of safetensors, a malformed append_info).
     """
 
     def __init__(self, prefix: str = "CKP", directory: Optional[str] = None,
@@ -107,7 +112,11 @@ class CheckpointMonitor(MindSporeCallback):
                  save_trainable_params: bool = False, integrated_save: bool = True,
                  global_batch_size: Optional[int] = None, output_dir: str = "./output",
                  save_checkpoint_seconds: int = 0, keep_checkpoint_per_n_minutes: int = 0,
-                 layouts=None, use_legacy_format: bool = True, exception_save: bool = False):
+                 layouts=None, use_legacy_format: bool = True, exception_save: bool = False,
+                 saved_network=None, append_info=None, enc_key: Optional[bytes] = None,
+                 enc_mode: str = "AES-GCM", use_checkpoint_health_monitor: bool = False,
+                 embedding_local_norm_threshold: float = 1.0,
+                 health_ckpts_record_dir: Optional[str] = None):
         super().__init__()
         if not isinstance(prefix, str) or not prefix or "/" in prefix or "\\" in prefix:
             raise ConfigError(f"CheckpointMonitor prefix must be a non-empty name without '/', got {prefix!r}")
@@ -164,6 +173,13 @@ class CheckpointMonitor(MindSporeCallback):
             from ..layout.strategy import read_strategy
             layouts = read_strategy(layouts)
         self.layouts = dict(layouts) if layouts else None
+        self.append_values = options.append_values(append_info)
+        self.enc_key, self.enc_mode = options.encryption(enc_key, enc_mode, checkpoint_format)
+        self.saved_network = options.saved_network(saved_network)
+        self._saved = None
+        self.health = options.health_settings(use_checkpoint_health_monitor,
+                                              embedding_local_norm_threshold,
+                                              health_ckpts_record_dir or output_dir)
 
     @classmethod
     def from_config(cls, cb_cfg, config) -> "CheckpointMonitor":
@@ -181,7 +197,12 @@ class CheckpointMonitor(MindSporeCallback):
                    save_checkpoint_seconds=cb_cfg.save_checkpoint_seconds,
                    keep_checkpoint_per_n_minutes=cb_cfg.keep_checkpoint_per_n_minutes,
                    use_legacy_format=getattr(config, "use_legacy_format", True),
-                   exception_save=cb_cfg.exception_save)
+                   exception_save=cb_cfg.exception_save,
+                   append_info=cb_cfg.append_info, enc_mode=cb_cfg.enc_mode,
+                   # As MindSpore Transformers' trainer: the top-level switch, records in output_dir.
+                   use_checkpoint_health_monitor=bool(getattr(config, "use_checkpoint_health_monitor",
+                                                              False)),
+                   embedding_local_norm_threshold=cb_cfg.embedding_local_norm_threshold)
 
     # ---- paths -------------------------------------------------------------------------------
     def _extra_root(self, kind: str) -> str:
@@ -223,6 +244,13 @@ class CheckpointMonitor(MindSporeCallback):
         strategy files of a network we did not plan (rank 0)."""
         cb, ctx, net_state = self._bind(run_context)
         self._ctx, self._net = ctx, net_state
+        if self.saved_network is not None:   # MindSpore: save this cell instead of the train network
+            self._saved = CellState(self.saved_network, None, ctx.world_size, self.layouts)
+        if self.health is not None and ctx.config.pipeline_stage > 1:
+            raise ConfigError("use_checkpoint_health_monitor with pipeline_stage > 1 compares the "
+                              "embedding local norm of the first stage (MindSpore Transformers' "
+                              "runner_wrapper.local_norm), which this runtime does not compute; "
+                              "set pipeline_stage 1 or drop use_checkpoint_health_monitor")
         self._last_step = self._global_step(cb)
         if self.remove_redundancy and ctx.world_size == 1:
             logger.info("remove_redundancy on one rank: the file holds everything (nothing is replicated)")
@@ -245,7 +273,7 @@ class CheckpointMonitor(MindSporeCallback):
         self._committed = [cm.CommittedSave.from_json(e, self.directory, cm.COMMITTED_FILE)
                            for e in entries]
         if self.remove_redundancy:
-            self._owned = owned_names(net_state, ctx)
+            self._owned = owned_names(self._saved or net_state, ctx)
         logger.info("CheckpointMonitor: %s every %d steps to %s (keep %d, %s%s)", self.fmt,
                     self.save_steps, self.directory, self.keep_max,
                     "async" if self.async_save else "sync",
@@ -325,11 +353,12 @@ class CheckpointMonitor(MindSporeCallback):
             self._wait_and_commit(ctx)
         t0 = time.perf_counter()
         epoch, step, global_step, hyper = self._hyper(cb, ctx, net_state)
-        snap = snapshot_rank(net_state, ctx, epoch=epoch, step=step, hyper=hyper,
+        snap = snapshot_rank(self._saved or net_state, ctx, epoch=epoch, step=step, hyper=hyper,
                              remove_redundancy=self.remove_redundancy, owned=self._owned,
                              copy=self.async_save, buffers=self._buffers if self.async_save else None)
         paths = self._paths(ctx.rank, epoch, step)
         pending = _Save(epoch, step, global_step, paths, snap.nbytes)
+        options.add_append_values(snap, self.append_values, self._saved or net_state)
         jobs = [(paths[0], snap)]
         if not self.use_legacy_format:
             from ..records.iteration import CommonInfo
@@ -349,7 +378,7 @@ class CheckpointMonitor(MindSporeCallback):
             tw = time.perf_counter()
             try:
                 for path, s in jobs:
-                    write_rank_file(path, s, self.fmt)
+                    write_rank_file(path, s, self.fmt, self.enc_key, self.enc_mode)
             except BaseException as exc:   # reported at commit, on the main thread
                 pending.error = exc
                 logger.error("rank %d: writing %s failed: %s", ctx.rank, paths[0], exc)
@@ -445,6 +474,8 @@ class CheckpointMonitor(MindSporeCallback):
         except OSError as exc:   # committed.json already holds the save; meta.json is a mirror
             logger.warning("rank %d: %s: could not write meta.json (%s); the save is committed "
                            "in committed.json", ctx.rank, rank_dir, exc)
+        if self.health is not None and ctx.is_main:
+            self._record_health(name)
         commit_time = time.perf_counter() - t0
         self.stats.append(SaveStats(pending.global_step, pending.nbytes, pending.blocked,
                                     pending.write_time, commit_time, waited, pending.thread is not None))
@@ -480,6 +511,15 @@ class CheckpointMonitor(MindSporeCallback):
                                     pending.write_time, commit_time, waited, pending.thread is not None))
         logger.info("step %d: committed iteration %d (Checkpoint 2.0, %.1f MB)",
                     pending.global_step, pending.global_step, pending.nbytes / 1e6)
+
+    def _record_health(self, name: str) -> None:
+        """Append the committed save to health_ckpts.json, as MindSpore Transformers: with one
+        pipeline stage (all this runtime runs) its embedding norm is never compared, so every save
+        is healthy (is_health 0)."""
+        from ..records.health import HealthEntry, append_health
+        path = append_health(self.health["dir"], HealthEntry(0, name))
+        logger.info("%s: %s is healthy (pipeline_stage 1: embedding_local_norm_threshold %s is "
+                    "not compared)", path, name, self.health["threshold"])
 
     def _prune(self, ctx, dropped: List[cm.CommittedSave]) -> None:
         """Delete this rank's files of saves no record names any more (rank 0 also removes

@@ -51,6 +51,7 @@ class NetworkState:
     optimizer_states: List[str]
     layouts: Dict[str, TensorLayout]
     dtypes: Dict[str, str]
+    elsewhere: frozenset = frozenset()   # tensors other pipeline stages of the job hold
 
     def parameters(self) -> Dict[str, object]:
         """name -> MindSpore Parameter of every tensor a save holds, in save order."""
@@ -79,7 +80,8 @@ class NetworkState:
 
 
 class ModelState(NetworkState):
-    """Our models (LlamaForCausalLM and registered kin) with our AdamW."""
+    """Our models (LlamaForCausalLM and registered kin) with our AdamW; under pipeline
+    parallelism only the tensors of this rank's stage."""
 
     def __init__(self, model, optimizer, ctx, with_optimizer: bool = True):
         self.model, self.optimizer, self.ctx = model, optimizer, ctx
@@ -97,6 +99,14 @@ class ModelState(NetworkState):
         else:
             from ..layout.parallel_config import ParallelConfig, plan_layouts
             self.layouts = plan_layouts(table, ParallelConfig())
+        # A pipeline stage holds (saves, loads) only the tensors its layout puts on its stage.
+        stage = ctx.coords[0] if ctx is not None else 0
+        here = {n for n, lay in self.layouts.items() if lay.stage == stage}
+        self.elsewhere = frozenset(n for n in self.layouts if n not in here)
+        self.weights = [n for n in self.weights if n in here]
+        self.optimizer_states = [n for n in self.optimizer_states
+                                 if n in here or n not in self.layouts]
+        self.layouts = {n: lay for n, lay in self.layouts.items() if n in here}
         self.dtypes = {p.name: p.dtype for p in table}
 
     @classmethod

@@ -149,12 +149,16 @@ def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, floa
     return RankSnapshot(arrays, slices, meta, copy, network, trainable)
 
 
-def write_rank_file(path: str, snap: RankSnapshot, fmt: str = "safetensors") -> str:
+def write_rank_file(path: str, snap: RankSnapshot, fmt: str = "safetensors",
+                    enc_key: Optional[bytes] = None, enc_mode: str = "AES-GCM") -> str:
     """Write `snap` to `path` atomically and durably; returns the path.
 
     safetensors: streamed, checksummed, fsynced and renamed by storage.SafetensorsWriter.
     ckpt: mindspore.save_checkpoint into a hidden temporary name, then fsync, rename, folder fsync
-    (MindSpore renames but does not fsync, and a crash must never leave a half file under `path`)."""
+    (MindSpore renames but does not fsync, and a crash must never leave a half file under `path`),
+    encrypted by MindSpore with `enc_key`/`enc_mode` when a key is given."""
+    if enc_key is not None and fmt != "ckpt":
+        raise CheckpointError("enc_key: only ckpt files are encrypted (as MindSpore)")
     if fmt == "safetensors":
         specs = [(n, numpy_to_st(a.dtype), a.shape) for n, a in snap.arrays.items()]
         with SafetensorsWriter(path, specs, metadata=snap.metadata) as w:
@@ -165,8 +169,9 @@ def write_rank_file(path: str, snap: RankSnapshot, fmt: str = "safetensors") -> 
         raise CheckpointError(f"checkpoint_format {fmt!r}: use 'safetensors' or 'ckpt'")
     import mindspore as ms
 
+    encrypt = {} if enc_key is None else {"enc_key": enc_key, "enc_mode": enc_mode}
     items = [{"name": n, "data": ms.Tensor(a)} for n, a in snap.arrays.items()]
     # The temporary name ends in .ckpt so MindSpore does not append another suffix.
     with atomic_path(path, suffix=".tmp.ckpt") as tmp:
-        ms.save_checkpoint(items, tmp)
+        ms.save_checkpoint(items, tmp, **encrypt)
     return path

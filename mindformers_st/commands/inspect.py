@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 from ..errors import CheckpointError, LayoutError
 from ..layout.slices import TensorSlice
-from ..records.hyper import DISPLAY_ORDER, is_hyper
+from ..records.hyper import DISPLAY_ORDER, is_hyper, is_whole_value
 from ..records.iteration import (IterationSave, find_iteration, parse_shard_file, read_common,
                                  read_metadata, refuse_mixed_layouts, shard_files)
 from ..records.names import parse_step, rank_folders
@@ -133,6 +133,10 @@ def apply_strategy(ckpt: Checkpoint, strategy: str) -> None:
 def _hyper_values(f: StoredFile) -> Dict[str, list]:
     out = {}
     wanted = [n for n in DISPLAY_ORDER if n in f.tensors and f.tensors[n].numel <= 16]
+    # then the other whole scalars (a CheckpointMonitor's append_info): 0-d and not a slice
+    wanted += sorted(n for n, e in f.tensors.items()
+                     if is_whole_value(n, e.shape) and e.numel == 1 and n not in f.slices
+                     and n not in DISPLAY_ORDER)
     if wanted:
         with open_safetensors(f.path) as sf:
             for n in wanted:

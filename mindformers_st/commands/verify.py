@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 from ..errors import MindformersSTError
 from ..layout.slices import TensorSlice
 from ..storage.checksum import decode_checksums, verify_checksums
-from ..records.hyper import is_hyper
+from ..records.hyper import is_whole_value
 from ..records.names import rank_folders
 from ..records.scan import complete_files, select_save
 from ..storage.reader import open_safetensors
@@ -138,7 +138,7 @@ def _check_tiling(folder: str, files: List[StoredFile], problems: List[str]) -> 
         for name, entry in f.tensors.items():
             block = f.slices.get(name)
             if block is None:
-                if not is_hyper(name) and f.slices:
+                if not is_whole_value(name, entry.shape) and f.slices:
                     problems.append(f"{f.path}: tensor {name!r} has no slice in the file's "
                                     f"metadata (or the strategy); its place is unknown")
                 continue

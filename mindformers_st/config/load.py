@@ -15,6 +15,7 @@ import yaml
 from ..errors import ConfigError
 from .schema import IGNORED_TOP_LEVEL, RunConfig, build_callback
 from .typed import CliValue, build
+from .unused_keys import warn_unused
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,6 @@ def build_config(data: Dict[str, Any]) -> RunConfig:
     """The validated RunConfig for an already-merged mapping (YAML plus overrides)."""
     data = dict(data)
     ignored = {k: data.pop(k) for k in list(data) if k in IGNORED_TOP_LEVEL}
-    if ignored:
-        logger.debug("accepted and ignored config keys: %s", ", ".join(sorted(ignored)))
     raw_callbacks = data.pop("callbacks", None) or []
     if not isinstance(raw_callbacks, list):
         raise ConfigError(f"config key 'callbacks' must be a list of {{type: ...}} mappings, "
@@ -112,6 +111,10 @@ def build_config(data: Dict[str, Any]) -> RunConfig:
     cfg = build(RunConfig, data, "")
     cfg.callbacks = [build_callback(cb, f"callbacks.{i}") for i, cb in enumerate(raw_callbacks)]
     cfg.ignored = ignored
+    warn_unused(cfg, RunConfig(), ignored)
+    if cfg.use_checkpoint_health_monitor and cfg.callback("CheckpointMonitor") is None:
+        logger.warning("config key 'use_checkpoint_health_monitor' = True has no effect here: no "
+                       "CheckpointMonitor callback is configured (it records that callback's saves)")
     return cfg
 
 

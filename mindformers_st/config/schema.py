@@ -263,6 +263,8 @@ class MFLossMonitorConfig:
     def _validate(self, where: str) -> None:
         _require(self.per_print_times >= 1,
                  f"config key '{_key(where, 'per_print_times')}' must be >= 1")
+        from .unused_keys import NO_EFFECT_LOSS_MONITOR
+        warn_no_effect(self, NO_EFFECT_LOSS_MONITOR, where)
 
 
 @dataclass
@@ -313,8 +315,15 @@ class CheckpointMonitorConfig:
                  f"config keys '{_key(where, 'save_checkpoint_seconds')}' and "
                  f"'{_key(where, 'keep_checkpoint_per_n_minutes')}' must be >= 0")
         _require(self.enc_key is None,
-                 f"config key '{_key(where, 'enc_key')}': encrypted checkpoints are not supported "
-                 f"(safetensors files are plain by design)")
+                 f"config key '{_key(where, 'enc_key')}': " + (
+                     "safetensors files are never encrypted (MindSpore encrypts checkpoint_format "
+                     "'ckpt' only)" if self.checkpoint_format == "safetensors" else
+                     "MindSpore takes a bytes key, which a YAML value cannot be; pass "
+                     "enc_key=b'...' to mindformers_st.CheckpointMonitor in Python"))
+        _require(self.saved_network is None,
+                 f"config key '{_key(where, 'saved_network')}': MindSpore takes a network object "
+                 f"(nn.Cell), which a YAML value cannot be; pass saved_network=<cell> to "
+                 f"mindformers_st.CheckpointMonitor in Python")
         warn_no_effect(self, NO_EFFECT_MONITOR, where)
 
 
@@ -326,19 +335,22 @@ NO_EFFECT_TOP_LEVEL = {
                   "layout is chosen by use_legacy_format)",
 }
 NO_EFFECT_MONITOR = {
-    "saved_network": "the save holds the train network's tensors",
-    "append_info": "extra values are not stored (the hyper values are: epoch_num, step_num, "
-                   "loss_scale, global_batch_size, learning_rate, data_position, seed)",
-    "use_checkpoint_health_monitor": "the embedding-norm health monitor is not computed",
-    "embedding_local_norm_threshold": "the embedding-norm health monitor is not computed",
-    "embedding_size": "the embedding-norm health monitor is not computed",
-    "health_ckpts_record_dir": "the embedding-norm health monitor is not computed",
+    # As MindSpore Transformers' trainer, which replaces these three with its own values:
+    "use_checkpoint_health_monitor": "the top-level use_checkpoint_health_monitor switches the "
+                                     "health monitor on",
+    "embedding_size": "the embedding size is model_config hidden_size x vocab_size",
+    "health_ckpts_record_dir": "health_ckpts.json is written in output_dir",
+    "enc_mode": "it applies only with enc_key, which a YAML file cannot set",
+    "save_checkpoint_seconds": "saves are collective, so they follow save_checkpoint_steps "
+                               "(a clock would differ between ranks)",
+    "keep_checkpoint_per_n_minutes": "the saves kept are the last keep_checkpoint_max",
 }
 
 
 def warn_no_effect(obj, table, where: str) -> None:
     """Warn, naming the key, for each key of `table` that `obj` sets to a non-default value."""
-    defaults = {f.name: f.default for f in dataclasses.fields(obj)}
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING
+                else f.default_factory() for f in dataclasses.fields(obj)}
     for key, why in table.items():
         value = getattr(obj, key)
         if value != defaults.get(key) and value is not None:
@@ -413,7 +425,7 @@ IGNORED_TOP_LEVEL = (
     "profile_stop_step", "profile_communication", "profile_memory", "init_start_profile",
     "layer_scale", "layer_decay", "lr_scale", "micro_batch_interleave_num", "swap_config",
     "auto_tune", "filepath_prefix", "autotune_per_step", "remote_save_url", "do_eval",
-    "eval_step_interval", "eval_epoch_interval", "use_checkpoint_health_monitor",
+    "eval_step_interval", "eval_epoch_interval",
     "monitor_config", "tensorboard", "wrapper", "adapter_id",
     "model_name", "trust_remote_code",
 )
@@ -449,6 +461,8 @@ class RunConfig:
     # False: CheckpointMonitor saves in MindSpore Transformers 2.x's Checkpoint 2.0 layout
     use_legacy_format: bool = True
     pretrained_model_dir: str = ""
+    # rank 0 appends each committed save to {output_dir}/health_ckpts.json (CheckpointMonitor)
+    use_checkpoint_health_monitor: bool = False
     predict_data: List[str] = field(default_factory=list)
     predict_batch_size: Optional[int] = None
     context: ContextConfig = field(default_factory=ContextConfig)

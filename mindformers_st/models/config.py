@@ -28,6 +28,18 @@ IGNORED_KEYS = frozenset({
     "max_position_embedding", "quant_config", "tie_word_embeddings_type",
 })
 
+# LlamaConfig fields this runtime validates but does not act on: warned by name when set to
+# anything but their default (never silently ignored).
+NO_EFFECT_FIELDS = {
+    "layernorm_compute_type": "RMSNorm computes in float32",
+    "softmax_compute_type": "attention softmax computes in float32",
+    "rotary_dtype": "rotary embeddings compute in float32",
+    "use_past": "generation always uses a KV cache (same tokens)",
+    "batch_size": "the batch is runner_config.batch_size / predict_batch_size",
+    "bos_token_id": "prompts are encoded as tokenizer.json says",
+    "checkpoint_name_or_path": "weights are loaded from load_checkpoint only",
+}
+
 
 @dataclass
 class LlamaConfig:
@@ -121,9 +133,14 @@ class LlamaConfig:
                 f"model.model_config: unknown key(s) {unknown}; known keys are "
                 f"{sorted(known)} (accepted and ignored: {sorted(IGNORED_KEYS)}). "
                 "Fix the spelling or remove them.")
-        ignored = sorted(k for k in d if k in IGNORED_KEYS)
-        if ignored:
-            logger.info("model.model_config: ignoring %s (no effect on this backend)", ignored)
+        for k in sorted(k for k in d if k in IGNORED_KEYS and d[k] not in (None, False, "", 0)):
+            logger.warning("config key 'model.model_config.%s' = %r has no effect here: this "
+                           "runtime does not implement it (docs/models.md)", k, d[k])
+        defaults = cls.__dataclass_fields__
+        for k, why in NO_EFFECT_FIELDS.items():
+            if k in d and d[k] not in (None, "") and d[k] != defaults[k].default:
+                logger.warning("config key 'model.model_config.%s' = %r has no effect here: %s",
+                               k, d[k], why)
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def _validate(self) -> None:

@@ -121,3 +121,15 @@ class GatherOptimizerShard(nn.Cell):
         rows = shard.shape[0]
         total = self.all_reduce(dout.astype(ms.float32))
         return ((total[self.offset:self.offset + rows] / self.group_size).astype(shard.dtype),)
+
+
+def p2p_transfer(x: Tensor, group: str) -> Tensor:
+    """Move a tensor between the two ranks of `group` (neighbouring pipeline stages).
+
+    The sender passes the tensor, the receiver zeros of the same shape and dtype; both get the
+    sender's values back (x + 0 is exact). CPU has no Send/Receive and no AllGather on
+    sub-groups (measured), but AllReduce works on any group. Both ranks must call it at the
+    same point of their collective order. Not differentiable: the pipeline schedule sends
+    gradients back explicitly.
+    """
+    return ops.AllReduce(group=group)(x)

@@ -23,8 +23,10 @@ class ParallelContext:
     """What this process is in the parallel job.
 
     dp_group / mp_group are MindSpore communication group names, or None when that axis has
-    size 1 (no communication needed). `config` is the ParallelConfig actually in force (all
-    ones when use_parallel is False).
+    size 1 (no communication needed). Under pipeline parallelism prev_group / next_group are the
+    2-rank groups with the same (dp, mp) position on the previous / next stage (None on the
+    first / last stage), and pp_group holds that position on every stage. `config` is the
+    ParallelConfig actually in force (all ones when use_parallel is False).
     """
 
     rank: int
@@ -33,6 +35,9 @@ class ParallelContext:
     dp_group: Optional[str] = None
     mp_group: Optional[str] = None
     world_group: Optional[str] = None
+    prev_group: Optional[str] = None
+    next_group: Optional[str] = None
+    pp_group: Optional[str] = None
     device_target: str = "CPU"
     use_parallel: bool = False
     seed: int = 0
@@ -49,6 +54,11 @@ class ParallelContext:
         per_stage = dp * mp
         stage, local = divmod(self.rank, per_stage)
         return stage, local // mp, local % mp
+
+    @property
+    def stage(self) -> int:
+        """This rank's pipeline stage (0 without pipeline parallelism)."""
+        return self.coords[0]
 
     @property
     def dp_rank(self) -> int:
@@ -193,10 +203,26 @@ def init_parallel(pc, use_parallel: bool, device_target: str = "CPU",
     mp_ranks = [base + dp_idx * mp + j for j in range(mp)]
     dp_group = _group(f"mfst_dp_s{stage}_m{mp_idx}", dp_ranks, world, world_group, create_group)
     mp_group = _group(f"mfst_mp_s{stage}_d{dp_idx}", mp_ranks, world, world_group, create_group)
-    logger.info("rank %d/%d: stage %d dp %d/%d mp %d/%d, dp_group=%s mp_group=%s", rank, world,
-                stage, dp_idx, dp, mp_idx, mp, dp_group, mp_group)
+    # Pipeline: one 2-rank group per pair of neighbouring stages at the same (dp, mp) position
+    # (a transfer between them is an all-reduce where the receiver adds zeros: CPU has no
+    # Send/Receive), and one group of that position over every stage (loss broadcast).
+    def pair(s):
+        return _group(f"mfst_pp_s{s}_d{dp_idx}_m{mp_idx}",
+                      [s * per_stage + local, (s + 1) * per_stage + local], world, world_group,
+                      create_group)
+    prev_group = pair(stage - 1) if stage > 0 else None
+    next_group = pair(stage) if stage < pp - 1 else None
+    if pp == 2:
+        pp_group = prev_group or next_group
+    else:
+        pp_group = _group(f"mfst_ppcol_d{dp_idx}_m{mp_idx}",
+                          [s * per_stage + local for s in range(pp)], world, world_group,
+                          create_group)
+    logger.info("rank %d/%d: stage %d dp %d/%d mp %d/%d, dp_group=%s mp_group=%s pp_group=%s",
+                rank, world, stage, dp_idx, dp, mp_idx, mp, dp_group, mp_group, pp_group)
     return ParallelContext(rank=rank, world_size=world, config=pc, dp_group=dp_group,
-                           mp_group=mp_group, world_group=world_group,
+                           mp_group=mp_group, world_group=world_group, prev_group=prev_group,
+                           next_group=next_group, pp_group=pp_group,
                            device_target=device_target, use_parallel=True, seed=seed)
 
 

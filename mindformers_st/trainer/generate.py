@@ -5,6 +5,9 @@ positions count real tokens only), so every sequence decodes exactly as it would
 vocab-parallel logits of the last position are gathered over mp (an all-reduce of a zero-padded
 buffer, identical bits on every rank) and the token is chosen in numpy with a generator seeded
 by `seed`: every rank of the job (all mp and dp ranks run the whole batch) picks the same tokens.
+Under pipeline parallelism each decoding step runs the stages in turn (the hidden state moves to
+the next stage by `p2p_transfer`), and the last stage's logits reach every stage through an
+all-reduce over the pipeline group in which the other stages add zeros (exact).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import List, Sequence, Union
 import numpy as np
 from mindspore import Tensor
 
-from ..parallel.comm import gather_last_dim
+from ..parallel.comm import gather_last_dim, p2p_transfer
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +58,7 @@ def generate(model, ctx, prompts_ids: Sequence[Sequence[int]], max_new_tokens: i
     cache = None
     step_ids, step_pos = ids, positions
     for _ in range(max_new_tokens):
-        logits, cache = model.forward_logits(Tensor(step_ids), mask, step_pos, cache)
-        last = full_vocab_logits(model, ctx, logits[:, -1, :])
+        last, cache = _next_logits(model, ctx, step_ids, mask, step_pos, cache)
         if repetition_penalty != 1.0:
             last = _penalize_repeats(last, outputs, repetition_penalty)
         nxt = _choose(last, rng, do_sample, top_k, top_p, temperature)
@@ -73,6 +75,29 @@ def generate(model, ctx, prompts_ids: Sequence[Sequence[int]], max_new_tokens: i
         positions = np.concatenate([positions, step_pos], axis=1)
         mask = np.concatenate([mask, np.ones((b, 1), np.int32)], axis=1)
     return outputs
+
+
+def _next_logits(model, ctx, step_ids, mask, step_pos, cache):
+    """([B, V] float32 numpy logits of the last position, this stage's extended KV cache)."""
+    if getattr(model, "num_stages", 1) == 1:
+        logits, cache = model.forward_logits(Tensor(step_ids), mask, step_pos, cache)
+        return full_vocab_logits(model, ctx, logits[:, -1, :]), cache
+    import mindspore as ms
+    from mindspore import ops
+    b, s = step_ids.shape
+    lm_weight = model.shared_lm_weight()   # tied embeddings: the first stage's table, else None
+    inputs = Tensor(step_ids)
+    if not model.is_first:
+        inputs = p2p_transfer(ops.zeros((b, s, model.cfg.hidden_size), model.compute_dtype),
+                              ctx.prev_group)
+    h, cache = model.forward_hidden(inputs, mask, step_pos, cache)
+    if model.is_last:
+        last = full_vocab_logits(model, ctx, model.logits_of(h, lm_weight)[:, -1, :])
+    else:
+        p2p_transfer(h, ctx.next_group)
+        last = np.zeros((b, model.cfg.vocab_size), np.float32)
+    out = ops.AllReduce(group=ctx.pp_group)(Tensor(last.astype(np.float32), ms.float32))
+    return out.asnumpy(), cache
 
 
 def full_vocab_logits(model, ctx, local_logits: Tensor) -> np.ndarray:

@@ -120,6 +120,10 @@ def build_optimizer(model, opt_cfg: Optional[Dict[str, Any]], lr_schedule) -> Ad
     unknown = sorted(set(cfg) - _KEYS)
     if unknown:
         raise ConfigError(f"optimizer: unknown key(s) {unknown}; known: {sorted(_KEYS)}")
+    if cfg.get("learning_rate") is not None:
+        # As MindSpore Transformers, whose trainer hands the optimizer the lr_schedule.
+        logger.warning("config key 'optimizer.learning_rate' = %r has no effect here: the "
+                       "learning rate is lr_schedule's", cfg["learning_rate"])
     betas = cfg.get("betas", [cfg.get("beta1", 0.9), cfg.get("beta2", 0.999)])
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2
             and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):

@@ -27,6 +27,12 @@ class TrainStep:
     group; replicated parameters (identical gradients on every mp rank) are counted once. Every
     rank therefore uses the same clipping factor and replicated weights stay identical.
     clip_norm <= 0 or None disables clipping (the norm is still computed and reported).
+
+    Pipeline parallel (pipeline_stage > 1): the rows are cut into `micro_batch_num`
+    micro-batches run by the GPipe schedule of `trainer.pipeline` (gradient_accumulation_steps
+    does not apply, as in MindSpore Transformers); each stage averages its own gradients over
+    dp, the norm is summed over every rank of every stage, and the last stage's loss is made
+    known to all ranks in the same all-reduce.
     """
 
     def __init__(self, model, optimizer, ctx, clip_norm: Optional[float] = 1.0,
@@ -43,7 +49,17 @@ class TrainStep:
         # backward), and each rank holds a distinct part of it
         sharded = getattr(model, "opt_sharded", set())
         self.sharded = [p.name in sharded for p in self.params]
-        self.grad_fn = ms.value_and_grad(model, None, self.params)
+        self.stages = ctx.config.pipeline_stage
+        if self.stages > 1:
+            from .pipeline import PipelineStage
+            if self.accumulation_steps > 1:
+                raise ConfigError("gradient_accumulation_steps > 1 with pipeline_stage > 1: "
+                                  "the pipeline's micro_batch_num already accumulates; set "
+                                  "gradient_accumulation_steps to 1")
+            self.micro_batches = int(ctx.config.micro_batch_num)
+            self.pipeline = PipelineStage(model, self.params, ctx)
+        else:
+            self.grad_fn = ms.value_and_grad(model, None, self.params)
         self.last_lr: Optional[float] = None
         self.last_grad_norm: Optional[float] = None
         self.last_loss: Optional[float] = None
@@ -54,9 +70,14 @@ class TrainStep:
         return self.optimizer.step_count
 
     def __call__(self, input_ids, labels=None) -> float:
-        loss, grads = self._accumulated_grads(input_ids, labels)
-        grads, loss_value = self._dp_mean(grads, loss)
-        norm = self._global_norm(grads)
+        if self.stages > 1:
+            loss, grads = self._pipeline_grads(input_ids, labels)
+            grads, loss_value = self._dp_mean(grads, loss)
+            norm, loss_value = self._pipeline_norm_and_loss(grads, loss_value)
+        else:
+            loss, grads = self._accumulated_grads(input_ids, labels)
+            grads, loss_value = self._dp_mean(grads, loss)
+            norm = self._global_norm(grads)
         if self.clip_norm and self.clip_norm > 0 and norm > self.clip_norm:
             scale = self.clip_norm / (norm + 1e-6)
             grads = [g * scale for g in grads]
@@ -98,6 +119,41 @@ class TrainStep:
         if k == 1:
             return loss_sum, grad_sum
         return loss_sum / k, [g / k for g in grad_sum]
+
+    def _pipeline_grads(self, input_ids, labels):
+        """This stage's (loss, gradients) of this rank's rows cut into micro_batch_num
+        micro-batches and run by the pipeline schedule."""
+        if not isinstance(input_ids, Tensor):
+            input_ids = np.asarray(input_ids)
+        if labels is not None and not isinstance(labels, Tensor):
+            labels = np.asarray(labels)
+        rows, n = int(input_ids.shape[0]), self.micro_batches
+        if rows % n:
+            raise ConfigError(f"this rank got {rows} rows per step, not divisible into "
+                              f"micro_batch_num={n} micro-batches")
+        mb = rows // n
+        batches = [(_tensor(input_ids[i * mb:(i + 1) * mb]),
+                    None if labels is None else _tensor(labels[i * mb:(i + 1) * mb]))
+                   for i in range(n)]
+        return self.pipeline.run(batches)
+
+    def _pipeline_norm_and_loss(self, grads: List[Tensor], stage_loss: float):
+        """(global gradient norm, loss) under pipeline parallelism, from ONE world all-reduce.
+
+        Each rank adds its share of the squared norm: an optimizer-sharded block is distinct
+        on every rank (weight 1), an mp-split one is repeated on the dp ranks of its stage
+        (1/dp), a replicated one on all dp x mp ranks of its stage (1/(dp x mp)). The loss
+        (already the dp mean on the last stage) is added by one rank only, so it arrives exact."""
+        dp, mp = self.ctx.config.data_parallel, self.ctx.config.model_parallel
+        squares = ops.stack([ops.sum(g * g) for g in grads]).asnumpy().astype(np.float64)
+        split, sharded = np.array(self.split, bool), np.array(self.sharded, bool)
+        mine = (squares[sharded].sum() + squares[split & ~sharded].sum() / dp
+                + squares[~split & ~sharded].sum() / (dp * mp))
+        stage, dp_idx, mp_idx = self.ctx.coords
+        says_loss = stage == self.stages - 1 and dp_idx == 0 and mp_idx == 0
+        both = all_reduce_sum(Tensor(np.array([mine, stage_loss if says_loss else 0.0],
+                                              np.float32)), self.ctx.world_group).asnumpy()
+        return float(np.sqrt(max(float(both[0]), 0.0))), float(both[1])
 
     def _dp_mean(self, grads: List[Tensor], loss: Tensor):
         """Average gradients and the loss over the dp group with ONE all-reduce (flat buffer)."""

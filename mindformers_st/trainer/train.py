@@ -103,6 +103,18 @@ def _columns(config, data_dir: str):
     return wanted
 
 
+def pipeline_rows(rc, pc) -> int:
+    """Rows each dp rank reads per step under pipeline parallelism: batch_size x
+    micro_batch_num, as MindSpore Transformers (global batch = batch_size x dp x
+    micro_batch_num). gradient_accumulation_steps does not apply there: a warning names it."""
+    if rc.gradient_accumulation_steps > 1:
+        logger.warning("runner_config.gradient_accumulation_steps %d is not used with "
+                       "pipeline_stage %d (micro_batch_num %d accumulates instead), as in "
+                       "MindSpore Transformers", rc.gradient_accumulation_steps,
+                       pc.pipeline_stage, pc.micro_batch_num)
+    return rc.batch_size * pc.micro_batch_num
+
+
 def run_train(config, resolved, ctx) -> TrainState:
     """Train or finetune as `config` says; returns the final TrainState (losses in `.losses`)."""
     from ..data.mindrecord import TrainData
@@ -117,7 +129,11 @@ def run_train(config, resolved, ctx) -> TrainState:
     # Each rank reads batch_size x gradient_accumulation_steps rows per step and TrainStep runs
     # them as that many micro-batches before one update: global batch = batch_size x dp x k.
     accumulate = rc.gradient_accumulation_steps
-    data = TrainData(data_dir, _columns(config, data_dir), rc.batch_size * accumulate,
+    rows = rc.batch_size * accumulate
+    if ctx.config.pipeline_stage > 1:
+        rows = pipeline_rows(rc, ctx.config)
+        accumulate = 1
+    data = TrainData(data_dir, _columns(config, data_dir), rows,
                      ctx.config.data_parallel, ctx.dp_rank, config.seed,
                      shuffle=td.data_loader.shuffle, num_samples=td.data_loader.num_samples,
                      drop_remainder=td.drop_remainder,

@@ -5,7 +5,6 @@ Needs the `hf` extra (torch, transformers): `pip install -e .[hf]`. Skipped with
 import json
 import os
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip(

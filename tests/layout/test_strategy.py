@@ -1,7 +1,6 @@
 """MindSpore strategy files written and read back (protobuf, JSON, per-rank, pipeline-merged)."""
 import json
 import os
-import sys
 
 import pytest
 

@@ -220,12 +220,36 @@ def test_set_local_params_rejects_wrong_shapes_and_names():
         model.set_local_params({"model.norm_out.weight": params["model.norm_out.weight"]})
 
 
+def _stage_model(cfg, pc, rank):
+    ctx = init_parallel(ParallelConfig(), False, "CPU")
+    ctx.config, ctx.rank = pc, rank
+    return LlamaForCausalLM(cfg, ctx)
+
+
+def test_pipeline_stages_hold_the_layouts_share_under_global_names():
+    cfg = LlamaConfig.from_dict(dict(TINY, num_layers=4))
+    pc = ParallelConfig(pipeline_stage=2, micro_batch_num=2)
+    first, last = _stage_model(cfg, pc, 0), _stage_model(cfg, pc, 1)
+    table = llama_param_table(cfg)
+    for stage, model in enumerate((first, last)):
+        expected = {n for n, lay in model.layouts().items() if lay.stage == stage}
+        assert set(model.get_local_params()) == expected
+    assert "model.tok_embeddings.embedding_weight" in first.get_local_params()
+    assert {"model.layers.2.attention.wq.weight", "model.layers.3.ffn_norm.weight",
+            "model.norm_out.weight", "lm_head.weight"} <= set(last.get_local_params())
+    assert not any(n.startswith(("model.layers.2.", "model.layers.3.", "lm_head"))
+                   for n in first.get_local_params())
+    specs = table.by_name()
+    for model in (first, last):     # every stage starts from the same global weights
+        for name, value in model.get_local_params().items():
+            np.testing.assert_array_equal(value, global_init(name, specs[name].shape, 0,
+                                                             cfg.initializer_range))
+    with pytest.raises(LayoutError, match="pipeline stage"):
+        first(Tensor(np.ones((1, 5), np.int32)))
+
+
 def test_unsupported_setups_fail_with_clear_errors():
     cfg = LlamaConfig.from_dict(TINY)
-    ctx = init_parallel(ParallelConfig(), False, "CPU")
-    ctx.config = ParallelConfig(pipeline_stage=2)
-    with pytest.raises(LayoutError, match="Send/Receive"):
-        LlamaForCausalLM(cfg, ctx)
     ctx = init_parallel(ParallelConfig(), False, "CPU")
     ctx.config = ParallelConfig(model_parallel=4)      # n_kv_heads 2 cannot split over 4
     with pytest.raises(LayoutError, match="n_kv_heads"):
@@ -294,3 +318,24 @@ def test_hf_model_gives_the_same_logits(family):
     with torch.no_grad():
         want = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(model.forward_logits(Tensor(ids))[0].asnumpy(), want, atol=1e-4)
+
+
+def test_pipeline_batch_rules_follow_mindspore_transformers(caplog):
+    from types import SimpleNamespace
+    from mindformers_st.errors import ConfigError
+    from mindformers_st.trainer.lr import build_lr_schedule
+    from mindformers_st.trainer.optim import build_optimizer
+    from mindformers_st.trainer.step import TrainStep
+    from mindformers_st.trainer.train import pipeline_rows
+    pc = ParallelConfig(pipeline_stage=2, micro_batch_num=3)
+    # global batch = batch_size x dp x micro_batch_num; gradient accumulation is named and unused
+    assert pipeline_rows(SimpleNamespace(batch_size=4, gradient_accumulation_steps=1), pc) == 12
+    with caplog.at_level("WARNING"):
+        assert pipeline_rows(SimpleNamespace(batch_size=4, gradient_accumulation_steps=2), pc) == 12
+    assert "gradient_accumulation_steps" in caplog.text
+    model = _stage_model(LlamaConfig.from_dict(TINY), pc, 0)
+    opt = build_optimizer(model, None, build_lr_schedule(None, 4))
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        TrainStep(model, opt, model.ctx, accumulation_steps=2)
+    with pytest.raises(ConfigError, match="micro_batch_num=3"):
+        TrainStep(model, opt, model.ctx)(np.ones((4, 9), np.int32))

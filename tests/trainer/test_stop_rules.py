@@ -44,6 +44,10 @@ def test_on_request_exit_config_file_asks_for_a_stop(tmp_path):
         assert not g.stop_now()
         request.write_text('{"GracefulExit": 1}')
         assert g.stop_now()
+    cfg = load_config(_with_on_request_exit(tmp_path, save_ckpt=False),
+                      [("use_graceful_exit", "True")])
+    with GracefulExit.of_config(cfg, None) as g:     # save_ckpt False: stop without a save
+        assert g.enabled and not g.save
 
 
 def test_on_request_exit_keys_without_effect_warn_and_it_needs_use_graceful_exit(tmp_path, caplog):

@@ -23,7 +23,7 @@ def test_peak_anonymous_memory_is_flat_in_model_size(tmp_path):
     peaks = {}
     for size in (48 << 20, 192 << 20):
         work = str(tmp_path / str(size))
-        info = bench.generate(work, size)
+        bench.generate(work, size)
         for op in ("reshard", "merge"):
             res = bench.run_child(op, work, os.path.join(work, f"out_{op}"), workers=4, timeout=240)
             assert "error" not in res, res
