@@ -140,7 +140,8 @@ def test_failed_write_is_not_committed(run, tmp_path):
     st.global_step, st.step_in_epoch = 1, 1
     with pytest.raises(CheckpointError, match="not committed"):
         mon.on_train_step_end(run_context_of(st))
-    assert cm.committed_saves(d) == [] and not os.path.exists(os.path.join(d, "committed.json"))
+    # the record the run's start wrote (claiming the fresh folder) still lists no save
+    assert cm.committed_saves(d) == [] and cm.load_committed_entries(d) == []
 
 
 def _state(model, opt, step, ctx, out):
