@@ -3,10 +3,11 @@
 Four modes: sync and async saves (`callbacks.1.async_save`), on 1 and 2 msrun workers, with
 the tiny Llama of configs/llama2/pretrain_llama2_tiny.yaml saving every step (keep 2), launched
 through run_mindformer.py and scripts/msrun_launcher.sh as a user would. Per mode, one
-uninterrupted run measures how long a job takes; then each trial:
-1. starts the job (train_steps --steps) and kills every process of it (SIGKILL) after a random
-   delay between 0.8 x the time of that run's first commit and its end (so the kills land
-   among the step saves, not in MindSpore's start-up);
+uninterrupted run measures the time between two commits; then each trial:
+1. starts the job (train_steps --steps) and kills every process of it (SIGKILL) once its k-th
+   save is committed (k random in [0, steps); 0: once its monitor has begun) plus a random
+   fraction of the time between two commits in that run: the kills land among the step saves, whatever
+   MindSpore's start-up costs on a busy machine;
 2. runs `mindformers-st verify` on the checkpoint folder: it must pass when a save is
    committed, and refuse (nothing committed) otherwise;
 3. restarts the job: with `--resume_training True` when a save was committed — the restart must
@@ -124,37 +125,51 @@ def orphans(ckpt):
 
 
 def calibrate(job, work):
-    """An uninterrupted run: (exit code, log, seconds to its first commit, seconds in all)."""
+    """An uninterrupted run: (exit code, log, seconds between two commits, seconds in all)."""
     from mindformers_st.records import commit as cm
     out = os.path.join(work, "clean")
     proc, tag = job.start(out, os.path.join(work, "clean_log"))
     t0 = time.perf_counter()
-    first = None
+    seen = {}   # number of commits -> when first seen
     try:
         while proc.poll() is None and time.perf_counter() - t0 < 900:
-            if first is None:
-                try:
-                    if cm.load_committed_entries(os.path.join(out, "checkpoint")):
-                        first = time.perf_counter() - t0
-                except Exception:   # not written yet
-                    pass
-            time.sleep(0.05)
+            try:
+                seen.setdefault(len(cm.load_committed_entries(os.path.join(out, "checkpoint"))),
+                                time.perf_counter() - t0)
+            except Exception:   # not written yet
+                pass
+            time.sleep(0.02)
     finally:
         _kill_tagged(tag)
         proc.wait()
     duration = time.perf_counter() - t0
-    return proc.returncode, job.log(os.path.join(work, "clean_log")), first or duration, duration
+    counts = sorted(n for n in seen if n >= 1)
+    step = ((seen[counts[-1]] - seen[counts[0]]) / (counts[-1] - counts[0])
+            if len(counts) >= 2 and counts[-1] > counts[0] else 0.2)
+    return proc.returncode, job.log(os.path.join(work, "clean_log")), step, duration
 
 
-def trial(job, work, rng, first_save, duration):
+def trial(job, work, rng, step_s):
     """One kill + verify + restart; returns a dict describing what happened."""
     from mindformers_st.records import commit as cm
     out = os.path.join(work, "out")
     ckpt = os.path.join(out, "checkpoint")
-    # from a little before the first commit to the end: the kills land among the saves
-    delay = rng.uniform(0.8 * first_save, duration)
+    # Kill once the k-th save is committed (k random; 0: once the monitor has begun) plus a
+    # random fraction of a step: the kills land among the saves whatever the start-up costs.
+    k = rng.randrange(job.steps)
+    extra = rng.uniform(0.0, step_s)
     proc, tag = job.start(out, os.path.join(work, "killed"))
-    time.sleep(delay)
+    t0 = time.perf_counter()
+    while proc.poll() is None and time.perf_counter() - t0 < 900:
+        try:
+            if os.path.exists(os.path.join(ckpt, cm.COMMITTED_FILE)) and \
+                    len(cm.load_committed_entries(ckpt)) >= k:
+                break
+        except Exception:   # the record appears atomically; unreadable means not yet
+            pass
+        time.sleep(0.02)
+    time.sleep(extra)
+    delay = time.perf_counter() - t0
     _kill_tagged(tag)
     try:
         proc.wait(timeout=60)
@@ -163,7 +178,8 @@ def trial(job, work, rng, first_save, duration):
         proc.wait()
     entries = cm.load_committed_entries(ckpt) if os.path.isdir(ckpt) else []
     left = orphans(ckpt) if os.path.isdir(ckpt) else []
-    res = {"delay_s": round(delay, 2), "committed": [e.global_step for e in entries],
+    res = {"delay_s": round(delay, 2), "after_commits": k, "extra_s": round(extra, 3),
+           "committed": [e.global_step for e in entries],
            "left_by_kill": len(left), "problems": []}
     if os.path.isdir(ckpt) and os.listdir(ckpt):
         v = subprocess.run([os.path.join(BIN, "mindformers-st"), "verify", ckpt],
@@ -232,12 +248,12 @@ def main():
     for mode in args.modes.split(","):
         async_save, workers = MODES[mode]
         job = Job(scratch, data, tokenizer, async_save, workers, args.steps)
-        code, log, first_save, duration = calibrate(job, os.path.join(scratch, mode))
+        code, log, step_s, duration = calibrate(job, os.path.join(scratch, mode))
         if code != 0:
             raise SystemExit(f"{mode}: the uninterrupted run failed (exit {code}):\n{log[-3000:]}")
-        jobs[mode] = (job, first_save, duration)
+        jobs[mode] = (job, step_s)
         result["modes"][mode] = {"async_save": async_save, "workers": workers,
-                                 "job_s": round(duration, 1), "first_commit_s": round(first_save, 1),
+                                 "job_s": round(duration, 1), "step_s": round(step_s, 3),
                                  "trials": 0, "bad_resumes": 0, "orphans": 0,
                                  "kills_before_first_commit": 0,
                                  "kills_leaving_uncommitted_files": 0, "trial_rows": []}
@@ -246,9 +262,9 @@ def main():
         if args.budget and time.perf_counter() - t_all > args.budget:
             print(f"budget of {args.budget:.0f} s spent: stopping after {i} round(s)", flush=True)
             break
-        for mode, (job, first_save, duration) in jobs.items():
+        for mode, (job, step_s) in jobs.items():
             work = os.path.join(scratch, mode, f"t{i}")
-            r = trial(job, work, rng, first_save, duration)
+            r = trial(job, work, rng, step_s)
             shutil.rmtree(work, ignore_errors=True)
             m = result["modes"][mode]
             m["trial_rows"].append(r)
@@ -258,7 +274,8 @@ def main():
             m["kills_before_first_commit"] += not r["committed"]
             m["kills_leaving_uncommitted_files"] += bool(r["left_by_kill"])
             flag = "BAD " + "; ".join(r["problems"]) if r["problems"] else "ok"
-            print(f"{mode} trial {i}: kill at {r['delay_s']:.1f} s, committed "
+            print(f"{mode} trial {i}: kill at {r['delay_s']:.1f} s (after {r['after_commits']} "
+                  f"commits + {r['extra_s']:.2f} s), committed "
                   f"{r['committed']}, {r['left_by_kill']} file(s) left by the kill, "
                   f"{len(r['orphans'])} orphan(s) after restart: {flag}", flush=True)
             total = _write(result, args.out, t_all)   # after every trial: figures survive a stop
