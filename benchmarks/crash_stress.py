@@ -4,8 +4,8 @@ Four modes: sync and async saves (`callbacks.1.async_save`), on 1 and 2 msrun wo
 the tiny Llama of configs/llama2/pretrain_llama2_tiny.yaml saving every step (keep 2), launched
 through run_mindformer.py and scripts/msrun_launcher.sh as a user would. Per mode, one
 uninterrupted run measures the time between two commits; then each trial:
-1. starts the job (train_steps --steps) and kills every process of it (SIGKILL) once its k-th
-   save is committed (k random in [0, steps); 0: once its monitor has begun) plus a random
+1. starts the job (train_steps --steps) and kills every process of it (SIGKILL) once its save
+   of global step k is committed (k random in [0, steps); 0: once its monitor has begun) plus a random
    fraction of the time between two commits in that run: the kills land among the step saves, whatever
    MindSpore's start-up costs on a busy machine;
 2. runs `mindformers-st verify` on the checkpoint folder: it must pass when a save is
@@ -154,7 +154,7 @@ def trial(job, work, rng, step_s):
     from mindformers_st.records import commit as cm
     out = os.path.join(work, "out")
     ckpt = os.path.join(out, "checkpoint")
-    # Kill once the k-th save is committed (k random; 0: once the monitor has begun) plus a
+    # Kill once the save of global step k is committed (k random; 0: once the monitor has begun) plus a
     # random fraction of a step: the kills land among the saves whatever the start-up costs.
     k = rng.randrange(job.steps)
     extra = rng.uniform(0.0, step_s)
@@ -163,8 +163,8 @@ def trial(job, work, rng, step_s):
     while proc.poll() is None and time.perf_counter() - t0 < 900:
         try:
             if os.path.exists(os.path.join(ckpt, cm.COMMITTED_FILE)) and \
-                    len(cm.load_committed_entries(ckpt)) >= k:
-                break
+                    max([e.global_step for e in cm.load_committed_entries(ckpt)], default=0) >= k:
+                break   # (the record keeps only keep_checkpoint_max saves: compare steps)
         except Exception:   # the record appears atomically; unreadable means not yet
             pass
         time.sleep(0.02)
