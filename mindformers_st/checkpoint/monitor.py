@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -33,10 +34,12 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError, os_error_text, write_failed
+from ..errors import CheckpointError, ConfigError, MindformersSTError, os_error_text, write_failed
 from ..parallel.agree import all_ranks, broadcast_json
 from ..records import commit as cm
-from ..records.names import ckpt_file_name, rank_dir_name
+from ..records.names import ckpt_file_name, format_of, parse_ckpt_name, rank_dir_name, rank_folders
+from ..records.rank_meta import RankFileMeta, new_run_id, save_id_of
+from ..storage.reader import read_header
 from .network import CellState, ModelState
 from .state import owned_names, snapshot_rank, write_rank_file
 from . import monitor_options as options
@@ -168,6 +171,7 @@ class CheckpointMonitor(MindSporeCallback):
         self._ctx = None
         self._net = None
         self._last_step = 0
+        self.run_id: Optional[str] = None   # this launch's identity, agreed at train begin
         self._buffers = {}   # async snapshot buffers, reused once the previous save is written
         if isinstance(layouts, str):   # a MindSpore strategy file or folder of the run
             from ..layout.strategy import read_strategy
@@ -239,9 +243,11 @@ class CheckpointMonitor(MindSporeCallback):
         return cb, ctx, CellState(net, cb.get("optimizer"), ctx.world_size, self.layouts)
 
     def on_train_begin(self, run_context) -> None:
-        """Create this rank's folders; learn the saves already committed in `directory` (rank 0
-        reads committed.json and shares it, so every rank prunes the same saves); write the
-        strategy files of a network we did not plan (rank 0)."""
+        """Create this rank's folders; agree this launch's run id (rank 0 makes it and shares
+        it with the saves already committed in `directory`, so every rank prunes the same saves
+        and names its files alike); remove leftovers of interrupted saves (`_remove_leftovers`);
+        write the strategy files of a network we did not plan (rank 0). A fresh directory gets
+        an empty commit record at once, which claims it for this cleanup."""
         cb, ctx, net_state = self._bind(run_context)
         self._ctx, self._net = ctx, net_state
         if self.saved_network is not None:   # MindSpore: save this cell instead of the train network
@@ -266,12 +272,25 @@ class CheckpointMonitor(MindSporeCallback):
             _sweep_temporaries(self.directory)
             if cb.get("mfst_state") is None:
                 self._write_strategy(ctx, net_state)
-        entries = None
-        if ctx.is_main:
-            entries = [e.to_json() for e in cm.load_committed_entries(self.directory)]
-        entries = broadcast_json(ctx, entries)
+        shared = None
+        if ctx.is_main:   # one run id for the whole launch, made once and shared
+            recorded = self.use_legacy_format and cm.read_committed(self.directory) is not None
+            # Checkpoint 2.0: latest_checkpointed_iteration.txt is the record; no committed.json
+            if (self.use_legacy_format and not recorded
+                    and not _holds_checkpoints(self.directory)):
+                # A fresh folder is claimed before anything is written: a crash before the
+                # first commit then leaves a record saying "nothing committed", and the next
+                # start may clean up what that crash left.
+                cm.write_committed(self.directory, ctx.world_size, [])
+                recorded = True
+            shared = {"run_id": new_run_id(), "recorded": recorded,
+                      "entries": [e.to_json() for e in cm.load_committed_entries(self.directory)]}
+        shared = broadcast_json(ctx, shared)
+        self.run_id = shared["run_id"]
         self._committed = [cm.CommittedSave.from_json(e, self.directory, cm.COMMITTED_FILE)
-                           for e in entries]
+                           for e in shared["entries"]]
+        if shared["recorded"]:
+            self._remove_leftovers(ctx)
         if self.remove_redundancy:
             self._owned = owned_names(self._saved or net_state, ctx)
         logger.info("CheckpointMonitor: %s every %d steps to %s (keep %d, %s%s)", self.fmt,
@@ -299,6 +318,45 @@ class CheckpointMonitor(MindSporeCallback):
         if self._pending is not None:
             self._wait_and_commit(self._ctx)
         self._buffers = {}
+
+    def _remove_leftovers(self, ctx) -> None:
+        """Delete this rank's files of saves the commit record does not name: files of a save
+        killed before its commit, and of saves dropped by a prune a kill cut short. Nothing of
+        this launch is being written yet, so every such file of our prefix is a leftover (one
+        run per directory and prefix). Rank 0 also cleans ranks beyond the current world.
+        Called only for a directory with our commit record: MindSpore Transformers' folders
+        are never touched; nor are other prefixes' files, nor safetensors files that carry no
+        mindformers_st description (not written by a CheckpointMonitor). Each file is logged."""
+        named = set()
+        for e in self._committed:
+            for r, rel in e.files.items():
+                named.add(os.path.abspath(e.path(r)))
+                fmt = "ckpt" if rel.endswith(".ckpt") else "safetensors"
+                for kind, root in (("network", "network"), ("trainable_params", "trainable")):
+                    named.add(os.path.join(self._extra_root(root), rank_dir_name(r),
+                                           ckpt_file_name(self.prefix, r, e.epoch, e.step, fmt, kind)))
+        roots = [(self.directory, ""), (self._extra_root("network"), "network"),
+                 (self._extra_root("trainable"), "trainable_params")]
+        stale = []
+        for root, kind in roots:
+            for r, folder in rank_folders(root).items():
+                if r != ctx.rank and not (ctx.is_main and r >= ctx.world_size):
+                    continue
+                for name in sorted(os.listdir(folder)):
+                    path = os.path.join(folder, name)
+                    parsed = parse_ckpt_name(name)
+                    if parsed is None or path in named or parsed[0] != r:
+                        continue
+                    if name not in {ckpt_file_name(self.prefix, r, parsed[1], parsed[2], f, kind)
+                                    for f in FORMATS}:
+                        continue   # another prefix's file
+                    if name.endswith(".safetensors") and not _written_by_us(path):
+                        continue
+                    stale.append(path)
+        for path in stale:
+            logger.warning("rank %d: removing %s: no committed save names it (left by an "
+                           "interrupted save or prune)", ctx.rank, path)
+        cm.remove_files(stale)
 
     def _write_strategy(self, ctx, net_state) -> None:
         """`{output_dir}/strategy/ckpt_strategy_rank_{r}.ckpt` of every rank, as MindSpore writes
@@ -355,7 +413,8 @@ class CheckpointMonitor(MindSporeCallback):
         epoch, step, global_step, hyper = self._hyper(cb, ctx, net_state)
         snap = snapshot_rank(self._saved or net_state, ctx, epoch=epoch, step=step, hyper=hyper,
                              remove_redundancy=self.remove_redundancy, owned=self._owned,
-                             copy=self.async_save, buffers=self._buffers if self.async_save else None)
+                             copy=self.async_save, buffers=self._buffers if self.async_save else None,
+                             run_id=self.run_id)
         paths = self._paths(ctx.rank, epoch, step)
         pending = _Save(epoch, step, global_step, paths, snap.nbytes)
         options.add_append_values(snap, self.append_values, self._saved or net_state)
@@ -376,6 +435,7 @@ class CheckpointMonitor(MindSporeCallback):
 
         def write():
             tw = time.perf_counter()
+            _fault_point("write", global_step)
             try:
                 for path, s in jobs:
                     write_rank_file(path, s, self.fmt, self.enc_key, self.enc_mode)
@@ -383,6 +443,7 @@ class CheckpointMonitor(MindSporeCallback):
                 pending.error = exc
                 logger.error("rank %d: writing %s failed: %s", ctx.rank, paths[0], exc)
             pending.write_time = time.perf_counter() - tw
+            _fault_point("written", global_step)
 
         if self.async_save:
             pending.thread = threading.Thread(target=write, name=f"ckpt-save-{global_step}",
@@ -449,7 +510,8 @@ class CheckpointMonitor(MindSporeCallback):
                  for r in range(ctx.world_size)}
         assert files[ctx.rank] == rel
         entry = cm.CommittedSave(pending.epoch, pending.step, pending.global_step, files, self.directory,
-                                 {"world_size": ctx.world_size, "format": self.fmt})
+                                 {"world_size": ctx.world_size, "format": self.fmt}, self.run_id,
+                                 save_id_of(self.run_id, pending.epoch, pending.step))
         # Commit order decides what is oldest (as MindSpore prunes by file age): the save just
         # made is newest, so it is never the one dropped.
         self._committed = [e for e in self._committed if e.key != entry.key] + [entry]
@@ -462,15 +524,17 @@ class CheckpointMonitor(MindSporeCallback):
                 raise write_failed(f"training save of global step {pending.global_step}: its "
                                    f"commit record", self.directory, exc) from exc
         all_ranks(ctx, True)   # committed.json no longer names the dropped saves past here
+        _fault_point("committed", pending.global_step)
         if dropped:
             self._prune(ctx, dropped)
+        _fault_point("pruned", pending.global_step)
         # MindSpore Transformers' per-rank record, written once the save counts: it names only
         # committed files, so a reader of meta.json alone never takes a pending save.
         try:
             cm.write_rank_meta(rank_dir, cm.RankMeta(
                 pending.epoch, pending.step, name,
                 tuple(os.path.basename(e.files[ctx.rank]) for e in self._committed
-                      if ctx.rank in e.files)))
+                      if ctx.rank in e.files), entry.run_id, entry.save_id))
         except OSError as exc:   # committed.json already holds the save; meta.json is a mirror
             logger.warning("rank %d: %s: could not write meta.json (%s); the save is committed "
                            "in committed.json", ctx.rank, rank_dir, exc)
@@ -536,6 +600,39 @@ class CheckpointMonitor(MindSporeCallback):
                         paths.append(os.path.join(self._extra_root(root), rank_dir_name(r),
                                                   ckpt_file_name(self.prefix, r, e.epoch, e.step, fmt, kind)))
         cm.remove_files(paths)
+
+
+def _holds_checkpoints(directory: str) -> bool:
+    """True when some rank folder of `directory` holds a checkpoint file (of anyone)."""
+    for folder in rank_folders(directory).values():
+        if any(format_of(n) for n in os.listdir(folder) if not n.startswith(".")):
+            return True
+    return False
+
+
+def _written_by_us(path: str) -> bool:
+    """True when the safetensors file at `path` describes itself as a rank file of ours
+    (records.rank_meta); False for MindSpore's files and for files whose header is unreadable
+    (a leftover of ours is always complete: writers rename only finished files)."""
+    try:
+        return RankFileMeta.from_metadata(read_header(path)[1], path) is not None
+    except (MindformersSTError, OSError):
+        return False
+
+
+def _fault_point(window: str, global_step: int) -> None:
+    """Fault-injection hook for the crash tests: with MFST_FAULT_KILL_AT="{window}@{global
+    step}" this process kills itself (SIGKILL: nothing runs after it) at that point of that
+    save, so a test can crash a run in a known window. Windows, in a save's order:
+    "write" (snapshot taken, nothing written; with async_save on the writer thread while
+    training goes on), "written" (files renamed into place, not committed), "committed"
+    (committed.json names the save and drops the pruned ones, whose files are still there),
+    "pruned" (files deleted, meta.json not yet written). Unset: nothing."""
+    spec = os.environ.get("MFST_FAULT_KILL_AT")
+    if spec and spec == f"{window}@{global_step}":
+        logger.warning("MFST_FAULT_KILL_AT=%s: killing this process", spec)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _sweep_temporaries(folder: str) -> None:

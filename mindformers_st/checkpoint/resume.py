@@ -102,7 +102,8 @@ def select_resume_save(directory: str, resume_training: Union[bool, str],
 
 def _refuse_uncommitted_saves_of_ours(selection: SaveSelection) -> None:
     """Only committed saves are resumed from a folder this project writes. Our
-    CheckpointMonitor writes committed.json with its first commit, so training saves of ours
+    CheckpointMonitor writes committed.json at train begin (or with its first commit in a folder
+    that already held files), so training saves of ours
     (their rank files describe their epoch and step) in a folder without one were never
     committed: a run that stopped before its first commit, or a record deleted. Folders of
     MindSpore Transformers or MindSpore (no description) keep their rule."""

@@ -25,7 +25,7 @@ from ..layout.slices import TensorSlice
 from ..records.hyper import GLOBAL_STEP, GLOBAL_STEP_DTYPE, SAVE_HYPER_DTYPES as HYPER_DTYPES
 from ..records.hyper import is_hyper
 from .ckpt_format import as_standard_dtype
-from ..records.rank_meta import RankFileMeta
+from ..records.rank_meta import RankFileMeta, save_id_of
 from ..dtypes import numpy_to_st
 from ..storage.atomic import atomic_path
 from ..storage.writer import SafetensorsWriter
@@ -98,7 +98,8 @@ def _live(param, copy: bool, buffers: Optional[Dict[str, np.ndarray]] = None) ->
 
 def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, float],
                   remove_redundancy: bool = False, owned: Optional[Set[str]] = None,
-                  copy: bool = False, buffers: Optional[Dict[str, np.ndarray]] = None) -> RankSnapshot:
+                  copy: bool = False, buffers: Optional[Dict[str, np.ndarray]] = None,
+                  run_id: Optional[str] = None) -> RankSnapshot:
     """This rank's save of `state` (a checkpoint.network.NetworkState): every tensor it holds
     (weights, optimizer moments and counters, under MindSpore's names), then the hyper tensors.
 
@@ -107,7 +108,8 @@ def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, floa
     remove_redundancy, `owned` (from owned_names) limits the sliced tensors written; tensors
     without a layout (global_step and other counters) are written whole by every rank. `copy`
     takes copies (for async saves), into `buffers` {name: array} when given: the caller must not
-    reuse them before the previous snapshot's file is written."""
+    reuse them before the previous snapshot's file is written. `run_id` (the same on every rank
+    of the run) gives the file its save identity (records.rank_meta run_id, save_id)."""
     missing = sorted(set(HYPER_DTYPES) - set(hyper))
     if missing:
         raise CheckpointError(f"snapshot: hyper values {missing} are missing; a save needs all of "
@@ -143,7 +145,8 @@ def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, floa
     pc = ctx.config
     meta = RankFileMeta(int(ctx.rank), int(ctx.world_size), dict(slices),
                         pc.to_json() if hasattr(pc, "to_json") else {}, bool(remove_redundancy),
-                        int(epoch), int(step))
+                        int(epoch), int(step), run_id=run_id,
+                        save_id=None if run_id is None else save_id_of(run_id, epoch, step))
     network = tuple(n for n in state.weights if n in arrays)
     trainable = tuple(n for n in state.trainable() if n in arrays)
     return RankSnapshot(arrays, slices, meta, copy, network, trainable)

@@ -30,14 +30,16 @@ logger = logging.getLogger(__name__)
 COMMITTED_FILE = "committed.json"
 META_FILE = "meta.json"
 COMMIT_FORMAT = 1
-_ENTRY_KEYS = ("epoch", "step", "global_step", "files")
+_ENTRY_KEYS = ("epoch", "step", "global_step", "files", "run_id", "save_id")
 
 
 @dataclass
 class CommittedSave:
     """One entry of `committed.json`: a save every rank finished.
 
-    `files` maps each rank to its file, relative to the checkpoint directory."""
+    `files` maps each rank to its file, relative to the checkpoint directory. `run_id` and
+    `save_id` are the identity every rank file of the save carries in its metadata
+    (records.rank_meta); None in records written before identities existed."""
 
     epoch: int
     step: int
@@ -45,6 +47,8 @@ class CommittedSave:
     files: Dict[int, str]
     directory: str = ""
     extra: Dict[str, object] = field(default_factory=dict)
+    run_id: Optional[str] = None
+    save_id: Optional[str] = None
 
     @property
     def key(self):
@@ -58,6 +62,10 @@ class CommittedSave:
     def to_json(self) -> dict:
         out = {"epoch": self.epoch, "step": self.step, "global_step": self.global_step,
                "files": {str(r): f for r, f in sorted(self.files.items())}}
+        if self.run_id is not None:
+            out["run_id"] = self.run_id
+        if self.save_id is not None:
+            out["save_id"] = self.save_id
         out.update(self.extra)
         return out
 
@@ -72,11 +80,21 @@ class CommittedSave:
             for key in ("epoch", "step", "global_step"):
                 if not isinstance(obj[key], int) or isinstance(obj[key], bool):
                     raise ValueError(f"{key!r} must be an integer, got {obj[key]!r}")
+            ids = _ids(obj)
             return CommittedSave(obj["epoch"], obj["step"], obj["global_step"], files,
-                                 directory, extra)
+                                 directory, extra, ids["run_id"], ids["save_id"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{where}: malformed save entry {obj!r} ({exc}); the record is "
                                   f"damaged — delete the entry or the file to fall back to meta.json") from exc
+
+
+def _ids(obj: dict) -> Dict[str, Optional[str]]:
+    """The optional run_id / save_id of a record; ValueError when present but not a string."""
+    ids = {key: obj.get(key) for key in ("run_id", "save_id")}
+    for key, v in ids.items():
+        if v is not None and (not isinstance(v, str) or not v):
+            raise ValueError(f"{key!r} must be a non-empty string, got {v!r}")
+    return ids
 
 
 # ---- per-rank meta.json ------------------------------------------------------------------------
@@ -85,16 +103,22 @@ class CommittedSave:
 class RankMeta:
     """`rank_{r}/meta.json`: MindSpore Transformers' last_epoch / last_step / last_ckpt_file of
     the rank's last committed save, plus `committed` (this rank's committed files, oldest
-    first). Written only after every rank agreed on the save, so it never names a pending file."""
+    first), plus the `run_id`/`save_id` of that last save (absent in older records). Written
+    only after every rank agreed on the save, so it never names a pending file."""
 
     last_epoch: int
     last_step: int
     last_ckpt_file: str
     committed: tuple = ()
+    run_id: Optional[str] = None
+    save_id: Optional[str] = None
 
     def to_json(self) -> dict:
-        return {"last_epoch": int(self.last_epoch), "last_step": int(self.last_step),
-                "last_ckpt_file": self.last_ckpt_file, "committed": list(self.committed)}
+        out = {"last_epoch": int(self.last_epoch), "last_step": int(self.last_step),
+               "last_ckpt_file": self.last_ckpt_file, "committed": list(self.committed)}
+        out.update({k: v for k, v in (("run_id", self.run_id), ("save_id", self.save_id))
+                    if v is not None})
+        return out
 
     @staticmethod
     def from_json(obj: dict, where: str) -> "RankMeta":
@@ -106,7 +130,9 @@ class RankMeta:
             name = obj.get("last_ckpt_file", "")
             if not isinstance(name, str):
                 raise ValueError("'last_ckpt_file' must be a file name")
-            return RankMeta(int(obj["last_epoch"]), int(obj["last_step"]), name, tuple(committed))
+            ids = _ids(obj)
+            return RankMeta(int(obj["last_epoch"]), int(obj["last_step"]), name, tuple(committed),
+                            ids["run_id"], ids["save_id"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where}: malformed meta.json ({exc}); delete it to let resume "
                                   f"fall back to the other records") from exc
@@ -229,6 +255,11 @@ def validate_save(save: CommittedSave, world_size: Optional[int] = None) -> List
             if ours is not None and (ours.rank, ours.epoch, ours.step) != (rank, save.epoch, save.step):
                 problems.append(f"{path}: header says rank {ours.rank} epoch {ours.epoch} step "
                                 f"{ours.step}, the commit record says rank {rank} {save.key}")
+            elif save.save_id is not None and (ours is None or ours.save_id != save.save_id):
+                held = "no save identity" if ours is None or ours.save_id is None \
+                    else f"save {ours.save_id}"
+                problems.append(f"{path}: holds {held}, the commit record says save "
+                                f"{save.save_id}: a file of another run was put in its place")
         elif os.path.getsize(path) == 0:
             problems.append(f"{path}: empty file")
     return problems

@@ -4,14 +4,18 @@ Keys of `__metadata__` (all strings, as safetensors requires):
 - "format": "ms"                       (MindSpore's own key; its loaders read it)
 - "remove_redundancy": "True"|"False"  (MindSpore's own key)
 - "mindformers_st": JSON of {version, rank, world_size, parallel_config, remove_redundancy,
-  epoch, step, slices: {tensor name: TensorSlice JSON}}
+  epoch, step, run_id, save_id, slices: {tensor name: TensorSlice JSON}}
 A tensor with an entry in `slices` is a block of a global tensor; a tensor without one is a
-whole-valued hyper value. Version 1 is the only one; a newer version is refused by name so an
-old reader never misreads a newer file.
+whole-valued hyper value. `run_id` (the training launch that wrote the file) and `save_id`
+(`save_id_of(run_id, epoch, step)`: which save of that run) are optional: training saves carry
+them so a reader can refuse a set of rank files mixing runs or steps; files written before
+they existed, and files cut offline from complete weights, have none (read as None). Version 1
+is the only one; a newer version is refused by name so an old reader never misreads a newer file.
 """
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Mapping, Optional
 
@@ -34,6 +38,8 @@ class RankFileMeta:
     epoch: Optional[int] = None
     step: Optional[int] = None
     version: int = VERSION
+    run_id: Optional[str] = None
+    save_id: Optional[str] = None
 
     def to_json(self) -> Dict[str, Any]:
         """The JSON object stored under `__metadata__["mindformers_st"]`."""
@@ -43,6 +49,8 @@ class RankFileMeta:
                 "remove_redundancy": bool(self.remove_redundancy),
                 "epoch": None if self.epoch is None else int(self.epoch),
                 "step": None if self.step is None else int(self.step),
+                **({"run_id": self.run_id} if self.run_id is not None else {}),
+                **({"save_id": self.save_id} if self.save_id is not None else {}),
                 "slices": {n: s.to_json() for n, s in self.slices.items()}}
 
     def to_metadata(self) -> Dict[str, str]:
@@ -56,7 +64,7 @@ class RankFileMeta:
         return RankFileMeta(self.rank, self.world_size,
                             {n: s for n, s in self.slices.items() if n in keep},
                             self.parallel_config, self.remove_redundancy, self.epoch, self.step,
-                            self.version)
+                            self.version, self.run_id, self.save_id)
 
     @staticmethod
     def from_metadata(metadata: Mapping[str, str], path: str = "") -> Optional["RankFileMeta"]:
@@ -107,12 +115,26 @@ class RankFileMeta:
             for key, v in (("epoch", epoch), ("step", step)):
                 if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                     raise ValueError(f"{key!r} must be an integer or null, got {v!r}")
+            ids = {key: obj.get(key) for key in ("run_id", "save_id")}
+            for key, v in ids.items():
+                if v is not None and (not isinstance(v, str) or not v):
+                    raise ValueError(f"{key!r} must be a non-empty string or absent, got {v!r}")
             if rank < 0 or world < 1 or rank >= world:
                 raise ValueError(f"rank {rank} is not inside world_size {world}")
         except ValueError as exc:
             raise CheckpointError(f"{where}: {exc}") from exc
         return RankFileMeta(rank, world, slices, pc, bool(obj.get("remove_redundancy", False)),
-                            epoch, step, version)
+                            epoch, step, version, ids["run_id"], ids["save_id"])
+
+
+def new_run_id() -> str:
+    """A fresh identity for one training launch (32 hex digits, random)."""
+    return uuid.uuid4().hex
+
+
+def save_id_of(run_id: str, epoch: int, step: int) -> str:
+    """The identity of one save: "{epoch}_{step}@{run_id}" (the same in every rank's file)."""
+    return f"{int(epoch)}_{int(step)}@{run_id}"
 
 
 def _int(obj: Mapping[str, Any], key: str) -> int:

@@ -9,7 +9,10 @@ export-hf), so they all take the same save:
 - without one (MindSpore Transformers' or MindSpore's folders): `step` when given; else the
   step every rank's `meta.json` names when they agree and every rank has its file; else the
   newest step every rank folder holds; a folder with one file per rank takes those files.
-Never a mix of two steps: every rank's file of the selected save.
+Never a mix of two steps or two runs: every rank's file of the selected save, and (whichever
+way it was chosen) `check_one_save` refuses a set whose files' own descriptions disagree — a
+file whose header names another step than its file name, or files of different runs or saves
+(`run_id`/`save_id`, records.rank_meta) — naming the odd file.
 """
 from __future__ import annotations
 
@@ -19,9 +22,11 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, MindformersSTError
+from ..storage.reader import read_header
 from .commit import COMMITTED_FILE, CommittedSave, read_committed, read_rank_meta, validate_save
 from .names import FORMAT_SUFFIX, format_step, parse_step, parse_step_arg, rank_folders
+from .rank_meta import RankFileMeta
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +116,59 @@ def select_save(folder: str, step=None, fmt: str = "safetensors",
         if by_timestamp:
             logger.info("%s: resume_by_last_timestamp_ckpt: the commit record decides which save "
                         "is newest", folder)
-        return _select_committed(folder, ranks, record, want, fmt, fallback)
-    if by_timestamp and want is None:
-        return _select_newest_by_mtime(folder, ranks, fmt)
-    return _select_unrecorded(folder, ranks, want, fmt)
+        selection = _select_committed(folder, ranks, record, want, fmt, fallback)
+    elif by_timestamp and want is None:
+        selection = _select_newest_by_mtime(folder, ranks, fmt)
+    else:
+        selection = _select_unrecorded(folder, ranks, want, fmt)
+    check_one_save(selection.files)
+    return selection
+
+
+def check_one_save(files: Dict[int, str]) -> None:
+    """Refuse a set of rank files (rank -> path) that are not one save: CheckpointError naming
+    the odd file when a file's header names another epoch/step than its file name, or when the
+    files' run/save identities (records.rank_meta run_id, save_id) differ — the file whose
+    identity the other ranks do not share is named (every file, when no identity is shared
+    by most). Files without a description (MindSpore's, .ckpt) are not compared."""
+    idents: Dict[int, tuple] = {}
+    for r, path in sorted(files.items()):
+        if not path.endswith(FORMAT_SUFFIX["safetensors"]):
+            continue
+        try:
+            meta = RankFileMeta.from_metadata(read_header(path)[1], path)
+        except (MindformersSTError, OSError):
+            continue   # an unreadable header is reported by the reader with its own message
+        if meta is None:
+            continue
+        named = parse_step(path)
+        if named is not None and meta.step is not None and (meta.epoch, meta.step) != named:
+            raise CheckpointError(
+                f"{path}: its header says epoch {meta.epoch} step {meta.step} but its name says "
+                f"{format_step(named)}: the file holds another save's bytes; restore rank "
+                f"{r}'s file of save {format_step(named)}")
+        idents[r] = (meta.run_id, meta.save_id)
+    if len(set(idents.values())) <= 1:
+        return
+    counts: Dict[tuple, int] = {}
+    for ident in idents.values():
+        counts[ident] = counts.get(ident, 0) + 1
+    top = max(counts.values())
+    common = [i for i, c in counts.items() if c == top]
+    shared = common[0] if len(common) == 1 else None
+
+    def says(ident):
+        return "no save identity" if ident[1] is None else f"save {ident[1]}"
+    if shared is not None:
+        odd = [r for r, i in idents.items() if i != shared]
+        r = odd[0]
+        raise CheckpointError(
+            f"{files[r]}: belongs to {says(idents[r])}, the other rank files of this save to "
+            f"{says(shared)}: a file of another run or step was put in its place; restore rank "
+            f"{r}'s file of the save (or pick another save with --step)")
+    listed = "; ".join(f"{files[r]}: {says(i)}" for r, i in sorted(idents.items()))
+    raise CheckpointError(f"the rank files of one save come from different runs or steps "
+                          f"({listed}); restore the files of one save for every rank")
 
 
 def _select_newest_by_mtime(folder: str, ranks, fmt: str) -> SaveSelection:
@@ -150,8 +204,10 @@ def _select_committed(folder: str, ranks, record: dict, want: Optional[Key], fmt
     else:
         candidates, how = list(reversed(entries)), "committed"
     if not candidates:
-        raise CheckpointError(f"{folder}: committed.json lists no save; nothing was committed "
-                              f"yet — delete committed.json to read the files without a record")
+        raise CheckpointError(f"{folder}: committed.json lists no save: nothing was committed "
+                              f"(the run writing this folder stopped before its first commit, so "
+                              f"its files may be incomplete across ranks); start training "
+                              f"without resume_training, or load another checkpoint")
     notes: List[str] = []
     chosen = None
     for save in candidates:

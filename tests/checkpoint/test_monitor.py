@@ -49,9 +49,12 @@ def test_sync_save_writes_the_contract_file_and_prunes_to_keep_max(run):
         "CKP_rank_0-1_3.safetensors", "CKP_rank_0-2_1.safetensors", "meta.json"]
     saves = cm.committed_saves(d)
     assert [(s.epoch, s.step, s.global_step) for s in saves] == [(1, 3, 3), (2, 1, 4)]
+    run_id = mons["sync"].run_id
+    assert [(s.run_id, s.save_id) for s in saves] == [(run_id, f"1_3@{run_id}"), (run_id, f"2_1@{run_id}")]
     meta = cm.read_rank_meta(os.path.join(d, "rank_0"))
     assert meta.to_json() == {"last_epoch": 2, "last_step": 1, "last_ckpt_file": "CKP_rank_0-2_1.safetensors",
-                    "committed": ["CKP_rank_0-1_3.safetensors", "CKP_rank_0-2_1.safetensors"]}
+                    "committed": ["CKP_rank_0-1_3.safetensors", "CKP_rank_0-2_1.safetensors"],
+                    "run_id": run_id, "save_id": f"2_1@{run_id}"}
     assert [s.global_step for s in mons["sync"].stats] == [1, 2, 3, 4]
 
     with open_safetensors(saves[-1].path(0)) as f:
@@ -67,6 +70,7 @@ def test_sync_save_writes_the_contract_file_and_prunes_to_keep_max(run):
         assert f.metadata["format"] == "ms" and f.metadata["remove_redundancy"] == "False"
         ours = json.loads(f.metadata["mindformers_st"])
         assert (ours["rank"], ours["world_size"], ours["epoch"], ours["step"]) == (0, 1, 2, 1)
+        assert (ours["run_id"], ours["save_id"]) == (run_id, f"2_1@{run_id}")
         assert ours["parallel_config"]["data_parallel"] == 1
         emb = ours["slices"]["model.tok_embeddings.embedding_weight"]
         assert emb == {"global_shape": [128, 64], "offsets": [0, 0], "sizes": [128, 64]}
@@ -136,7 +140,8 @@ def test_failed_write_is_not_committed(run, tmp_path):
     st.global_step, st.step_in_epoch = 1, 1
     with pytest.raises(CheckpointError, match="not committed"):
         mon.on_train_step_end(run_context_of(st))
-    assert cm.committed_saves(d) == [] and not os.path.exists(os.path.join(d, "committed.json"))
+    # the record the run's start wrote (claiming the fresh folder) still lists no save
+    assert cm.committed_saves(d) == [] and cm.load_committed_entries(d) == []
 
 
 def _state(model, opt, step, ctx, out):

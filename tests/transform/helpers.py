@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import ml_dtypes
 import numpy as np
@@ -13,7 +13,7 @@ from mindformers_st.layout.owners import assign_owners
 from mindformers_st.layout.param_table import ParamSpec, ParamTable
 from mindformers_st.layout.parallel_config import ParallelConfig, plan_layouts
 from mindformers_st.records.names import parse_step_arg
-from mindformers_st.records.rank_meta import RankFileMeta
+from mindformers_st.records.rank_meta import RankFileMeta, save_id_of
 from mindformers_st.storage.index import read_index
 from mindformers_st.storage.reader import open_safetensors
 from mindformers_st.storage.writer import save_tensors
@@ -50,9 +50,10 @@ HYPER = {"global_step": np.array([30], dtype=np.int32), "epoch_num": np.array(2,
 
 def save_distributed(folder: str, values: Mapping[str, np.ndarray], table: ParamTable,
                      pc: ParallelConfig, remove_redundancy: bool = False, metadata: bool = True,
-                     prefix: str = "checkpoint", suffix: str = "2_30") -> dict:
-    """Write `values` as training would under `pc`: rank_{r}/{prefix}_rank_{r}-{suffix}.safetensors.
-    Returns the layouts."""
+                     prefix: str = "checkpoint", suffix: str = "2_30",
+                     run_id: Optional[str] = None) -> dict:
+    """Write `values` as training would under `pc`: rank_{r}/{prefix}_rank_{r}-{suffix}.safetensors
+    (with `run_id`, each file carries the save identity training gives it). Returns the layouts."""
     layouts = plan_layouts(table, pc)
     owners = (assign_owners(layouts, {p.name: p.dtype for p in table})
               if remove_redundancy else None)
@@ -71,7 +72,8 @@ def save_distributed(folder: str, values: Mapping[str, np.ndarray], table: Param
         if metadata:
             epoch, step = parse_step_arg(suffix)
             meta = RankFileMeta(r, pc.world_size, slices, pc.to_json(), remove_redundancy,
-                                epoch, step).to_metadata()
+                                epoch, step, run_id=run_id,
+                                save_id=run_id and save_id_of(run_id, epoch, step)).to_metadata()
         os.makedirs(os.path.join(folder, f"rank_{r}"), exist_ok=True)
         save_tensors(os.path.join(folder, f"rank_{r}", f"{prefix}_rank_{r}-{suffix}.safetensors"),
                      tensors, meta)
