@@ -85,7 +85,7 @@ def test_exception_save_commits_the_last_completed_step_before_the_error(tiny_ru
     # step 2 by the schedule, step 3 (the state before the failing step) by exception_save
     entries = load_committed_entries(str(out / "checkpoint"))
     assert [e.global_step for e in entries] == [2, 3]
-    assert "has no effect" not in err   # exception_save is no longer a key without effect
+    assert "exception_save' = True has no effect" not in err   # a key with effect now
 
 
 def test_sigterm_to_the_msrun_launcher_stops_both_workers_after_the_same_saved_step(
