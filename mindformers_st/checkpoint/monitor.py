@@ -536,8 +536,9 @@ class CheckpointMonitor(MindSporeCallback):
         try:
             cm.write_rank_meta(rank_dir, cm.RankMeta(
                 pending.epoch, pending.step, name,
-                tuple(os.path.basename(e.files[ctx.rank]) for e in self._committed
-                      if ctx.rank in e.files), entry.run_id, entry.save_id))
+                tuple(dict.fromkeys(os.path.basename(e.files[ctx.rank]) for e in self._committed
+                                    if ctx.rank in e.files)),   # each file once
+                entry.run_id, entry.save_id))
         except OSError as exc:   # committed.json already holds the save; meta.json is a mirror
             logger.warning("rank %d: %s: could not write meta.json (%s); the save is committed "
                            "in committed.json", ctx.rank, rank_dir, exc)

@@ -230,7 +230,8 @@ def print_table(summary: dict) -> None:
     head = ["tensor", "dtype", "shape", "bytes", "file"] + (["rank", "slice"] if distributed else [])
     body = [[r["name"], r["dtype"], str(tuple(r["shape"])), str(r["bytes"]), r["file"]]
             + ([str(r.get("rank", "")),
-                 _fmt_block(r) or ("whole (hyper value)" if is_hyper(r["name"]) else "?")]
+                 _fmt_block(r) or ("whole (hyper value)" if is_hyper(r["name"])
+                                  else "unknown (no slice metadata: --strategy)")]
                if distributed else [])
             for r in summary["tensors"]]
     widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]

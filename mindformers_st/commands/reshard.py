@@ -157,7 +157,12 @@ def run_plan(args, plan, finalize=None) -> int:
     paths = execute(plan, args.dst, workers=args.workers, progress=not args.no_progress,
                     overwrite=args.overwrite, finalize=finalize,
                     verify=getattr(args, "verify", "read"), processes=args.processes)
-    print(f"{plan.kind}: wrote {len(paths)} file(s) into {os.path.abspath(args.dst)}")
+    # Every file that landed (rank files, shards, param_name_map.json, hyper_param, strategy
+    # files), not only the tensors' files the plan returns.
+    landed = sum(len([f for f in files if not f.startswith(".")])
+                 for _, _, files in os.walk(args.dst))
+    print(f"{plan.kind}: wrote {landed} file(s) ({len(paths)} of tensors) into "
+          f"{os.path.abspath(args.dst)}")
     return 0
 
 
