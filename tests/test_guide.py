@@ -101,7 +101,8 @@ def test_the_user_guide_runs_top_to_bottom(tmp_path):
     ran = 0
     for line, text, skip in shell_blocks(GUIDE):
         if skip is None:
-            parts.append(f"echo '### docs/user-guide.md block at line {line}' >&2\n{text}")
+            parts.append(f"echo \"### docs/user-guide.md block at line {line} at $(date +%s)\"\n"
+                         f"{text}")
             ran += 1
     script = "\n".join(parts) + "\n"
     (tmp_path / "guide.sh").write_text(script)
@@ -122,7 +123,10 @@ def test_the_user_guide_runs_top_to_bottom(tmp_path):
     took = time.time() - t0
     log = (tmp_path / "guide.out").read_text(errors="replace")
     assert proc.returncode == 0, f"the guide failed after {took:.0f} s:\n{log[-6000:]}"
-    print(f"user guide: {ran} blocks in {took:.0f} s")
+    marks = [(int(m.group(1)), int(m.group(2)))
+             for m in re.finditer(r"^### docs/user-guide.md block at line (\d+) at (\d+)$", log, re.M)]
+    spans = [(line, end - start) for (line, start), (_, end) in zip(marks, marks[1:] + [(0, t0 + took)])]
+    print(f"user guide: {ran} blocks in {took:.0f} s; seconds per block (by first line): {spans}")
     # what the guide says each flow writes, each in its own output folder
     out = work / "output"
     for path in ("strategy/ckpt_strategy_rank_1.ckpt", "checkpoint/committed.json",
