@@ -141,5 +141,6 @@ def test_the_user_guide_runs_top_to_bottom(tmp_path):
     assert sorted(os.listdir(out / "strategy")) == ["ckpt_strategy_rank_0.ckpt",
                                                     "ckpt_strategy_rank_1.ckpt"]
     assert log.count("training done: 40 steps in this run (global step 40)") == 1
+    assert log.count("global step:[40/40], loss") == 1      # rank 0 prints it, rank 1 logs it
     assert "Event base dispatch" not in log and "Traceback" not in log
     assert "another prefix" not in log and "another run" not in log

@@ -72,6 +72,11 @@ def test_wrong_argument_count_prints_usage(work, args):
     assert "expected 1, 2, 6 or 9 arguments" in res.stderr and "Usage" in res.stderr
 
 
+def test_a_tail_worker_that_does_not_exist_is_refused(work):
+    res = launch(["plain.py out", "2"], work, timeout=30, env_extra={"MF_TAIL_WORKER_LOG": "2"})
+    assert res.returncode == 2 and "MF_TAIL_WORKER_LOG=2 must be 'all' or a local worker 0..1" in res.stderr
+
+
 def test_non_numeric_worker_num_is_refused(work):
     res = launch(["plain.py out", "two"], work, timeout=30)
     assert res.returncode == 2 and "WORKER_NUM=two" in res.stderr

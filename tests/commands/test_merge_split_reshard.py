@@ -37,6 +37,14 @@ def test_merge_command_writes_complete_weights(tiny, capsys):
     assert len([f for f in os.listdir(tmp / "full") if f.startswith("model-")]) > 1
 
 
+def test_merge_says_how_many_files_landed(tiny, capsys):
+    tmp, *_ = tiny
+    assert main(["merge", str(tmp / "src"), str(tmp / "full"), "--no-progress"]) == 0
+    landed = sum(len(files) for _, _, files in os.walk(tmp / "full"))
+    assert landed >= 3   # the shard(s), param_name_map.json, hyper_param.safetensors
+    assert f"merge: wrote {landed} file(s) (" in capsys.readouterr().out
+
+
 def test_dry_run_prints_costs_and_writes_nothing(tiny, capsys):
     tmp, table, *_ = tiny
     assert main(["merge", str(tmp / "src"), str(tmp / "full"), "--dry-run"]) == 0
