@@ -143,7 +143,8 @@ def test_the_user_guide_runs_top_to_bottom(tmp_path):
                  "plan_7b/strategy/ckpt_strategy_rank_7.ckpt", "merged/param_name_map.json",
                  "predict_hf/ms_safetensors/param_name_map.json",
                  "predict_recut/unified_checkpoint/param_name_map.json",
-                 "resume_mp2/checkpoint/committed.json", "mlp_dp2/merged/param_name_map.json"):
+                 "resume_mp2/checkpoint/committed.json", "v2/latest_checkpointed_iteration.txt",
+                 "legacy/param_name_map.json", "mlp_dp2/merged/param_name_map.json"):
         assert (out / path).exists(), f"{path} missing:\n{log[-3000:]}"
     # the strategy folder of the 2-rank run holds its 2 files only (the 7B plan wrote its 8
     # elsewhere), and one line per event on the console
