@@ -246,7 +246,7 @@ forward_term() {
   for f in /proc/[0-9]*/environ; do
     pid=${f#/proc/}; pid=${pid%/environ}
     [ "$pid" = "$$" ] && continue
-    env=$(tr '\0' '\n' < "$f" 2>/dev/null) || continue
+    env=$(tr '\0' '\n' 2>/dev/null < "$f") || continue
     if grep -qx "MF_LAUNCH_ID=$MF_LAUNCH_ID" <<< "$env" && grep -qx "MS_ROLE=MS_WORKER" <<< "$env" \
        && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" != tail ]; then
       kill -TERM "$pid" 2>/dev/null
