@@ -72,8 +72,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def run(cfg, rank: int = 0) -> int:
     """Plan, then train/finetune/predict (or only write strategy files) per `cfg`."""
-    from mindformers_st.trainer.resolve import (describe_plan, parallel_config_of, resolve_model,
-                                               write_strategy)
+    from mindformers_st.trainer.resolve import (describe_plan, parallel_config_of, plural,
+                                               resolve_model, write_strategy)
 
     if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
         raise ConfigError(f"config key 'output_dir' (--output_dir): {cfg.output_dir} is a file, "
@@ -83,7 +83,7 @@ def run(cfg, rank: int = 0) -> int:
         if rank == 0:
             print(describe_plan(cfg, resolved), flush=True)
             paths = write_strategy(cfg, resolved)
-            print(f"only_save_strategy: wrote {len(paths)} strategy files to "
+            print(f"only_save_strategy: wrote {plural(len(paths), 'strategy file')} to "
                   f"{os.path.dirname(paths[0])}", flush=True)
         return 0
     if rank == 0:

@@ -4,13 +4,13 @@
 # offline (mindformers-st merge) into complete weights, then
 # predict on 2 workers with model_parallel 2 from the merged weights (cut online).
 #   bash scripts/setup.sh && bash scripts/demo.sh
-# Env: OUT (default ./output), DEMO_STEPS (default 40), MF_LAUNCH_TIMEOUT (default 900 s).
+# Env: OUT (default output/demo: the user guide's flows write output/<flow>), DEMO_STEPS (default 40), MF_LAUNCH_TIMEOUT (default 900 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=$ROOT/.venv/bin/python
 [ -x "$PY" ] || { echo "error: $PY missing; run: bash scripts/setup.sh" >&2; exit 1; }
-OUT=${OUT:-output}
+OUT=${OUT:-output/demo}
 TINY=$OUT/tiny
 STEPS=${DEMO_STEPS:-40}
 export MF_LAUNCH_TIMEOUT=${MF_LAUNCH_TIMEOUT:-900}

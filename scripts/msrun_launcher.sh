@@ -16,6 +16,10 @@
 # SIGTERM is passed on to the workers (graceful exit: docs/runtime.md), MF_GRACE_SECONDS (300)
 # later the job is killed;
 # MF_MASTER_PORT changes the default port 8118 of the 1- and 2-argument forms.
+# Console: only worker 0's log is shown live (MF_TAIL_WORKER_LOG=all shows every worker's,
+# MF_TAIL_WORKER_LOG=K worker K's); MindSpore's own INFO/DEBUG lines are dropped from the console
+# unless GLOG_v asks for them (0 or 1); a failed job ends within seconds of its first failing
+# worker with one line: `error: rank R failed: <its error>` (msrun's traceback is dropped).
 set -u
 
 WORKER_NUM=8
@@ -118,6 +122,16 @@ export MF_LAUNCH_ID="mfst-$$-$RANDOM$RANDOM"
 MSRUN_ARGS=(--worker_num="$WORKER_NUM" --local_worker_num="$LOCAL_WORKER"
             --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" --node_rank="$NODE_RANK"
             --log_dir="$LOG_DIR" --join="$JOIN" --cluster_time_out="$CLUSTER_TIME_OUT")
+# One worker's log on the console (each rank's output stays in its own file): every worker
+# tailed at once printed each loss line once per rank and interleaved their lines.
+TAIL_WORKER_LOG=${MF_TAIL_WORKER_LOG:-0}
+if [ "$TAIL_WORKER_LOG" != all ]; then
+  if ! is_uint "$TAIL_WORKER_LOG" || [ "$TAIL_WORKER_LOG" -ge "$LOCAL_WORKER" ]; then
+    echo "error: MF_TAIL_WORKER_LOG=$TAIL_WORKER_LOG must be 'all' or a local worker 0..$((LOCAL_WORKER - 1))" >&2
+    exit 2
+  fi
+  MSRUN_ARGS+=(--tail_worker_log="$TAIL_WORKER_LOG")
+fi
 if [ "${MF_BIND_CORE:-False}" = "True" ]; then
   MSRUN_ARGS+=(--bind_core=True)
 fi
@@ -143,21 +157,75 @@ mkdir -p "$LOG_DIR"
 echo "Running Command: msrun ${MSRUN_ARGS[*]} $EXECUTE_ORDER"
 echo "Please check log files in $LOG_DIR"
 
+# The console filter: MindSpore's own INFO/DEBUG lines (`[INFO] DISTRIBUTED(pid,...)`, printed
+# by the workers' C++ side at exit whatever GLOG_v says) are dropped unless GLOG_v <= 1 asks for
+# them; on msrun's stderr its report of a failed worker signals this script (ALRM) and msrun's
+# own traceback ("Distributed job exited with exception") is dropped; once a worker failed,
+# msrun's dump of the scheduler log is dropped too (the summary line below says what failed).
+FAIL_FLAG=$(mktemp "${TMPDIR:-/tmp}/mfst-launch-XXXXXX")
+rm -f "$FAIL_FLAG"
+LAUNCHER_PID=$$
+SHOW_MS_INFO=0
+[ "$GLOG_v" -le 1 ] 2>/dev/null && SHOW_MS_INFO=1
+console_filter() {  # $1: "out" or "err"; line by line (awk implementations buffer pipes)
+  local line held="" holding=0
+  while IFS= read -r line || [ -n "$line" ]; do
+    if [ "$SHOW_MS_INFO" = 0 ] && [[ $line =~ ^\[(DEBUG|INFO)\]\ [A-Z_]+\( ]]; then
+      continue
+    fi
+    if [ "$1" = err ]; then
+      if [[ $line =~ ^\[ERROR\]\ ME\(.*(Worker|Scheduler)\ process\ [0-9]+\ exit\ with\ exception ]]; then
+        if [ ! -e "$FAIL_FLAG" ]; then : > "$FAIL_FLAG"; kill -ALRM "$LAUNCHER_PID" 2>/dev/null; fi
+        continue
+      fi
+      [[ $line =~ ^\[WARNING\]\ ME\(.*(kill\ all\ other\ workers|terminating\ all\ workers) ]] && continue
+      if [[ $line == "Traceback (most recent call last):" ]]; then
+        held=$line$'\n'; holding=1; continue
+      fi
+      if [ "$holding" = 1 ]; then
+        held+=$line$'\n'
+        if [[ $line == "RuntimeError: Distributed job exited with exception"* ]]; then
+          held=""; holding=0   # msrun's own traceback: the summary line says what failed
+        elif [[ $line =~ ^[A-Za-z_][A-Za-z0-9_.]*(Error|Exception) ]]; then
+          printf '%s' "$held"; held=""; holding=0
+        fi
+        continue
+      fi
+    elif [ -e "$FAIL_FLAG" ]; then
+      continue   # after a failure: msrun's dump of the scheduler log
+    elif [ "$JOIN" = True ] && [[ $line == "error: "* ]]; then
+      continue   # a worker's error line: said once, with its rank, by the summary below
+    fi
+    printf '%s\n' "$line"
+  done
+  [ -n "$held" ] && printf '%s' "$held"
+  return 0
+}
+
 # eval, as MindSpore Transformers does: quotes inside the command keep prompts with spaces whole.
-eval "\"\${MSRUN[@]}\" \"\${MSRUN_ARGS[@]}\" $EXECUTE_ORDER" &
+exec 3> >(console_filter out)
+OUT_FILTER_PID=$!
+exec 4> >(console_filter err >&2)
+ERR_FILTER_PID=$!
+eval "\"\${MSRUN[@]}\" \"\${MSRUN_ARGS[@]}\" $EXECUTE_ORDER" >&3 2>&4 3>&- 4>&- &
 MSRUN_PID=$!
+exec 3>&- 4>&-
 
 kill_job() {
   # msrun kills its workers on SIGINT; then anything still carrying our tag (workers run in
   # their own sessions) is killed by pid.
   kill -INT "$MSRUN_PID" 2>/dev/null
-  sleep 3
+  local i
+  for i in 1 2 3 4 5 6; do
+    kill -0 "$MSRUN_PID" 2>/dev/null || break
+    sleep 0.5
+  done
   kill -KILL "$MSRUN_PID" 2>/dev/null
   local f pid
   for f in /proc/[0-9]*/environ; do
     pid=${f#/proc/}; pid=${pid%/environ}
     [ "$pid" = "$$" ] && continue
-    if tr '\0' '\n' < "$f" 2>/dev/null | grep -qx "MF_LAUNCH_ID=$MF_LAUNCH_ID"; then
+    if tr '\0' '\n' 2>/dev/null < "$f" | grep -qx "MF_LAUNCH_ID=$MF_LAUNCH_ID"; then
       kill -KILL "$pid" 2>/dev/null
     fi
   done
@@ -178,7 +246,7 @@ forward_term() {
   for f in /proc/[0-9]*/environ; do
     pid=${f#/proc/}; pid=${pid%/environ}
     [ "$pid" = "$$" ] && continue
-    env=$(tr '\0' '\n' < "$f" 2>/dev/null) || continue
+    env=$(tr '\0' '\n' 2>/dev/null < "$f") || continue
     if grep -qx "MF_LAUNCH_ID=$MF_LAUNCH_ID" <<< "$env" && grep -qx "MS_ROLE=MS_WORKER" <<< "$env" \
        && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" != tail ]; then
       kill -TERM "$pid" 2>/dev/null
@@ -198,6 +266,12 @@ if [ -n "${MF_LAUNCH_TIMEOUT:-}" ]; then
   WATCHDOG_PID=$!
   trap 'TIMED_OUT=1; kill_job' USR1
 fi
+
+# A worker failed (msrun reported it): msrun would wait for the scheduler, which may sit out its
+# cluster timeout waiting for the dead worker; end the job now. Not after a SIGTERM: then the
+# other workers are finishing their graceful exit and MF_GRACE_SECONDS bounds the wait.
+WORKER_FAILED=0
+trap '[ "$GOT_TERM" = 1 ] || { WORKER_FAILED=1; kill_job; }' ALRM
 
 wait "$MSRUN_PID"
 RC=$?
@@ -223,24 +297,47 @@ if [ "$TIMED_OUT" = 1 ]; then
   RC=124
 fi
 
-if [ "$RC" != 0 ] && [ "$JOIN" = True ]; then
-  # Show the workers whose log has an error first; if none says why, show every worker's tail.
-  shown=0
-  for log in "$LOG_DIR"/worker_*.log; do
-    [ -f "$log" ] || continue
-    if grep -qE "Traceback|Error|error:" "$log"; then
-      echo "----- tail of $log -----" >&2
-      tail -n 30 "$log" >&2
-      shown=1
-    fi
+[ "$WORKER_FAILED" = 1 ] && [ "$RC" = 0 ] && RC=1   # killed on purpose: msrun's 0 means nothing
+# The console filters end when the job's last writer closes; their last lines come first.
+for _ in $(seq 30); do
+  kill -0 "$OUT_FILTER_PID" 2>/dev/null || kill -0 "$ERR_FILTER_PID" 2>/dev/null || break
+  sleep 0.1
+done
+
+# The error line of a worker log: our one-line `error: ...`, else the last exception line of a
+# traceback; empty when the log says no error.
+error_of() {
+  local line
+  line=$(grep -m1 -E '^error: ' "$1")
+  [ -n "$line" ] || line=$(grep -E '^[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt)(: |$)' "$1" | tail -n 1)
+  printf '%s' "${line#error: }"
+}
+
+if [ "$RC" != 0 ] && [ "$JOIN" = True ] && [ "$GOT_TERM" = 0 ]; then
+  # The first failing rank: of the logs that hold an error, the one written last the earliest
+  # (the workers msrun killed afterwards wrote no error).
+  first="" others=0
+  for log in $(ls -tr "$LOG_DIR"/worker_*.log 2>/dev/null); do
+    [ -n "$(error_of "$log")" ] || continue
+    if [ -z "$first" ]; then first=$log; else others=$((others + 1)); fi
   done
-  if [ "$shown" = 0 ]; then
-    for log in "$LOG_DIR"/worker_*.log "$LOG_DIR"/scheduler.log; do
-      [ -f "$log" ] || continue
-      echo "----- tail of $log -----" >&2
-      tail -n 15 "$log" >&2
-    done
+  if [ -n "$first" ]; then
+    rank=${first##*_}; rank=${rank%.log}
+    more=""
+    [ "$others" -gt 0 ] && more="; $others other rank(s) failed too"
+    echo "error: rank $rank failed: $(error_of "$first") (log $first$more)" >&2
+    [ "$RC" = 124 ] || RC=1
+    rm -f "$FAIL_FLAG"
+    exit "$RC"
   fi
+fi
+if [ "$RC" != 0 ] && [ "$JOIN" = True ]; then
+  # No worker log says why (or a SIGTERM ended the job): show every worker's tail.
+  for log in "$LOG_DIR"/worker_*.log "$LOG_DIR"/scheduler.log; do
+    [ -f "$log" ] || continue
+    echo "----- tail of $log -----" >&2
+    tail -n 15 "$log" >&2
+  done
   # The workers' own one-line reasons (run_mindformer.py prints one `error:` line), each once, last.
   grep -h "^error: " "$LOG_DIR"/worker_*.log 2>/dev/null | sort -u | sed 's/^error: /error: worker: /' >&2
   if [ "$GOT_TERM" = 1 ] && [ "$RC" != 124 ]; then
@@ -253,4 +350,5 @@ if [ "$RC" != 0 ] && [ "$JOIN" = True ]; then
 elif [ "$GOT_TERM" = 1 ] && [ "$RC" = 0 ]; then
   echo "SIGTERM: every worker saved and stopped (graceful exit)"
 fi
+rm -f "$FAIL_FLAG"
 exit "$RC"

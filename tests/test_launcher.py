@@ -21,6 +21,10 @@ with open(os.path.join(out, "rank_%s.txt" % os.environ.get("RANK_ID", "?")), "w"
     fh.write(" ".join(sys.argv[2:]))
 if "--fail" in sys.argv and os.environ.get("RANK_ID") == "1":
     raise RuntimeError("worker 1 fails on purpose")
+if "--fail" in sys.argv:   # the other worker would run on: the launcher ends the job
+    print("[INFO] DISTRIBUTED(1,2,python): Event base dispatch success!", flush=True)
+    import time
+    time.sleep(120)
 if "--hang" in sys.argv:
     with open(os.path.join(out, "pid_%s.txt" % os.environ.get("RANK_ID")), "w") as fh:
         fh.write(str(os.getpid()))
@@ -68,6 +72,11 @@ def test_wrong_argument_count_prints_usage(work, args):
     assert "expected 1, 2, 6 or 9 arguments" in res.stderr and "Usage" in res.stderr
 
 
+def test_a_tail_worker_that_does_not_exist_is_refused(work):
+    res = launch(["plain.py out", "2"], work, timeout=30, env_extra={"MF_TAIL_WORKER_LOG": "2"})
+    assert res.returncode == 2 and "MF_TAIL_WORKER_LOG=2 must be 'all' or a local worker 0..1" in res.stderr
+
+
 def test_non_numeric_worker_num_is_refused(work):
     res = launch(["plain.py out", "two"], work, timeout=30)
     assert res.returncode == 2 and "WORKER_NUM=two" in res.stderr
@@ -101,11 +110,19 @@ def test_six_argument_form_runs_a_real_collective(work):
 
 
 @pytest.mark.slow
-def test_failing_worker_fails_the_launch_and_shows_its_log(work):
-    res = launch(["plain.py out --fail", "2", str(free_port()), "logsf", "True", "60"], work)
-    assert res.returncode == 1
-    assert "worker 1 fails on purpose" in res.stderr
-    assert "tail of logsf/worker_1.log" in res.stderr
+def test_failing_worker_fails_the_launch_promptly_with_one_line(work):
+    t0 = time.time()
+    res = launch(["plain.py out --fail", "2", str(free_port()), "logsf", "True", "300"], work)
+    took = time.time() - t0
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = [l for l in res.stderr.splitlines() if "fails on purpose" in l]
+    assert lines == ["error: rank 1 failed: RuntimeError: worker 1 fails on purpose "
+                     "(log logsf/worker_1.log)"], res.stderr
+    # no msrun traceback, no MindSpore INFO line, the other worker's sleep not waited for
+    assert "Traceback" not in res.stderr and "Distributed job exited" not in res.stderr
+    assert "Event base dispatch" not in res.stdout + res.stderr
+    assert took < 60, took
+    assert "Event base dispatch" in (work / "logsf" / "worker_0.log").read_text()   # kept in its log
 
 
 @pytest.mark.slow

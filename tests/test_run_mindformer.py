@@ -154,3 +154,14 @@ def test_seed_predict_command_tiny_qwen2(tiny_data, tmp_path):
     assert results[0]["prompt"] == "I love Beijing, because"
     assert results[0]["output_ids"][:len(results[0]["input_ids"])] == results[0]["input_ids"]
     assert len(results[0]["output_ids"]) > len(results[0]["input_ids"])
+
+
+def test_the_plan_of_a_tiny_model_reads_in_its_own_units(tmp_path, capsys):
+    argv = ["--config", os.path.join(ROOT, "configs/llama2/pretrain_llama2_tiny.yaml"),
+            "--only_save_strategy", "True", "--parallel_config.data_parallel", "1",
+            "--output_dir", str(tmp_path)]
+    assert runner().main(argv) == 0
+    out = capsys.readouterr().out
+    assert " K elements, " in out and " KiB of weights" in out and "0.00" not in out, out
+    assert "wrote 1 strategy file to" in out, out
+    assert "-> 1 rank\n" in out, out

@@ -3,6 +3,12 @@
 `.ckpt` is MindSpore's protobuf format, so this module imports MindSpore, lazily, to read it with
 `mindspore.load_checkpoint`; writing goes through our streaming safetensors writer. The load hook
 (`.ckpt` weights are read through a converted copy) and `mindformers-st ckpt-to-safetensors` use it.
+
+Our own `.ckpt` rank files describe their slices as our safetensors do: CheckpointMonitor stores
+the rank file description (`records.rank_meta`, key `mindformers_st`) as a string entry of the
+`.ckpt` (MindSpore's `append_dict`; MindSpore's own loaders report it as not loaded and go on),
+and the copy carries it into the safetensors `__metadata__`, so the readers re-cut our `.ckpt`
+saves without a strategy.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import numpy as np
 
 from ..dtypes import numpy_to_st
 from ..errors import CheckpointError
+from ..records.rank_meta import METADATA_KEY, RankFileMeta
 from ..storage.writer import SafetensorsWriter
 
 logger = logging.getLogger(__name__)
@@ -30,22 +37,28 @@ def find_ckpt_files(src: str) -> List[str]:
     return sorted(out)
 
 
-def read_ckpt(path: str) -> Tuple[Dict[str, np.ndarray], List[str]]:
-    """The tensors of a MindSpore `.ckpt` file as numpy arrays in file order, and the names of
-    non-tensor entries (strings from `append_dict`) that safetensors cannot hold."""
+def read_ckpt(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, object]]:
+    """The tensors of a MindSpore `.ckpt` file as numpy arrays in file order, and its non-tensor
+    entries (`append_dict` strings and numbers) by name."""
     import mindspore as ms   # only this command touches MindSpore
     try:
         params = ms.load_checkpoint(path)
     except Exception as exc:   # MindSpore raises ValueError/RuntimeError for damaged files
         raise CheckpointError(f"{path}: MindSpore cannot read this .ckpt ({exc}); is it a "
                               f"complete MindSpore checkpoint?") from exc
-    arrays, skipped = {}, []
+    arrays, others = {}, {}
     for name, value in params.items():
         if hasattr(value, "asnumpy"):
             arrays[name] = as_standard_dtype(value.asnumpy())
         else:
-            skipped.append(name)
-    return arrays, skipped
+            others[name] = value
+    return arrays, others
+
+
+def ckpt_description(metadata: Dict[str, str]) -> Dict[str, str]:
+    """The `append_dict` a `.ckpt` rank file of ours carries: the rank file description
+    (`records.rank_meta`) of its safetensors `__metadata__`, as one string entry."""
+    return {METADATA_KEY: metadata[METADATA_KEY]} if METADATA_KEY in metadata else {}
 
 
 def as_standard_dtype(a: np.ndarray) -> np.ndarray:
@@ -59,12 +72,17 @@ def as_standard_dtype(a: np.ndarray) -> np.ndarray:
 def convert_file(src: str, dst: str, checksums: bool = True) -> str:
     """Write the tensors of `.ckpt` file `src` to safetensors file `dst` (atomically, with
     `{"format": "ms"}` metadata as MindSpore writes). Returns the path written."""
-    arrays, skipped = read_ckpt(src)
-    if skipped:
+    arrays, others = read_ckpt(src)
+    metadata = {"format": "ms"}
+    described = others.pop(METADATA_KEY, None)
+    if isinstance(described, str):   # ours: the slices travel on, checked as the file is read
+        meta = RankFileMeta.from_metadata({METADATA_KEY: described}, src)
+        metadata.update(meta.to_metadata())
+    if others:
         logger.warning("%s: %d non-tensor entr%s left out (safetensors holds tensors only): %s",
-                       src, len(skipped), "y" if len(skipped) == 1 else "ies", skipped[:5])
+                       src, len(others), "y" if len(others) == 1 else "ies", list(others)[:5])
     specs = [(name, numpy_to_st(a.dtype), tuple(a.shape)) for name, a in arrays.items()]
-    with SafetensorsWriter(dst, specs, metadata={"format": "ms"}, checksums=checksums) as w:
+    with SafetensorsWriter(dst, specs, metadata=metadata, checksums=checksums) as w:
         for name in list(arrays):
             w.write(name, arrays.pop(name))   # drop each array once written
     return w.path

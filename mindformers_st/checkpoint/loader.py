@@ -36,6 +36,7 @@ import numpy as np
 from ..dtypes import ITEMSIZE
 from ..errors import (CheckpointError, ConfigError, MindformersSTError, PlanError,
                       UndescribedRankFilesError)
+from ..records.rank_meta import METADATA_KEY
 from ..records.scan import select_save
 from ..transform.execute import execute_to_memory
 from ..transform.planner import DEFAULT_MAX_SHARD_SIZE, plan_merge, plan_rank_slices
@@ -143,8 +144,12 @@ class LoadReport:
 
     def summary(self) -> str:
         """One line for the log."""
+        # The path read may be a derived copy (unified_checkpoint, ms_safetensors, ...): name
+        # the source as the user gave it, then the copy, so neither is called the other's kind.
+        via = ("" if os.path.abspath(self.path) == os.path.abspath(self.source.path)
+               else f" via {self.path}")
         return (f"loaded {len(self.loaded)} tensors from {self.source.kind} "
-                f"{self.source.format} {self.path} (mode {self.mode}); missing "
+                f"{self.source.format} {self.source.path}{via} (mode {self.mode}); missing "
                 f"{len(self.missing)}{_names(self.missing)}, unexpected "
                 f"{len(self.unexpected)}{_names(self.unexpected)}"
                 + (", optimizer state restored" if self.optimizer_loaded else "")
@@ -456,7 +461,7 @@ def _describe_rank_files(source: CheckpointSource, strategy, target_layouts) -> 
                 return _describe_with_target(source, target_layouts)
             raise CheckpointError(
                 f"load_checkpoint {source.path}: the rank files do not describe their slices "
-                f"(saved by MindSpore, not by this package); set src_strategy_path_or_dir to the "
+                f"(no '{METADATA_KEY}' metadata); set src_strategy_path_or_dir to the "
                 f"strategy file or folder of the run that saved them") from exc
         raise
 

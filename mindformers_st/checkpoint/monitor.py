@@ -283,8 +283,10 @@ class CheckpointMonitor(MindSporeCallback):
                 # start may clean up what that crash left.
                 cm.write_committed(self.directory, ctx.world_size, [])
                 recorded = True
+            loaded = cm.load_committed_entries(self.directory)
+            _warn_other_prefixes(self.directory, self.prefix, loaded)
             shared = {"run_id": new_run_id(), "recorded": recorded,
-                      "entries": [e.to_json() for e in cm.load_committed_entries(self.directory)]}
+                      "entries": [e.to_json() for e in loaded]}
         shared = broadcast_json(ctx, shared)
         self.run_id = shared["run_id"]
         self._committed = [cm.CommittedSave.from_json(e, self.directory, cm.COMMITTED_FILE)
@@ -361,12 +363,13 @@ class CheckpointMonitor(MindSporeCallback):
     def _write_strategy(self, ctx, net_state) -> None:
         """`{output_dir}/strategy/ckpt_strategy_rank_{r}.ckpt` of every rank, as MindSpore writes
         them, so MindSpore's unified_safetensors and our merge read the saves."""
-        from ..layout.strategy import write_strategy_file
+        from ..layout.strategy import (remove_stale_rank_files, strategy_file_name,
+                                       write_strategy_file)
         folder = os.path.join(self.output_dir, "strategy")
         os.makedirs(folder, exist_ok=True)
         for r in range(ctx.world_size):
-            write_strategy_file(os.path.join(folder, f"ckpt_strategy_rank_{r}.ckpt"),
-                                net_state.layouts)
+            write_strategy_file(os.path.join(folder, strategy_file_name(r)), net_state.layouts)
+        remove_stale_rank_files(folder, ctx.world_size)
 
     def _global_step(self, cb) -> int:
         """Optimizer updates done: our loop's count, else the optimizer's `global_step` (Model.train
@@ -533,8 +536,9 @@ class CheckpointMonitor(MindSporeCallback):
         try:
             cm.write_rank_meta(rank_dir, cm.RankMeta(
                 pending.epoch, pending.step, name,
-                tuple(os.path.basename(e.files[ctx.rank]) for e in self._committed
-                      if ctx.rank in e.files), entry.run_id, entry.save_id))
+                tuple(dict.fromkeys(os.path.basename(e.files[ctx.rank]) for e in self._committed
+                                    if ctx.rank in e.files)),   # each file once
+                entry.run_id, entry.save_id))
         except OSError as exc:   # committed.json already holds the save; meta.json is a mirror
             logger.warning("rank %d: %s: could not write meta.json (%s); the save is committed "
                            "in committed.json", ctx.rank, rank_dir, exc)
@@ -633,6 +637,19 @@ def _fault_point(window: str, global_step: int) -> None:
         logger.warning("MFST_FAULT_KILL_AT=%s: killing this process", spec)
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _warn_other_prefixes(directory: str, prefix: str, entries) -> None:
+    """Warn when `directory` already holds committed saves of another prefix (another run): this
+    run's saves join the same record, keep_checkpoint_max counts both and loads take the newest."""
+    from ..records.names import format_step, prefix_of
+    other = sorted({(p, format_step(e.key)) for e in entries for f in e.files.values()
+                    if (p := prefix_of(f)) is not None and p != prefix})
+    if other:
+        logger.warning("CheckpointMonitor: %s already holds saves of another run (%s); this run "
+                       "(prefix %r) adds its saves to the same committed.json, keep_checkpoint_max "
+                       "counts both and loads take the newest: give each run its own output_dir",
+                       directory, ", ".join(f"{p} {k}" for p, k in other[:4]), prefix)
 
 
 def _sweep_temporaries(folder: str) -> None:

@@ -172,9 +172,10 @@ def write_rank_file(path: str, snap: RankSnapshot, fmt: str = "safetensors",
         raise CheckpointError(f"checkpoint_format {fmt!r}: use 'safetensors' or 'ckpt'")
     import mindspore as ms
 
+    from .ckpt_format import ckpt_description
     encrypt = {} if enc_key is None else {"enc_key": enc_key, "enc_mode": enc_mode}
     items = [{"name": n, "data": ms.Tensor(a)} for n, a in snap.arrays.items()]
     # The temporary name ends in .ckpt so MindSpore does not append another suffix.
     with atomic_path(path, suffix=".tmp.ckpt") as tmp:
-        ms.save_checkpoint(items, tmp, **encrypt)
+        ms.save_checkpoint(items, tmp, append_dict=ckpt_description(snap.metadata), **encrypt)
     return path

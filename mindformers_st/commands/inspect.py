@@ -110,8 +110,14 @@ def scan_iteration(it: IterationSave) -> Checkpoint:
 
 def apply_strategy(ckpt: Checkpoint, strategy: str) -> None:
     """Set every rank file's slices from a MindSpore strategy (overriding its own metadata)."""
-    from ..layout.strategy import read_strategy
+    from ..layout.strategy import check_strategy_world, read_strategy
     layouts = read_strategy(strategy)
+    saved_by = max([(f.rank or 0) + 1 for f in ckpt.files] + [r + 1 for r in ckpt.missing_ranks]
+                   + [f.ours.world_size for f in ckpt.files if f.ours])
+    try:
+        check_strategy_world(layouts, strategy, saved_by, ckpt.path)
+    except LayoutError as exc:
+        raise CheckpointError(str(exc)) from exc
     for f in ckpt.files:
         f.slices = {}
         for name, entry in f.tensors.items():
@@ -224,7 +230,8 @@ def print_table(summary: dict) -> None:
     head = ["tensor", "dtype", "shape", "bytes", "file"] + (["rank", "slice"] if distributed else [])
     body = [[r["name"], r["dtype"], str(tuple(r["shape"])), str(r["bytes"]), r["file"]]
             + ([str(r.get("rank", "")),
-                 _fmt_block(r) or ("whole (hyper value)" if is_hyper(r["name"]) else "?")]
+                 _fmt_block(r) or ("whole (hyper value)" if is_hyper(r["name"])
+                                  else "unknown (no slice metadata: --strategy)")]
                if distributed else [])
             for r in summary["tensors"]]
     widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]

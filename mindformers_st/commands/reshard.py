@@ -79,9 +79,9 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                    help="MindSpore strategy of the target (file or folder of per-rank files)")
     p.add_argument("--config", default=None, help="run YAML; its model.model_config gives the "
                                                   "parameter table")
-    p.add_argument("--dp", type=int, default=None, help="data_parallel")
-    p.add_argument("--mp", type=int, default=None, help="model_parallel")
-    p.add_argument("--pp", type=int, default=None, help="pipeline_stage")
+    p.add_argument("--dp", type=int, default=None, help="data_parallel (required with --config)")
+    p.add_argument("--mp", type=int, default=None, help="model_parallel (required with --config)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline_stage (required with --config)")
     p.add_argument("--optimizer-shard", action="store_true", default=None,
                    help="shard parameters over data parallel (parallel.enable_parallel_optimizer)")
     p.add_argument("--vocab-emb-dp", choices=["true", "false"], default=None,
@@ -108,18 +108,31 @@ def layouts_from_config(args, src: SourceCheckpoint) -> Tuple[Dict, ParallelConf
         table = table.with_optimizer_states()
     yaml_pc = data.get("parallel_config") or {}
     yaml_par = data.get("parallel") or {}
-
-    def pick(flag, key, default):
-        return flag if flag is not None else yaml_pc.get(key, default)
+    # The target's shape is said on the command line, never taken from the YAML in part: a
+    # YAML's data_parallel silently joining `--mp 2` made another layout than the one asked for.
+    missing = [f"--{f}" for f in ("dp", "mp", "pp") if getattr(args, f) is None]
+    if missing:
+        raise ConfigError(f"--config needs the target's --dp, --mp and --pp (missing "
+                          f"{', '.join(missing)}); the YAML's parallel_config is not used for them")
     vocab = {"true": True, "false": False}.get(args.vocab_emb_dp) if args.vocab_emb_dp else None
     pc = ParallelConfig(
-        data_parallel=int(pick(args.dp, "data_parallel", 1)),
-        model_parallel=int(pick(args.mp, "model_parallel", 1)),
-        pipeline_stage=int(pick(args.pp, "pipeline_stage", 1)),
+        data_parallel=args.dp, model_parallel=args.mp, pipeline_stage=args.pp,
         optimizer_shard=bool(args.optimizer_shard if args.optimizer_shard is not None
                              else yaml_par.get("enable_parallel_optimizer", False)),
-        vocab_emb_dp=bool(pick(vocab, "vocab_emb_dp", True)))
+        vocab_emb_dp=bool(vocab if vocab is not None else yaml_pc.get("vocab_emb_dp", True)))
     return plan_layouts(table, pc), pc
+
+
+def describe_target(args, layouts, pc: Optional[ParallelConfig]) -> str:
+    """One line saying the target layout (printed before anything is planned or written)."""
+    from ..layout.strategy import strategy_world_size
+    if pc is None:
+        return (f"target layout: strategy {args.dst_strategy} "
+                f"({strategy_world_size(layouts)} rank(s))")
+    return (f"target layout: data_parallel {pc.data_parallel} x model_parallel "
+            f"{pc.model_parallel} x pipeline_stage {pc.pipeline_stage} = {pc.world_size} "
+            f"rank(s), optimizer_shard {pc.optimizer_shard}, vocab_emb_dp {pc.vocab_emb_dp}"
+            f"{', remove_redundancy' if args.remove_redundancy else ''}")
 
 
 def target_layouts(args, src: SourceCheckpoint) -> Tuple[Dict, Optional[ParallelConfig]]:
@@ -144,7 +157,12 @@ def run_plan(args, plan, finalize=None) -> int:
     paths = execute(plan, args.dst, workers=args.workers, progress=not args.no_progress,
                     overwrite=args.overwrite, finalize=finalize,
                     verify=getattr(args, "verify", "read"), processes=args.processes)
-    print(f"{plan.kind}: wrote {len(paths)} file(s) into {os.path.abspath(args.dst)}")
+    # Every file that landed (rank files, shards, param_name_map.json, hyper_param, strategy
+    # files), not only the tensors' files the plan returns.
+    landed = sum(len([f for f in files if not f.startswith(".")])
+                 for _, _, files in os.walk(args.dst))
+    print(f"{plan.kind}: wrote {landed} file(s) ({len(paths)} of tensors) into "
+          f"{os.path.abspath(args.dst)}")
     return 0
 
 
@@ -168,6 +186,7 @@ def strategy_writer(args, layouts, pc):
 def distributed_target(args, src: SourceCheckpoint) -> int:
     """Plan and run src -> rank_x/ per the target flags (split and reshard)."""
     layouts, pc = target_layouts(args, src)
+    print(describe_target(args, layouts, pc), flush=True)
     plan = plan_distributed(src, layouts, pc, remove_redundancy=args.remove_redundancy,
                             prefix=args.prefix)
     if not args.dry_run:

@@ -37,7 +37,26 @@ FLAG_KEYS = {
     "mode": "context.mode",
     "device_id": "context.device_id",
     "do_sample": "model.model_config.do_sample",
+    "vocab_file": "processor.tokenizer.vocab_file",
 }
+
+# Flags of MindSpore Transformers' run_mindformer.py this runtime does not implement: refused by
+# name (never silently accepted). Switch flags are accepted when off, as that is what happens.
+REFUSED_FLAGS = {
+    "do_eval": "evaluation during training is not implemented by this runtime",
+    "eval_dataset_dir": "evaluation (run_mode eval, do_eval) is not implemented by this runtime",
+    "profile": "profiling is not implemented by this runtime (use MindSpore's profiler around "
+               "the run)",
+    "modal_type": "multi-modal predict data is not implemented by this runtime (text prompts only)",
+    "adapter_id": "LoRA adapters (slora) are not implemented by this runtime",
+    "strategy_load_checkpoint": "this runtime plans its own layouts; a strategy to load is not "
+                                "read (src_strategy_path_or_dir describes weights to load)",
+    "remote_save_url": "outputs are written to output_dir only; copy them yourself",
+    "trust_remote_code": "this runtime never runs code from a model folder (tokenizer.json and "
+                         "safetensors only)",
+}
+SWITCH_FLAGS = ("do_eval", "profile", "trust_remote_code")
+MULTI_VALUE_FLAGS = ("modal_type", "adapter_id")
 
 _HELP = {
     "run_mode": "train | finetune | predict",
@@ -64,6 +83,8 @@ _HELP = {
     "mode": "context.mode (0 graph, 1 pynative)",
     "device_id": "context.device_id",
     "do_sample": "model.model_config.do_sample",
+    "vocab_file": "a tokenizer.json (processor.tokenizer.vocab_file; takes the place of "
+                  "processor.tokenizer.tokenizer_file)",
 }
 
 
@@ -85,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="the run YAML (required)")
     for flag, key in FLAG_KEYS.items():
         parser.add_argument(f"--{flag}", default=None, metavar="VALUE", help=_HELP.get(flag, key))
+    for flag, why in REFUSED_FLAGS.items():
+        parser.add_argument(f"--{flag}", default=None, metavar="VALUE",
+                            nargs="+" if flag in MULTI_VALUE_FLAGS else None,
+                            help=f"refused: {why}" + (" (False is accepted)"
+                                                      if flag in SWITCH_FLAGS else ""))
     parser.add_argument("--predict_data", nargs="+", default=None, metavar="PROMPT",
                         help="one or more prompts for run_mode predict")
     parser.add_argument("--register_path", default=None,
@@ -102,11 +128,14 @@ def parse_run_args(argv: Sequence[str]) -> RunArgs:
     """
     parser = build_parser()
     args, extra = parser.parse_known_args(list(argv))
+    _refuse_unimplemented(args)
     overrides: List[Tuple[str, Any]] = []
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag)
         if value is not None:
             overrides.append((key, value))
+    if args.vocab_file is not None:   # the flag names the tokenizer: the YAML's one gives way
+        overrides.append(("processor.tokenizer.tokenizer_file", ""))
     if args.predict_data is not None:
         overrides.append(("predict_data", list(args.predict_data)))
     for item in args.options or ():
@@ -116,6 +145,23 @@ def parse_run_args(argv: Sequence[str]) -> RunArgs:
         overrides.append((k.strip(), v))
     overrides.extend(_parse_extra(extra))
     return RunArgs(config=args.config, overrides=overrides, register_path=args.register_path)
+
+
+def _refuse_unimplemented(args) -> None:
+    """ConfigError naming the first flag of REFUSED_FLAGS given (switches: given as true)."""
+    from .typed import parse_bool_word
+    for flag, why in REFUSED_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if flag in SWITCH_FLAGS:
+            on = parse_bool_word(value)
+            if on is None:
+                raise ConfigError(f"run_mindformer.py flag --{flag} {value!r}: give True or False")
+            if not on:
+                continue
+        shown = " ".join(value) if isinstance(value, list) else value
+        raise ConfigError(f"run_mindformer.py flag --{flag} {shown}: {why}; remove the flag")
 
 
 def _parse_extra(tokens: List[str]) -> List[Tuple[str, str]]:

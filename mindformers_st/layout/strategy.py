@@ -162,15 +162,57 @@ def write_merged_strategy_file(path, layouts: Mapping[str, TensorLayout]) -> Non
 
 
 def write_rank_strategy_files(folder, layouts: Mapping[str, TensorLayout], pc) -> List[str]:
-    """Write `ckpt_strategy_rank_{r}.ckpt` for every rank of `pc` (each holds its stage's layouts);
-    returns the paths in rank order."""
+    """Write `ckpt_strategy_rank_{r}.ckpt` for every rank of `pc` (each holds its stage's layouts)
+    as one complete set: rank files of an earlier, larger run are removed (see
+    `remove_stale_rank_files`). Returns the paths in rank order."""
     paths = []
     for rank in range(pc.world_size):
         stage = rank // pc.stage_size
         path = os.path.join(str(folder), strategy_file_name(rank))
         write_strategy_file(path, layouts, stage)
         paths.append(path)
+    remove_stale_rank_files(folder, pc.world_size)
     return paths
+
+
+def remove_stale_rank_files(folder, world_size: int) -> List[str]:
+    """Delete `ckpt_strategy_rank_{k}.{ckpt,json}` with k >= `world_size` from `folder`: they
+    belong to an earlier run with more ranks, and a folder read as one set must hold one run's
+    files only. Returns the removed names (a warning names them)."""
+    folder = str(folder)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    stale = sorted((n for n in names
+                    if (m := RANK_FILE_RE.match(n)) and int(m.group(1)) >= world_size),
+                   key=lambda n: int(RANK_FILE_RE.match(n).group(1)))
+    for n in stale:
+        os.unlink(os.path.join(folder, n))
+    if stale:
+        logger.warning("%s: removed %d strategy file(s) of an earlier run with more ranks (%s); "
+                       "this run has %d", folder, len(stale), _name_range(stale), world_size)
+    return stale
+
+
+def _name_range(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+
+
+def strategy_world_size(layouts: Mapping[str, TensorLayout]) -> int:
+    """The number of ranks a set of layouts describes (all pipeline stages); 0 when empty."""
+    return max((lay.ranks().stop for lay in layouts.values()), default=0)
+
+
+def check_strategy_world(layouts: Mapping[str, TensorLayout], strategy, ckpt_world: int,
+                         ckpt_path) -> None:
+    """LayoutError naming both when the strategy `strategy` describes another number of ranks
+    than the checkpoint at `ckpt_path` was saved by (`ckpt_world`)."""
+    world = strategy_world_size(layouts)
+    if layouts and ckpt_world and world != ckpt_world:
+        raise LayoutError(f"the strategy {strategy} is for {world} rank(s) but the checkpoint "
+                          f"{ckpt_path} was saved by {ckpt_world} rank(s); pass the strategy of "
+                          f"the run that saved it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +308,30 @@ def _add(result: Dict[str, TensorLayout], name: str, layout: TensorLayout, sourc
         result[name] = layout
 
 
+def _check_one_set(folder: str, per_file) -> None:
+    """The files of a strategy folder must describe one run: each file's device count times the
+    number of pipeline stages is the same world size. A folder mixing two runs (stale files of a
+    larger one) is one LayoutError naming both groups."""
+    stages = {lay.stage for _, layouts in per_file for lay in layouts.values()}
+    n_stages = max(stages) + 1 if stages else 1
+    groups: Dict[int, List[str]] = {}
+    for f, layouts in per_file:
+        devs = {lay.device_num for lay in layouts.values()}
+        if len(devs) == 1:
+            groups.setdefault(devs.pop() * n_stages, []).append(os.path.basename(f))
+    if len(groups) > 1:
+        said = "; ".join(f"{_name_range(sorted(names, key=_rank_key))} describe {w} rank(s)"
+                         for w, names in sorted(groups.items()))
+        raise LayoutError(f"strategy folder {folder} mixes the files of runs of different sizes "
+                          f"({said}); remove the other run's files or point at one run's "
+                          f"strategy")
+
+
+def _rank_key(name: str):
+    m = RANK_FILE_RE.match(name)
+    return (0, int(m.group(1))) if m else (1, name)
+
+
 def read_strategy(path_or_dir, global_shapes: Optional[Mapping[str, Sequence[int]]] = None,
                   local_shapes: Optional[Mapping[str, Sequence[int]]] = None
                   ) -> Dict[str, TensorLayout]:
@@ -285,9 +351,12 @@ def read_strategy(path_or_dir, global_shapes: Optional[Mapping[str, Sequence[int
         files = [path]
     else:
         raise LayoutError(f"strategy {path} does not exist")
+    per_file = [(f, _read_one(f)) for f in files]
+    if len(per_file) > 1:
+        _check_one_set(path, per_file)
     result: Dict[str, TensorLayout] = {}
-    for f in files:
-        for name, layout in _read_one(f).items():
+    for f, layouts in per_file:
+        for name, layout in layouts.items():
             _add(result, name, layout, f)
     for name, layout in list(result.items()):
         try:

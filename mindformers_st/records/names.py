@@ -79,6 +79,13 @@ def parse_ckpt_name(name: str) -> Optional[Tuple[int, int, int]]:
     return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
 
+def prefix_of(name: str) -> Optional[str]:
+    """The `{prefix}` of a rank file name `{prefix}_rank_{r}-...`, else None."""
+    base = os.path.basename(name)
+    m = _RANK_FILE.search(base)
+    return base[:m.start()] if m else None
+
+
 def parse_step(name: str) -> Optional[Tuple[int, int]]:
     """(epoch, step) from any checkpoint file name ending in `-{epoch}_{step}.{ext}` (ours,
     MindSpore Transformers' or MindSpore's `net-1_6.safetensors`), else None."""

@@ -19,13 +19,14 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import CheckpointError, MindformersSTError
 from ..storage.reader import read_header
 from .commit import COMMITTED_FILE, CommittedSave, read_committed, read_rank_meta, validate_save
-from .names import FORMAT_SUFFIX, format_step, parse_step, parse_step_arg, rank_folders
+from .names import (FORMAT_SUFFIX, format_step, parse_step, parse_step_arg, prefix_of,
+                    rank_folders)
 from .rank_meta import RankFileMeta
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def select_save(folder: str, step=None, fmt: str = "safetensors",
     else:
         selection = _select_unrecorded(folder, ranks, want, fmt)
     check_one_save(selection.files)
-    return selection
+    return _note_other_prefixes(selection, ranks, fmt)
 
 
 def check_one_save(files: Dict[int, str]) -> None:
@@ -169,6 +170,27 @@ def check_one_save(files: Dict[int, str]) -> None:
     listed = "; ".join(f"{files[r]}: {says(i)}" for r, i in sorted(idents.items()))
     raise CheckpointError(f"the rank files of one save come from different runs or steps "
                           f"({listed}); restore the files of one save for every rank")
+
+
+def _note_other_prefixes(chosen: SaveSelection, ranks, fmt: str) -> SaveSelection:
+    """Name the file prefixes of other runs sharing the folder (every reader sees the same note:
+    merge, inspect and the loader take the same save and say what else was there)."""
+    taken = {prefix_of(f) for f in chosen.files.values()}
+    others: Dict[str, set] = {}
+    for d in ranks.values():
+        for f in files_of(d, fmt):
+            p, key = prefix_of(f), parse_step(f)
+            if p is not None and p not in taken and key is not None:
+                others.setdefault(p, set()).add(key)
+    if not others:
+        return chosen
+    said = ", ".join(f"{p!r} (saves {[format_step(k) for k in sorted(keys)][:4]})"
+                     for p, keys in sorted(others.items()))
+    note = (f"the folder also holds files of another prefix: {said}; took "
+            f"{sorted(p for p in taken if p)} save {chosen.suffix} — give each run its own "
+            f"output_dir")
+    logger.warning("%s: %s", chosen.folder, note)
+    return replace(chosen, ignored=chosen.ignored + (note,))
 
 
 def _select_newest_by_mtime(folder: str, ranks, fmt: str) -> SaveSelection:

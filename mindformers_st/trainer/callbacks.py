@@ -106,9 +106,12 @@ class MFLossMonitor(Callback):
                f"loss: {state.loss:.6f}, lr: {state.lr:.6e}, global_norm: {state.grad_norm:.4f}, "
                f"per_step_time: {state.step_time * 1000:.0f} ms, "
                f"throughput: {tput:.1f} tokens/s }}")
-        logger.info(msg)
+        # Once per line: rank 0 prints it (the console shows rank 0's output), the other ranks
+        # log it to their own files.
         if state.ctx.is_main:
             print(msg, flush=True)
+        else:
+            logger.info(msg)
 
     def on_train_end(self, run_context) -> None:
         state = _state(run_context)

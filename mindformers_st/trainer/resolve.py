@@ -131,6 +131,19 @@ def param_table_of(resolved: ResolvedModel, with_optimizer: bool) -> ParamTable:
     return table.with_optimizer_states() if with_optimizer else table
 
 
+def format_count(n: int) -> str:
+    """An element count with the unit that keeps it readable: 372 K, 6.74 B (never 0.000 B)."""
+    for unit, size in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return str(int(n))
+
+
+def plural(n: int, word: str) -> str:
+    """"1 rank", "2 ranks"."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def format_bytes(n: int) -> str:
     """`n` bytes in the largest binary unit that keeps it >= 1 (B, KiB, MiB, GiB)."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -158,12 +171,12 @@ def describe_plan(cfg: RunConfig, resolved: ResolvedModel) -> str:
     weights = [p for p in table if not p.name.startswith(("adam_m.", "adam_v."))]
     lines = [
         f"model {resolved.arch}: {len(weights)} parameters, "
-        f"{sum(p.numel for p in weights) / 1e9:.3f} B elements, "
-        f"{sum(p.nbytes for p in weights) / 2**30:.2f} GiB of weights"
-        + (f" (+ AdamW moments: {table.total_bytes / 2**30:.2f} GiB in all)" if training else ""),
+        f"{format_count(sum(p.numel for p in weights))} elements, "
+        f"{format_bytes(sum(p.nbytes for p in weights))} of weights"
+        + (f" (+ AdamW moments: {format_bytes(table.total_bytes)} in all)" if training else ""),
         f"parallel_config: data_parallel={pc.data_parallel} model_parallel={pc.model_parallel} "
         f"pipeline_stage={pc.pipeline_stage} optimizer_shard={pc.optimizer_shard} "
-        f"vocab_emb_dp={pc.vocab_emb_dp} -> {pc.world_size} ranks",
+        f"vocab_emb_dp={pc.vocab_emb_dp} -> {plural(pc.world_size, 'rank')}",
         f"{'name':58s} {'global shape':>16s} {'dtype':>5s}  {'rank 0 slice':>16s}",
     ]
     shown = weights if len(weights) <= 9 else weights[:6] + [None] + weights[-3:]

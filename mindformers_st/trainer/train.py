@@ -18,6 +18,7 @@ from typing import Optional
 from ..errors import ConfigError, write_failed
 from .callbacks import TrainState, build_callbacks, run_context_of
 from .stop import GracefulExit, exception_save, inject_fault
+from .resolve import plural
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +187,8 @@ def run_train(config, resolved, ctx) -> TrainState:
               f"{state.global_step})", flush=True)
     if ctx.is_main:
         print(f"training {total} steps ({data.steps_per_epoch} per epoch, global batch "
-              f"{data.plan.global_batch} x {seq_len + 1} tokens, {ctx.world_size} ranks)", flush=True)
+              f"{data.plan.global_batch} x {seq_len + 1} tokens, "
+              f"{plural(ctx.world_size, 'rank')})", flush=True)
     with graceful:
         try:
             _loop(state, data, step, callbacks, graceful, epoch, step_in_epoch, total, seq_len)

@@ -216,13 +216,19 @@ def describe_distributed(folder: str, strategy=None, step=None) -> SourceCheckpo
     selection = select_save(folder, step)
     layouts = _load_layouts(strategy)
     expected = set(selection.files) | set(range(max(ranks) + 1 if selection.record is None else 0))
+    first = selection.files[min(selection.files)]
+    meta0 = RankFileMeta.from_metadata(_header(first)[1], first)
     if layouts:
+        from ..layout.strategy import check_strategy_world
+        saved_by = meta0.world_size if meta0 is not None else max(expected) + 1
+        try:
+            check_strategy_world(layouts, strategy if isinstance(strategy, (str, os.PathLike))
+                                 else "given", saved_by, folder)
+        except LayoutError as exc:
+            raise CheckpointError(str(exc)) from exc
         expected |= {r for lay in layouts.values() for r in lay.ranks()}
-    else:   # our files know the world size: a missing last rank is caught too
-        first = selection.files[min(selection.files)]
-        meta0 = RankFileMeta.from_metadata(_header(first)[1], first)
-        if meta0 is not None:
-            expected |= set(range(meta0.world_size))
+    elif meta0 is not None:   # our files know the world size: a missing last rank is caught too
+        expected |= set(range(meta0.world_size))
     src = SourceCheckpoint({}, {}, {}, kind="distributed", root=folder, selection=selection)
     if selection.key is not None:
         src.epoch, src.step = selection.key

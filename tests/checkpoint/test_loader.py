@@ -529,3 +529,57 @@ def test_hf_folder_is_fused_for_a_qkv_concat_model(tmp_path):
     a = plain.forward_logits(ids)[0].asnumpy()
     b = fused.forward_logits(ids)[0].asnumpy()
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _as_our_ckpt(folder, world):
+    """Rewrite every rank file as CheckpointMonitor writes checkpoint_format: ckpt (its own
+    description carried in the .ckpt), through the monitor's own writer."""
+    from mindformers_st.checkpoint.state import RankSnapshot, write_rank_file
+    from mindformers_st.records.rank_meta import RankFileMeta
+    from mindformers_st.storage.reader import read_header
+    from mindformers_st.storage.writer import load_tensors
+    for r in range(world):
+        d = os.path.join(folder, f"rank_{r}")
+        for name in os.listdir(d):
+            path = os.path.join(d, name)
+            meta = RankFileMeta.from_metadata(read_header(path)[1], path)
+            write_rank_file(path[:-len(".safetensors")] + ".ckpt",
+                            RankSnapshot(load_tensors(path), dict(meta.slices), meta), "ckpt")
+            os.remove(path)
+
+
+def test_our_ckpt_rank_files_are_recut_without_a_strategy(tmp_path):
+    cfg = tiny_cfg()
+    values = global_values(cfg)
+    folder = write_distributed(tmp_path / "dist", cfg, values,
+                               ParallelConfig(data_parallel=2, model_parallel=2),
+                               remove_redundancy=True)
+    _as_our_ckpt(folder, 4)
+    ctx = make_ctx()
+    model = make_model(cfg, ctx)
+    optimizer = make_optimizer(model)
+    report = load_checkpoint(opts(folder, tmp_path, fmt="ckpt", auto_trans_ckpt=True), model,
+                             optimizer, ctx, resume=True)
+    assert report.mode == "merge_and_cut", report.summary()
+    assert_weights(model, values, cfg, ParallelConfig(), 0)
+    assert optimizer.step_count == 6
+    # rank files that do not describe themselves: the error says what is missing, not who wrote them
+    _strip_metadata(tmp_path / "output" / "ckpt_safetensors", 4)
+    import shutil
+    shutil.rmtree(folder)
+    shutil.copytree(tmp_path / "output" / "ckpt_safetensors", folder)
+    with pytest.raises(CheckpointError, match="no 'mindformers_st' metadata") as err:
+        load_checkpoint(opts(folder, tmp_path / "o2", auto_trans_ckpt=True), make_model(cfg, ctx),
+                        None, ctx)
+    assert "MindSpore" not in str(err.value)
+
+
+def test_the_load_report_names_the_source_and_the_copy_it_read(tmp_path, capsys):
+    cfg = tiny_cfg()
+    values = global_values(cfg, optimizer=False)
+    folder = write_distributed(tmp_path / "dist", cfg, values, ParallelConfig(model_parallel=2))
+    ctx = make_ctx()
+    load_checkpoint(opts(folder, tmp_path, auto_trans_ckpt=True), make_model(cfg, ctx), None, ctx)
+    line = capsys.readouterr().out
+    assert f"from distributed safetensors {folder} via " in line
+    assert os.path.join("output", "unified_checkpoint") in line and "(mode merge_and_cut)" in line

@@ -87,6 +87,20 @@ def test_same_run_same_tensors_as_mindspore_model_checkpoint(tmp_path, opt_name)
     assert os.path.isfile(tmp_path / "strategy" / "ckpt_strategy_rank_0.ckpt")
 
 
+def test_a_run_saving_into_a_folder_of_another_prefix_warns(tmp_path, caplog):
+    from mindspore import nn
+    from mindspore.train import Model
+
+    for prefix in ("net", "other"):
+        net, data = _net_and_data()
+        model = Model(net, nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean"),
+                      nn.Momentum(net.trainable_params(), 0.01, 0.9))
+        model.train(1, data, callbacks=[CheckpointMonitor(
+            prefix=prefix, checkpoint_format="safetensors", save_checkpoint_steps=6,
+            output_dir=str(tmp_path))], dataset_sink_mode=False)
+        assert ("already holds saves of another run (net 1_6)" in caplog.text) == (prefix == "other")
+
+
 def test_load_checkpoint_into_any_network_and_resume_its_optimizer(tmp_path, capsys):
     from mindspore import nn
     from mindspore.train import Model

@@ -128,7 +128,7 @@ def test_reshard_and_export_hf_read_checkpoint_2(tmp_path):
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text(yaml.safe_dump({"model": {"model_config": dict(TINY_LLAMA)}}))
     assert main(["reshard", str(tmp_path / "v2"), str(tmp_path / "dp2"), "--config",
-                 str(run_yaml), "--dp", "2", "--no-progress"]) == 0
+                 str(run_yaml), "--dp", "2", "--mp", "1", "--pp", "1", "--no-progress"]) == 0
     for r in (0, 1):   # data parallel: every rank holds every tensor whole
         held = load_tensors(str(tmp_path / "dp2" / f"rank_{r}" / f"checkpoint_rank_{r}.safetensors"))
         for n, v in values.items():

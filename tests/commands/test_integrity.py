@@ -71,7 +71,7 @@ def test_flipped_bit_fails_merge_and_reshard_and_nothing_is_written(run, capsys)
     assert str(rank1) in err and TENSOR in err and recorded in err and "computed" in err
     assert not (tmp / "out").exists() and not _leftovers(tmp)
     assert main(["reshard", str(tmp / "ckpt"), str(tmp / "re"), "--no-progress",
-                 "--config", str(tmp / "cfg.yaml"), "--dp", "2"]) == 1
+                 "--config", str(tmp / "cfg.yaml"), "--dp", "2", "--mp", "1", "--pp", "1"]) == 1
     assert recorded in _err(capsys) and not (tmp / "re").exists() and not _leftovers(tmp)
     # an older committed save is still there to use, and opting out reads the damaged bytes
     assert main(["merge", str(tmp / "ckpt"), str(tmp / "old"), "--no-progress", "--step", "1_2"]) == 0
@@ -87,7 +87,7 @@ def test_flipped_bit_in_complete_weights_fails_split_and_export(run, capsys):
     shard = [f for f in os.listdir(tmp / "full") if f.startswith("model-")][0]
     recorded = flip_bit(str(tmp / "full" / shard))
     assert main(["split", str(tmp / "full"), str(tmp / "s"), "--no-progress",
-                 "--config", str(tmp / "cfg.yaml"), "--dp", "2"]) == 1
+                 "--config", str(tmp / "cfg.yaml"), "--dp", "2", "--mp", "1", "--pp", "1"]) == 1
     assert recorded in _err(capsys) and not (tmp / "s").exists()
     assert main(["export-hf", str(tmp / "full"), str(tmp / "hf"), "--no-progress",
                  "--config", str(tmp / "cfg.yaml")]) == 1
@@ -103,7 +103,7 @@ def test_split_for_model_parallel_checks_only_with_verify_full(run, capsys):
     shard = [f for f in os.listdir(tmp / "full") if f.startswith("model-")][0]
     recorded = flip_bit(str(tmp / "full" / shard))
     args = ["split", str(tmp / "full"), str(tmp / "s"), "--no-progress", "--config",
-            str(tmp / "cfg.yaml"), "--mp", "2", "--dp", "1"]
+            str(tmp / "cfg.yaml"), "--mp", "2", "--dp", "1", "--pp", "1"]
     assert main(args + ["--verify", "full"]) == 1 and recorded in _err(capsys)
     # both mp ranks' blocks together read the whole tensor: the default check catches it too
     assert main(args) == 1 and recorded in _err(capsys)
@@ -210,7 +210,7 @@ def test_a_flip_in_one_data_parallel_copy_is_caught_when_the_copies_are_read_in_
         recorded = flip_bit(str(src / f"rank_{rank}" / f"llama_rank_{rank}-1_4.safetensors"),
                             byte=3 if rank == 0 else 1000)
         assert main(["reshard", str(src), str(tmp_path / f"out{rank}"), "--no-progress",
-                     "--config", str(tmp_path / "cfg.yaml"), "--mp", "2", "--dp", "1"]) == 1
+                     "--config", str(tmp_path / "cfg.yaml"), "--mp", "2", "--dp", "1", "--pp", "1"]) == 1
         assert recorded in _err(capsys) and not (tmp_path / f"out{rank}").exists()
 
 

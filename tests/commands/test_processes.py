@@ -44,8 +44,8 @@ def _same_tree(a, b):
 
 @pytest.mark.parametrize("cmd, src, extra", [
     ("merge", "src", ["--max-shard-size", "4KB"]),
-    ("reshard", "src", ["--config", "cfg.yaml", "--mp", "2"]),
-    ("split", "full", ["--config", "cfg.yaml", "--dp", "2", "--mp", "2"]),
+    ("reshard", "src", ["--config", "cfg.yaml", "--dp", "1", "--mp", "2", "--pp", "1"]),
+    ("split", "full", ["--config", "cfg.yaml", "--dp", "2", "--mp", "2", "--pp", "1"]),
 ])
 def test_two_processes_write_the_same_bytes_as_one(tiny, cmd, src, extra):
     if src == "full" and not (tiny / "full").exists():

@@ -115,3 +115,24 @@ def test_files_without_metadata_need_a_strategy(tmp_path, capsys):
     write_strategy_file(tmp_path / "s.ckpt", layouts)
     code, out, _ = run_cli(capsys, "verify", str(tmp_path), "--strategy", str(tmp_path / "s.ckpt"))
     assert code == 0, out
+
+
+def test_a_strategy_for_another_world_size_is_one_problem_naming_both(tmp_path, capsys):
+    from mindformers_st.layout.parallel_config import plan_layouts
+    from mindformers_st.layout.strategy import write_rank_strategy_files
+    from mindformers_st.transform.sources import describe_distributed
+    from mindformers_st.errors import CheckpointError
+    from tests.commands.test_inspect import TABLE
+    save_distributed(tmp_path / "ckpt", ParallelConfig(2, 1))
+    pc8 = ParallelConfig(8, 1)
+    write_rank_strategy_files(tmp_path / "strategy", plan_layouts(TABLE, pc8), pc8)
+    code, out, _ = run_cli(capsys, "verify", str(tmp_path / "ckpt"), "--strategy",
+                           str(tmp_path / "strategy"))
+    assert code == 1 and "1 problem(s)" in out, out
+    assert "is for 8 rank(s) but the checkpoint" in out and "saved by 2 rank(s)" in out
+    code, out, _ = run_cli(capsys, "inspect", str(tmp_path / "ckpt"), "--strategy",
+                           str(tmp_path / "strategy"))
+    assert code == 1 and "is for 8 rank(s)" in out + _
+    with pytest.raises(CheckpointError, match=r"is for 8 rank\(s\) but the checkpoint .*ckpt was "
+                                              r"saved by 2 rank\(s\)"):
+        describe_distributed(str(tmp_path / "ckpt"), str(tmp_path / "strategy"))

@@ -171,3 +171,36 @@ def test_cli_unknown_flag_reaches_the_schema_and_is_named(tmp_path):
     args = parse_run_args(["--config", write_yaml(tmp_path, {}), "--lod_checkpoint", "/w"])
     with pytest.raises(ConfigError, match="lod_checkpoint.*did you mean 'load_checkpoint'"):
         load_config(args.config, args.overrides)
+
+
+def test_every_flag_of_mindformers_run_mindformer_works_or_is_refused_by_name(tmp_path):
+    from mindformers_st.config.cli_args import FLAG_KEYS, REFUSED_FLAGS
+    # run_mindformer.py's own flags (MindSpore Transformers r1.x and dev), besides --config
+    theirs = {"mode", "device_id", "device_target", "run_mode", "do_eval", "train_dataset_dir",
+              "eval_dataset_dir", "predict_data", "modal_type", "predict_batch_size", "adapter_id",
+              "load_checkpoint", "src_strategy_path_or_dir", "auto_trans_ckpt",
+              "transform_process_num", "only_save_strategy", "resume_training",
+              "strategy_load_checkpoint", "remote_save_url", "seed", "use_parallel", "profile",
+              "options", "epochs", "batch_size", "gradient_accumulation_steps", "sink_mode",
+              "num_samples", "output_dir", "register_path", "do_sample", "trust_remote_code",
+              "vocab_file", "train_dataset"}
+    handled = set(FLAG_KEYS) | set(REFUSED_FLAGS) | {"predict_data", "options", "register_path"}
+    assert theirs <= handled, theirs - handled
+    yml = write_yaml(tmp_path, {})
+    for flag in REFUSED_FLAGS:
+        with pytest.raises(ConfigError, match=f"flag --{flag} .*: .*remove the flag"):
+            parse_run_args(["--config", yml, f"--{flag}", "True"])
+    for flag in ("do_eval", "profile", "trust_remote_code"):   # off is what happens: accepted
+        assert parse_run_args(["--config", yml, f"--{flag}", "False"]).overrides == []
+    with pytest.raises(ConfigError, match="--profile 'maybe': give True or False"):
+        parse_run_args(["--config", yml, "--profile=maybe"])
+
+
+def test_vocab_file_flag_names_the_tokenizer_over_the_yaml_one(tmp_path):
+    from mindformers_st.trainer.resolve import tokenizer_file
+    yml = write_yaml(tmp_path, {"processor": {"tokenizer": {"tokenizer_file": "a/tokenizer.json"}}})
+    args = parse_run_args(["--config", yml, "--vocab_file", "b/tokenizer.json"])
+    assert tokenizer_file(load_config(args.config, args.overrides)) == "b/tokenizer.json"
+    args = parse_run_args(["--config", yml, "--vocab_file", "b/tokenizer.model"])
+    with pytest.raises(ConfigError, match="vocab_file 'b/tokenizer.model' is not a tokenizer.json"):
+        tokenizer_file(load_config(args.config, args.overrides))

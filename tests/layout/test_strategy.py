@@ -86,3 +86,38 @@ def test_conflicting_files_and_garbage_are_rejected(tmp_path):
         read_strategy(tmp_path / "missing.ckpt")
     with pytest.raises(LayoutError, match="no layout belongs to pipeline stage 3"):
         write_strategy_file(tmp_path / "c.ckpt", {"w": TensorLayout((4,), (2,), (0,))}, stage=3)
+
+
+def test_a_smaller_run_replaces_the_whole_set(tmp_path):
+    big = ParallelConfig(8, 1, optimizer_shard=False)
+    write_rank_strategy_files(tmp_path, plan_layouts(TABLE, big), big)
+    small = ParallelConfig(2, 1, optimizer_shard=False)
+    lay = plan_layouts(TABLE, small)
+    write_rank_strategy_files(tmp_path, lay, small)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_strategy_rank_0.ckpt", "ckpt_strategy_rank_1.ckpt"]
+    assert read_strategy(tmp_path, global_shapes=shapes(lay)) == lay
+
+
+def test_a_folder_mixing_two_runs_is_one_error_naming_both(tmp_path):
+    big = ParallelConfig(8, 1, optimizer_shard=False)
+    for r in range(8):   # an older 8-rank set whose ranks 0 and 1 a 2-rank run overwrote
+        write_strategy_file(tmp_path / f"ckpt_strategy_rank_{r}.ckpt", plan_layouts(TABLE, big))
+    small = ParallelConfig(2, 1, optimizer_shard=False)
+    for r in range(2):
+        write_strategy_file(tmp_path / f"ckpt_strategy_rank_{r}.ckpt", plan_layouts(TABLE, small))
+    with pytest.raises(LayoutError, match=r"mixes the files of runs of different sizes "
+                       r"\(ckpt_strategy_rank_0.ckpt .. ckpt_strategy_rank_1.ckpt describe 2 "
+                       r"rank\(s\); ckpt_strategy_rank_2.ckpt .. ckpt_strategy_rank_7.ckpt "
+                       r"describe 8 rank\(s\)\)"):
+        read_strategy(tmp_path)
+
+
+def test_strategy_world_against_a_checkpoint(tmp_path):
+    from mindformers_st.layout.strategy import check_strategy_world, strategy_world_size
+    pc = ParallelConfig(1, 2, 2, optimizer_shard=False)
+    lay = plan_layouts(TABLE, pc)
+    assert strategy_world_size(lay) == 4
+    check_strategy_world(lay, "s", 4, "ckpt")
+    with pytest.raises(LayoutError, match="the strategy s is for 4 rank.s. but the checkpoint "
+                                          "ckpt was saved by 2 rank"):
+        check_strategy_world(lay, "s", 2, "ckpt")

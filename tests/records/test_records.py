@@ -181,3 +181,16 @@ def test_newest_by_timestamp_for_folders_without_a_record(tmp_path):
         select_save(str(tmp_path), by_timestamp=True)
     _commit(tmp_path, 4, {r: f"rank_{r}/{names.ckpt_file_name('llama', r, 1, 4)}" for r in range(2)})
     assert select_save(str(tmp_path), by_timestamp=True).key == (1, 4)   # the record decides
+
+
+def test_another_prefix_in_the_folder_is_named_by_every_reader(tmp_path, caplog):
+    _commit(tmp_path, 4, _save(tmp_path, 4))
+    for r in range(2):                       # another run's file (prefix qwen) in the same folder
+        save_tensors(tmp_path / f"rank_{r}" / names.ckpt_file_name("qwen", r, 1, 6),
+                     {"w": np.zeros(2, np.float32)})
+    assert names.prefix_of("rank_0/qwen_rank_0-1_6.safetensors") == "qwen"
+    sel = select_save(str(tmp_path))
+    assert sel.key == (1, 4)
+    note = [n for n in sel.ignored if "another prefix" in n]
+    assert note and "'qwen' (saves ['1_6'])" in note[0] and "['llama']" in note[0]
+    assert "another prefix" in caplog.text
