@@ -113,7 +113,9 @@ def test_ckpt_format_is_mindspore_loadable(run):
         np.testing.assert_array_equal(loaded[name].asnumpy(), value, err_msg=name)
     assert int(loaded["step_num"].asnumpy()) == 4
     net = ms.load_checkpoint(os.path.join(out, "checkpoint_network", "rank_0", "CKP_rank_0-network-2_1.ckpt"))
-    assert set(net) == {n for n in truth if not n.startswith("adam_") and n != "global_step"}
+    # besides the parameters, only our slice description (a string entry MindSpore skips)
+    assert set(net) - {"mindformers_st"} == {n for n in truth
+                                              if not n.startswith("adam_") and n != "global_step"}
 
 
 def test_second_run_in_same_directory_keeps_counting_old_saves(run, tmp_path):
