@@ -47,7 +47,6 @@ bash scripts/msrun_launcher.sh "run_mindformer.py --config configs/llama2/predic
   --processor.tokenizer.tokenizer_file $TINY/tokenizer.json \
   --predict_data 'I love Beijing, because' 'The red fox lives'" \
   2 "$(free_port)" "$OUT/msrun_log_predict" True 600 || fail "predict"
-grep -h "text_generation_text" "$OUT/msrun_log_predict/worker_0.log" || true
 
 step "4/4 what was written where"
 echo "tokenizer and data:     $TINY/{tokenizer.json,wiki.mindrecord,alpaca.mindrecord}"
