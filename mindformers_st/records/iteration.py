@@ -228,9 +228,10 @@ class CommonInfo:
         return {k: v for k, v in asdict(self).items() if v is not None and k != "ckpt_status"}
 
 
-def read_common(folder: str) -> Optional[CommonInfo]:
-    """The `common.json` of an iteration folder, None when absent."""
-    path = os.path.join(folder, COMMON_FILE)
+def _read_json_record(folder: str, name: str, parse):
+    """`parse(obj, path)` of the JSON file `name` in `folder`; None when absent; CheckpointError
+    naming the file when it is not JSON."""
+    path = os.path.join(folder, name)
     if not os.path.isfile(path):
         return None
     try:
@@ -238,7 +239,12 @@ def read_common(folder: str) -> Optional[CommonInfo]:
             obj = json.load(fh)
     except ValueError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
-    return CommonInfo.from_json(obj, path)
+    return parse(obj, path)
+
+
+def read_common(folder: str) -> Optional[CommonInfo]:
+    """The `common.json` of an iteration folder, None when absent."""
+    return _read_json_record(folder, COMMON_FILE, CommonInfo.from_json)
 
 
 def write_common(folder: str, info: CommonInfo) -> str:
@@ -386,15 +392,7 @@ def _fragmentations(t: TensorMeta) -> List[int]:
 
 def read_metadata(folder: str) -> Optional[IterationMetadata]:
     """The `metadata.json` of an iteration folder, None when absent (a one-card save)."""
-    path = os.path.join(folder, METADATA_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as fh:
-            obj = json.load(fh)
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
-    return IterationMetadata.from_json(obj, path)
+    return _read_json_record(folder, METADATA_FILE, IterationMetadata.from_json)
 
 
 def write_metadata(folder: str, meta: IterationMetadata) -> str:
