@@ -47,7 +47,10 @@ def main(out, dp, mp, vocab_emb_dp, optimizer_shard=False):
         run_variant(out, ctx, variant, LlamaConfig.from_dict(model_config))
 
 
-def run_variant(out, ctx, variant, cfg):
+def run_variant(out, ctx, variant, cfg, clip_norm=1.0, sample=True):
+    """Train STEPS steps of GLOBAL_BATCH rows and greedy-generate (and sample, if `sample`);
+    write this rank's record (losses, lrs, grad norms, tokens, its place in the layout) and its
+    parameter and optimizer-state slices with their offsets. Shared with pp_worker.py."""
     model = LlamaForCausalLM(cfg, ctx)
     # random non-zero biases so the bias code paths are exercised by the comparison
     params = model.get_local_params()
@@ -60,7 +63,7 @@ def run_variant(out, ctx, variant, cfg):
                                "lr_end": 1e-5, "warmup_steps": 1}, STEPS + 2)
     opt = build_optimizer(model, {"type": "AdamW", "betas": [0.9, 0.95], "eps": 1e-8,
                                   "weight_decay": 0.1}, sched)
-    step = TrainStep(model, opt, ctx, clip_norm=1.0)
+    step = TrainStep(model, opt, ctx, clip_norm=clip_norm)
     rng = np.random.default_rng(42)
     record = {"losses": [], "lrs": [], "grad_norms": []}
     for _ in range(STEPS):
@@ -70,16 +73,18 @@ def run_variant(out, ctx, variant, cfg):
         record["grad_norms"].append(step.last_grad_norm)
     record["tokens"] = generate(model, ctx, [[3, 17, 42, 99], [5, 6], [200, 1, 2]],
                                max_new_tokens=4, pad_token_id=0)
-    record["sampled"] = generate(model, ctx, [[3, 17, 42, 99]], max_new_tokens=4,
-                                do_sample=True, top_k=20, top_p=0.9, temperature=0.8, seed=5)
-    record.update(rank=ctx.rank, dp_rank=ctx.dp_rank, mp_rank=ctx.mp_rank)
+    if sample:
+        record["sampled"] = generate(model, ctx, [[3, 17, 42, 99]], max_new_tokens=4,
+                                    do_sample=True, top_k=20, top_p=0.9, temperature=0.8, seed=5)
+    record.update(rank=ctx.rank, dp_rank=ctx.dp_rank, mp_rank=ctx.mp_rank, stage=ctx.stage)
     arrays = {}
     for name, sl in model.local_slices().items():
         arrays[name] = np.asarray(model.get_local_params()[name], np.float32)
         arrays["offsets:" + name] = np.array(sl.offsets, np.int64)
         arrays["shape:" + name] = np.array(sl.global_shape, np.int64)
     for name, value in opt.get_state_arrays().items():
-        arrays[name] = value
+        if name != "global_step":   # a counter, not a slice (no offsets)
+            arrays[name] = value
     np.savez(os.path.join(out, f"{variant}_rank_{ctx.rank}.npz"), **arrays)
     with open(os.path.join(out, f"{variant}_rank_{ctx.rank}.json"), "w") as f:
         json.dump(record, f)
