@@ -147,3 +147,21 @@ def test_the_yaml_key_reaches_the_monitor():
     assert CheckpointMonitor.from_config(cb_cfg, config).use_legacy_format is False
     with pytest.raises(ConfigError, match="use_legacy_format: False"):   # ckpt is the default
         CheckpointMonitor.from_config(type(cb_cfg)(), config)
+
+
+@pytest.mark.slow
+def test_a_flipped_byte_in_a_checkpoint_2_file_is_caught_by_verify_and_by_the_load(tmp_path):
+    """What is written is checked when read, in this layout too: the checksums our monitor puts
+    in the model- file are checked by verify and by a load of the newest iteration."""
+    from mindformers_st.checkpoint.api import load_checkpoint
+    from mindformers_st.errors import MindformersSTError
+    from tests.commands.test_integrity import flip_bit
+    out = str(tmp_path)
+    monitor_iteration_run(out)
+    top = os.path.join(out, "checkpoint")
+    path = os.path.join(top, "iteration_00000003", "model-0000000-0000001.safetensors")
+    flip_bit(path, "lm_head.weight")
+    assert any("lm_head.weight" in p for p in verify_path(top)[0])
+    model, opt, _, _ = build_run(seed=1)
+    with pytest.raises(MindformersSTError, match="lm_head.weight"):
+        load_checkpoint(model, os.path.join(top, "iteration_00000003"))
