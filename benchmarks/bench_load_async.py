@@ -29,6 +29,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import provenance  # noqa: E402
 
 from mindformers_st.commands.reshard import parse_size  # noqa: E402
 from mindformers_st.models.config import LlamaConfig  # noqa: E402
@@ -87,16 +90,10 @@ def prepare(work: str, size: int) -> dict:
     return mc
 
 
-def evict(folder: str) -> None:
-    """Drop the weight files from the page cache (a cold read, as after a fresh copy)."""
-    os.sync()
-    for d, _, fs in os.walk(folder):
-        for f in fs:
-            fd = os.open(os.path.join(d, f), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+def evict(folder: str) -> dict:
+    """Drop the weight files from the page cache (a cold read, as after a fresh copy); returns
+    what was attempted and how many bytes stayed resident (provenance.evict)."""
+    return provenance.evict([os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs])
 
 
 def launch(work: str, mc: dict, async_load: bool, timeout: float, until: str = "step") -> dict:
@@ -119,6 +116,7 @@ def launch(work: str, mc: dict, async_load: bool, timeout: float, until: str = "
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    memory = provenance.TreePss(proc.pid).start()     # PSS of the job's process tree
     res = {"async": async_load}
     tail = []
     try:
@@ -142,6 +140,7 @@ def launch(work: str, mc: dict, async_load: bool, timeout: float, until: str = "
             if now > timeout:
                 break
     finally:
+        res.update(memory.stop())
         try:
             os.killpg(proc.pid, signal.SIGKILL)   # the step is all we time
         except ProcessLookupError:
@@ -165,15 +164,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     size = parse_size(args.size)
     work = os.path.abspath(args.work)
+    prov = provenance.Run(os.path.dirname(work), [os.path.relpath(__file__, ROOT)] +
+                          (sys.argv[1:] if argv is None else list(argv)))
     mc = prepare(work, size)
     params = sum(p.numel for p in llama_param_table(LlamaConfig.from_dict(dict(mc))))
     print(f"model {mc} ({params / 1e6:.1f} M parameters, {params * 4 / 2 ** 20:.0f} MiB fp32)",
           flush=True)
-    runs = []
+    runs, evictions = [], []
     for rep in range(args.reps):
         for mode in (False, True):   # interleaved: both modes see the same machine state
-            evict(os.path.join(work, "weights"))
+            evictions.append(evict(os.path.join(work, "weights")))
+            load1 = prov.note_load()
             res = launch(work, mc, mode, args.timeout, args.until)
+            res.update(load1_at_start=load1, resident_at_start=evictions[-1]["resident_after"])
             runs.append(res)
             print(f"rep {rep} load_ckpt_async={mode}: {res}", flush=True)
     summary = {}
@@ -188,13 +191,14 @@ def main(argv=None) -> int:
             "read_seconds": [r["read_seconds"] for r in good if "read_seconds" in r],
             "hidden_seconds": [r["hidden_seconds"] for r in good if "hidden_seconds" in r],
             "first_step": steps,
+            "peak_pss_mib": max((r["peak_pss_mib"] for r in good), default=None),
             "losses": sorted({r["loss"] for r in good if "loss" in r})}
     same = summary["True"]["losses"] == summary["False"]["losses"] and \
         len(summary["True"]["losses"]) <= 1
     result = {"model": mc, "parameters": params, "reps": args.reps, "until": args.until,
               "runs": runs,
-              "summary": summary, "same_first_loss": same, "loadavg_at_end": os.getloadavg(),
-              "cpus": os.cpu_count()}
+              "summary": summary, "same_first_loss": same,
+              "provenance": prov.finish(cache=provenance.summarize_evictions(evictions))}
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump(result, fh, indent=1)

@@ -3,7 +3,9 @@
 Generates a synthetic Llama-like fp32 model (default 2 GiB) saved as mp=4 rank files (and as
 dp=2 x mp=2 with remove_redundancy), then times, each op in its own child process, medians of
 --reps interleaved rounds, with the source files evicted from the page cache before every run
-(`sync; echo 3 > drop_caches` when permitted, else posix_fadvise(DONTNEED) on every file):
+(`sync`, posix_fadvise(DONTNEED) on every file, then mincore counts what is still resident;
+`--drop-caches` also tries `echo 3 > /proc/sys/vm/drop_caches`, which empties every other job's
+cache too, and records whether it was allowed):
 
   floor          read the source bytes + write as many with fsync (the physical floor)
   merge          mindformers-st merge (mp4 -> complete), checksums verified (the default)
@@ -16,9 +18,12 @@ dp=2 x mp=2 with remove_redundancy), then times, each op in its own child proces
   ms_unified     mindspore.unified_safetensors on the same mp4 input
   ms_transform   mindspore.transform_checkpoints mp4 -> mp2 (output checked bit for bit)
 
-Peak anonymous memory (RssAnon summed over the child's process tree) is sampled every 10 ms.
-Results go to docs/bench/reshard.json (keyed by size, so 2 GiB and 8 GiB runs sit side by side)
-and a PNG chart next to it. `--many-tensors` makes the model of many small layers (hidden 256:
+Memory: PSS (/proc/PID/smaps_rollup) summed over the child's process tree, sampled every 50 ms,
+the same for our ops and MindSpore's (benchmarks/provenance.py); its peak, anonymous part and the
+older measure (RssAnon summed over the processes, which counts a forked worker's shared pages once
+per process) are recorded. Each run records its provenance (date, load average at start and end,
+machine facts, git commit) next to its results in docs/bench/reshard.json (keyed by size, so
+2 GiB and 8 GiB runs sit side by side); benchmarks/chart_reshard.py draws the PNG next to it. `--many-tensors` makes the model of many small layers (hidden 256:
 thousands of tensors) instead of a few large ones. Usage:
 
     .venv/bin/python benchmarks/bench_reshard.py [--size 2GiB] [--reps 3] [--skip-mindspore]
@@ -30,20 +35,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import zlib
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import provenance  # noqa: E402
 
 from mindformers_st.layout.parallel_config import ParallelConfig, plan_layouts  # noqa: E402
 from mindformers_st.layout.owners import assign_owners  # noqa: E402
@@ -212,68 +218,30 @@ def model_config_from(work: str) -> LlamaConfig:
 
 
 # --------------------------------------------------------------------------- the parent side
-def evict(work: str) -> str:
-    """Drop the page cache (if allowed) or evict every benchmark file from it; returns how."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as fh:
-            fh.write("3\n")
-        return "drop_caches"
-    except OSError:
-        pass
-    for f in _files(work):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return "fadvise_dontneed"
-
-
-def _tree_anon_kib(pid: int) -> int:
-    import psutil
-    total = _anon_kib(pid)
-    try:
-        for c in psutil.Process(pid).children(recursive=True):
-            total += _anon_kib(c.pid)
-    except psutil.Error:
-        pass
-    return total
-
-
 def run_child(op: str, work: str, out: str, workers: int, timeout: float) -> dict:
-    """Run `op` in a child process, sampling the anonymous memory of its process tree."""
+    """Run `op` in a child process, sampling the PSS of its process tree."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", op, "--work", work,
            "--out", out, "--workers", str(workers)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _tree_anon_kib(proc.pid))
-            stop.wait(0.01)
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
+    mem = provenance.TreePss(proc.pid).start()
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        import psutil
-        for c in psutil.Process(proc.pid).children(recursive=True):
-            c.kill()
-        proc.kill()
+        for pid in reversed(provenance.descendants(proc.pid)):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
         proc.communicate()
-        stop.set()
-        return {"error": f"timed out after {timeout:.0f} s (killed)", "peak_anon_mib": peak[0] / 1024}
+        return {"error": f"timed out after {timeout:.0f} s (killed)", **mem.stop()}
     finally:
-        stop.set()
-        th.join()
+        memory = mem.stop()
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        return {"error": (stderr or "")[-800:], "peak_anon_mib": peak[0] / 1024}
+        return {"error": (stderr or "")[-800:], **memory}
     res = json.loads(stdout.strip().splitlines()[-1])
-    res.update(wall=wall, peak_anon_mib=peak[0] / 1024)
+    res.update(wall=wall, **memory)
     return res
 
 
@@ -313,35 +281,6 @@ def verify(work: str, outs: Dict[str, str]) -> Dict[str, dict]:
     return result
 
 
-def chart(results: dict, path: str) -> Optional[str]:
-    """Bar chart of median seconds per op and size, floor as a line; None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install -e .[bench]); no chart", file=sys.stderr)
-        return None
-    sizes = sorted(results["runs"], key=lambda k: results["runs"][k]["model"]["bytes"])
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
-    for ax, key in zip(axes[0], sizes):
-        run = results["runs"][key]
-        ops = [o for o in OPS if o in run["ops"] and run["ops"][o].get("median") is not None]
-        meds = [run["ops"][o]["median"] for o in ops]
-        colors = ["grey" if o == "floor" else ("tab:orange" if o in MS_OPS else "tab:blue")
-                  for o in ops]
-        ax.bar(ops, meds, color=colors)
-        for i, o in enumerate(ops):
-            ax.text(i, meds[i], f"{meds[i]:.2f}s\n{run['ops'][o]['peak_anon_mib']:.0f} MiB",
-                    ha="center", va="bottom", fontsize=7)
-        ax.set_title(f"{key} fp32, cold cache ({run['cache']})")
-        ax.set_ylabel("seconds (median, in-process)")
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="2GiB", help="model size, e.g. 2GiB, 8GiB, 64MiB")
@@ -356,6 +295,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", default=None, help="comma-separated subset of " + ",".join(OPS))
     ap.add_argument("--timeout", type=float, default=600.0, help="per op run (unified can hang)")
     ap.add_argument("--keep", action="store_true", help="keep the generated sources")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="also try echo 3 > /proc/sys/vm/drop_caches before every run (root; "
+                         "empties the page cache of every other job on the machine)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -366,6 +308,8 @@ def main(argv=None) -> int:
     size = parse_size(args.size)
     key = args.size + ("-many-tensors" if args.many_tensors else "")
     work = os.path.join(os.path.abspath(args.work), key)
+    prov = provenance.Run(os.path.abspath(args.work), [os.path.relpath(__file__, ROOT)] +
+                          (sys.argv[1:] if argv is None else list(argv)))
     t = time.perf_counter()
     info = generate(work, size, args.many_tensors)
     print(f"model {key}: {info} (generated/found in {time.perf_counter() - t:.1f} s)", flush=True)
@@ -378,21 +322,23 @@ def main(argv=None) -> int:
         print("ms_transform skipped: it needs ~3.2x the model in RAM", flush=True)
         ops.remove("ms_transform")
     samples: Dict[str, List[dict]] = {o: [] for o in ops}
-    cache = "warm"
+    evictions: List[dict] = []
     for rep in range(args.reps):
         for op in ops:       # interleaved rounds: each op sees the same machine state
             out = os.path.join(work, f"out_{op}")
             shutil.rmtree(out, ignore_errors=True)
-            cache = evict(work)
+            evictions.append(provenance.evict(_files(work), args.drop_caches))
+            load1 = prov.note_load()
             res = run_child(op, work, out, args.workers, args.timeout)
+            res.update(load1_at_start=load1, resident_at_start=evictions[-1]["resident_after"])
             samples[op].append(res)
             print(f"rep {rep} {op}: " + (f"{res['seconds']:.2f} s (wall {res['wall']:.2f}), "
-                                         f"peak anon {res['peak_anon_mib']:.0f} MiB"
+                                         f"peak PSS {res['peak_pss_mib']:.0f} MiB, load {load1}"
                                          if "error" not in res else f"FAILED {res['error'][-300:]}"),
                   flush=True)
     outs = {op: os.path.join(work, f"out_{op}") for op in ops if op != "floor"}
     checks = verify(work, outs)
-    run = {"model": info, "cache": cache, "reps": args.reps, "workers": args.workers, "ops": {}}
+    run = {"model": info, "reps": args.reps, "workers": args.workers, "ops": {}}
     for op in ops:
         good = [s for s in samples[op] if "error" not in s]
         run["ops"][op] = {
@@ -401,7 +347,12 @@ def main(argv=None) -> int:
             "median": round(statistics.median([s["seconds"] for s in good]), 3) if good else None,
             "durable_median": (round(statistics.median([s["durable_seconds"] for s in good]), 3)
                                if good and all("durable_seconds" in s for s in good) else None),
-            "peak_anon_mib": round(max(s["peak_anon_mib"] for s in samples[op]), 1),
+            "peak_pss_mib": max(s["peak_pss_mib"] for s in samples[op]),
+            "peak_pss_anon_mib": max(s["peak_pss_anon_mib"] for s in samples[op]),
+            "peak_pss_file_mib": max(s["peak_pss_file_mib"] for s in samples[op]),
+            "peak_rss_anon_sum_mib": max(s["peak_rss_anon_sum_mib"] for s in samples[op]),
+            "max_processes": max(s["max_processes"] for s in samples[op]),
+            "load1_at_start": [s["load1_at_start"] for s in samples[op]],
             "errors": [s["error"][-300:] for s in samples[op] if "error" in s],
             "check": checks.get(op)}
     med = {op: r["median"] for op, r in run["ops"].items()}
@@ -423,15 +374,15 @@ def main(argv=None) -> int:
                      ("ms_transform", "reshard")) if dmed.get(a) and dmed.get(b)}
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     results = json.load(open(args.json)) if os.path.exists(args.json) else {"runs": {}}
-    results["machine"] = {"cpus": os.cpu_count(), "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
-                          "python": platform.python_version(),
-                          "loadavg_at_end": os.getloadavg()}
+    results.pop("machine", None)     # the old shared header: provenance is now per run
+    run["provenance"] = prov.finish(cache=provenance.summarize_evictions(evictions))
     results["runs"][key] = run
     with open(args.json, "w") as fh:
         json.dump(results, fh, indent=2)
-    png = chart(results, os.path.splitext(args.json)[0] + ".png")   # next to its JSON
+    from chart_reshard import chart
+    png = chart(args.json, os.path.splitext(args.json)[0] + ".png")   # next to its JSON
     print(json.dumps({"ratios": run["ratios"], "durable_ratios": run["durable_ratios"],
-                      "peak_anon_mib": {o: r["peak_anon_mib"] for o, r in run["ops"].items()},
+                      "peak_pss_mib": {o: r["peak_pss_mib"] for o, r in run["ops"].items()},
                       "checks": {o: (c or {}).get("ok") for o, c in checks.items()}}, indent=1))
     print(f"results: {args.json}" + (f", chart: {png}" if png else ""))
     for op in ops:

@@ -15,7 +15,6 @@ Prints the ratios (goals: sync/raw <= 1.2, async/sync < 0.1) and writes docs/ben
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -25,6 +24,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "checkpoint"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import provenance  # noqa: E402  (date, load, machine, commit, PSS: what this run measured)
 
 
 def raw_write(path, arrays):
@@ -59,6 +61,8 @@ def main():
     from mindformers_st.trainer.callbacks import TrainState, run_context_of
 
     scratch = tempfile.mkdtemp(prefix="bench_save_", dir=args.dir)
+    prov = provenance.Run(scratch, [os.path.relpath(__file__, ROOT)] + sys.argv[1:])
+    memory = provenance.TreePss(interval=0.1).start()    # this process (and any child), whole run
     model, opt, step, ctx = build_run(model_kwargs=dict(hidden_size=args.hidden, vocab_size=args.vocab,
                                                         intermediate_size=2 * args.hidden, num_heads=8,
                                                         n_kv_heads=8, seq_length=32))
@@ -145,8 +149,9 @@ def main():
         # after the first save (buffer allocation) and without the train-end wait for the last writer
         "async_steady_over_sync": med([s.blocked + s.commit_time for s in asy.stats[1:]]) / med(sync_times),
         "goals": {"sync_over_raw": 1.2, "async_over_sync": 0.1},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "loadavg_at_end": os.getloadavg()},
+        "memory": memory.stop(),
+        # No page cache eviction: a save only writes; `sync` before each timed write (above).
+        "provenance": prov.finish(cache="not evicted (writes only; sync before each timed write)"),
     }
     print(f"\n{nbytes / 1e6:.0f} MB per save; medians: raw write {result['median_raw_s']:.3f} s "
           f"({result['raw_MBps']:.0f} MB/s), sync save blocked {result['median_sync_s']:.3f} s, "

@@ -35,6 +35,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import provenance  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
 CONFIG = os.path.join(ROOT, "configs", "llama2", "pretrain_llama2_tiny.yaml")
@@ -216,11 +219,15 @@ def prepare(base):
     return data, tokenizer
 
 
+_RUN = []   # the provenance.Run main() opened: date, load, machine, commit of this run
+
+
 def _write(result, path, t_all):
-    """Add the totals to `result` and write it to `path`; returns the totals."""
+    """Add the totals and provenance to `result` and write it to `path`; returns the totals."""
     total = {k: sum(m[k] for m in result["modes"].values())
              for k in ("trials", "bad_resumes", "orphans")}
-    result.update(total, wall_s=round(time.perf_counter() - t_all), loadavg_at_end=os.getloadavg())
+    result.update(total, wall_s=round(time.perf_counter() - t_all), loadavg_at_end=os.getloadavg(),
+                  provenance=_RUN[0].finish(cache="not evicted (kills and restarts)") if _RUN else None)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(result, fh, indent=1)
@@ -242,6 +249,7 @@ def main():
     rng = random.Random(args.seed)
     t_all = time.perf_counter()
     scratch = tempfile.mkdtemp(prefix="crash_stress_", dir=args.dir)
+    _RUN.append(provenance.Run(scratch, [os.path.relpath(__file__, ROOT)] + sys.argv[1:]))
     data, tokenizer = prepare(scratch)
     result = {"trials_per_mode_asked": args.trials, "steps": args.steps, "modes": {}}
     jobs = {}
