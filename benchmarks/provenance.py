@@ -91,14 +91,19 @@ def machine(bench_dir: str) -> dict:
             "bench_dir": filesystem(bench_dir)}
 
 
+# What a measurement depends on: a change elsewhere (docs/) does not make a run "dirty".
+CODE_PATHS = ("benchmarks", "mindformers_st", "run_mindformer.py", "configs", "scripts")
+
+
 def script_version() -> dict:
-    """The git commit of this checkout and whether tracked files differ from it (dirty)."""
+    """The git commit of this checkout and whether tracked code (CODE_PATHS) differs from it."""
     def git(*args):
         return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True,
                               timeout=30).stdout
     try:
         commit = git("rev-parse", "HEAD").strip() or None
-        changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
+        changed = git("status", "--porcelain", "--untracked-files=no", "--",
+                      *CODE_PATHS).splitlines()
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": bool(changed),
