@@ -115,6 +115,9 @@ class Run:
 
     def __init__(self, bench_dir: str, command: Optional[List[str]] = None):
         os.makedirs(bench_dir, exist_ok=True)
+        # Paths inside the checkout are recorded relative to it: the same in every clone.
+        command = [os.path.relpath(a, ROOT) if str(a).startswith(ROOT + os.sep) else a
+                   for a in command] if command else command
         self.header = {"date_start": _now(), "loadavg_start": loadavg(),
                        "machine": machine(bench_dir), "script": script_version(),
                        "command": command}

@@ -133,7 +133,9 @@ def readme_text(out_dir: str = DOCS_BENCH, quick: bool = False) -> str:
                    "**no provenance** (an older script; re-run this command)", "–", "–", "–",
                    b.docs]
         else:
-            cmd = " ".join(prov.get("command") or [])
+            # (runs recorded before provenance made paths relative named them absolutely)
+            cmd = " ".join(a[a.index("docs/bench/"):] if "/docs/bench/" in a else a
+                           for a in prov.get("command") or [])
             script = prov.get("script") or {}
             commit = (script.get("commit") or "?")[:10] + (" (dirty)" if script.get("dirty") else "")
             row = [label, figure, f"`{cmd}`", prov["date_start"].replace("+00:00", ""), commit,
