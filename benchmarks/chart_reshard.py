@@ -1,7 +1,7 @@
 """Draw docs/bench/reshard.png from docs/bench/reshard.json (nothing but the JSON goes in).
 
 One panel per model size: median in-process seconds per op (floor grey, ours blue, MindSpore's
-orange), each bar labelled with its median and peak PSS of the process tree; the panel title
+orange), each bar labelled with its median and the peak PSS of the process tree (anonymous / total); the panel title
 gives the run's date, load average at start/end and whether the cache eviction was achieved.
 Needs matplotlib (the `bench` extra); without it prints why and draws nothing.
 
@@ -28,7 +28,8 @@ def _title(key: str, run: dict) -> str:
                else "cache: not recorded")
     start, end = prov.get("loadavg_start", {}), prov.get("loadavg_end", {})
     load = (f"load {start.get('1min')}→{end.get('1min')}" if start else "load: not recorded")
-    return f"{key} fp32, {run['reps']} rounds, {evicted}\n{prov.get('date_start', '?')[:16]}, {load}"
+    return (f"{key} fp32, {run['reps']} round(s), {evicted}\n{prov.get('date_start', '?')[:16]}, "
+            f"{load}; labels: peak PSS anonymous / total")
 
 
 def chart(json_path: str, png_path: str) -> Optional[str]:
@@ -52,11 +53,11 @@ def chart(json_path: str, png_path: str) -> Optional[str]:
                   for o in ops]
         ax.bar(ops, meds, color=colors)
         for i, o in enumerate(ops):
-            pss = run["ops"][o].get("peak_pss_mib")
-            label = f"{meds[i]:.2f}s" + (f"\n{pss:.0f} MiB" if pss is not None else "")
+            pss, anon = run["ops"][o].get("peak_pss_mib"), run["ops"][o].get("peak_pss_anon_mib")
+            label = f"{meds[i]:.2f}s" + (f"\n{anon:.0f} / {pss:.0f} MiB" if pss is not None else "")
             ax.text(i, meds[i], label, ha="center", va="bottom", fontsize=7)
         ax.set_title(_title(key, run), fontsize=9)
-        ax.set_ylabel("seconds (median, in-process); label: peak PSS")
+        ax.set_ylabel("seconds (median, in-process)")
         ax.set_ylim(0, max(meds) * 1.25 if meds else 1)
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
