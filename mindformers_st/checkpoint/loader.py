@@ -78,6 +78,9 @@ class LoadOptions:
     transform_process_num: how many ranks build the shared derived folders (online merge,
         Hugging Face and .ckpt conversion): ranks 0, W/N, ... as MindSpore Transformers; it
         must divide the world size (`derived.transform_ranks`).
+    balanced_load: every block several ranks need is read from storage by one of them and
+        shared over collectives (`transform.read_plan`, `checkpoint.exchange`); None (the
+        default) means on under use_parallel with more than one rank.
     """
 
     load_checkpoint: str
@@ -91,6 +94,7 @@ class LoadOptions:
     verify_checksums: Any = True
     resume_by_last_timestamp_ckpt: bool = False
     transform_process_num: int = 1
+    balanced_load: Optional[bool] = None
 
     @staticmethod
     def from_config(config) -> "LoadOptions":
@@ -107,7 +111,8 @@ class LoadOptions:
             verify_checksums=verify_mode(getattr(config, "verify_checksums", True)),
             resume_by_last_timestamp_ckpt=bool(getattr(config, "resume_by_last_timestamp_ckpt",
                                                        False)),
-            transform_process_num=getattr(config, "transform_process_num", 1))
+            transform_process_num=getattr(config, "transform_process_num", 1),
+            balanced_load=getattr(config, "balanced_load", None))
 
     @property
     def verify(self) -> str:
@@ -140,6 +145,9 @@ class LoadReport:
     epoch: Optional[int] = None
     step: Optional[int] = None
     resume: Any = None   # resume.ResumeInfo when this load resumed training
+    # balanced_load: what this rank read from storage and received from the others
+    read_bytes: int = 0
+    exchange: Optional[Dict[str, Any]] = None
     resume_point: Any = None   # api.ModelTrainResume: how Model.train continues (library call)
 
     def summary(self) -> str:
@@ -321,6 +329,7 @@ class PendingLoad:
         self._report: Optional[LoadReport] = None
         self._arrays: Dict[str, np.ndarray] = {}
         self._failure: Optional[BaseException] = None   # a read error: agreed on, then raised
+        self._job = None   # the job-wide read plan under balanced_load, else None
         self._error: Optional[BaseException] = None     # any other error: raised as it is
         self._thread = None
         self._read_seconds = 0.0
@@ -389,9 +398,9 @@ class PendingLoad:
     def _read(self) -> None:
         """The local half: plan this rank's slices, read and check them into memory."""
         t0 = time.perf_counter()
-        self._report, self._arrays, self._failure = _read_slices(
+        self._report, self._arrays, self._failure, self._job = _read_slices(
             self.src, self.source, self.mode, self.path, self.state, self.opt_names, self.ctx,
-            self.resume, self.opts.verify)
+            self.resume, self.opts.verify, balanced_load(self.opts, self.ctx))
         self._read_seconds = time.perf_counter() - t0
 
     def finish(self, state: Optional[NetworkState] = None) -> LoadReport:
@@ -419,6 +428,9 @@ class PendingLoad:
         report = self._report
         agree_or_raise(self.ctx, self._failure, f"load_checkpoint {self.path}")
         arrays, self._arrays = self._arrays, {}
+        if self._job is not None:   # only after every reader's checksums passed
+            from .exchange import share_reads
+            arrays, report.exchange = share_reads(self.ctx, self._job, arrays)
         if self.check is not None:
             self.check(arrays)   # every rank reads the same hyper values: they decide alike
         weights, opt_names = state.weights, self.opt_names
@@ -499,12 +511,29 @@ def merge_online(src: SourceCheckpoint, opts: LoadOptions, ctx, strategy=None) -
     return out_dir
 
 
+def balanced_load(opts: LoadOptions, ctx) -> bool:
+    """Whether this load reads balanced (`balanced_load`): by default (None) under use_parallel
+    with more than one rank and communication; True on one rank has nothing to share and is
+    warned about by name, as MindSpore Transformers does."""
+    several = (ctx is not None and opts.use_parallel and ctx.world_size > 1
+               and getattr(ctx, "world_group", None) is not None)
+    if opts.balanced_load is None:
+        return several
+    if opts.balanced_load and not several:
+        logger.warning("balanced_load: True has no effect without use_parallel on more than "
+                       "one rank: each rank reads its own slices")
+    return bool(opts.balanced_load) and several
+
+
 def _read_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode, path: str,
                  state: NetworkState, opt_names: List[str], ctx, resume: bool,
-                 verify: str = "read"):
-    """(report, {name: array}, read failure or None): this rank's slices read and checked into
-    memory — local work only, no collective. Missing weights (or, resuming, missing optimizer
-    state) raise at once: every rank sees the same description, so they all raise."""
+                 verify: str = "read", balanced: bool = False):
+    """(report, {name: array}, read failure or None, job read plan or None): this rank's
+    slices read and checked into memory — local work only, no collective. With `balanced`
+    the arrays are only the blocks the job plan gives this rank to read; `exchange.share_reads`
+    completes them once the ranks agreed the reads succeeded. Missing weights (or, resuming,
+    missing optimizer state) raise at once: every rank sees the same description, so they all
+    raise."""
     report = LoadReport(source, mode.value, path, epoch=src.epoch, step=src.step)
     weights, layouts = state.weights, state.layouts
     wanted = set(weights) | set(opt_names)
@@ -537,12 +566,37 @@ def _read_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode
     rank = ctx.rank if ctx is not None else 0
     names = [n for n in weights + opt_names if n in src.chunks and n in layouts]
     try:
-        plan = plan_rank_slices(src, {n: layouts[n] for n in names}, rank, include_hyper=True)
+        plan, job = _rank_reads(src, state, names, rank, ctx, resume, balanced)
     except PlanError as exc:
         raise CheckpointError(f"load_checkpoint {path}: {exc}") from exc
+    report.read_bytes = sum(f.nbytes for f in plan.files)
     failure, arrays = None, {}
     try:
         arrays = execute_to_memory(plan, workers=LOAD_WORKERS, verify=verify)
     except (MindformersSTError, OSError) as exc:
         failure = exc
-    return report, arrays, failure
+    return report, arrays, failure, job
+
+
+def _rank_reads(src: SourceCheckpoint, state: NetworkState, names: List[str], rank: int, ctx,
+                resume: bool, balanced: bool):
+    """(what this rank reads from storage as a Plan, the job read plan or None). Alone: the
+    rank's own slices of `names`. Balanced: the job plan over every rank — each rank's tensors
+    are its stage's weights (and, resuming, optimizer state), the same lists on every rank —
+    and this rank's share of its reads."""
+    layouts = state.layouts
+    own = {n: layouts[n] for n in names}
+    if not balanced:
+        return plan_rank_slices(src, own, rank, include_hyper=True), None
+    from ..transform.read_plan import plan_job_loads
+    job_layouts = dict(own)
+    everywhere = state.job_layouts or layouts
+    for n in sorted(state.elsewhere):   # the other stages' tensors, chosen as their ranks do
+        if n in src.chunks and n in everywhere and (resume or not is_optimizer_state(n)):
+            job_layouts[n] = everywhere[n]
+    job = plan_job_loads(src, job_layouts, range(ctx.world_size), include_hyper=True)
+    mine = plan_rank_slices(src, own, rank, include_hyper=True)
+    if sorted(job.names_of(rank)) != sorted(t.name for f in mine.files for t in f.tensors):
+        raise PlanError(f"balanced_load: the job plan gives rank {rank} other tensors than its "
+                        f"own plan; set balanced_load: False")
+    return job.reads_of(rank), job

@@ -452,6 +452,8 @@ class RunConfig:
     only_save_strategy: bool = False
     transform_process_num: int = 1
     load_ckpt_async: bool = False
+    # every block several ranks need is read once and shared (None: on under use_parallel)
+    balanced_load: Optional[bool] = None
     ignore_data_skip: bool = False
     data_skip_steps: Optional[int] = None
     resume_by_last_timestamp_ckpt: Optional[bool] = None

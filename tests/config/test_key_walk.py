@@ -49,6 +49,7 @@ TESTED = {
     "only_save_strategy": "tests/test_run_mindformer.py::test_7b_configs_plan_and_only_save_strategy",
     "transform_process_num": f"{E2E}::test_predict_from_hf_complete_and_distributed_gives_the_same_text",
     "load_ckpt_async": f"{E2E}::test_resume_skips_a_damaged_newest_save_together_on_every_rank",
+    "balanced_load": "tests/checkpoint/test_balanced_load_msrun.py::test_balanced_load_sets_the_same_parameters_and_reads_each_byte_once",
     "ignore_data_skip": f"{E2E}::test_resume_with_ignore_data_skip_restarts_the_data_not_the_step",
     "data_skip_steps": "tests/config/test_no_silent_keys.py::test_data_position_follows_mindspore_transformers_rules",
     "resume_by_last_timestamp_ckpt": f"{E2E}::test_resume_by_last_timestamp_in_a_folder_without_records",
