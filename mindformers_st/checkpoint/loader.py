@@ -162,7 +162,10 @@ class LoadReport:
                 f"{len(self.unexpected)}{_names(self.unexpected)}"
                 + (", optimizer state restored" if self.optimizer_loaded else "")
                 + (f", {len(self.optimizer_ignored)} optimizer states not loaded (not resuming)"
-                   if self.optimizer_ignored else ""))
+                   if self.optimizer_ignored else "")
+                + (f"; balanced_load: read {self.read_bytes / 2 ** 20:.1f} MiB here, received "
+                   f"{self.exchange['received_bytes'] / 2 ** 20:.1f} MiB in "
+                   f"{self.exchange['collectives']} collective(s)" if self.exchange else ""))
 
 
 def _names(names: Sequence[str], k: int = 5) -> str:
@@ -589,12 +592,19 @@ def _rank_reads(src: SourceCheckpoint, state: NetworkState, names: List[str], ra
     if not balanced:
         return plan_rank_slices(src, own, rank, include_hyper=True), None
     from ..transform.read_plan import plan_job_loads
+    world = range(ctx.world_size)
+    if state.job_layouts is None and any(lay.ranks() != world for lay in own.values()):
+        # a network that knows only its own stage's layouts cannot plan the other stages'
+        # loads; every rank of such a job sees a partial layout, so all read alone together
+        logger.info("balanced_load: the network's layouts do not span the job; each rank "
+                    "reads its own slices")
+        return plan_rank_slices(src, own, rank, include_hyper=True), None
     job_layouts = dict(own)
     everywhere = state.job_layouts or layouts
     for n in sorted(state.elsewhere):   # the other stages' tensors, chosen as their ranks do
         if n in src.chunks and n in everywhere and (resume or not is_optimizer_state(n)):
             job_layouts[n] = everywhere[n]
-    job = plan_job_loads(src, job_layouts, range(ctx.world_size), include_hyper=True)
+    job = plan_job_loads(src, job_layouts, world, include_hyper=True)
     mine = plan_rank_slices(src, own, rank, include_hyper=True)
     if sorted(job.names_of(rank)) != sorted(t.name for f in mine.files for t in f.tensors):
         raise PlanError(f"balanced_load: the job plan gives rank {rank} other tensors than its "

@@ -173,3 +173,20 @@ def share_bytes(buf: np.ndarray, group: Optional[str]) -> np.ndarray:
         return buf.copy()
     out = ops.AllReduce(group=group)(Tensor(bytes_to_floats(buf))).asnumpy()
     return floats_to_bytes(out, buf.size)
+
+
+def gather_bytes(buf: np.ndarray, width: int, group: str) -> np.ndarray:
+    """Every rank's uint8 `buf` (at most `width` bytes, `width` a multiple of 4, the same on
+    every rank), as rows of a (group size, width) uint8 array in rank order, zero-padded. An
+    AllGather of int32 words: bit-exact, and each rank sends only its own bytes (measured 2-3x
+    faster than `share_bytes` per byte shared). On CPU AllGather works on the world group only
+    and refuses 8-bit integers (MindSpore 2.10)."""
+    if width % 4:
+        raise ValueError(f"gather width must be a multiple of 4, got {width}")
+    buf = np.asarray(buf, np.uint8).reshape(-1)
+    if buf.size > width:
+        raise ValueError(f"{buf.size} bytes do not fit a gather of width {width}")
+    padded = np.zeros(width, np.uint8)
+    padded[:buf.size] = buf
+    out = ops.AllGather(group=group)(Tensor(padded.view("<i4"))).asnumpy()
+    return np.ascontiguousarray(out).view(np.uint8).reshape(-1, width)

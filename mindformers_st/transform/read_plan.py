@@ -99,6 +99,37 @@ class Stream:
                 arr = arrays[t.name] = np.empty(t.shape, dtype=ST_TO_NUMPY[t.dtype])
             _bytes_of(arr)[at:at + n] = window[pos:pos + n]
 
+    def share_sizes(self, start: int, stop: int) -> Dict[int, int]:
+        """{rank: bytes of the window it read} for every rank of the stream (0 for some)."""
+        sizes = {r: 0 for r in self.ranks}
+        for need, _, _, n in self.pieces(start, stop):
+            sizes[need.reader] += n
+        return sizes
+
+    def share_of(self, start: int, stop: int, rank: int,
+                 arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The bytes of the window `rank` read, end to end in stream order (what it gives to a
+        gather: no zeros for the others' bytes)."""
+        parts = [_bytes_of(arrays[need.target.name])[at:at + n]
+                 for need, at, _, n in self.pieces(start, stop) if need.reader == rank]
+        return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+    def receive_shares(self, start: int, stop: int, rank: int,
+                       shares: Mapping[int, np.ndarray], arrays: Dict[str, np.ndarray]) -> None:
+        """Like `receive`, from every reader's `share_of` the window (uint8, any padding
+        after it ignored)."""
+        at_reader = {r: 0 for r in self.ranks}
+        for need, at, _, n in self.pieces(start, stop):
+            pos = at_reader[need.reader]
+            at_reader[need.reader] += n
+            if need.reader == rank:
+                continue
+            t = need.target
+            arr = arrays.get(t.name)
+            if arr is None:
+                arr = arrays[t.name] = np.empty(t.shape, dtype=ST_TO_NUMPY[t.dtype])
+            _bytes_of(arr)[at:at + n] = shares[need.reader][pos:pos + n]
+
     def pieces(self, start: int, stop: int) -> Iterator[Tuple[Need, int, int, int]]:
         """(need, byte offset inside the need, offset inside the window, length) for every need
         overlapping the window [start, stop)."""

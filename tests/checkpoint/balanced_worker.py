@@ -12,6 +12,7 @@ TINY_YAML = os.path.join(ROOT, "configs", "llama2", "pretrain_llama2_tiny.yaml")
 
 import numpy as np  # noqa: E402
 
+from mindformers_st.checkpoint import exchange  # noqa: E402
 from mindformers_st.checkpoint.loader import LoadOptions, load_checkpoint  # noqa: E402
 from mindformers_st.config import load_config  # noqa: E402
 from mindformers_st.errors import MindformersSTError  # noqa: E402
@@ -47,6 +48,9 @@ def main(out):
                 ("direct_reshard", case["direct_reshard"]), ("balanced_load", balanced),
                 ("output_dir", os.path.join(out, "output"))])
             opts = LoadOptions.from_config(config)
+            # the whole job is one dp group here: its streams go through AllGather; the
+            # "direct" case forces the AllReduce every sub-group uses
+            exchange.WORLD_GATHER = case["name"] != "direct"
             before = io_read_bytes()
             try:
                 report = load_checkpoint(opts, model, opt, ctx, resume=case["resume"])

@@ -11,7 +11,8 @@ import pytest
 from mindformers_st.checkpoint.loader import LoadOptions, balanced_load
 from mindformers_st.config import load_config
 from mindformers_st.layout.parallel_config import ParallelConfig
-from mindformers_st.parallel.comm import bytes_to_floats, floats_to_bytes, share_bytes
+from mindformers_st.parallel.comm import (bytes_to_floats, floats_to_bytes, gather_bytes,
+                                          share_bytes)
 from mindformers_st.parallel.context import ParallelContext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,6 +49,13 @@ def test_share_bytes_without_a_group_is_a_copy():
     raw = np.arange(7, dtype=np.uint8)
     out = share_bytes(raw, None)
     assert out.tobytes() == raw.tobytes() and out is not raw
+
+
+def test_gather_bytes_refuses_a_width_that_is_not_whole_words_or_too_small():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        gather_bytes(np.zeros(3, np.uint8), 6, "world")
+    with pytest.raises(ValueError, match="do not fit"):
+        gather_bytes(np.zeros(9, np.uint8), 8, "world")
 
 
 def _ctx(world, group="world"):

@@ -64,6 +64,9 @@ def test_balanced_load_sets_the_same_parameters_and_reads_each_byte_once(tmp_pat
             off, on = rec[r][f"{name}_off"], rec[r][f"{name}_on"]
             assert off["mode"] == on["mode"] == mode
             assert off["exchange"] is None and on["exchange"]["collectives"] >= 1
+            # the world group's AllGather, and (forced for "direct") the sub-groups' AllReduce
+            gathers = on["exchange"]["gathers"]
+            assert gathers == 0 if name == "direct" else gathers == on["exchange"]["collectives"]
             a = np.load(out / f"{name}_off_rank{r}.npz")
             b = np.load(out / f"{name}_on_rank{r}.npz")
             assert sorted(a.files) == sorted(b.files)

@@ -85,12 +85,23 @@ def read_alone(plan, values):
             for f in plan.files for t in f.tensors}
 
 
-def simulate_exchange(job, values, world, window):
+def simulate_exchange(job, values, world, window, gather=False):
     """Each rank reads its share, then every window of every stream is the sum (as integers,
-    exactly as the float AllReduce of the encoded bytes) of its ranks' contributions."""
+    exactly as the float AllReduce of the encoded bytes) of its ranks' contributions — or,
+    `gather`, every rank gets every reader's own bytes padded to the widest (as AllGather)."""
     arrays = {r: read_alone(job.reads_of(r), values) for r in range(world)}
     for s in job.streams:
         for a, b in s.windows(window):
+            if gather:
+                width = max(s.share_sizes(a, b).values())
+                shares = {}
+                for r in s.ranks:
+                    mine = s.share_of(a, b, r, arrays[r])
+                    assert mine.size == s.share_sizes(a, b)[r]
+                    shares[r] = np.concatenate([mine, np.full(width - mine.size, 7, np.uint8)])
+                for r in s.ranks:
+                    s.receive_shares(a, b, r, shares, arrays[r])
+                continue
             parts = [s.contribution(a, b, r, arrays[r]).astype(np.int64) for r in s.ranks]
             total = np.sum(parts, axis=0)
             assert total.max(initial=0) <= 255   # one rank gives each byte, the others zeros
@@ -102,13 +113,14 @@ def simulate_exchange(job, values, world, window):
 def assert_exchange_exact(src, layouts, world, window=7):
     job, _ = check_job(src, layouts, world)
     values = values_for(src)
-    got = simulate_exchange(job, values, world, window)
-    for r in range(world):
-        want = read_alone(plan_rank_slices(src, layouts, r), values)
-        assert sorted(got[r]) == sorted(want)
-        for n in want:
-            assert got[r][n].dtype == want[n].dtype and got[r][n].shape == want[n].shape
-            assert got[r][n].tobytes() == want[n].tobytes(), (r, n)
+    for gather in (False, True):
+        got = simulate_exchange(job, values, world, window, gather)
+        for r in range(world):
+            want = read_alone(plan_rank_slices(src, layouts, r), values)
+            assert sorted(got[r]) == sorted(want)
+            for n in want:
+                assert got[r][n].dtype == want[n].dtype and got[r][n].shape == want[n].shape
+                assert got[r][n].tobytes() == want[n].tobytes(), (r, n, gather)
 
 
 def test_dp2_each_rank_reads_half_and_every_block_once():
@@ -200,9 +212,10 @@ def test_fp32_negative_zero_and_nan_payloads_survive_the_exchange():
     values = values_for(src)
     w = values["lm_head.weight"]
     w.reshape(-1).view(np.uint32)[:3] = [0x80000000, 0x7FC01234, 0xFF800001]   # -0.0, NaNs
-    got = simulate_exchange(job, values, 2, window=16)
-    for r in (0, 1):
-        assert got[r]["lm_head.weight"].tobytes() == w.tobytes()
+    for gather in (False, True):
+        got = simulate_exchange(job, values, 2, 16, gather)
+        for r in (0, 1):
+            assert got[r]["lm_head.weight"].tobytes() == w.tobytes()
 
 
 def test_the_plan_is_the_same_whatever_order_the_ranks_are_given_in():
