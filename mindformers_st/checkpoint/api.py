@@ -59,7 +59,7 @@ def load_checkpoint(network, path: str, optimizer=None, *, resume: bool = False,
     `layouts` (a strategy file/folder or {name: TensorLayout}) say how this job cuts the
     network when MindSpore's `parameter_layout_dict` does not; `transform_process_num` how many
     ranks build an online merge or conversion (must divide the world size, as MindSpore
-    Transformers); `balanced_load` (default: on with several ranks) reads each block several
+    Transformers); `balanced_load` (default: on when the ranks span several machines) reads each block several
     ranks need once and shares it (docs/checkpoint-loading.md). Every rank must call it."""
     from ..parallel.context import context_from_mindspore
     ctx = context_from_mindspore()

@@ -36,6 +36,7 @@ import numpy as np
 from ..dtypes import ITEMSIZE
 from ..errors import (CheckpointError, ConfigError, MindformersSTError, PlanError,
                       UndescribedRankFilesError)
+from ..parallel.agree import on_one_host
 from ..records.rank_meta import METADATA_KEY
 from ..records.scan import select_save
 from ..transform.execute import execute_to_memory
@@ -80,7 +81,8 @@ class LoadOptions:
         must divide the world size (`derived.transform_ranks`).
     balanced_load: every block several ranks need is read from storage by one of them and
         shared over collectives (`transform.read_plan`, `checkpoint.exchange`); None (the
-        default) means on under use_parallel with more than one rank.
+        default) means on under use_parallel when the ranks span several machines
+        (`balanced_load()`).
     """
 
     load_checkpoint: str
@@ -390,6 +392,7 @@ class PendingLoad:
                 path = merge_online(src, opts, ctx, strategy)
                 src = describe_complete(path)
         self.counters = dict(src.counters)   # taken before an online merge replaces src
+        self.balanced = balanced_load(opts, ctx)   # may agree with the others: main thread
         self.source, self.mode, self.src, self.path = source, mode, src, path
 
     def _read_guarded(self) -> None:
@@ -403,7 +406,7 @@ class PendingLoad:
         t0 = time.perf_counter()
         self._report, self._arrays, self._failure, self._job = _read_slices(
             self.src, self.source, self.mode, self.path, self.state, self.opt_names, self.ctx,
-            self.resume, self.opts.verify, balanced_load(self.opts, self.ctx))
+            self.resume, self.opts.verify, self.balanced)
         self._read_seconds = time.perf_counter() - t0
 
     def finish(self, state: Optional[NetworkState] = None) -> LoadReport:
@@ -514,14 +517,20 @@ def merge_online(src: SourceCheckpoint, opts: LoadOptions, ctx, strategy=None) -
     return out_dir
 
 
-def balanced_load(opts: LoadOptions, ctx) -> bool:
-    """Whether this load reads balanced (`balanced_load`): by default (None) under use_parallel
-    with more than one rank and communication; True on one rank has nothing to share and is
+def balanced_load(opts: LoadOptions, ctx, one_host: Optional[bool] = None) -> bool:
+    """Whether this load reads balanced (`balanced_load`). By default (None) when the job runs
+    under use_parallel with communication on ranks of more than one machine: on one machine
+    the ranks share one page cache, which already reads each byte from storage once (measured,
+    docs/checkpoint-loading.md), and the exchange would only add time. `one_host` says whether
+    all ranks share rank 0's machine (None: agreed now, `parallel.agree.on_one_host`, a
+    collective on the main thread). True without several ranks has nothing to share and is
     warned about by name, as MindSpore Transformers does."""
     several = (ctx is not None and opts.use_parallel and ctx.world_size > 1
                and getattr(ctx, "world_group", None) is not None)
     if opts.balanced_load is None:
-        return several
+        if not several:
+            return False
+        return not (on_one_host(ctx) if one_host is None else one_host)
     if opts.balanced_load and not several:
         logger.warning("balanced_load: True has no effect without use_parallel on more than "
                        "one rank: each rank reads its own slices")

@@ -46,3 +46,22 @@ def broadcast_json(ctx, obj):
         buf[:n] = np.frombuffer(raw, np.uint8)
     data = all_reduce_sum(ctx, buf)[:n].astype(np.uint8).tobytes()
     return json.loads(data.decode())
+
+
+def host_identity() -> str:
+    """This machine: its host name and boot id (containers of two machines may share a name)."""
+    import socket
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="utf-8") as fh:
+            boot = fh.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def on_one_host(ctx) -> bool:
+    """True on every rank iff every rank runs on rank 0's machine (they share one page cache).
+    Collective: rank 0's identity is shared, then the ranks agree (three all-reduces)."""
+    if _single(ctx):
+        return True
+    return all_ranks(ctx, broadcast_json(ctx, host_identity()) == host_identity())

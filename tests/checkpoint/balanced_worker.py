@@ -13,7 +13,8 @@ TINY_YAML = os.path.join(ROOT, "configs", "llama2", "pretrain_llama2_tiny.yaml")
 import numpy as np  # noqa: E402
 
 from mindformers_st.checkpoint import exchange  # noqa: E402
-from mindformers_st.checkpoint.loader import LoadOptions, load_checkpoint  # noqa: E402
+from mindformers_st.checkpoint.loader import (LoadOptions, balanced_load,  # noqa: E402
+                                              load_checkpoint)
 from mindformers_st.config import load_config  # noqa: E402
 from mindformers_st.errors import MindformersSTError  # noqa: E402
 from mindformers_st.layout.parallel_config import ParallelConfig  # noqa: E402
@@ -63,6 +64,9 @@ def main(out):
             np.savez(os.path.join(out, f"{key}_rank{ctx.rank}.npz"), **arrays)
             rec[key] = {"mode": report.mode, "read_bytes": report.read_bytes,
                         "exchange": report.exchange, "io_read_bytes": io_read_bytes() - before}
+    # the default (balanced_load unset): both ranks share this machine, so they read alone
+    config = load_config(TINY_YAML, [("load_checkpoint", cases[0]["path"]), ("use_parallel", True)])
+    rec["default_on_one_host"] = balanced_load(LoadOptions.from_config(config), ctx)
     ctx.barrier()
     with open(os.path.join(out, f"rank_{ctx.rank}.json"), "w") as fh:
         json.dump(rec, fh)

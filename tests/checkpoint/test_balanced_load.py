@@ -63,12 +63,17 @@ def _ctx(world, group="world"):
                            world_group=group, use_parallel=world > 1)
 
 
-def test_balanced_load_is_on_by_default_under_use_parallel_with_several_ranks(caplog):
-    on = LoadOptions("x", use_parallel=True)
-    assert on.balanced_load is None and balanced_load(on, _ctx(2))
-    assert not balanced_load(on, _ctx(2, group=None))     # no communication: nothing to share
-    assert not balanced_load(on, _ctx(1))
-    assert not balanced_load(LoadOptions("x", use_parallel=True, balanced_load=False), _ctx(2))
+def test_balanced_load_is_on_by_default_when_the_ranks_span_several_machines(caplog):
+    auto = LoadOptions("x", use_parallel=True)
+    assert auto.balanced_load is None
+    assert balanced_load(auto, _ctx(2), one_host=False)
+    assert not balanced_load(auto, _ctx(2), one_host=True)   # one page cache reads once already
+    assert balanced_load(LoadOptions("x", use_parallel=True, balanced_load=True), _ctx(2),
+                         one_host=True)
+    assert not balanced_load(auto, _ctx(2, group=None), one_host=False)   # no communication
+    assert not balanced_load(auto, _ctx(1), one_host=False)
+    assert not balanced_load(LoadOptions("x", use_parallel=True, balanced_load=False), _ctx(2),
+                             one_host=False)
     with caplog.at_level(logging.WARNING):
         assert not balanced_load(LoadOptions("x", use_parallel=False, balanced_load=True), _ctx(1))
     assert "balanced_load: True has no effect" in caplog.text
@@ -80,3 +85,8 @@ def test_the_yaml_key_reaches_the_load_options(value, want):
     if value is not None:
         overrides.append(("balanced_load", value))
     assert LoadOptions.from_config(load_config(TINY_YAML, overrides)).balanced_load is want
+
+
+def test_one_rank_is_on_one_host():
+    from mindformers_st.parallel.agree import host_identity, on_one_host
+    assert on_one_host(None) and on_one_host(_ctx(1)) and host_identity().count("/") >= 1

@@ -85,5 +85,6 @@ def test_balanced_load_sets_the_same_parameters_and_reads_each_byte_once(tmp_pat
         on = [rec[r][f"{name}_on"]["read_bytes"] for r in (0, 1)]
         assert off[0] == off[1] and sum(on) == off[0], (name, off, on)
         assert all(abs(x - off[0] / 2) <= biggest for x in on), (name, off, on)
+    assert rec[0]["default_on_one_host"] is False and rec[1]["default_on_one_host"] is False
     resume_on = rec[0]["resume_on"]["exchange"]
     assert resume_on["received_bytes"] == rec[1]["resume_on"]["read_bytes"]
