@@ -44,6 +44,7 @@ TESTED = {
     "remove_redundancy": f"{LOADER}::test_distributed_auto_trans_merges_online_then_loads",
     "src_strategy_path_or_dir": f"{LOADER}::test_distributed_other_layout_without_auto_trans_names_both_layouts",
     "direct_reshard": f"{LOADER}::test_direct_reshard_cuts_from_rank_files_without_a_complete_copy",
+    "derived_write": f"{LOADER}::test_distributed_auto_trans_merges_online_then_loads",
     "verify_checksums": "tests/checkpoint/test_integrity_load.py::test_corrupt_rank_file_fails_every_load_mode_and_changes_nothing",
     "resume_training": f"{E2E}::test_resume_after_kill_9_with_the_same_strategy_is_bit_identical",
     "only_save_strategy": "tests/test_run_mindformer.py::test_7b_configs_plan_and_only_save_strategy",
