@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 from mindformers_st.checkpoint import exchange  # noqa: E402
 from mindformers_st.checkpoint.loader import (LoadOptions, balanced_load,  # noqa: E402
                                               load_checkpoint)
+from mindformers_st.checkpoint.derived import wait_background_builds  # noqa: E402
 from mindformers_st.config import load_config  # noqa: E402
 from mindformers_st.errors import MindformersSTError  # noqa: E402
 from mindformers_st.layout.parallel_config import ParallelConfig  # noqa: E402
@@ -47,7 +48,7 @@ def main(out):
                 ("load_checkpoint", case["path"]), ("load_ckpt_format", "safetensors"),
                 ("use_parallel", True), ("auto_trans_ckpt", case["auto_trans_ckpt"]),
                 ("direct_reshard", case["direct_reshard"]), ("balanced_load", balanced),
-                ("output_dir", os.path.join(out, "output"))])
+                ("output_dir", os.path.join(out, "output", key))])
             opts = LoadOptions.from_config(config)
             # the whole job is one dp group here: its streams go through AllGather; the
             # "direct" case forces the AllReduce every sub-group uses
@@ -63,10 +64,12 @@ def main(out):
                 arrays.update(opt.get_state_arrays())
             np.savez(os.path.join(out, f"{key}_rank{ctx.rank}.npz"), **arrays)
             rec[key] = {"mode": report.mode, "read_bytes": report.read_bytes,
-                        "exchange": report.exchange, "io_read_bytes": io_read_bytes() - before}
+                        "exchange": report.exchange, "io_read_bytes": io_read_bytes() - before,
+                        "background": report.background}
     # the default (balanced_load unset): both ranks share this machine, so they read alone
     config = load_config(TINY_YAML, [("load_checkpoint", cases[0]["path"]), ("use_parallel", True)])
     rec["default_on_one_host"] = balanced_load(LoadOptions.from_config(config), ctx)
+    wait_background_builds(announce=False)   # ms_safetensors of the HF case, as a run does
     ctx.barrier()
     with open(os.path.join(out, f"rank_{ctx.rank}.json"), "w") as fh:
         json.dump(rec, fh)

@@ -1,5 +1,6 @@
 """`balanced_load` on 2 msrun workers (dp2): complete weights cut online, rank files re-cut
-straight (`direct_reshard`) and a resume with optimizer state load bit-identical parameters with
+straight (`direct_reshard`), a Hugging Face folder read through its conversion plan and a
+resume with optimizer state load bit-identical parameters with
 and without it, each rank reading about half of what it reads alone; a corrupt tensor fails the
 load on both ranks (the reader's checksum, checked before anything is shared) instead of
 hanging the other."""
@@ -14,7 +15,7 @@ import pytest
 from mindformers_st.layout.parallel_config import ParallelConfig
 from mindformers_st.storage.reader import read_header
 
-from .test_loader import (expected_local, global_values, tiny_cfg, write_complete,
+from .test_loader import (_hf_folder, expected_local, global_values, tiny_cfg, write_complete,
                           write_distributed)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,12 +44,15 @@ def test_balanced_load_sets_the_same_parameters_and_reads_each_byte_once(tmp_pat
     mp2 = write_distributed(tmp_path / "mp2", cfg, weights, ParallelConfig(model_parallel=2),
                             remove_redundancy=True)
     dp2 = write_distributed(tmp_path / "dp2", cfg, values, ParallelConfig(data_parallel=2))
+    hf = _hf_folder(tmp_path, cfg, weights)
     cases = [dict(name="cut", path=str(complete), auto_trans_ckpt=True, direct_reshard=False,
                   resume=False),
              dict(name="direct", path=str(mp2), auto_trans_ckpt=True, direct_reshard=True,
                   resume=False),
              dict(name="resume", path=str(dp2), auto_trans_ckpt=False, direct_reshard=False,
                   resume=True),
+             # read through the conversion plan while ms_safetensors is written meanwhile
+             dict(name="hf", path=hf, auto_trans_ckpt=True, direct_reshard=False, resume=False),
              dict(name="corrupt", path=str(corrupt), auto_trans_ckpt=True, direct_reshard=False,
                   resume=False)]
     out = tmp_path / "out"
@@ -60,9 +64,12 @@ def test_balanced_load_sets_the_same_parameters_and_reads_each_byte_once(tmp_pat
     rec = {r: json.loads((out / f"rank_{r}.json").read_text()) for r in (0, 1)}
     pc = ParallelConfig(data_parallel=2)
     for r in (0, 1):
-        for name, mode in (("cut", "cut"), ("direct", "direct_reshard"), ("resume", "same_layout")):
+        for name, mode in (("cut", "cut"), ("direct", "direct_reshard"), ("resume", "same_layout"),
+                           ("hf", "cut")):
             off, on = rec[r][f"{name}_off"], rec[r][f"{name}_on"]
             assert off["mode"] == on["mode"] == mode
+            if name == "hf":   # both read through the conversion plan, not ms_safetensors
+                assert off["background"] and on["background"]
             assert off["exchange"] is None and on["exchange"]["collectives"] >= 1
             # the world group's AllGather, and (forced for "direct") the sub-groups' AllReduce
             gathers = on["exchange"]["gathers"]
@@ -80,7 +87,7 @@ def test_balanced_load_sets_the_same_parameters_and_reads_each_byte_once(tmp_pat
             assert rec[r][key]["error"].startswith("ChecksumError"), rec[r][key]
     # bytes read from storage: dp2 replicas read everything twice alone, once balanced
     biggest = max(v.nbytes for v in values.values())
-    for name in ("cut", "direct", "resume"):
+    for name in ("cut", "direct", "resume", "hf"):
         off = [rec[r][f"{name}_off"]["read_bytes"] for r in (0, 1)]
         on = [rec[r][f"{name}_on"]["read_bytes"] for r in (0, 1)]
         assert off[0] == off[1] and sum(on) == off[0], (name, off, on)
