@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ..errors import ChecksumError, CheckpointError, ConfigError, MindformersSTError, write_failed
-from ..parallel.agree import all_reduce_sum
+from ..parallel.agree import all_reduce_sum, first_failure
 from ..storage.atomic import atomic_write_text
 from ..transform.execute import (commit_folder, execute_files, read_source_shapes,
                                  write_side_files)
@@ -70,19 +70,23 @@ def read_fingerprint(folder: str) -> Optional[Dict[str, Any]]:
 
 
 def agree_or_raise(ctx, failure: Optional[BaseException], what: str) -> None:
-    """Every rank raises when any rank failed (one all-reduce, also a barrier): the failing rank
-    its own error, the others a CheckpointError saying so — a ChecksumError when some rank found
-    corrupt bytes, so a resume on every rank falls back together. Each rank reads other files,
-    and one that trained on would wait forever for the failed one in its first collective."""
+    """Every rank raises when any rank failed (one all-reduce, also a barrier), all with the
+    same one-line message — the lowest failing rank's, which names the file and tensor (under
+    balanced_load only the rank that read a block can): the failing ranks their own errors,
+    the others a CheckpointError with that text — a ChecksumError when some rank found corrupt
+    bytes, so a resume on every rank falls back together. Each rank reads other files, and one
+    that trained on would wait forever for the failed one in its first collective."""
     flags = np.array([failure is not None, isinstance(failure, ChecksumError)], dtype=np.int64)
     failed, corrupt = (int(x) for x in all_reduce_sum(ctx, flags))
     if not failed:
         return
+    root, text = first_failure(ctx, failure)
     if failure is not None:
         raise failure
     kind = ChecksumError if corrupt else CheckpointError
-    raise kind(f"{what}: {failed} other rank(s) could not read their part "
-               f"({'corrupt data' if corrupt else 'see their log'}); nothing was loaded")
+    logger.error("%s: rank %d could not read its part (%d rank(s) failed); nothing was loaded",
+                 what, root, failed)
+    raise kind(text)
 
 
 def rank_world(ctx):

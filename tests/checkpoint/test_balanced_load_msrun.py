@@ -85,6 +85,10 @@ def test_balanced_load_sets_the_same_parameters_and_reads_each_byte_once(tmp_pat
         # a corrupt tensor: both ranks fail with a checksum error, with and without balancing
         for key in ("corrupt_off", "corrupt_on"):
             assert rec[r][key]["error"].startswith("ChecksumError"), rec[r][key]
+    # ... and the same line, naming the tensor, though only one of them read it when balanced
+    for key in ("corrupt_off", "corrupt_on"):
+        assert " ".join(rec[0][key]["error"].split()) == " ".join(rec[1][key]["error"].split())
+        assert "lm_head.weight" in rec[0][key]["error"], rec[0][key]
     # bytes read from storage: dp2 replicas read everything twice alone, once balanced
     biggest = max(v.nbytes for v in values.values())
     for name in ("cut", "direct", "resume", "hf"):
