@@ -1,16 +1,19 @@
 """The one engine that runs every `Plan`: bounded memory, parallel reads, streaming writes.
 
 How it moves bytes:
-- sources are memory-mapped read-only (page cache pages, not anonymous memory); only the byte
-  ranges the plan names are touched, and `madvise(WILLNEED)` starts reading a tensor's
-  ranges before it is copied, so disk reads overlap copying and writing;
-- a target tensor is produced in row blocks along dim 0. A block that one source block fills
-  with whole contiguous rows is written straight from the mmap; any other block is assembled in
-  a per-thread staging buffer of `CHUNK_BYTES` (reused, so its pages fault in once);
+- sources are memory-mapped read-only (page cache pages, not anonymous memory), with faults that
+  never read ahead; the engine reads exactly the pages of the byte ranges the plan names
+  (`read_ranges`), requesting each block's ranges (`madvise(WILLNEED)`) while the block before it
+  is copied and written, so disk reads overlap copying and writing;
+- a target tensor is produced in row blocks along dim 0 (`_blocks`). A block that one source
+  block fills with whole contiguous rows is written straight from the mmap; any other block is
+  assembled in a per-thread staging buffer of at most `CHUNK_BYTES` (reused, so its pages fault
+  in once);
 - writes go through `storage.writer.SafetensorsWriter` (pwrite, xxh3 checksums, fsync, rename);
 - the output folder is built under a hidden sibling name and renamed at the end, so it appears
   complete or not at all.
-Peak anonymous memory is about `workers * CHUNK_BYTES` (+ one row when a row is larger), whatever
+Peak anonymous memory is the `workers` largest staging needs of the plan (`peak_staging`, what
+`--dry-run` prints), at most `workers * CHUNK_BYTES` (+ one row when a row is larger), whatever
 the model size.
 """
 from __future__ import annotations
