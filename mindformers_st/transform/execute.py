@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import CheckpointError, PlanError
 from ..dtypes import ITEMSIZE
 from ..dtypes import ST_TO_NUMPY
-from ..storage.reader import SafetensorsFile, read_header
+from ..storage.reader import SafetensorsFile, block_runs, read_header
 from ..storage.atomic import fsync_dir
 from ..storage.writer import SafetensorsWriter
 from .plan import CopyOp, Plan, TargetFile, TargetTensor
@@ -69,6 +69,34 @@ class _Source(SafetensorsFile):
     def raw(self, name: str) -> memoryview:
         """The stored bytes of `name` (zero-copy; release before close)."""
         return self.raw_bytes(name)
+
+    def runs(self, name: str, offsets: Sequence[int], sizes: Sequence[int]):
+        """The reader's `byte_ranges(name, offsets, sizes)` for the engine, cheaply: one (absolute
+        start, length) extent when the runs lie less than a page apart (their pages touch, so
+        they are one sequential read whatever the gaps: whole tensors, row ranges, narrow rows),
+        else the (n, 2) int64 array of runs (`block_runs`). The block was checked against the
+        tensor already (validate_plan)."""
+        e = self.entry(name)
+        base = self.data_start + e.begin
+        shape, item = e.shape, ITEMSIZE[e.dtype]
+        k = len(shape) - 1
+        while k >= 0 and sizes[k] == shape[k]:   # trailing dims taken whole merge into one run
+            k -= 1
+        if k < 0:
+            return (base, e.nbytes)
+        strides = [item] * len(shape)
+        for d in range(len(shape) - 2, -1, -1):
+            strides[d] = strides[d + 1] * shape[d + 1]
+        span, gap = sizes[k] * strides[k], 0   # bytes from the first run's start to the last's end
+        for d in range(k - 1, -1, -1):
+            if sizes[d] > 1:
+                gap = max(gap, strides[d] - span)
+                span += (sizes[d] - 1) * strides[d]
+        if gap < mmap.PAGESIZE:
+            return (base + sum(o * st for o, st in zip(offsets, strides)), span)
+        runs = block_runs(shape, item, offsets, sizes)
+        runs[:, 0] += base
+        return runs
 
     def will_need(self, ranges: Sequence[Tuple[int, int]]) -> None:
         """Start reading the page-aligned (start, length) `ranges` of the file (a hint: errors
@@ -288,40 +316,58 @@ def _portion(op: CopyOp, row0: int, row1: int):
             (hi - lo,) + tuple(op.sizes[1:]))
 
 
-def coalesce(ranges: Sequence[Tuple[int, int]], page: int = mmap.PAGESIZE) -> List[Tuple[int, int]]:
-    """The pages holding the byte `ranges` [(start, length)], as sorted page-aligned (start,
-    length) runs: ranges whose pages touch or overlap become one run, so consecutive rows are one
-    sequential read and no page is named twice, while a gap of a whole page or more stays unread."""
-    if not len(ranges):
-        return []
-    arr = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
-    arr = arr[arr[:, 1] > 0]
-    if not len(arr):
-        return []
-    lo = arr[:, 0] // page * page
-    hi = -(-(arr[:, 0] + arr[:, 1]) // page) * page
-    order = np.argsort(lo, kind="stable")
-    lo, hi = lo[order], np.maximum.accumulate(hi[order])
-    new = np.flatnonzero(lo[1:] > hi[:-1]) + 1       # a run starts where the pages stop touching
-    starts = lo[np.concatenate(([0], new))]
-    ends = hi[np.concatenate((new - 1, [len(lo) - 1]))]
-    return list(zip(starts.tolist(), (ends - starts).tolist()))
+def coalesce(ranges, page: int = mmap.PAGESIZE) -> List[Tuple[int, int]]:
+    """The pages holding the byte `ranges` ((start, length) pairs, or an (n, 2) array), as sorted
+    page-aligned (start, length) runs: ranges whose pages touch or overlap become one run, so
+    consecutive rows are one sequential read and no page is named twice, while a gap of a whole
+    page or more stays unread."""
+    if isinstance(ranges, np.ndarray) and len(ranges) > 16:
+        arr = ranges[ranges[:, 1] > 0]
+        lo = arr[:, 0] // page * page
+        hi = -(-(arr[:, 0] + arr[:, 1]) // page) * page
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order], np.maximum.accumulate(hi[order])
+        new = np.flatnonzero(lo[1:] > hi[:-1]) + 1   # a run starts where the pages stop touching
+        lo, hi = lo[np.concatenate(([0], new))], hi[np.concatenate((new - 1, [len(hi) - 1]))]
+        return list(zip(lo.tolist(), (hi - lo).tolist()))
+    # a few ranges (the usual case: one run per copy): plain Python is cheaper than numpy
+    spans = sorted((s // page * page, -(-(s + n) // page) * page)
+                   for s, n in (ranges.tolist() if isinstance(ranges, np.ndarray) else ranges)
+                   if n > 0)
+    out: List[List[int]] = []
+    for lo, hi in spans:
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi - lo) for lo, hi in out]
 
 
 def read_ranges(ops: Sequence[CopyOp], row0: int, row1: int,
                 sources: "_Sources") -> Dict[str, List[Tuple[int, int]]]:
     """{source file: coalesced page-aligned (start, length) runs} the engine reads to fill target
     rows [row0, row1) from `ops`: exactly the bytes the plan names (the reader's `byte_ranges`
-    of each copy), rounded out to whole pages."""
-    per_file: Dict[str, List[Tuple[int, int]]] = {}
+    of each copy, `_Source.runs`), rounded out to whole pages."""
+    per_file: Dict[str, list] = {}
     for op in ops:
         part = _portion(op, row0, row1)
         if part is None or not op.numel:
             continue
         _, offsets, sizes = part
-        per_file.setdefault(op.src_file, []).extend(
-            sources.get(op.src_file).byte_ranges(op.src_name, offsets, sizes))
-    return {path: coalesce(r) for path, r in per_file.items()}
+        per_file.setdefault(op.src_file, []).append(
+            sources.get(op.src_file).runs(op.src_name, offsets, sizes))
+    out = {}
+    for path, parts in per_file.items():
+        if len(parts) == 1 and isinstance(parts[0], tuple):   # the common case, made cheap
+            start, length = parts[0]
+            lo = start // mmap.PAGESIZE * mmap.PAGESIZE
+            out[path] = [(lo, -(-(start + length) // mmap.PAGESIZE) * mmap.PAGESIZE - lo)]
+        elif all(isinstance(p, tuple) for p in parts):
+            out[path] = coalesce(parts)
+        else:
+            out[path] = coalesce(np.concatenate([np.asarray(p, dtype=np.int64).reshape(-1, 2)
+                                                 for p in parts]))
+    return out
 
 
 def _prefetch(ops: Sequence[CopyOp], row0: int, row1: int, sources: "_Sources") -> None:
