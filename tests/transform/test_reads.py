@@ -82,3 +82,35 @@ def test_a_run_faults_in_only_the_pages_the_plan_names(source, tmp_path, case, h
         f"{plan_bytes / 2**20:.2f} MiB ({named / 2**20:.2f} MiB in whole pages)")
     # outside the tensor: the header and what reading it pulled in, none of the neighbours
     assert elsewhere <= 64 << 10, f"{case}: {elsewhere >> 10} KiB read outside the tensor"
+
+
+def test_coalesce_merges_ranges_whose_pages_touch_and_keeps_page_gaps():
+    assert coalesce([]) == []
+    assert coalesce([(10, 5)]) == [(0, PAGE)]
+    # 100 bytes every 1000: pages touch, one sequential run; sorted whatever the order given
+    assert coalesce([(1000 * i, 100) for i in (3, 0, 2, 1)]) == [(0, PAGE)]
+    # a gap of a whole page stays unread; an empty range names nothing
+    assert coalesce([(0, PAGE), (2 * PAGE, 1), (5 * PAGE, 0)]) == [(0, PAGE), (2 * PAGE, PAGE)]
+    arr = np.array([(i * 3 * PAGE + 7, PAGE) for i in range(40)], dtype=np.int64)
+    assert coalesce(arr) == coalesce(arr.tolist()) == [(i * 3 * PAGE, 2 * PAGE) for i in range(40)]
+
+
+def test_the_engine_reads_the_pages_of_the_readers_byte_ranges(tmp_path):
+    """`_Source.runs` (what the engine prefetches) names the same pages as the reader's
+    `byte_ranges`, for random blocks of tensors of several ranks and row sizes."""
+    from mindformers_st.transform.execute import _Source
+    rng = np.random.default_rng(1)
+    arrs = {"a": np.zeros((5, 6, 7), np.float32), "b": np.zeros((9,), np.int16),
+            "c": np.zeros((4, 1, 3), np.float64), "wide": np.zeros((40, 3000), np.float32),
+            "d3": np.zeros((6, 30, 200), np.float32)}
+    src = _Source(save_tensors(str(tmp_path / "x.safetensors"), arrs))
+    try:
+        for name, a in arrs.items():
+            for _ in range(200):
+                sizes = tuple(int(rng.integers(1, g + 1)) for g in a.shape)
+                offs = tuple(int(rng.integers(0, g - s + 1)) for g, s in zip(a.shape, sizes))
+                runs = src.runs(name, offs, sizes)
+                got = coalesce([runs] if isinstance(runs, tuple) else runs)
+                assert got == coalesce(src.byte_ranges(name, offs, sizes)), (name, offs, sizes)
+    finally:
+        src.close()
