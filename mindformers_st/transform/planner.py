@@ -305,7 +305,7 @@ def format_stats(stats: dict) -> str:
         lines.append(f"  {p['file']}: {p['tensors']} tensors, write {mb(p['bytes_written'])}, "
                      f"read {mb(p['bytes_read'])} in {p['read_runs']} runs from "
                      f"{p['files_opened']} file(s), peak buffer {mb(p['peak_buffer'])}")
-    procs = (f" in each of {stats['processes']} processes (+ each child's interpreter)"
+    procs = (f" in each of {stats['processes']} processes, plus each child's interpreter"
              if stats.get("processes", 1) > 1 else "")
     lines.append(f"total: read {mb(stats['total_bytes_read'])}, write "
                  f"{mb(stats['total_bytes_written'])}, peak buffer {mb(stats['peak_buffer'])} "

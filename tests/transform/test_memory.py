@@ -113,3 +113,25 @@ def test_dry_run_peak_is_the_measured_peak_with_threads_on_one_file(tmp_path, ca
     assert main(["merge", str(tmp_path / "src"), str(tmp_path / "dry"), "--dry-run",
                  "--workers", str(workers)]) == 0
     assert f"peak buffer {est / 2**20:,.1f} MiB" in capsys.readouterr().out
+
+
+def test_dry_run_peak_counts_every_thread_of_every_process(tmp_path):
+    """The estimate is one staging buffer per thread even when the threads share one output file,
+    never more buffers than tensors, and is summed over the processes of `--processes`."""
+    from mindformers_st.layout.parallel_config import ParallelConfig
+    from mindformers_st.layout.param_table import ParamSpec, ParamTable
+    from mindformers_st.transform import describe_source, plan_merge, plan_stats
+    from .helpers import make_globals, save_distributed
+
+    table = ParamTable(tuple(ParamSpec(f"layer{i}.w", (64, 256), "F32", 1) for i in range(8)), 1)
+    save_distributed(str(tmp_path / "src"), make_globals(table), table,
+                     ParallelConfig(model_parallel=4))
+    one = 64 * 256 * 4                     # a column-merged tensor is staged whole
+    plan = plan_merge(describe_source(str(tmp_path / "src")))
+    assert len([f for f in plan.files if f.path.startswith("model-")]) == 1
+    assert plan_stats(plan, workers=3)["peak_buffer"] == 3 * one
+    # 16 threads, 8 weights + global_step ([30], int32: a 4-byte row range, staged) to run
+    assert plan_stats(plan, workers=16)["peak_buffer"] == 8 * one + 4
+    sharded = plan_merge(describe_source(str(tmp_path / "src")), max_shard_size=one)
+    stats = plan_stats(sharded, workers=2, processes=2)
+    assert stats["processes"] == 2 and stats["peak_buffer"] == 2 * 2 * one
