@@ -121,7 +121,7 @@ def _barrier(ctx) -> None:
 def is_current(out_dir: str, fp: Dict[str, Any], ctx) -> bool:
     """Whether `out_dir` was built from the source fingerprint `fp` (so it is reused). Every
     rank must call this: it returns once every rank has decided, before any may change it."""
-    _wait_for(out_dir)   # a build of it this process started earlier decides first
+    wait_for_build(out_dir)   # a build of it this process started earlier decides first
     reuse = read_fingerprint(out_dir) == fp
     _barrier(ctx)
     return reuse
@@ -297,7 +297,7 @@ def start_background_build(out_dir: str, fp: Dict[str, Any], plan, ctx, what: st
     rank, world = rank_world(ctx)
     builders = transform_ranks(process_num, world)
     staging = out_dir.rstrip("/") + ".building"
-    _wait_for(out_dir)   # never two builds of one folder in a process
+    wait_for_build(out_dir)   # never two builds of one folder in a process
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
         try:
@@ -315,7 +315,8 @@ def start_background_build(out_dir: str, fp: Dict[str, Any], plan, ctx, what: st
                            len(builders)).start()
 
 
-def _wait_for(out_dir: str) -> None:
+def wait_for_build(out_dir: str) -> None:
+    """Wait for the background builds of `out_dir` this process started."""
     with _pending_lock:
         running = [b for b in _pending if b.out_dir == out_dir]
     for b in running:

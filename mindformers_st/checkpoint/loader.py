@@ -385,7 +385,18 @@ class PendingLoad:
                                             name="load_ckpt_async")
             self._thread.start()
         else:
-            self._read()
+            try:
+                self._read()
+            except BaseException:
+                self._settle_background()
+                raise
+
+    def _settle_background(self) -> None:
+        """A failed load returns only once the derived folder it started writing is settled
+        (committed, or failed and removed): no `.building` folder outlives the error."""
+        if self.background:
+            from .derived import wait_for_build
+            wait_for_build(self.background)
 
     def _prepare(self, file_suffix: Optional[str]) -> None:
         """The collective half: which files, in which form, read how (LoadMode)."""
@@ -468,6 +479,13 @@ class PendingLoad:
         """Wait for the read, agree with every rank that it succeeded, run `check`, and set
         the tensors into `state` (default: the state the load was planned with), which must
         hold the tensors the load was planned for. Returns the LoadReport."""
+        try:
+            return self._finish(state)
+        except BaseException:
+            self._settle_background()
+            raise
+
+    def _finish(self, state: Optional[NetworkState]) -> LoadReport:
         if self._thread is not None:
             t0 = time.perf_counter()
             self._thread.join()
