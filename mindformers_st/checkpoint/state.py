@@ -91,9 +91,30 @@ def _live(param, copy: bool, buffers: Optional[Dict[str, np.ndarray]] = None) ->
     # Reusing last save's buffers skips allocating and page-faulting hundreds of MB per save.
     buf = buffers.get(param.name)
     if buf is None or buf.shape != arr.shape or buf.dtype != arr.dtype:
+        logger.warning("%s: no snapshot buffer of shape %s %s was allocated at train begin; "
+                       "allocating one now (this save blocks longer)", param.name,
+                       tuple(arr.shape), arr.dtype)
         buf = buffers[param.name] = np.empty_like(arr)
     np.copyto(buf, arr)
     return buf
+
+
+def snapshot_buffers(state, ctx, remove_redundancy: bool = False,
+                     owned: Optional[Set[str]] = None) -> Dict[str, np.ndarray]:
+    """One buffer per sliced tensor this rank saves of `state` (the arrays `snapshot_rank`
+    copies with `copy=True`), shaped and typed as the live tensor and touched once, so an
+    async save's snapshot is a plain copy into memory that is already mapped: allocating and
+    page-faulting hundreds of MB at the save step would block training as long as the copy."""
+    buffers: Dict[str, np.ndarray] = {}
+    layouts = state.layouts
+    for name, p in state.parameters().items():
+        if name not in layouts or (remove_redundancy and name not in (owned or ())):
+            continue
+        live = _live(p, False)
+        buf = np.empty_like(live)
+        buf.reshape(-1).view(np.uint8).fill(0)   # fault every page in now, not in the first save
+        buffers[name] = buf
+    return buffers
 
 
 def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, float],
