@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -80,6 +81,7 @@ class _Save:
     commit_time: float = 0.0              # main-thread time agreeing and committing
     wait_time: float = 0.0                # main-thread time waiting for the background writer
     pruned: list = field(default_factory=list)
+    copied: threading.Event = field(default_factory=threading.Event)   # the snapshot is taken
 
     @property
     def written(self) -> bool:
@@ -186,6 +188,7 @@ class CheckpointMonitor(MindSporeCallback):
         self.run_id: Optional[str] = None   # this launch's identity, agreed at train begin
         self._buffers = {}   # async snapshot buffers: allocated at train begin, reused by every save
         self._writer: Optional[BackgroundWriter] = None   # async: files, records, pruning in order
+        self._fenced = None   # async under our trainer: the TrainStep whose updates wait for the copy
         if isinstance(layouts, str):   # a MindSpore strategy file or folder of the run
             from ..layout.strategy import read_strategy
             layouts = read_strategy(layouts)
@@ -311,6 +314,10 @@ class CheckpointMonitor(MindSporeCallback):
         if self.async_save:
             self._buffers = snapshot_buffers(self._saved or net_state, ctx, self.remove_redundancy,
                                              self._owned)
+            step_fn = getattr(cb.get("mfst_state"), "train_step", None)
+            if self._fenced is None and isinstance(getattr(step_fn, "before_update", None), list):
+                step_fn.before_update.append(self._before_update)
+                self._fenced = step_fn
         logger.info("CheckpointMonitor: %s every %d steps to %s (keep %d, %s%s)", self.fmt,
                     self.save_steps, self.directory, self.keep_max,
                     "async" if self.async_save else "sync",
@@ -337,7 +344,20 @@ class CheckpointMonitor(MindSporeCallback):
             self._finish_pending(self._ctx)
         if self._writer is not None:
             self._writer.close()
+        if self._fenced is not None:
+            self._fenced.before_update.remove(self._before_update)
+            self._fenced = None
         self._buffers = {}
+
+    def _before_update(self) -> None:
+        """TrainStep calls this before the optimizer changes weights or moments: a deferred
+        snapshot still being copied is waited for (the wait counts as the save's wait_time)."""
+        pending = self._pending
+        if pending is None or pending.copied.is_set():
+            return
+        t0 = time.perf_counter()
+        pending.copied.wait()
+        pending.wait_time += time.perf_counter() - t0
 
     def _remove_leftovers(self, ctx) -> None:
         """Delete this rank's files of saves the commit record does not name: files of a save
@@ -433,10 +453,14 @@ class CheckpointMonitor(MindSporeCallback):
             self._finish_pending(ctx)
         t0 = time.perf_counter()
         epoch, step, global_step, hyper = self._hyper(cb, ctx, net_state)
+        # Async under our trainer: the copy into the buffers runs on the writer during the next
+        # step's forward/backward, and TrainStep waits for it before the optimizer changes any
+        # tensor (_before_update); elsewhere (Model.train) it is taken here.
+        defer = self.async_save and self._fenced is not None
         snap = snapshot_rank(self._saved or net_state, ctx, epoch=epoch, step=step, hyper=hyper,
                              remove_redundancy=self.remove_redundancy, owned=self._owned,
                              copy=self.async_save, buffers=self._buffers if self.async_save else None,
-                             run_id=self.run_id)
+                             run_id=self.run_id, defer=defer)
         paths = self._paths(ctx.rank, epoch, step)
         pending = _Save(epoch, step, global_step, paths, snap.nbytes)
         options.add_append_values(snap, self.append_values, self._saved or net_state)
@@ -457,8 +481,12 @@ class CheckpointMonitor(MindSporeCallback):
 
         def write():
             tw = time.perf_counter()
-            _fault_point("write", global_step)
             try:
+                try:
+                    snap.fill()   # a deferred snapshot's copy; nothing to do otherwise
+                finally:
+                    pending.copied.set()
+                _fault_point("write", global_step)
                 for path, s in jobs:
                     write_rank_file(path, s, self.fmt, self.enc_key, self.enc_mode)
             except BaseException as exc:   # reported at commit, on the main thread
@@ -515,12 +543,13 @@ class CheckpointMonitor(MindSporeCallback):
     def _written_everywhere(self, ctx, pending: _Save) -> bool:
         """Step 1: True once every rank's files are written; CheckpointError on every rank when
         one failed (nothing is committed, the last committed save stays valid)."""
-        agreed = all_done(ctx, pending.written, pending.error is None)
+        agreed = all_done(ctx, pending.written, pending.error is None
+                          and (pending.task is None or pending.task.error is None))
         if agreed is None:
             return False
         if not agreed:
             self._pending = None
-            err = pending.error
+            err = pending.error or (pending.task.error if pending.task is not None else None)
             if pending.iteration is not None:
                 why = f"this rank: {err}" if err else "another rank failed (see its log)"
                 raise CheckpointError(f"save of iteration {pending.global_step} failed and was not "

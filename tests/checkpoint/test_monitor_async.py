@@ -1,7 +1,9 @@
-"""async_save with a real tiny Llama: the snapshot buffers are allocated once and reused, the
-commit record, pruning and meta.json run on the background writer (never on the training
-thread) and still prune the right files, and a save still in flight at the next save step is
-waited for, the wait counted as time the loop was blocked."""
+"""async_save with a real tiny Llama: the snapshot buffers are allocated once and reused; the
+copy into them runs during the next step's forward/backward and the optimizer update waits for
+it, so the file holds the save step's values; the commit record, pruning and meta.json run on
+the background writer (never on the training thread) and still prune the right files; and a
+save still in flight at the next save step is waited for, the wait counted as time the loop
+was blocked."""
 import logging
 import os
 import threading
@@ -17,7 +19,7 @@ from mindformers_st.storage.reader import open_safetensors
 
 from .monitor_worker import build_run, train
 
-pytestmark = pytest.mark.slow      # three short real trainings (~4 s each on a quiet machine)
+pytestmark = pytest.mark.slow      # two short real trainings
 
 PER_EPOCH, BATCH = 3, 4
 
@@ -58,37 +60,11 @@ def _assert_file_holds(path, truth):
             np.testing.assert_array_equal(f.read(name), value, err_msg=f"{path}: {name}")
 
 
-def test_snapshot_buffers_are_allocated_once_and_reused(run, tmp_path, caplog):
-    model, opt, step, ctx = run
-    out = str(tmp_path)
-    mon = CheckpointMonitor(checkpoint_format="safetensors", save_checkpoint_steps=2,
-                            keep_checkpoint_max=5, async_save=True, output_dir=out)
-    seen, truth, same = {}, {}, []
-
-    def begin():
-        seen.update({n: (b, b.ctypes.data) for n, b in mon._buffers.items()})
-
-    def after(gs):
-        same.append(all(mon._buffers[n] is b and b.ctypes.data == addr
-                        for n, (b, addr) in seen.items()) and len(mon._buffers) == len(seen))
-        if gs % 2 == 0:
-            truth[gs] = _truth(model, opt)
-
-    with caplog.at_level(logging.WARNING, logger="mindformers_st.checkpoint.state"):
-        train(model, opt, step, ctx, [mon, _Probe(after=after, begin=begin)], 4, out, PER_EPOCH, BATCH)
-    assert "allocating one now" not in caplog.text
-    # one buffer per sliced tensor of the save (weights and moments), from train begin on
-    assert set(seen) == {n for n in truth[2] if n != "global_step"}
-    assert same == [True] * 4
-    saves = cm.committed_saves(os.path.join(out, "checkpoint"))
-    assert [s.global_step for s in saves] == [2, 4]
-    # the second save reused the buffers only after the first one's file was written
-    for save in saves:
-        _assert_file_holds(save.path(0), truth[save.global_step])
-
-
-def test_commit_record_pruning_and_meta_run_on_the_writer_and_prune_the_right_files(
-        run, tmp_path, monkeypatch):
+def test_buffers_reused_and_commit_records_pruning_meta_on_the_writer(run, tmp_path, monkeypatch,
+                                                                      caplog):
+    """Saves every step, keep 2: the buffers allocated at train begin are the ones every save
+    copies into, each kept file still holds its own step's values, and committed.json, the
+    deletion of the pruned saves and meta.json are written by the writer thread, in order."""
     model, opt, step, ctx = run
     out = str(tmp_path)
     calls = []
@@ -103,12 +79,31 @@ def test_commit_record_pruning_and_meta_run_on_the_writer_and_prune_the_right_fi
         monkeypatch.setattr(monitor_mod.cm, name, spy(name, getattr(cm, name)))
     mon = CheckpointMonitor(checkpoint_format="safetensors", save_checkpoint_steps=1,
                             keep_checkpoint_max=2, async_save=True, output_dir=out)
-    train(model, opt, step, ctx, [mon], 4, out, PER_EPOCH, BATCH)
+    seen, truth, same = {}, {}, []
 
-    rank_dir = os.path.join(out, "checkpoint", "rank_0")
+    def begin():
+        seen.update({n: (b, b.ctypes.data) for n, b in mon._buffers.items()})
+
+    def after(gs):
+        same.append(all(mon._buffers[n] is b and b.ctypes.data == addr
+                        for n, (b, addr) in seen.items()) and len(mon._buffers) == len(seen))
+        truth[gs] = _truth(model, opt)
+
+    with caplog.at_level(logging.WARNING, logger="mindformers_st.checkpoint.state"):
+        train(model, opt, step, ctx, [mon, _Probe(after=after, begin=begin)], 4, out, PER_EPOCH, BATCH)
+    assert "allocating one now" not in caplog.text
+    # one buffer per sliced tensor of the save (weights and moments), from train begin on
+    assert set(seen) == {n for n in truth[1] if n != "global_step"}
+    assert same == [True] * 4
+
+    ckpt = os.path.join(out, "checkpoint")
+    rank_dir = os.path.join(ckpt, "rank_0")
     assert sorted(os.listdir(rank_dir)) == ["CKP_rank_0-1_3.safetensors", "CKP_rank_0-2_1.safetensors",
                                             "meta.json"]
-    assert [s.global_step for s in cm.committed_saves(os.path.join(out, "checkpoint"))] == [3, 4]
+    saves = cm.committed_saves(ckpt)
+    assert [s.global_step for s in saves] == [3, 4]
+    for save in saves:   # the next snapshot reused the buffers only once this file was written
+        _assert_file_holds(save.path(0), truth[save.global_step])
     assert cm.read_rank_meta(rank_dir).committed == ("CKP_rank_0-1_3.safetensors",
                                                      "CKP_rank_0-2_1.safetensors")
     # on the loop's thread only the start-up: the empty record claiming the fresh folder and
@@ -136,6 +131,10 @@ def test_a_save_in_flight_at_the_next_save_step_is_waited_for_and_counted(run, t
     def begin():   # the writer's first task holds every later one back until the gate opens
         mon._writer = BackgroundWriter("ckpt-save-0")
         mon._writer.submit(gate.wait, "gate")
+        # the save step's copy is taken at once (as under Model.train), not during the next
+        # step: here the write, not the copy, is what is still running at the next save step
+        step.before_update.remove(mon._before_update)
+        mon._fenced = None
 
     def before(gs):   # runs just before the monitor's own step end
         truth[gs] = _truth(model, opt)
@@ -144,7 +143,7 @@ def test_a_save_in_flight_at_the_next_save_step_is_waited_for_and_counted(run, t
             threading.Timer(0.5, gate.set).start()
 
     with caplog.at_level(logging.INFO, logger="mindformers_st.checkpoint.monitor"):
-        train(model, opt, step, ctx, [_Probe(begin=begin), _Probe(before=before), mon], 3, out,
+        train(model, opt, step, ctx, [_Probe(before=before), mon, _Probe(begin=begin)], 3, out,
               PER_EPOCH, BATCH)
     assert in_flight == [True]
     first = mon.stats[0]
@@ -155,3 +154,43 @@ def test_a_save_in_flight_at_the_next_save_step_is_waited_for_and_counted(run, t
     assert [s.global_step for s in saves] == [1, 2, 3]
     for save in saves:   # each file holds its own step's values though the buffers are shared
         _assert_file_holds(save.path(0), truth[save.global_step])
+
+
+def test_the_next_update_waits_for_the_deferred_copy_so_the_file_holds_the_save_step(run, tmp_path):
+    """The copy of the step-2 save is held back (a gate on the writer) until the step-3 update
+    has asked to run: TrainStep must wait for it, or the file would hold step-3 values."""
+    model, opt, step, ctx = run
+    out = str(tmp_path)
+    mon = CheckpointMonitor(checkpoint_format="safetensors", save_checkpoint_steps=2,
+                            keep_checkpoint_max=5, async_save=True, output_dir=out)
+    gate = threading.Event()
+    truth, not_yet_copied = {}, []
+
+    def at_update():   # runs first among TrainStep's before_update hooks, then the monitor's
+        if mon._pending is not None and not gate.is_set():
+            not_yet_copied.append(not mon._pending.copied.is_set())
+            threading.Timer(0.3, gate.set).start()
+
+    def begin():
+        assert mon._fenced is step and step.before_update == [mon._before_update]
+        step.before_update.insert(0, at_update)
+
+    def before(gs):   # just before the monitor's step end: the gate goes in ahead of the write
+        if gs == 2:
+            mon._writer = mon._writer or BackgroundWriter("ckpt-save-0")
+            mon._writer.submit(gate.wait, "gate")
+
+    def after(gs):
+        truth[gs] = _truth(model, opt)
+
+    try:
+        train(model, opt, step, ctx, [_Probe(before=before), mon, _Probe(after=after, begin=begin)],
+              3, out, PER_EPOCH, BATCH)
+    finally:
+        step.before_update[:] = []
+    assert not_yet_copied == [True]
+    assert any(not np.array_equal(truth[2][n], truth[3][n]) for n in truth[2])   # step 3 changed them
+    saves = cm.committed_saves(os.path.join(out, "checkpoint"))
+    assert [s.global_step for s in saves] == [2]
+    _assert_file_holds(saves[0].path(0), truth[2])
+    assert mon.stats[0].global_step == 2 and mon.stats[0].wait_time >= 0.2   # counted as blocking
