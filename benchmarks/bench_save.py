@@ -172,10 +172,12 @@ def main():
 
     # ---- async against sync: training-loop time inside the callback, alternating rounds ---------
     # Two monitors of the same training (same state, same bytes per save), keep_checkpoint_max 1
-    # so every save also prunes the previous one. Per round each mode runs two training steps
+    # so every save also prunes the previous one. Per round each mode runs three training steps
     # and saves at the second, in alternating order; its blocking time is the main-thread time
-    # inside its callback over those two step ends (async: snapshot, hand-off, the per-step
-    # agreement, any wait for its writer; sync: snapshot, write, fsync, commit, pruning).
+    # inside its callback over those three step ends (async: views and hand-off, the per-step
+    # agreement, any wait for its writer; sync: snapshot, write, fsync, commit, pruning) plus,
+    # async, the time the third step's optimizer update waited for the snapshot copy (taken on
+    # the writer during that step's forward/backward: SaveStats.copy_wait).
     # Between modes (untimed): the async writer is drained so its disk traffic never overlaps
     # a timed sync save, `sync`, and the files just written are evicted from the page cache.
     mons = {mode: CheckpointMonitor(checkpoint_format="safetensors", keep_checkpoint_max=1,
@@ -207,7 +209,7 @@ def main():
             mon = mons[mode]
             os.sync()
             cost = 0.0
-            for k in range(2):
+            for k in range(3):
                 steps_s[mode].append(train_step(state))
                 cost += timed(mon, save=k == 1)
             if mon._writer is not None:
@@ -223,17 +225,22 @@ def main():
         mon.on_train_end(run_context_of(state))
     end_s = time.perf_counter() - t0
     asy = mons["async"]
+    assert len(asy.stats) == args.rounds + 1, "one async save per round"
+    for i, s in enumerate(asy.stats[1:]):   # the update's wait for the copy is blocking time too
+        blocked["async"][i] += s.copy_wait
     async_blocked = blocked["async"]
-    print("async saves: " + ", ".join(f"snapshot {s.blocked * 1e3:.0f} ms + commit {s.commit_time * 1e3:.1f} ms"
-                                      f" + wait {s.wait_time * 1e3:.0f} ms (write {s.write_time:.2f} s)"
+    print("async saves: " + ", ".join(f"hand-off {s.blocked * 1e3:.0f} ms + commit {s.commit_time * 1e3:.1f} ms"
+                                      f" + wait {s.wait_time * 1e3:.0f} ms + copy wait "
+                                      f"{s.copy_wait * 1e3:.0f} ms (write {s.write_time:.2f} s)"
                                       for s in asy.stats), flush=True)
     ratios = [a / s for a, s in zip(blocked["async"], blocked["sync"])]
     stats = {mode: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v)}
              for mode, v in blocked.items()}
     async_vs_sync = {
         "what": "training-loop (main-thread) time inside the monitor's callback over the two step "
-                "ends of a save cycle (save every 2nd step, keep_checkpoint_max 1), same state; "
-                "rounds alternate the order; round 0 (warm-up) not counted",
+                "ends of a save cycle (3 steps, save at the 2nd, keep_checkpoint_max 1) plus, async, "
+                "the next update's wait for the snapshot copy; same state; rounds alternate the "
+                "order; round 0 (warm-up) not counted",
         "sync_blocked_s": blocked["sync"], "async_blocked_s": blocked["async"],
         "ratio_per_round": ratios,
         "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
@@ -241,6 +248,7 @@ def main():
         "sync": stats["sync"], "async": stats["async"],
         "async_stats_ms": [{"global_step": s.global_step, "snapshot_and_handoff": s.blocked * 1e3,
                             "commit_agreement": s.commit_time * 1e3, "wait": s.wait_time * 1e3,
+                            "update_waited_for_copy": s.copy_wait * 1e3,
                             "write_on_writer_thread": s.write_time * 1e3} for s in asy.stats],
         "on_train_begin_s": begin_s, "on_train_end_s_both": end_s,
         "train_step_s": steps_s,

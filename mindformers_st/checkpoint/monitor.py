@@ -80,6 +80,7 @@ class _Save:
     #                                       rank 0's record is written (None: nothing to do)
     commit_time: float = 0.0              # main-thread time agreeing and committing
     wait_time: float = 0.0                # main-thread time waiting for the background writer
+    copy_wait: float = 0.0                # time the next optimizer update waited for the copy
     pruned: list = field(default_factory=list)
     copied: threading.Event = field(default_factory=threading.Event)   # the snapshot is taken
 
@@ -99,10 +100,11 @@ class SaveStats:
     commit_time: float       # the commit on the main thread (meta.json, agreement, committed.json)
     wait_time: float = 0.0   # async only: time the loop waited for an unfinished writer
     async_save: bool = False
+    copy_wait: float = 0.0   # async under our trainer: the next update waited for the snapshot copy
 
     @property
     def total_blocked(self) -> float:
-        return self.blocked + self.commit_time + self.wait_time
+        return self.blocked + self.commit_time + self.wait_time + self.copy_wait
 
 
 class CheckpointMonitor(MindSporeCallback):
@@ -357,7 +359,7 @@ class CheckpointMonitor(MindSporeCallback):
             return
         t0 = time.perf_counter()
         pending.copied.wait()
-        pending.wait_time += time.perf_counter() - t0
+        pending.copy_wait += time.perf_counter() - t0
 
     def _remove_leftovers(self, ctx) -> None:
         """Delete this rank's files of saves the commit record does not name: files of a save
@@ -727,13 +729,14 @@ class CheckpointMonitor(MindSporeCallback):
     def _committed_log(self, pending: _Save) -> None:
         self.stats.append(SaveStats(pending.global_step, pending.nbytes, pending.blocked,
                                     pending.write_time, pending.commit_time, pending.wait_time,
-                                    pending.task is not None))
+                                    pending.task is not None, pending.copy_wait))
         what = (f"iteration {pending.global_step} (Checkpoint 2.0)" if pending.iteration is not None
                 else os.path.basename(pending.paths[0]))
         logger.info("step %d: committed %s (%.1f MB; blocked %.1f ms, write %.1f ms, commit %.1f ms"
                     "%s)%s", pending.global_step, what, pending.nbytes / 1e6,
                     pending.blocked * 1e3, pending.write_time * 1e3, pending.commit_time * 1e3,
-                    f", waited {pending.wait_time * 1e3:.1f} ms" if pending.wait_time > 1e-3 else "",
+                    f", waited {(pending.wait_time + pending.copy_wait) * 1e3:.1f} ms"
+                    if pending.wait_time + pending.copy_wait > 1e-3 else "",
                     f"; pruning {pending.pruned}" if pending.pruned else "")
 
     def _record_health(self, name: str) -> None:
