@@ -45,7 +45,7 @@ from ..records.rank_meta import RankFileMeta, new_run_id, save_id_of
 from ..storage.reader import read_header
 from .background import BackgroundWriter, Task
 from .network import CellState, ModelState
-from .state import owned_names, snapshot_buffers, snapshot_rank, write_rank_file
+from .state import owned_names, rank_slices_of, snapshot_buffers, snapshot_rank, write_rank_file
 from . import monitor_options as options
 
 try:   # the class is a mindspore.train.Callback; importing this module imports MindSpore
@@ -191,6 +191,7 @@ class CheckpointMonitor(MindSporeCallback):
         self._buffers = {}   # async snapshot buffers: allocated at train begin, reused by every save
         self._writer: Optional[BackgroundWriter] = None   # async: files, records, pruning in order
         self._fenced = None   # async under our trainer: the TrainStep whose updates wait for the copy
+        self._rank_slices = None   # {name: this rank's slice}, computed at train begin
         if isinstance(layouts, str):   # a MindSpore strategy file or folder of the run
             from ..layout.strategy import read_strategy
             layouts = read_strategy(layouts)
@@ -313,6 +314,7 @@ class CheckpointMonitor(MindSporeCallback):
             self._remove_leftovers(ctx)
         if self.remove_redundancy:
             self._owned = owned_names(self._saved or net_state, ctx)
+        self._rank_slices = rank_slices_of(self._saved or net_state, ctx)
         if self.async_save:
             self._buffers = snapshot_buffers(self._saved or net_state, ctx, self.remove_redundancy,
                                              self._owned)
@@ -353,7 +355,7 @@ class CheckpointMonitor(MindSporeCallback):
 
     def _before_update(self) -> None:
         """TrainStep calls this before the optimizer changes weights or moments: a deferred
-        snapshot still being copied is waited for (the wait counts as the save's wait_time)."""
+        snapshot still being copied is waited for (the save's copy_wait, counted as blocking)."""
         pending = self._pending
         if pending is None or pending.copied.is_set():
             return
@@ -462,7 +464,7 @@ class CheckpointMonitor(MindSporeCallback):
         snap = snapshot_rank(self._saved or net_state, ctx, epoch=epoch, step=step, hyper=hyper,
                              remove_redundancy=self.remove_redundancy, owned=self._owned,
                              copy=self.async_save, buffers=self._buffers if self.async_save else None,
-                             run_id=self.run_id, defer=defer)
+                             run_id=self.run_id, defer=defer, rank_slices=self._rank_slices)
         paths = self._paths(ctx.rank, epoch, step)
         pending = _Save(epoch, step, global_step, paths, snap.nbytes)
         options.add_append_values(snap, self.append_values, self._saved or net_state)

@@ -112,6 +112,12 @@ def _live(param, copy: bool, buffers: Optional[Dict[str, np.ndarray]] = None,
     return buf
 
 
+def rank_slices_of(state, ctx) -> Dict[str, TensorSlice]:
+    """{name: this rank's slice} of every tensor of `state` with a layout (what snapshot_rank
+    takes as `rank_slices`; layouts do not change during a run)."""
+    return {name: lay.slice_for(ctx.rank) for name, lay in state.layouts.items()}
+
+
 def snapshot_buffers(state, ctx, remove_redundancy: bool = False,
                      owned: Optional[Set[str]] = None) -> Dict[str, np.ndarray]:
     """One buffer per sliced tensor this rank saves of `state` (the arrays `snapshot_rank`
@@ -133,7 +139,8 @@ def snapshot_buffers(state, ctx, remove_redundancy: bool = False,
 def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, float],
                   remove_redundancy: bool = False, owned: Optional[Set[str]] = None,
                   copy: bool = False, buffers: Optional[Dict[str, np.ndarray]] = None,
-                  run_id: Optional[str] = None, defer: bool = False) -> RankSnapshot:
+                  run_id: Optional[str] = None, defer: bool = False,
+                  rank_slices: Optional[Mapping[str, TensorSlice]] = None) -> RankSnapshot:
     """This rank's save of `state` (a checkpoint.network.NetworkState): every tensor it holds
     (weights, optimizer moments and counters, under MindSpore's names), then the hyper tensors.
 
@@ -145,7 +152,8 @@ def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, floa
     reuse them before the previous snapshot's file is written. `run_id` (the same on every rank
     of the run) gives the file its save identity (records.rank_meta run_id, save_id). `defer`
     (with `copy` and `buffers`) leaves the copies to the snapshot's `fill()`: the arrays are the
-    buffers, still to be filled from views of the live tensors."""
+    buffers, still to be filled from views of the live tensors. `rank_slices` ({name:
+    layouts[name].slice_for(rank)}, from `rank_slices_of`) spares recomputing them per save."""
     missing = sorted(set(HYPER_DTYPES) - set(hyper))
     if missing:
         raise CheckpointError(f"snapshot: hyper values {missing} are missing; a save needs all of "
@@ -171,7 +179,7 @@ def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, floa
             continue
         if remove_redundancy and name not in owned:
             continue
-        sl = lay.slice_for(ctx.rank)
+        sl = rank_slices[name] if rank_slices is not None else lay.slice_for(ctx.rank)
         arr = _live(p, copy, buffers, deferred)
         if tuple(arr.shape) != tuple(sl.sizes):
             raise CheckpointError(f"snapshot: {name} holds {tuple(arr.shape)} on rank {ctx.rank} but its "
@@ -187,7 +195,7 @@ def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, floa
                         int(epoch), int(step), run_id=run_id,
                         save_id=None if run_id is None else save_id_of(run_id, epoch, step))
     network = tuple(n for n in state.weights if n in arrays)
-    trainable = tuple(n for n in state.trainable() if n in arrays)
+    trainable = tuple(n for n in state.trainable(params) if n in arrays)
     return RankSnapshot(arrays, slices, meta, copy, network, trainable, deferred or [])
 
 

@@ -29,6 +29,13 @@ def run():
     return build_run()
 
 
+@pytest.fixture(autouse=True)
+def _no_hook_left(run):
+    """A test that fails mid-training leaves its monitor's hook on the shared TrainStep."""
+    yield
+    run[2].before_update[:] = []
+
+
 def _truth(model, opt):
     arrays = dict(model.get_local_params())   # copies
     arrays.update(opt.get_state_arrays())     # copies
