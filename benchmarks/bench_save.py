@@ -187,7 +187,7 @@ def main():
             for mode in ("sync", "async")}
     state = new_state()
     state.global_step = 0
-    load_start = os.getloadavg()
+    load_start, code = os.getloadavg(), git_commit()
     begin_s = {}
     for mode, mon in mons.items():
         t0 = time.perf_counter()
@@ -258,7 +258,7 @@ def main():
                        "achieved": sum(1 for e in evictions if e["achieved"]),
                        "max_resident_after": max(e["resident_after"] for e in evictions)},
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-        "git": git_commit(),
+        "git": code,   # read when this part started
         "goal_ratio": 0.1,
     }
     print(f"async / sync blocked: median of per-round ratios {async_vs_sync['ratio_median']:.3f} "
