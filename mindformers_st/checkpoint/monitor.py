@@ -97,7 +97,7 @@ class SaveStats:
     nbytes: int
     blocked: float           # training-loop time at the trigger (snapshot, and the write when sync)
     write_time: float        # time spent writing files (on whichever thread)
-    commit_time: float       # the commit on the main thread (meta.json, agreement, committed.json)
+    commit_time: float       # main-thread commit: agreement (+ records and pruning when sync)
     wait_time: float = 0.0   # async only: time the loop waited for an unfinished writer
     async_save: bool = False
     copy_wait: float = 0.0   # async under our trainer: the next update waited for the snapshot copy
