@@ -60,9 +60,10 @@ class NetworkState:
         """name -> MindSpore Parameter of every tensor a save holds, in save order."""
         raise NotImplementedError
 
-    def trainable(self) -> List[str]:
-        """The weights that require gradients."""
-        params = self.parameters()
+    def trainable(self, params: Optional[Mapping[str, object]] = None) -> List[str]:
+        """The weights that require gradients (`params`: this state's `parameters()`, when the
+        caller already has them)."""
+        params = self.parameters() if params is None else params
         return [n for n in self.weights if getattr(params[n], "requires_grad", True)]
 
     def set_weights(self, arrays: Mapping[str, np.ndarray], strict: bool = True) -> List[str]:

@@ -33,6 +33,18 @@ def all_ranks(ctx, flag: bool) -> bool:
     return int(total[0]) == ctx.world_size
 
 
+def all_done(ctx, done: bool, ok: bool):
+    """One all-reduce for a task every rank runs in the background: None while some rank's is
+    not `done`, else True iff every rank's is also `ok` (the same answer on every rank)."""
+    flags = np.array([1 if done else 0, 1 if done and ok else 0])
+    if _single(ctx):
+        return None if not done else bool(ok)
+    total = all_reduce_sum(ctx, flags)
+    if int(total[0]) < ctx.world_size:
+        return None
+    return int(total[1]) == ctx.world_size
+
+
 def broadcast_json(ctx, obj, root: int = 0):
     """Rank `root`'s `obj` (JSON-serialisable) on every rank, as two sum all-reduces."""
     if _single(ctx):
