@@ -99,6 +99,9 @@ def run(cfg, rank: int = 0) -> int:
     else:
         from mindformers_st.trainer.predict import run_predict
         run_predict(cfg, resolved, ctx)
+    # the folders the load hook promised (ms_safetensors, unified_checkpoint) are there on exit
+    from mindformers_st.checkpoint.derived import wait_background_builds
+    wait_background_builds()
     return 0
 
 

@@ -1,16 +1,21 @@
-"""How long a checkpoint save blocks training: CheckpointMonitor against a raw write of the same bytes.
+"""How long a checkpoint save blocks training: CheckpointMonitor against a raw write of the same
+bytes, and async_save against a synchronous save of the same state.
 
 One process, a real Llama (default: hidden 768, vocab 16000, 2 layers: ~440 MB per save with
 the AdamW moments), trained with TrainStep. Per round, interleaved so disk noise hits both alike:
 - raw:  the same arrays written back to back into one file, then fsync (the floor for a durable save);
 - sync: CheckpointMonitor.save (snapshot, streaming safetensors write with xxh3 checksums,
         fsync + rename, meta.json, committed.json) — time the training loop is blocked.
-Then an async run (async_save, a save every other step): blocked time = snapshot copy + thread
-start + commit + any wait for an unfinished writer.
+Then async against sync, alternating rounds: two monitors (keep_checkpoint_max 1, so every save
+also prunes) on the same training; per round each mode trains two steps and saves at the second,
+and its blocking time is the main-thread time spent inside its callback over those two step
+ends (async: snapshot into the buffers allocated at train begin, hand-off to the writer, the
+per-step agreement, any wait for an unfinished writer). Page cache evicted between modes
+(posix_fadvise DONTNEED, checked with mincore); load average at start and end; git commit.
 
     .venv/bin/python benchmarks/bench_save.py [--rounds 5] [--hidden 768] [--vocab 16000]
 
-Prints the ratios (goals: sync/raw <= 1.2, async/sync < 0.1) and writes docs/bench/save.json.
+Prints the ratios (goals: sync/raw <= 1.2, async/sync <= 0.1) and writes docs/bench/save.json.
 """
 import argparse
 import json
@@ -42,6 +47,62 @@ def raw_write(path, arrays):
     finally:
         os.close(fd)
     return time.perf_counter() - t0
+
+
+def evict_files(monitors):
+    """posix_fadvise(DONTNEED) every file of the monitors' checkpoint folders (after `sync`, so
+    no page is dirty); returns {"files", "resident_after" (bytes, by mincore), "achieved"}."""
+    os.sync()
+    paths = [os.path.join(root, name) for mon in monitors
+             for root, _, names in os.walk(mon.directory) for name in names]
+    resident = 0
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:   # pruned meanwhile
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            resident += _resident_bytes(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+    return {"files": len(paths), "resident_after": resident, "achieved": resident == 0}
+
+
+def _resident_bytes(fd, size):
+    """Bytes of the open file `fd` in the page cache (mincore over a read-only mapping)."""
+    import ctypes
+    import mmap
+    if size == 0:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
+    try:
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        if libc.mincore(addr, size, vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        return min(size, sum(v & 1 for v in vec) * mmap.PAGESIZE)
+    finally:
+        libc.munmap(addr, size)
+
+
+def git_commit():
+    """{"commit", "dirty"} of the checkout this script runs from."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True).stdout.strip()
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no",
+                              "--", "mindformers_st", "benchmarks"))}
 
 
 def main():
@@ -113,45 +174,124 @@ def main():
         print(f"round {i}: raw {raw_times[-1]:.3f} s, sync save blocked {sync_times[-1]:.3f} s", flush=True)
     sync.on_train_end(run_context_of(state))
 
-    # ---- asynchronous saves -----------------------------------------------------------------------
-    asy = CheckpointMonitor(checkpoint_format="safetensors", directory=os.path.join(scratch, "async"),
-                            keep_checkpoint_max=1, save_checkpoint_steps=2, async_save=True,
-                            output_dir=scratch)
+    # ---- async against sync: training-loop time inside the callback, alternating rounds ---------
+    # Two monitors of the same training (same state, same bytes per save), keep_checkpoint_max 1
+    # so every save also prunes the previous one. Per round each mode runs three training steps
+    # and saves at the second, in alternating order; its blocking time is the main-thread time
+    # inside its callback over those three step ends (async: views and hand-off, the per-step
+    # agreement, any wait for its writer; sync: snapshot, write, fsync, commit, pruning) plus,
+    # async, the time the third step's optimizer update waited for the snapshot copy (taken on
+    # the writer during that step's forward/backward: SaveStats.copy_wait).
+    # Between modes (untimed): the async writer is drained so its disk traffic never overlaps
+    # a timed sync save, `sync`, and the files just written are evicted from the page cache.
+    mons = {mode: CheckpointMonitor(checkpoint_format="safetensors", keep_checkpoint_max=1,
+                                    directory=os.path.join(scratch, f"cb_{mode}"),
+                                    save_checkpoint_steps=10 ** 9, async_save=mode == "async",
+                                    output_dir=scratch)
+            for mode in ("sync", "async")}
     state = new_state()
-    asy.on_train_begin(run_context_of(state))
-    async_steps = []
-    t_loop = time.perf_counter()
-    for _ in range(2 * args.rounds):
-        async_steps.append(train_step(state))
-        asy.on_train_step_end(run_context_of(state))
-    asy.on_train_end(run_context_of(state))
-    loop_time = time.perf_counter() - t_loop
-    async_blocked = [s.total_blocked for s in asy.stats]
-    print("async saves: " + ", ".join(f"blocked {s.blocked * 1e3:.0f} ms + commit {s.commit_time * 1e3:.0f} ms"
-                                      f" + wait {s.wait_time * 1e3:.0f} ms (write {s.write_time:.2f} s)"
+    state.global_step = 0
+    load_start, code = os.getloadavg(), git_commit()
+    begin_s = {}
+    for mode, mon in mons.items():
+        t0 = time.perf_counter()
+        mon.on_train_begin(run_context_of(state))   # async: the snapshot buffers are allocated here
+        begin_s[mode] = time.perf_counter() - t0
+    blocked = {"sync": [], "async": []}
+    steps_s = {"sync": [], "async": []}
+    evictions = []
+
+    def timed(mon, save):
+        t0 = time.perf_counter()
+        mon.on_train_step_end(run_context_of(state))
+        if save:   # the loop's save step (save_checkpoint_steps is set out of reach above)
+            mon.save(run_context_of(state))
+        return time.perf_counter() - t0
+
+    for i in range(args.rounds + 1):                 # round 0 warms both up, not counted
+        for mode in (("sync", "async") if i % 2 == 0 else ("async", "sync")):
+            mon = mons[mode]
+            os.sync()
+            cost = 0.0
+            for k in range(3):
+                steps_s[mode].append(train_step(state))
+                cost += timed(mon, save=k == 1)
+            if mon._writer is not None:
+                mon._writer.drain()                  # untimed: its write runs during training
+            evictions.append(evict_files(mons.values()))
+            if i:
+                blocked[mode].append(cost)
+        if i:
+            print(f"round {i}: sync blocked {blocked['sync'][-1] * 1e3:.0f} ms, async blocked "
+                  f"{blocked['async'][-1] * 1e3:.0f} ms", flush=True)
+    t0 = time.perf_counter()
+    for mon in mons.values():
+        mon.on_train_end(run_context_of(state))
+    end_s = time.perf_counter() - t0
+    asy = mons["async"]
+    assert len(asy.stats) == args.rounds + 1, "one async save per round"
+    for i, s in enumerate(asy.stats[1:]):   # the update's wait for the copy is blocking time too
+        blocked["async"][i] += s.copy_wait
+    async_blocked = blocked["async"]
+    print("async saves: " + ", ".join(f"hand-off {s.blocked * 1e3:.0f} ms + commit {s.commit_time * 1e3:.1f} ms"
+                                      f" + wait {s.wait_time * 1e3:.0f} ms + copy wait "
+                                      f"{s.copy_wait * 1e3:.0f} ms (write {s.write_time:.2f} s)"
                                       for s in asy.stats), flush=True)
+    ratios = [a / s for a, s in zip(blocked["async"], blocked["sync"])]
+    stats = {mode: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v)}
+             for mode, v in blocked.items()}
+    async_vs_sync = {
+        "what": "training-loop (main-thread) time inside the monitor's callback over the two step "
+                "ends of a save cycle (3 steps, save at the 2nd, keep_checkpoint_max 1) plus, async, "
+                "the next update's wait for the snapshot copy; same state; rounds alternate the "
+                "order; round 0 (warm-up) not counted",
+        "sync_blocked_s": blocked["sync"], "async_blocked_s": blocked["async"],
+        "ratio_per_round": ratios,
+        "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "ratio_of_medians": stats["async"]["median_s"] / stats["sync"]["median_s"],
+        "sync": stats["sync"], "async": stats["async"],
+        "async_stats_ms": [{"global_step": s.global_step, "snapshot_and_handoff": s.blocked * 1e3,
+                            "commit_agreement": s.commit_time * 1e3, "wait": s.wait_time * 1e3,
+                            "update_waited_for_copy": s.copy_wait * 1e3,
+                            "write_on_writer_thread": s.write_time * 1e3} for s in asy.stats],
+        "on_train_begin_s": begin_s, "on_train_end_s_both": end_s,
+        "train_step_s": steps_s,
+        "page_cache": {"method": "posix_fadvise(DONTNEED) on every file of both checkpoint folders "
+                                 "after each mode's save (sync first); resident bytes counted with mincore",
+                       "evictions": len(evictions),
+                       "achieved": sum(1 for e in evictions if e["achieved"]),
+                       "max_resident_after": max(e["resident_after"] for e in evictions)},
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+        "git": code,   # read when this part started
+        "goal_ratio": 0.1,
+    }
+    print(f"async / sync blocked: median of per-round ratios {async_vs_sync['ratio_median']:.3f} "
+          f"(min {async_vs_sync['ratio_min']:.3f}, max {async_vs_sync['ratio_max']:.3f}); "
+          f"sync {stats['sync']['median_s'] * 1e3:.0f} ms median, async "
+          f"{stats['async']['median_s'] * 1e3:.1f} ms median (goal <= 0.1); load "
+          f"{load_start[0]:.1f} -> {async_vs_sync['loadavg_end'][0]:.1f}", flush=True)
 
     med = statistics.median
     result = {
         "bytes_per_save": nbytes,
         "rounds": args.rounds,
         "model": {"hidden_size": args.hidden, "vocab_size": args.vocab, "num_layers": 2},
-        "raw_write_s": raw_times, "sync_blocked_s": sync_times, "async_blocked_s": async_blocked,
-        "async_write_s": [s.write_time for s in asy.stats],
-        "async_detail_ms": [{"snapshot_and_start": s.blocked * 1e3, "commit": s.commit_time * 1e3,
-                             "wait": s.wait_time * 1e3} for s in asy.stats],
-        "train_step_s_without_saving": plain_steps, "train_step_s_during_async": async_steps,
-        "async_loop_s": loop_time,
-        "median_raw_s": med(raw_times), "median_sync_s": med(sync_times), "median_async_s": med(async_blocked),
+        "raw_write_s": raw_times, "sync_blocked_s": sync_times,
+        "train_step_s_without_saving": plain_steps,
+        "median_raw_s": med(raw_times), "median_sync_s": med(sync_times),
+        "median_async_s": med(async_blocked),
         "raw_MBps": nbytes / med(raw_times) / 1e6,
         "sync_over_raw": med(sync_times) / med(raw_times),
-        "async_over_sync": med(async_blocked) / med(sync_times),
-        # after the first save (buffer allocation) and without the train-end wait for the last writer
-        "async_steady_over_sync": med([s.blocked + s.commit_time for s in asy.stats[1:]]) / med(sync_times),
+        "async_vs_sync": async_vs_sync,
+        "async_over_sync": async_vs_sync["ratio_median"],
+        # without the first counted save of the async monitor (as the earlier runs reported)
+        "async_steady_over_sync": med(async_blocked[1:] or async_blocked) / med(blocked["sync"]),
         "goals": {"sync_over_raw": 1.2, "async_over_sync": 0.1},
         "memory": memory.stop(),
-        # No page cache eviction: a save only writes; `sync` before each timed write (above).
-        "provenance": prov.finish(cache="not evicted (writes only; sync before each timed write)"),
+        # Part 1 only writes (`sync` before each timed write); part 2 evicts between modes.
+        "provenance": prov.finish(cache={
+            "raw_vs_sync": "not evicted (writes only; sync before each timed write)",
+            "async_vs_sync": async_vs_sync["page_cache"]}),
     }
     print(f"\n{nbytes / 1e6:.0f} MB per save; medians: raw write {result['median_raw_s']:.3f} s "
           f"({result['raw_MBps']:.0f} MB/s), sync save blocked {result['median_sync_s']:.3f} s, "

@@ -98,11 +98,13 @@ def _fmt_load(prov: dict) -> str:
     return f"{start.get('1min')} → {end.get('1min')}"
 
 
-def _fmt_cache(prov: dict) -> str:
-    cache = prov.get("cache")
-    if isinstance(cache, dict):
-        how = "+".join(cache["method"])
-        return f"{how}: {cache['achieved']}/{cache['evictions']} evictions left 0 bytes resident"
+def _fmt_cache(cache) -> str:
+    if isinstance(cache, dict) and "evictions" in cache:
+        how = "+".join(cache["method"]) if isinstance(cache.get("method"), list) else "evicted"
+        return (f"{how}: {cache['achieved']}/{cache['evictions']} evictions left 0 bytes resident"
+                f"{'' if cache['achieved'] == cache['evictions'] else ' (others did not)'}")
+    if isinstance(cache, dict):       # one record per part of the run
+        return "; ".join(f"{part}: {_fmt_cache(c)}" for part, c in cache.items())
     return str(cache)
 
 
@@ -139,7 +141,7 @@ def readme_text(out_dir: str = DOCS_BENCH, quick: bool = False) -> str:
             script = prov.get("script") or {}
             commit = (script.get("commit") or "?")[:10] + (" (dirty)" if script.get("dirty") else "")
             row = [label, figure, f"`{cmd}`", prov["date_start"].replace("+00:00", ""), commit,
-                   _fmt_load(prov), _fmt_cache(prov), b.docs]
+                   _fmt_load(prov), _fmt_cache(prov.get("cache")), b.docs]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Machine of each run: the `machine` field of its provenance (CPU count and "
               "model, memory, kernel, the filesystem of the bench folder), read at run time.", ""]

@@ -128,7 +128,8 @@ def test_a_full_disk_names_the_path_and_what_was_written(tiny_run_data, tmp_path
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * (2 * 1024 * 1024 + 512 * 1024))
     code, _, err = run_job(tiny_run_data, small_disk / "run2", *train_args(tiny_run_data, 4, 2),
-                           "--load_checkpoint", str(src), "--auto_trans_ckpt", "True")
+                           "--load_checkpoint", str(src), "--auto_trans_ckpt", "True",
+                           "--derived_write", "first")
     assert code == 1
     line = one_error_line(err)
     assert "online merge of distributed weights into unified_checkpoint" in line

@@ -45,7 +45,8 @@ def load_checkpoint(network, path: str, optimizer=None, *, resume: bool = False,
                     auto_trans_ckpt: Optional[bool] = None, src_strategy: str = "",
                     layouts: Optional[Union[str, Mapping]] = None, output_dir: str = "./output",
                     verify_checksums=True, direct_reshard: bool = False,
-                    transform_process_num: int = 1) -> LoadReport:
+                    transform_process_num: int = 1,
+                    balanced_load: Optional[bool] = None) -> LoadReport:
     """Load the weights at `path` into `network` (any `nn.Cell`; this rank's part under its
     layout), and with `resume` the optimizer's state too (moments, global_step, learning rate)
     from the newest committed save (or the save a rank file path names; a damaged newest save
@@ -58,7 +59,8 @@ def load_checkpoint(network, path: str, optimizer=None, *, resume: bool = False,
     `layouts` (a strategy file/folder or {name: TensorLayout}) say how this job cuts the
     network when MindSpore's `parameter_layout_dict` does not; `transform_process_num` how many
     ranks build an online merge or conversion (must divide the world size, as MindSpore
-    Transformers). Every rank must call it."""
+    Transformers); `balanced_load` (default: on when the ranks span several machines) reads each block several
+    ranks need once and shares it (docs/checkpoint-loading.md). Every rank must call it."""
     from ..parallel.context import context_from_mindspore
     ctx = context_from_mindspore()
     if isinstance(layouts, str):
@@ -73,7 +75,8 @@ def load_checkpoint(network, path: str, optimizer=None, *, resume: bool = False,
                        else _needs_recut(path, ctx), use_parallel=ctx.world_size > 1,
                        src_strategy_path_or_dir=src_strategy, output_dir=output_dir,
                        direct_reshard=direct_reshard, verify_checksums=verify_checksums,
-                       transform_process_num=transform_process_num)
+                       transform_process_num=transform_process_num,
+                       balanced_load=balanced_load)
     if resume:
         from .resume import resume_checkpoint
         report = resume_checkpoint(opts, True, state, None, ctx)

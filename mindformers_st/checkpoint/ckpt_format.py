@@ -64,7 +64,8 @@ def ckpt_description(metadata: Dict[str, str]) -> Dict[str, str]:
 def as_standard_dtype(a: np.ndarray) -> np.ndarray:
     """`a` with ml_dtypes' bfloat16 where MindSpore gave its own numpy bfloat16 type (not the
     one our storage maps to BF16); the bits are the same, so they are re-viewed, not copied."""
-    if a.dtype.name == "bfloat16" and a.dtype != np.dtype(ml_dtypes.bfloat16):
+    # itemsize first: numpy builds dtype.name anew on each call, per tensor of every save
+    if a.dtype.itemsize == 2 and a.dtype.name == "bfloat16" and a.dtype != np.dtype(ml_dtypes.bfloat16):
         return a.view(np.uint16).view(ml_dtypes.bfloat16)
     return a
 

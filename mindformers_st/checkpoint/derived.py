@@ -11,6 +11,16 @@ One protocol for all three (`build_derived_folder`), run together by every rank:
    succeeded (`agree_or_raise`: when one fails, all raise and the staging folder is removed);
 3. rank 0 finishes (side files), writes the fingerprint and renames the staging folder into
    place, so the folder appears complete or not at all.
+
+The load hook no longer waits for the Hugging Face conversion or the online merge (issue 10):
+it reads each rank's blocks straight from the sources and `start_background_build` writes the
+folder on a thread of each builder rank while training runs. The ranks only agree, before the
+threads start, that a build is needed (step 1) and that rank 0 made the staging folder; each
+builder then marks its share done in the staging folder and the builder whose mark completes
+the set (an exclusive create decides between two at once) finishes, writes the fingerprint and
+renames, as in step 3. A failure is a warning naming the folder (the parameters are loaded; the
+next start builds it again) and removes the staging folder. `derived_write: first` keeps the
+collective build before the load.
 """
 from __future__ import annotations
 
@@ -18,12 +28,14 @@ import json
 import logging
 import os
 import shutil
+import threading
+import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from ..errors import ChecksumError, CheckpointError, ConfigError, MindformersSTError, write_failed
-from ..parallel.agree import all_reduce_sum
+from ..parallel.agree import all_reduce_sum, first_failure
 from ..storage.atomic import atomic_write_text
 from ..transform.execute import (commit_folder, execute_files, read_source_shapes,
                                  write_side_files)
@@ -58,19 +70,23 @@ def read_fingerprint(folder: str) -> Optional[Dict[str, Any]]:
 
 
 def agree_or_raise(ctx, failure: Optional[BaseException], what: str) -> None:
-    """Every rank raises when any rank failed (one all-reduce, also a barrier): the failing rank
-    its own error, the others a CheckpointError saying so — a ChecksumError when some rank found
-    corrupt bytes, so a resume on every rank falls back together. Each rank reads other files,
-    and one that trained on would wait forever for the failed one in its first collective."""
+    """Every rank raises when any rank failed (one all-reduce, also a barrier), all with the
+    same one-line message — the lowest failing rank's, which names the file and tensor (under
+    balanced_load only the rank that read a block can): the failing ranks their own errors,
+    the others a CheckpointError with that text — a ChecksumError when some rank found corrupt
+    bytes, so a resume on every rank falls back together. Each rank reads other files, and one
+    that trained on would wait forever for the failed one in its first collective."""
     flags = np.array([failure is not None, isinstance(failure, ChecksumError)], dtype=np.int64)
     failed, corrupt = (int(x) for x in all_reduce_sum(ctx, flags))
     if not failed:
         return
+    root, text = first_failure(ctx, failure)
     if failure is not None:
         raise failure
     kind = ChecksumError if corrupt else CheckpointError
-    raise kind(f"{what}: {failed} other rank(s) could not read their part "
-               f"({'corrupt data' if corrupt else 'see their log'}); nothing was loaded")
+    logger.error("%s: rank %d could not read its part (%d rank(s) failed); nothing was loaded",
+                 what, root, failed)
+    raise kind(text)
 
 
 def rank_world(ctx):
@@ -102,6 +118,15 @@ def _barrier(ctx) -> None:
         ctx.barrier()
 
 
+def is_current(out_dir: str, fp: Dict[str, Any], ctx) -> bool:
+    """Whether `out_dir` was built from the source fingerprint `fp` (so it is reused). Every
+    rank must call this: it returns once every rank has decided, before any may change it."""
+    wait_for_build(out_dir)   # a build of it this process started earlier decides first
+    reuse = read_fingerprint(out_dir) == fp
+    _barrier(ctx)
+    return reuse
+
+
 def build_derived_folder(out_dir: str, fp: Dict[str, Any], ctx, what: str,
                          build_share: Callable[[str, int, int], None],
                          finish: Optional[Callable[[str], None]] = None,
@@ -112,9 +137,7 @@ def build_derived_folder(out_dir: str, fp: Dict[str, Any], ctx, what: str,
     `fp` already (see the module doc). Every rank must call this. Returns True when rebuilt."""
     rank, world = rank_world(ctx)
     builders = transform_ranks(process_num, world)
-    reuse = read_fingerprint(out_dir) == fp
-    _barrier(ctx)   # every rank has decided before rank 0 may touch the folder
-    if reuse:
+    if is_current(out_dir, fp, ctx):
         logger.info("%s: reusing %s (source unchanged)", what, out_dir)
         return False
     staging = out_dir.rstrip("/") + ".building"
@@ -171,3 +194,145 @@ def build_shared_folder(out_dir: str, fp: Dict[str, Any], plan, ctx, what: str,
         write_side_files(plan, staging)
 
     return build_derived_folder(out_dir, fp, ctx, what, build_share, finish, process_num)
+
+
+# --------------------------------------------------------------------------- in the background
+_SHARE_DONE = ".share-{index}-of-{count}.done"
+_COMMITTING = ".committing"
+_pending: List["BackgroundBuild"] = []
+_pending_lock = threading.Lock()
+
+
+class BackgroundBuild:
+    """One builder rank's share of a derived folder, written on a (non-daemon) thread.
+
+    `wait()` returns once this rank's share is written (and the folder committed, when this
+    rank's share completed the set); `error` is then None or the one-line reason it failed."""
+
+    def __init__(self, out_dir: str, staging: str, fp: Dict[str, Any], plan, what: str,
+                 verify: str, index: int, count: int):
+        self.out_dir, self.staging, self.fp, self.plan = out_dir, staging, fp, plan
+        self.what, self.verify, self.index, self.count = what, verify, index, count
+        self.error: Optional[str] = None
+        self.committed = False
+        self._thread = threading.Thread(target=self._run, name=f"build {os.path.basename(out_dir)}")
+
+    def start(self) -> "BackgroundBuild":
+        with _pending_lock:
+            _pending.append(self)
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait for this rank's share; True when it succeeded (the folder may still wait for
+        other builder ranks' shares)."""
+        self._thread.join(timeout)
+        return self.error is None and not self._thread.is_alive()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            keys = keys_to_verify(self.plan, read_source_shapes(self.plan), self.verify)
+            execute_files(split_plan(self.plan, self.count)[self.index], self.staging,
+                          workers=LOAD_WORKERS, progress=False, verify_keys=keys)
+            with open(os.path.join(self.staging, _SHARE_DONE.format(index=self.index,
+                                                                    count=self.count)), "w"):
+                pass
+            if self._complete() and self._claim():
+                self._commit()
+                self.committed = True
+                logger.info("%s: wrote %s in the background (%.1f s)", self.what, self.out_dir,
+                            time.perf_counter() - t0)
+                print(f"[background write] {self.what}: wrote {self.out_dir} in the background "
+                      f"({time.perf_counter() - t0:.1f} s)", flush=True)
+        except (MindformersSTError, OSError) as exc:
+            if isinstance(exc, OSError):
+                exc = write_failed(f"{self.what} into {os.path.basename(self.out_dir)}",
+                                   self.staging, exc)
+            self.error = str(exc)
+            shutil.rmtree(self.staging, ignore_errors=True)   # nothing half-built stays
+            logger.warning("%s: writing %s in the background failed, the folder is not there "
+                           "(the parameters are loaded; the next start builds it again): %s",
+                           self.what, self.out_dir, self.error)
+
+    def _complete(self) -> bool:
+        names = set(os.listdir(self.staging))
+        return all(_SHARE_DONE.format(index=i, count=self.count) in names
+                   for i in range(self.count))
+
+    def _claim(self) -> bool:
+        try:   # two builders finishing at once both see the set complete: one commits
+            os.close(os.open(os.path.join(self.staging, _COMMITTING),
+                             os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
+
+    def _commit(self) -> None:
+        plan, staging = self.plan, self.staging
+        absent = [f.path for f in plan.files if not os.path.isfile(os.path.join(staging, f.path))]
+        if absent:
+            raise CheckpointError(f"{self.what}: {len(absent)} file(s) of {self.out_dir} were not "
+                                  f"written (e.g. {absent[0]})")
+        write_side_files(plan, staging)
+        for i in range(self.count):
+            os.remove(os.path.join(staging, _SHARE_DONE.format(index=i, count=self.count)))
+        os.remove(os.path.join(staging, _COMMITTING))
+        atomic_write_text(os.path.join(staging, FINGERPRINT_FILE), json.dumps(self.fp, indent=1))
+        commit_folder(staging, self.out_dir, overwrite=True)
+
+
+def start_background_build(out_dir: str, fp: Dict[str, Any], plan, ctx, what: str,
+                           verify: str = "read", process_num: int = 1
+                           ) -> Optional[BackgroundBuild]:
+    """Start writing `plan` into `out_dir` (for source fingerprint `fp`) on a thread of each
+    builder rank (`transform_ranks(process_num, world)`), the folder committed atomically by the
+    last builder to finish. Every rank must call this (once `is_current` said False): the
+    staging folder is made by rank 0 before any thread starts. Returns this rank's build (None
+    on a rank that does not build, or when the staging folder could not be made: a warning)."""
+    rank, world = rank_world(ctx)
+    builders = transform_ranks(process_num, world)
+    staging = out_dir.rstrip("/") + ".building"
+    wait_for_build(out_dir)   # never two builds of one folder in a process
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            os.makedirs(staging)
+        except OSError as exc:
+            logger.warning("%s: %s; the load goes on without it",
+                           what, write_failed(f"{what} into {os.path.basename(out_dir)}",
+                                              staging, exc))
+    _barrier(ctx)
+    if rank not in builders or not os.path.isdir(staging):
+        return None
+    logger.info("%s: writing %s in the background on %d of %d rank(s) (transform_process_num; "
+                "ranks %s)", what, out_dir, len(builders), world, builders)
+    return BackgroundBuild(out_dir, staging, fp, plan, what, verify, builders.index(rank),
+                           len(builders)).start()
+
+
+def wait_for_build(out_dir: str) -> None:
+    """Wait for the background builds of `out_dir` this process started."""
+    with _pending_lock:
+        running = [b for b in _pending if b.out_dir == out_dir]
+    for b in running:
+        b.wait()
+
+
+def wait_background_builds(announce: bool = True) -> List[BackgroundBuild]:
+    """Wait for every background build this process started (a job calls this before it
+    exits, so the folders it promised are there); returns them. With `announce`, says what it
+    waits for when one is still running."""
+    with _pending_lock:
+        builds = list(_pending)
+        _pending.clear()
+    for b in builds:
+        if b.running and announce:
+            print(f"[background write] waiting for {b.what} to finish writing {b.out_dir}",
+                  flush=True)
+        b.wait()
+    return builds

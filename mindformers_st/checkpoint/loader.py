@@ -3,19 +3,23 @@ resuming, its optimizer), whatever their form and however they are cut.
 
 The flow on every rank (see docs/checkpoint-loading.md):
 1. detect what the path is (`checkpoint.detect`); `.ckpt` files are first copied to safetensors
-   (`{output_dir}/ckpt_safetensors`), Hugging Face folders converted to MindSpore names
-   (`{output_dir}/ms_safetensors`). Both are shared folders built once, split over the ranks,
-   committed by rank 0 behind barriers, and reused while their source fingerprint (file names,
-   sizes, mtimes, options) is unchanged. `transform_process_num` (N) says how many ranks build
-   them: ranks 0, W/N, 2W/N, ... as MindSpore Transformers (N must divide the world size W);
+   (`{output_dir}/ckpt_safetensors`). Hugging Face folders are read straight through the
+   conversion plan (MindSpore names, q/k/v fused when the model is), while
+   `{output_dir}/ms_safetensors` is written in the background (`derived_write: first`: written
+   before the load, as before). These are shared folders, split over the ranks, committed
+   atomically, and reused while their source fingerprint (file names, sizes, mtimes, options)
+   is unchanged. `transform_process_num` (N) says how many ranks build them: ranks 0, W/N,
+   2W/N, ... as MindSpore Transformers (N must divide the world size W);
 2. decide by `use_parallel` and `auto_trans_ckpt` how the slices must be produced:
    - complete weights: one card loads them whole; under use_parallel they are cut online
      (auto_trans_ckpt must be True), each rank reading only its slices;
    - distributed weights, auto_trans_ckpt False: the files must already be cut as this run's
      layout (checked; a mismatch names both layouts);
-   - distributed weights, auto_trans_ckpt True: merged online into `{output_dir}/unified_checkpoint`
-     (the merge split over the transform_process_num builder ranks), then cut;
-     `direct_reshard: True` cuts straight from the rank files instead;
+   - distributed weights, auto_trans_ckpt True: each rank cuts its slices straight from the
+     rank files while `{output_dir}/unified_checkpoint` (the merge, split over the
+     transform_process_num builder ranks) is written in the background; a current
+     unified_checkpoint is read instead; `derived_write: first` merges before cutting;
+     `direct_reshard: True` writes no unified_checkpoint at all;
 3. run `plan_rank_slices` + `execute_to_memory` and set the parameters. Missing and unexpected
    names are always reported; a missing weight is a CheckpointError, missing optimizer state is
    one only when resuming.
@@ -36,15 +40,18 @@ import numpy as np
 from ..dtypes import ITEMSIZE
 from ..errors import (CheckpointError, ConfigError, MindformersSTError, PlanError,
                       UndescribedRankFilesError)
+from ..parallel.agree import on_one_host
 from ..records.rank_meta import METADATA_KEY
 from ..records.scan import select_save
+from ..transform.compose import plan_planned_slices, planned_source
 from ..transform.execute import execute_to_memory
 from ..transform.planner import DEFAULT_MAX_SHARD_SIZE, plan_merge, plan_rank_slices
 from ..transform.sources import (SourceCheckpoint, describe_complete, describe_distributed,
                                  describe_iteration)
 from ..transform.verify import verify_mode
 from .derived import (LOAD_WORKERS, agree_or_raise, build_derived_folder,
-                      build_shared_folder, fingerprint, rank_world, transform_ranks)
+                      build_shared_folder, fingerprint, is_current, rank_world,
+                      start_background_build, transform_ranks)
 from .detect import CheckpointSource, detect_checkpoint
 from .network import ModelState, NetworkState, is_optimizer_state
 
@@ -78,6 +85,13 @@ class LoadOptions:
     transform_process_num: how many ranks build the shared derived folders (online merge,
         Hugging Face and .ckpt conversion): ranks 0, W/N, ... as MindSpore Transformers; it
         must divide the world size (`derived.transform_ranks`).
+    derived_write: "background" (the load reads the sources; ms_safetensors /
+        unified_checkpoint are written on builder threads meanwhile) or "first" (written, then
+        read, before the first step).
+    balanced_load: every block several ranks need is read from storage by one of them and
+        shared over collectives (`transform.read_plan`, `checkpoint.exchange`); None (the
+        default) means on under use_parallel when the ranks span several machines
+        (`balanced_load()`).
     """
 
     load_checkpoint: str
@@ -91,6 +105,8 @@ class LoadOptions:
     verify_checksums: Any = True
     resume_by_last_timestamp_ckpt: bool = False
     transform_process_num: int = 1
+    derived_write: str = "background"
+    balanced_load: Optional[bool] = None
 
     @staticmethod
     def from_config(config) -> "LoadOptions":
@@ -107,7 +123,9 @@ class LoadOptions:
             verify_checksums=verify_mode(getattr(config, "verify_checksums", True)),
             resume_by_last_timestamp_ckpt=bool(getattr(config, "resume_by_last_timestamp_ckpt",
                                                        False)),
-            transform_process_num=getattr(config, "transform_process_num", 1))
+            transform_process_num=getattr(config, "transform_process_num", 1),
+            derived_write=getattr(config, "derived_write", "background"),
+            balanced_load=getattr(config, "balanced_load", None))
 
     @property
     def verify(self) -> str:
@@ -139,7 +157,11 @@ class LoadReport:
     hyper: Dict[str, np.ndarray] = field(default_factory=dict)
     epoch: Optional[int] = None
     step: Optional[int] = None
+    background: Optional[str] = None   # the derived folder being written in the background
     resume: Any = None   # resume.ResumeInfo when this load resumed training
+    # balanced_load: what this rank read from storage and received from the others
+    read_bytes: int = 0
+    exchange: Optional[Dict[str, Any]] = None
     resume_point: Any = None   # api.ModelTrainResume: how Model.train continues (library call)
 
     def summary(self) -> str:
@@ -154,7 +176,11 @@ class LoadReport:
                 f"{len(self.unexpected)}{_names(self.unexpected)}"
                 + (", optimizer state restored" if self.optimizer_loaded else "")
                 + (f", {len(self.optimizer_ignored)} optimizer states not loaded (not resuming)"
-                   if self.optimizer_ignored else ""))
+                   if self.optimizer_ignored else "")
+                + (f"; writing {self.background} in the background" if self.background else "")
+                + (f"; balanced_load: read {self.read_bytes / 2 ** 20:.1f} MiB here, received "
+                   f"{self.exchange['received_bytes'] / 2 ** 20:.1f} MiB in "
+                   f"{self.exchange['collectives']} collective(s)" if self.exchange else ""))
 
 
 def _names(names: Sequence[str], k: int = 5) -> str:
@@ -195,11 +221,9 @@ def _ckpt_to_safetensors(source: CheckpointSource, opts: LoadOptions, ctx) -> Ch
     return found
 
 
-def convert_hf_online(source: CheckpointSource, opts: LoadOptions, ctx,
-                      qkv_concat: bool = False) -> CheckpointSource:
-    """Hugging Face folder -> `{output_dir}/ms_safetensors` (MindSpore names, same shard names,
-    `param_name_map.json`; q/k/v and w1/w3 fused when the model uses `qkv_concat`) through the
-    convert plans, reused while the HF folder and the options are unchanged."""
+def _hf_conversion(source: CheckpointSource, opts: LoadOptions, qkv_concat: bool):
+    """(plan, out_dir, fingerprint, family) of converting Hugging Face `source` into
+    `{output_dir}/ms_safetensors`."""
     from ..convert.folders import plan_hf_folder
     result = plan_hf_folder(source.path, qkv_concat=qkv_concat)
     root = source.path if os.path.isdir(source.path) else os.path.dirname(source.path)
@@ -211,10 +235,40 @@ def convert_hf_online(source: CheckpointSource, opts: LoadOptions, ctx,
     out_dir = os.path.join(os.path.abspath(opts.output_dir), MS_SAFETENSORS)
     fp = fingerprint(inputs, root, {"kind": "hf", "family": result.family,
                                     "qkv_concat": bool(qkv_concat)})
-    build_shared_folder(out_dir, fp, result.plan, ctx, f"Hugging Face {result.family} weights",
-                        opts.verify, opts.transform_process_num)
+    return result.plan, out_dir, fp, result.family
+
+
+def _converted_source(plan, out_dir: str) -> CheckpointSource:
     return CheckpointSource("complete", "safetensors", out_dir, None,
-                            tuple(sorted(os.path.join(out_dir, f.path) for f in result.plan.files)))
+                            tuple(sorted(os.path.join(out_dir, f.path) for f in plan.files)))
+
+
+def convert_hf_online(source: CheckpointSource, opts: LoadOptions, ctx,
+                      qkv_concat: bool = False) -> CheckpointSource:
+    """Hugging Face folder -> `{output_dir}/ms_safetensors` (MindSpore names, same shard names,
+    `param_name_map.json`; q/k/v and w1/w3 fused when the model uses `qkv_concat`) through the
+    convert plans, written before returning, reused while the HF folder and the options are
+    unchanged. Every rank must call this."""
+    plan, out_dir, fp, family = _hf_conversion(source, opts, qkv_concat)
+    build_shared_folder(out_dir, fp, plan, ctx, f"Hugging Face {family} weights",
+                        opts.verify, opts.transform_process_num)
+    return _converted_source(plan, out_dir)
+
+
+def read_hf_directly(source: CheckpointSource, opts: LoadOptions, ctx, qkv_concat: bool = False):
+    """How the load reads Hugging Face `source`: (the `ms_safetensors` source, None) when that
+    folder is current (reused) or `derived_write` is "first" (written now); else (`source`, the
+    conversion plan), `ms_safetensors` then being written in the background while the load
+    reads the HF files through the plan. Every rank must call this."""
+    if opts.derived_write == "first":
+        return convert_hf_online(source, opts, ctx, qkv_concat), None
+    plan, out_dir, fp, family = _hf_conversion(source, opts, qkv_concat)
+    if is_current(out_dir, fp, ctx):
+        logger.info("Hugging Face %s weights: reusing %s (source unchanged)", family, out_dir)
+        return _converted_source(plan, out_dir), None
+    start_background_build(out_dir, fp, plan, ctx, f"Hugging Face {family} weights", opts.verify,
+                           opts.transform_process_num)
+    return source, plan
 
 
 # --------------------------------------------------------------------------- layouts
@@ -321,6 +375,7 @@ class PendingLoad:
         self._report: Optional[LoadReport] = None
         self._arrays: Dict[str, np.ndarray] = {}
         self._failure: Optional[BaseException] = None   # a read error: agreed on, then raised
+        self._job = None   # the job-wide read plan under balanced_load, else None
         self._error: Optional[BaseException] = None     # any other error: raised as it is
         self._thread = None
         self._read_seconds = 0.0
@@ -330,7 +385,18 @@ class PendingLoad:
                                             name="load_ckpt_async")
             self._thread.start()
         else:
-            self._read()
+            try:
+                self._read()
+            except BaseException:
+                self._settle_background()
+                raise
+
+    def _settle_background(self) -> None:
+        """A failed load returns only once the derived folder it started writing is settled
+        (committed, or failed and removed): no `.building` folder outlives the error."""
+        if self.background:
+            from .derived import wait_for_build
+            wait_for_build(self.background)
 
     def _prepare(self, file_suffix: Optional[str]) -> None:
         """The collective half: which files, in which form, read how (LoadMode)."""
@@ -350,14 +416,21 @@ class PendingLoad:
             source = _ckpt_to_safetensors(source, opts, ctx)
         if resume and not state.optimizer_states:
             raise CheckpointError("resume_training needs the optimizer to restore its state")
+        self.planned = None        # a conversion plan read before its output is written
+        self.background = None     # the derived folder written in the background
         if source.kind == "hf":
             fused = any(".w_qkv." in n or ".w_gate_hidden." in n for n in state.weights)
-            source = convert_hf_online(source, opts, ctx, qkv_concat=fused)
+            source, self.planned = read_hf_directly(source, opts, ctx, qkv_concat=fused)
+            if self.planned is not None:
+                self.background = os.path.join(os.path.abspath(opts.output_dir), MS_SAFETENSORS)
         weights, layouts = state.weights, state.layouts
         self.opt_names = opt_names = state.optimizer_states if resume else []
         strategy = opts.src_strategy_path_or_dir or None
 
-        if source.kind == "complete":
+        if self.planned is not None:
+            mode = LoadMode.CUT if opts.use_parallel else LoadMode.WHOLE
+            src, path = planned_source(self.planned, self.background), source.path
+        elif source.kind == "complete":
             mode = LoadMode.CUT if opts.use_parallel else LoadMode.WHOLE
             src = (describe_iteration(source.path) if iteration
                    else describe_complete(source.path))
@@ -374,10 +447,18 @@ class PendingLoad:
             if opts.direct_reshard:
                 mode, path = LoadMode.DIRECT_RESHARD, source.path
             else:
-                mode = LoadMode.MERGE_AND_CUT
-                path = merge_online(src, opts, ctx, strategy)
-                src = describe_complete(path)
+                out_dir, fp, plan = _merge_plan(src, opts, ctx, strategy)
+                if opts.derived_write == "first" or is_current(out_dir, fp, ctx):
+                    mode = LoadMode.MERGE_AND_CUT
+                    path = merge_online(src, opts, ctx, strategy)
+                    src = describe_complete(path)
+                else:   # cut from the rank files now, the merged copy is written meanwhile
+                    mode, path = LoadMode.DIRECT_RESHARD, source.path
+                    start_background_build(out_dir, fp, plan, ctx, _MERGE_WHAT, opts.verify,
+                                           opts.transform_process_num)
+                    self.background = out_dir
         self.counters = dict(src.counters)   # taken before an online merge replaces src
+        self.balanced = balanced_load(opts, ctx)   # may agree with the others: main thread
         self.source, self.mode, self.src, self.path = source, mode, src, path
 
     def _read_guarded(self) -> None:
@@ -389,15 +470,22 @@ class PendingLoad:
     def _read(self) -> None:
         """The local half: plan this rank's slices, read and check them into memory."""
         t0 = time.perf_counter()
-        self._report, self._arrays, self._failure = _read_slices(
+        self._report, self._arrays, self._failure, self._job = _read_slices(
             self.src, self.source, self.mode, self.path, self.state, self.opt_names, self.ctx,
-            self.resume, self.opts.verify)
+            self.resume, self.opts.verify, self.planned, self.balanced)
         self._read_seconds = time.perf_counter() - t0
 
     def finish(self, state: Optional[NetworkState] = None) -> LoadReport:
         """Wait for the read, agree with every rank that it succeeded, run `check`, and set
         the tensors into `state` (default: the state the load was planned with), which must
         hold the tensors the load was planned for. Returns the LoadReport."""
+        try:
+            return self._finish(state)
+        except BaseException:
+            self._settle_background()
+            raise
+
+    def _finish(self, state: Optional[NetworkState]) -> LoadReport:
         if self._thread is not None:
             t0 = time.perf_counter()
             self._thread.join()
@@ -419,6 +507,9 @@ class PendingLoad:
         report = self._report
         agree_or_raise(self.ctx, self._failure, f"load_checkpoint {self.path}")
         arrays, self._arrays = self._arrays, {}
+        if self._job is not None:   # only after every reader's checksums passed
+            from .exchange import share_reads
+            arrays, report.exchange = share_reads(self.ctx, self._job, arrays)
         if self.check is not None:
             self.check(arrays)   # every rank reads the same hyper values: they decide alike
         weights, opt_names = state.weights, self.opt_names
@@ -435,6 +526,7 @@ class PendingLoad:
             report.epoch = int(self.counters["epoch_num"])
             report.step = self.counters.get("step_num")
         report.source = self.original
+        report.background = self.background
         if report.epoch is None and self.source.file_suffix:
             report.epoch, report.step = (int(x) for x in self.source.file_suffix.split("_"))
         ctx = self.ctx
@@ -481,6 +573,17 @@ def merge_online(src: SourceCheckpoint, opts: LoadOptions, ctx, strategy=None) -
     `param_name_map.json`, `hyper_param.safetensors`), the work split over the
     transform_process_num builder ranks; reused while the rank files (and strategy) are
     unchanged. Returns the folder."""
+    out_dir, fp, plan = _merge_plan(src, opts, ctx, strategy)
+    build_shared_folder(out_dir, fp, plan, ctx, _MERGE_WHAT, opts.verify,
+                        opts.transform_process_num)
+    return out_dir
+
+
+_MERGE_WHAT = "online merge of distributed weights"
+
+
+def _merge_plan(src: SourceCheckpoint, opts: LoadOptions, ctx, strategy=None):
+    """(out_dir, fingerprint, plan) of merging `src` into `{output_dir}/unified_checkpoint`."""
     out_dir = os.path.join(os.path.abspath(opts.output_dir), UNIFIED)
     _, world = rank_world(ctx)
     builders = len(transform_ranks(opts.transform_process_num, world))
@@ -494,17 +597,39 @@ def merge_online(src: SourceCheckpoint, opts: LoadOptions, ctx, strategy=None) -
                    if os.path.isdir(strategy) else [strategy])
     fp = fingerprint(inputs, src.root, {"kind": "merge", "shard": shard,
                                         "epoch": src.epoch, "step": src.step})
-    build_shared_folder(out_dir, fp, plan, ctx, "online merge of distributed weights",
-                        opts.verify, opts.transform_process_num)
-    return out_dir
+    return out_dir, fp, plan
+
+
+def balanced_load(opts: LoadOptions, ctx, one_host: Optional[bool] = None) -> bool:
+    """Whether this load reads balanced (`balanced_load`). By default (None) when the job runs
+    under use_parallel with communication on ranks of more than one machine: on one machine
+    the ranks share one page cache, which already reads each byte from storage once (measured,
+    docs/checkpoint-loading.md), and the exchange would only add time. `one_host` says whether
+    all ranks share rank 0's machine (None: agreed now, `parallel.agree.on_one_host`, a
+    collective on the main thread). True without several ranks has nothing to share and is
+    warned about by name, as MindSpore Transformers does."""
+    several = (ctx is not None and opts.use_parallel and ctx.world_size > 1
+               and getattr(ctx, "world_group", None) is not None)
+    if opts.balanced_load is None:
+        if not several:
+            return False
+        return not (on_one_host(ctx) if one_host is None else one_host)
+    if opts.balanced_load and not several:
+        logger.warning("balanced_load: True has no effect without use_parallel on more than "
+                       "one rank: each rank reads its own slices")
+    return bool(opts.balanced_load) and several
 
 
 def _read_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode, path: str,
                  state: NetworkState, opt_names: List[str], ctx, resume: bool,
-                 verify: str = "read"):
-    """(report, {name: array}, read failure or None): this rank's slices read and checked into
-    memory — local work only, no collective. Missing weights (or, resuming, missing optimizer
-    state) raise at once: every rank sees the same description, so they all raise."""
+                 verify: str = "read", planned=None, balanced: bool = False):
+    """(report, {name: array}, read failure or None, job read plan or None): this rank's
+    slices read and checked into memory — local work only, no collective. Missing weights (or,
+    resuming, missing optimizer state) raise at once: every rank sees the same description, so
+    they all raise. `planned`: the conversion plan `src` describes the output of, read through
+    it (`plan_planned_slices`). With `balanced` the arrays are only the blocks the job plan
+    gives this rank to read; `exchange.share_reads` completes them once the ranks agreed the
+    reads succeeded."""
     report = LoadReport(source, mode.value, path, epoch=src.epoch, step=src.step)
     weights, layouts = state.weights, state.layouts
     wanted = set(weights) | set(opt_names)
@@ -537,12 +662,49 @@ def _read_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode
     rank = ctx.rank if ctx is not None else 0
     names = [n for n in weights + opt_names if n in src.chunks and n in layouts]
     try:
-        plan = plan_rank_slices(src, {n: layouts[n] for n in names}, rank, include_hyper=True)
+        plan, job = _rank_reads(src, state, names, rank, ctx, resume, balanced, planned, path)
     except PlanError as exc:
         raise CheckpointError(f"load_checkpoint {path}: {exc}") from exc
+    report.read_bytes = sum(f.nbytes for f in plan.files)
     failure, arrays = None, {}
     try:
         arrays = execute_to_memory(plan, workers=LOAD_WORKERS, verify=verify)
     except (MindformersSTError, OSError) as exc:
         failure = exc
-    return report, arrays, failure
+    return report, arrays, failure, job
+
+
+def _rank_reads(src: SourceCheckpoint, state: NetworkState, names: List[str], rank: int, ctx,
+                resume: bool, balanced: bool, planned=None, path: str = ""):
+    """(what this rank reads from storage as a Plan, the job read plan or None). Alone: the
+    rank's own slices of `names` (through the conversion plan `planned` when given). Balanced:
+    the job plan over every rank — each rank's tensors are its stage's weights (and, resuming,
+    optimizer state), the same lists on every rank — and this rank's share of its reads."""
+    def plan_of(lays, r: int):
+        if planned is not None:
+            return plan_planned_slices(planned, lays, r, path)
+        return plan_rank_slices(src, lays, r, include_hyper=True)
+
+    layouts = state.layouts
+    own = {n: layouts[n] for n in names}
+    if not balanced:
+        return plan_of(own, rank), None
+    from ..transform.read_plan import plan_job_reads
+    world = range(ctx.world_size)
+    if state.job_layouts is None and any(lay.ranks() != world for lay in own.values()):
+        # a network that knows only its own stage's layouts cannot plan the other stages'
+        # loads; every rank of such a job sees a partial layout, so all read alone together
+        logger.info("balanced_load: the network's layouts do not span the job; each rank "
+                    "reads its own slices")
+        return plan_of(own, rank), None
+    job_layouts = dict(own)
+    everywhere = state.job_layouts or layouts
+    for n in sorted(state.elsewhere):   # the other stages' tensors, chosen as their ranks do
+        if n in src.chunks and n in everywhere and (resume or not is_optimizer_state(n)):
+            job_layouts[n] = everywhere[n]
+    job = plan_job_reads({r: plan_of(job_layouts, r) for r in world})
+    mine = plan_of(own, rank)
+    if sorted(job.names_of(rank)) != sorted(t.name for f in mine.files for t in f.tensors):
+        raise PlanError(f"balanced_load: the job plan gives rank {rank} other tensors than its "
+                        f"own plan; set balanced_load: False")
+    return job.reads_of(rank), job

@@ -4,23 +4,26 @@ Policy lives here (when to save, how many to keep); what a save holds is `state.
 records are `commit.py`; bytes go through `storage/`. One save:
 
 1. at a step where `global_step % save_checkpoint_steps == 0`, snapshot this rank's arrays
-   (views for a synchronous save, copies for `async_save`);
+   (views for a synchronous save; for `async_save` a copy into buffers allocated once at train
+   begin and reused by every save);
 2. write `rank_{r}/{prefix}_rank_{r}-{epoch}_{step}.{safetensors|ckpt}` (and the
    checkpoint_network/ or checkpoint_trainable/ extra file) atomically — on this thread, or on
-   a background thread with `async_save`;
-3. commit, on the main thread only: all ranks agree that every rank succeeded (one all-reduce
-   on the world group, which is also the barrier); rank 0 appends the save to `committed.json`,
-   dropping the oldest beyond `keep_checkpoint_max`; a barrier; every rank deletes its own files
-   of the dropped saves and only then writes its `meta.json`, which therefore only ever names
-   committed files.
+   the background writer (`background.py`) with `async_save`;
+3. commit: all ranks agree that every rank succeeded (one all-reduce on the world group, on
+   the main thread); rank 0 appends the save to `committed.json`, dropping the oldest beyond
+   `keep_checkpoint_max`; once that record is written every rank deletes its own files of the
+   dropped saves and only then writes its `meta.json`, which therefore only ever names
+   committed files. Sync: on this thread, a barrier after the record. Async: the record,
+   pruning and meta.json run on the background writer after the save's files, and the main
+   thread only agrees (see "committing" below).
 
 With `use_legacy_format: False` (MindSpore Transformers 2.x) the same snapshot is written in the
 Checkpoint 2.0 layout instead (`iteration_save.py`: iteration folders, common.json,
 metadata.json, the tracker as commit record).
 
-Collectives happen on the main thread, in the same order on every rank: an async save is
-committed at the first step end where every rank's writer has finished (an all-reduce per step
-while one is pending), before the next save starts, or at train end.
+Collectives happen on the main thread, in the same order on every rank: while an async save
+is pending, each step end does one small all-reduce that moves its commit on once every rank is
+ready; the next save, a graceful exit and train end first finish it, waiting if needed.
 """
 from __future__ import annotations
 
@@ -29,19 +32,20 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, MindformersSTError, os_error_text, write_failed
-from ..parallel.agree import all_ranks, broadcast_json
+from ..parallel.agree import all_done, all_ranks, broadcast_json
 from ..records import commit as cm
 from ..records.names import ckpt_file_name, format_of, parse_ckpt_name, rank_dir_name, rank_folders
 from ..records.rank_meta import RankFileMeta, new_run_id, save_id_of
 from ..storage.reader import read_header
+from .background import BackgroundWriter, Task
 from .network import CellState, ModelState
-from .state import owned_names, snapshot_rank, write_rank_file
+from .state import owned_names, rank_slices_of, snapshot_buffers, snapshot_rank, write_rank_file
 from . import monitor_options as options
 
 try:   # the class is a mindspore.train.Callback; importing this module imports MindSpore
@@ -52,6 +56,9 @@ except ImportError as exc:   # pragma: no cover - MindSpore is a dependency of t
 logger = logging.getLogger(__name__)
 
 FORMATS = ("ckpt", "safetensors")
+
+
+_NOT_AGREED = object()   # _Save.tail before every rank agreed the files are written
 
 
 @dataclass
@@ -66,12 +73,20 @@ class _Save:
     blocked: float = 0.0                  # seconds the training loop waited at the trigger
     write_time: float = 0.0
     error: Optional[BaseException] = None
-    thread: Optional[threading.Thread] = None
     iteration: Optional[tuple] = None     # use_legacy_format False: (CommonInfo, snapshot)
+    task: Optional[Task] = None           # async: the write on the background writer
+    record: Optional[Task] = None         # async, rank 0: the commit record, then its tail
+    tail: object = _NOT_AGREED            # async: this rank's pruning + meta.json, queued once
+    #                                       rank 0's record is written (None: nothing to do)
+    commit_time: float = 0.0              # main-thread time agreeing and committing
+    wait_time: float = 0.0                # main-thread time waiting for the background writer
+    copy_wait: float = 0.0                # time the next optimizer update waited for the copy
+    pruned: list = field(default_factory=list)
+    copied: threading.Event = field(default_factory=threading.Event)   # the snapshot is taken
 
     @property
-    def done(self) -> bool:
-        return self.thread is None or not self.thread.is_alive()
+    def written(self) -> bool:
+        return self.task is None or self.task.done
 
 
 @dataclass
@@ -82,13 +97,14 @@ class SaveStats:
     nbytes: int
     blocked: float           # training-loop time at the trigger (snapshot, and the write when sync)
     write_time: float        # time spent writing files (on whichever thread)
-    commit_time: float       # the commit on the main thread (meta.json, agreement, committed.json)
+    commit_time: float       # main-thread commit: agreement (+ records and pruning when sync)
     wait_time: float = 0.0   # async only: time the loop waited for an unfinished writer
     async_save: bool = False
+    copy_wait: float = 0.0   # async under our trainer: the next update waited for the snapshot copy
 
     @property
     def total_blocked(self) -> float:
-        return self.blocked + self.commit_time + self.wait_time
+        return self.blocked + self.commit_time + self.wait_time + self.copy_wait
 
 
 class CheckpointMonitor(MindSporeCallback):
@@ -172,7 +188,10 @@ class CheckpointMonitor(MindSporeCallback):
         self._net = None
         self._last_step = 0
         self.run_id: Optional[str] = None   # this launch's identity, agreed at train begin
-        self._buffers = {}   # async snapshot buffers, reused once the previous save is written
+        self._buffers = {}   # async snapshot buffers: allocated at train begin, reused by every save
+        self._writer: Optional[BackgroundWriter] = None   # async: files, records, pruning in order
+        self._fenced = None   # async under our trainer: the TrainStep whose updates wait for the copy
+        self._rank_slices = None   # {name: this rank's slice}, computed at train begin
         if isinstance(layouts, str):   # a MindSpore strategy file or folder of the run
             from ..layout.strategy import read_strategy
             layouts = read_strategy(layouts)
@@ -295,6 +314,14 @@ class CheckpointMonitor(MindSporeCallback):
             self._remove_leftovers(ctx)
         if self.remove_redundancy:
             self._owned = owned_names(self._saved or net_state, ctx)
+        self._rank_slices = rank_slices_of(self._saved or net_state, ctx)
+        if self.async_save:
+            self._buffers = snapshot_buffers(self._saved or net_state, ctx, self.remove_redundancy,
+                                             self._owned)
+            step_fn = getattr(cb.get("mfst_state"), "train_step", None)
+            if self._fenced is None and isinstance(getattr(step_fn, "before_update", None), list):
+                step_fn.before_update.append(self._before_update)
+                self._fenced = step_fn
         logger.info("CheckpointMonitor: %s every %d steps to %s (keep %d, %s%s)", self.fmt,
                     self.save_steps, self.directory, self.keep_max,
                     "async" if self.async_save else "sync",
@@ -308,18 +335,33 @@ class CheckpointMonitor(MindSporeCallback):
         cb = run_context.original_args()
         ctx = self._ctx
         if self._pending is not None:
-            if all_ranks(ctx, self._pending.done):
-                self._commit(ctx, self._pending)
+            self._advance_pending(ctx)
         step = self._global_step(cb)
         if step // self.save_steps > self._last_step // self.save_steps:
             self.save(run_context)
         self._last_step = step
 
     def on_train_end(self, run_context) -> None:
-        """Wait for and commit an async save still in flight."""
+        """Wait for and commit an async save still in flight, and for the background writer to
+        finish its pruning and meta.json."""
         if self._pending is not None:
-            self._wait_and_commit(self._ctx)
+            self._finish_pending(self._ctx)
+        if self._writer is not None:
+            self._writer.close()
+        if self._fenced is not None:
+            self._fenced.before_update.remove(self._before_update)
+            self._fenced = None
         self._buffers = {}
+
+    def _before_update(self) -> None:
+        """TrainStep calls this before the optimizer changes weights or moments: a deferred
+        snapshot still being copied is waited for (the save's copy_wait, counted as blocking)."""
+        pending = self._pending
+        if pending is None or pending.copied.is_set():
+            return
+        t0 = time.perf_counter()
+        pending.copied.wait()
+        pending.copy_wait += time.perf_counter() - t0
 
     def _remove_leftovers(self, ctx) -> None:
         """Delete this rank's files of saves the commit record does not name: files of a save
@@ -408,16 +450,21 @@ class CheckpointMonitor(MindSporeCallback):
 
     # ---- saving ------------------------------------------------------------------------------
     def save(self, run_context) -> None:
-        """Save now (every rank must call this at the same step)."""
+        """Save now (every rank must call this at the same step). An async save still in flight
+        is committed first, waiting for it if needed (the wait is counted in its SaveStats)."""
         cb, ctx, net_state = run_context.original_args(), self._ctx, self._net
         if self._pending is not None:   # the previous async save must commit first
-            self._wait_and_commit(ctx)
+            self._finish_pending(ctx)
         t0 = time.perf_counter()
         epoch, step, global_step, hyper = self._hyper(cb, ctx, net_state)
+        # Async under our trainer: the copy into the buffers runs on the writer during the next
+        # step's forward/backward, and TrainStep waits for it before the optimizer changes any
+        # tensor (_before_update); elsewhere (Model.train) it is taken here.
+        defer = self.async_save and self._fenced is not None
         snap = snapshot_rank(self._saved or net_state, ctx, epoch=epoch, step=step, hyper=hyper,
                              remove_redundancy=self.remove_redundancy, owned=self._owned,
                              copy=self.async_save, buffers=self._buffers if self.async_save else None,
-                             run_id=self.run_id)
+                             run_id=self.run_id, defer=defer, rank_slices=self._rank_slices)
         paths = self._paths(ctx.rank, epoch, step)
         pending = _Save(epoch, step, global_step, paths, snap.nbytes)
         options.add_append_values(snap, self.append_values, self._saved or net_state)
@@ -438,8 +485,12 @@ class CheckpointMonitor(MindSporeCallback):
 
         def write():
             tw = time.perf_counter()
-            _fault_point("write", global_step)
             try:
+                try:
+                    snap.fill()   # a deferred snapshot's copy; nothing to do otherwise
+                finally:
+                    pending.copied.set()
+                _fault_point("write", global_step)
                 for path, s in jobs:
                     write_rank_file(path, s, self.fmt, self.enc_key, self.enc_mode)
             except BaseException as exc:   # reported at commit, on the main thread
@@ -449,9 +500,9 @@ class CheckpointMonitor(MindSporeCallback):
             _fault_point("written", global_step)
 
         if self.async_save:
-            pending.thread = threading.Thread(target=write, name=f"ckpt-save-{global_step}",
-                                              daemon=True)
-            pending.thread.start()
+            if self._writer is None:
+                self._writer = BackgroundWriter(f"ckpt-save-{ctx.rank}")
+            pending.task = self._writer.submit(write, f"write of global step {global_step}")
             pending.blocked = time.perf_counter() - t0
             self._pending = pending
             logger.info("step %d: async save started (%.1f MB), training blocked %.1f ms",
@@ -473,41 +524,147 @@ class CheckpointMonitor(MindSporeCallback):
             done.add(self._pending.global_step)
         if step <= 0 or step in done:
             if self._pending is not None:
-                self._wait_and_commit(self._ctx)
+                self._finish_pending(self._ctx)
             return False
         self.save(run_context)
         if self._pending is not None:
-            self._wait_and_commit(self._ctx)
+            self._finish_pending(self._ctx)
         return True
 
-    def _wait_and_commit(self, ctx) -> None:
-        pending = self._pending
-        t0 = time.perf_counter()
-        if pending.thread is not None:
-            pending.thread.join()
-        waited = time.perf_counter() - t0
-        self._commit(ctx, pending, waited)
-        if waited > 1e-3:
-            logger.info("step %d: waited %.1f ms for the async save to finish", pending.global_step,
-                        waited * 1e3)
+    # ---- committing --------------------------------------------------------------------------
+    # A save commits in the same steps whether sync or async; only where they run differs:
+    #   1. agree (all-reduce, main thread) that every rank's files are written and durable;
+    #   2. rank 0 writes the commit record (committed.json; Checkpoint 2.0: common.json,
+    #      metadata.json, the tracker);
+    #   3. once the record is written: each rank deletes its files of the saves the record
+    #      dropped and writes its meta.json ("the tail").
+    # Sync: all on the main thread, a barrier between 2 and 3. Async: 2 and 3 run on the
+    # background writer (in order, after the save's files), and the main thread only agrees:
+    # at one step end that the files are written (then rank 0 queues 2 and its own 3), at a later
+    # one that rank 0's record is written (then the other ranks queue their 3) — one small
+    # all-reduce per step end while a save is pending.
 
-    def _commit(self, ctx, pending: _Save, waited: float = 0.0) -> None:
-        """Make `pending` count on every rank, or raise CheckpointError on every rank."""
-        if pending.iteration is not None:
-            return self._commit_iteration(ctx, pending, waited)
-        self._pending = None
-        t0 = time.perf_counter()
-        name = os.path.basename(pending.paths[0])
-        rank_dir = os.path.dirname(pending.paths[0])
-        rel = os.path.relpath(pending.paths[0], self.directory)
-        if not all_ranks(ctx, pending.error is None):   # also the barrier: every file is durable
-            err = pending.error
+    def _written_everywhere(self, ctx, pending: _Save) -> bool:
+        """Step 1: True once every rank's files are written; CheckpointError on every rank when
+        one failed (nothing is committed, the last committed save stays valid)."""
+        agreed = all_done(ctx, pending.written, pending.error is None
+                          and (pending.task is None or pending.task.error is None))
+        if agreed is None:
+            return False
+        if not agreed:
+            self._pending = None
+            err = pending.error or (pending.task.error if pending.task is not None else None)
+            if pending.iteration is not None:
+                why = f"this rank: {err}" if err else "another rank failed (see its log)"
+                raise CheckpointError(f"save of iteration {pending.global_step} failed and was not "
+                                      f"committed ({why}); latest_checkpointed_iteration.txt in "
+                                      f"{self.directory} still names the last good save")
+            name = os.path.basename(pending.paths[0])
             why = ("another rank failed (see its log)" if err is None else
                    f"this rank: writing {os_error_text(err, pending.paths[0])}"
                    if isinstance(err, OSError) else f"this rank: {err}")
             raise CheckpointError(f"training save of global step {pending.global_step} ({name}) failed and was "
                                   f"not committed ({why}); the last committed save in {self.directory} "
                                   f"is still valid. Fix the cause (disk space? permissions?) and resume.")
+        return True
+
+    def _commit(self, ctx, pending: _Save) -> None:
+        """A synchronous save's commit, on the main thread: make `pending` count on every rank,
+        or raise CheckpointError on every rank."""
+        self._pending = None
+        t0 = time.perf_counter()
+        self._written_everywhere(ctx, pending)   # sync: done everywhere, so True or raise
+        record, tail = self._commit_parts(ctx, pending)
+        if record is not None:
+            record()
+        all_ranks(ctx, True)   # the record no longer names the dropped saves past here
+        if tail is not None:
+            tail()
+        pending.commit_time += time.perf_counter() - t0
+        self._committed_log(pending)
+
+    def _advance_pending(self, ctx) -> None:
+        """Async, at a step end: move the pending save one step of the commit on, if every
+        rank is ready for it (one all-reduce)."""
+        pending = self._pending
+        t0 = time.perf_counter()
+        try:
+            if pending.tail is _NOT_AGREED:
+                if self._written_everywhere(ctx, pending):
+                    self._queue_record(ctx, pending)
+            elif self._recorded_everywhere(ctx, pending):
+                self._queue_tail(pending)
+        finally:
+            pending.commit_time += time.perf_counter() - t0
+
+    def _finish_pending(self, ctx) -> None:
+        """Async: commit the pending save now, waiting for the background writer where it has
+        not finished (before the next save, at train end, on a graceful exit). The time
+        waited is the save's `wait_time`; the save's tail may still run in the background."""
+        pending = self._pending
+        if pending.tail is _NOT_AGREED:
+            t0 = time.perf_counter()
+            pending.task.wait()
+            pending.wait_time += time.perf_counter() - t0
+            self._advance_pending(ctx)
+        if self._pending is pending:
+            t0 = time.perf_counter()
+            if pending.record is not None:
+                pending.record.wait()
+            pending.wait_time += time.perf_counter() - t0
+            self._advance_pending(ctx)
+        if pending.wait_time > 1e-3:
+            logger.info("step %d: waited %.1f ms for the async save to finish", pending.global_step,
+                        pending.wait_time * 1e3)
+
+    def _queue_record(self, ctx, pending: _Save) -> None:
+        """Async step 2: every rank's files are durable; rank 0 queues the commit record and,
+        after it, its own tail; the other ranks keep their tail until the record is written."""
+        record, tail = self._commit_parts(ctx, pending)
+        if record is None:
+            pending.tail = tail
+            return
+
+        def record_then_tail():
+            record()
+            if tail is not None:
+                tail()
+        pending.record = self._writer.submit(record_then_tail,
+                                             f"commit of global step {pending.global_step}")
+        pending.tail = None
+
+    def _recorded_everywhere(self, ctx, pending: _Save) -> bool:
+        """Async step 3: True once rank 0's record is written; CheckpointError on every rank
+        when it could not be."""
+        record = pending.record
+        agreed = all_done(ctx, record is None or record.done, record is None or record.error is None)
+        if agreed is None:
+            return False
+        if not agreed:
+            self._pending = None
+            if record is not None and isinstance(record.error, MindformersSTError):
+                raise record.error
+            why = (f"rank 0: {record.error}" if record is not None else
+                   "rank 0 failed, see its log")
+            raise CheckpointError(f"training save of global step {pending.global_step} could not be "
+                                  f"committed in {self.directory} ({why})")
+        return True
+
+    def _queue_tail(self, pending: _Save) -> None:
+        """Async: the record is written; queue this rank's tail, and the save counts."""
+        self._pending = None
+        if pending.tail is not None:
+            self._writer.submit(pending.tail, f"pruning after global step {pending.global_step}")
+        self._committed_log(pending)
+
+    def _commit_parts(self, ctx, pending: _Save):
+        """(record, tail) of `pending` on this rank — callables for steps 2 and 3 (None when
+        this rank has nothing to do), after updating what this monitor counts as committed."""
+        if pending.iteration is not None:
+            return self._iteration_parts(ctx, pending)
+        name = os.path.basename(pending.paths[0])
+        rank_dir = os.path.dirname(pending.paths[0])
+        rel = os.path.relpath(pending.paths[0], self.directory)
         files = {r: os.path.join(rank_dir_name(r), ckpt_file_name(self.prefix, r, pending.epoch,
                                                                   pending.step, self.fmt))
                  for r in range(ctx.world_size)}
@@ -517,68 +674,72 @@ class CheckpointMonitor(MindSporeCallback):
                                  save_id_of(self.run_id, pending.epoch, pending.step))
         # Commit order decides what is oldest (as MindSpore prunes by file age): the save just
         # made is newest, so it is never the one dropped.
-        self._committed = [e for e in self._committed if e.key != entry.key] + [entry]
-        dropped = self._committed[:max(0, len(self._committed) - self.keep_max)]
-        self._committed = self._committed[len(dropped):]
-        if ctx.is_main:
+        committed = [e for e in self._committed if e.key != entry.key] + [entry]
+        dropped = committed[:max(0, len(committed) - self.keep_max)]
+        self._committed = committed = committed[len(dropped):]
+        pending.pruned = [e.key for e in dropped]
+        # MindSpore Transformers' per-rank record, written once the save counts: it names only
+        # committed files, so a reader of meta.json alone never takes a pending save.
+        meta = cm.RankMeta(pending.epoch, pending.step, name,
+                           tuple(dict.fromkeys(os.path.basename(e.files[ctx.rank]) for e in committed
+                                               if ctx.rank in e.files)),   # each file once
+                           entry.run_id, entry.save_id)
+        world = ctx.world_size
+
+        def record():
             try:
-                cm.write_committed(self.directory, ctx.world_size, self._committed)
+                cm.write_committed(self.directory, world, committed)
             except OSError as exc:   # the files are written; without the record nothing counts
                 raise write_failed(f"training save of global step {pending.global_step}: its "
                                    f"commit record", self.directory, exc) from exc
-        all_ranks(ctx, True)   # committed.json no longer names the dropped saves past here
-        _fault_point("committed", pending.global_step)
-        if dropped:
-            self._prune(ctx, dropped)
-        _fault_point("pruned", pending.global_step)
-        # MindSpore Transformers' per-rank record, written once the save counts: it names only
-        # committed files, so a reader of meta.json alone never takes a pending save.
-        try:
-            cm.write_rank_meta(rank_dir, cm.RankMeta(
-                pending.epoch, pending.step, name,
-                tuple(dict.fromkeys(os.path.basename(e.files[ctx.rank]) for e in self._committed
-                                    if ctx.rank in e.files)),   # each file once
-                entry.run_id, entry.save_id))
-        except OSError as exc:   # committed.json already holds the save; meta.json is a mirror
-            logger.warning("rank %d: %s: could not write meta.json (%s); the save is committed "
-                           "in committed.json", ctx.rank, rank_dir, exc)
-        if self.health is not None and ctx.is_main:
-            self._record_health(name)
-        commit_time = time.perf_counter() - t0
-        self.stats.append(SaveStats(pending.global_step, pending.nbytes, pending.blocked,
-                                    pending.write_time, commit_time, waited, pending.thread is not None))
-        logger.info("step %d: committed %s (%.1f MB; blocked %.1f ms, write %.1f ms, commit %.1f ms)%s",
-                    pending.global_step, name, pending.nbytes / 1e6, pending.blocked * 1e3,
-                    pending.write_time * 1e3, commit_time * 1e3,
-                    f"; pruned {[e.key for e in dropped]}" if dropped else "")
 
-    def _commit_iteration(self, ctx, pending: _Save, waited: float = 0.0) -> None:
-        """Checkpoint 2.0: every rank agrees all wrote their files; rank 0 writes common.json,
-        metadata.json and, last, the tracker, then drops folders beyond keep_checkpoint_max."""
+        def tail():
+            _fault_point("committed", pending.global_step)
+            if dropped:
+                self._prune(ctx, dropped)
+            _fault_point("pruned", pending.global_step)
+            try:
+                cm.write_rank_meta(rank_dir, meta)
+            except OSError as exc:   # committed.json already holds the save; meta.json is a mirror
+                logger.warning("rank %d: %s: could not write meta.json (%s); the save is committed "
+                               "in committed.json", ctx.rank, rank_dir, exc)
+            if self.health is not None and ctx.is_main:
+                self._record_health(name)
+
+        return (record if ctx.is_main else None), tail
+
+    def _iteration_parts(self, ctx, pending: _Save):
+        """Checkpoint 2.0: rank 0 writes common.json, metadata.json and, last, the tracker
+        (the record), then removes the folders beyond keep_checkpoint_max (its tail)."""
         from .iteration_save import commit_iteration, prune_iterations
-        self._pending = None
-        t0 = time.perf_counter()
-        if not all_ranks(ctx, pending.error is None):
-            why = f"this rank: {pending.error}" if pending.error else "another rank failed (see its log)"
-            raise CheckpointError(f"save of iteration {pending.global_step} failed and was not "
-                                  f"committed ({why}); latest_checkpointed_iteration.txt in "
-                                  f"{self.directory} still names the last good save")
-        if ctx.is_main:
-            common, snap = pending.iteration
-            commit_iteration(self.directory, pending.global_step, common, snap,
-                             self._net.layouts, ctx.world_size)
-        self._iterations = [i for i in self._iterations if i != pending.global_step]
-        self._iterations.append(pending.global_step)
-        all_ranks(ctx, True)   # the tracker names the new save before anything is removed
-        if ctx.is_main:
-            self._iterations = prune_iterations(self.directory, self._iterations, self.keep_max)
-        else:
-            self._iterations = self._iterations[-self.keep_max:]
-        commit_time = time.perf_counter() - t0
+        iterations = [i for i in self._iterations if i != pending.global_step] + [pending.global_step]
+        self._iterations = iterations[-self.keep_max:]
+        pending.pruned = iterations[:-self.keep_max]
+        if not ctx.is_main:
+            return None, None
+        common, snap = pending.iteration
+        layouts, world = self._net.layouts, ctx.world_size
+
+        def record():
+            commit_iteration(self.directory, pending.global_step, common, snap, layouts, world)
+
+        def tail():
+            prune_iterations(self.directory, iterations, self.keep_max)
+
+        return record, tail
+
+    def _committed_log(self, pending: _Save) -> None:
         self.stats.append(SaveStats(pending.global_step, pending.nbytes, pending.blocked,
-                                    pending.write_time, commit_time, waited, pending.thread is not None))
-        logger.info("step %d: committed iteration %d (Checkpoint 2.0, %.1f MB)",
-                    pending.global_step, pending.global_step, pending.nbytes / 1e6)
+                                    pending.write_time, pending.commit_time, pending.wait_time,
+                                    pending.task is not None, pending.copy_wait))
+        what = (f"iteration {pending.global_step} (Checkpoint 2.0)" if pending.iteration is not None
+                else os.path.basename(pending.paths[0]))
+        logger.info("step %d: committed %s (%.1f MB; blocked %.1f ms, write %.1f ms, commit %.1f ms"
+                    "%s)%s", pending.global_step, what, pending.nbytes / 1e6,
+                    pending.blocked * 1e3, pending.write_time * 1e3, pending.commit_time * 1e3,
+                    f", waited {(pending.wait_time + pending.copy_wait) * 1e3:.1f} ms"
+                    if pending.wait_time + pending.copy_wait > 1e-3 else "",
+                    f"; pruning {pending.pruned}" if pending.pruned else "")
 
     def _record_health(self, name: str) -> None:
         """Append the committed save to health_ckpts.json, as MindSpore Transformers: with one

@@ -52,14 +52,18 @@ class NetworkState:
     layouts: Dict[str, TensorLayout]
     dtypes: Dict[str, str]
     elsewhere: frozenset = frozenset()   # tensors other pipeline stages of the job hold
+    # every laid-out tensor of the job, on every stage (None: `layouts` are the job's), so a
+    # rank can plan what the others load (balanced_load)
+    job_layouts: Optional[Dict[str, TensorLayout]] = None
 
     def parameters(self) -> Dict[str, object]:
         """name -> MindSpore Parameter of every tensor a save holds, in save order."""
         raise NotImplementedError
 
-    def trainable(self) -> List[str]:
-        """The weights that require gradients."""
-        params = self.parameters()
+    def trainable(self, params: Optional[Mapping[str, object]] = None) -> List[str]:
+        """The weights that require gradients (`params`: this state's `parameters()`, when the
+        caller already has them)."""
+        params = self.parameters() if params is None else params
         return [n for n in self.weights if getattr(params[n], "requires_grad", True)]
 
     def set_weights(self, arrays: Mapping[str, np.ndarray], strict: bool = True) -> List[str]:
@@ -99,6 +103,7 @@ class ModelState(NetworkState):
         else:
             from ..layout.parallel_config import ParallelConfig, plan_layouts
             self.layouts = plan_layouts(table, ParallelConfig())
+        self.job_layouts = dict(self.layouts)
         # A pipeline stage holds (saves, loads) only the tensors its layout puts on its stage.
         stage = ctx.coords[0] if ctx is not None else 0
         here = {n for n, lay in self.layouts.items() if lay.stage == stage}

@@ -14,7 +14,7 @@ or as a MindSpore `.ckpt` (mindspore.save_checkpoint, then fsync and rename: ato
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Set
 
 import numpy as np
@@ -46,6 +46,14 @@ class RankSnapshot:
     copied: bool = False
     network_names: tuple = ()        # the parameters among `arrays` (for checkpoint_network/)
     trainable_names: tuple = ()      # the trainable ones (for checkpoint_trainable/)
+    deferred: list = field(default_factory=list)   # (live view, buffer) copies `fill` still owes
+
+    def fill(self) -> None:
+        """Take a deferred snapshot: copy each live tensor into its buffer. Must run before the
+        arrays are read and before the live tensors change (snapshot_rank(defer=True))."""
+        for live, buf in self.deferred:
+            np.copyto(buf, live)
+        self.deferred = []
 
     @property
     def nbytes(self) -> int:
@@ -57,7 +65,8 @@ class RankSnapshot:
         return self.meta.to_metadata()
 
     def subset(self, names) -> "RankSnapshot":
-        """A snapshot of `names` only (same metadata, slices filtered)."""
+        """A snapshot of `names` only (same metadata, slices filtered), sharing the arrays: a
+        deferred snapshot's subset is filled by the snapshot's own `fill()`."""
         names = [n for n in self.arrays if n in set(names)]
         return RankSnapshot({n: self.arrays[n] for n in names},
                             {n: self.slices[n] for n in names if n in self.slices},
@@ -80,7 +89,8 @@ def owned_names(state, ctx) -> Set[str]:
     return set(mine)
 
 
-def _live(param, copy: bool, buffers: Optional[Dict[str, np.ndarray]] = None) -> np.ndarray:
+def _live(param, copy: bool, buffers: Optional[Dict[str, np.ndarray]] = None,
+          deferred: Optional[list] = None) -> np.ndarray:
     # asnumpy() shares the parameter's memory on CPU: a save that runs while training
     # continues (async) must copy, a synchronous one can write straight from it.
     arr = as_standard_dtype(param.asnumpy())
@@ -91,15 +101,46 @@ def _live(param, copy: bool, buffers: Optional[Dict[str, np.ndarray]] = None) ->
     # Reusing last save's buffers skips allocating and page-faulting hundreds of MB per save.
     buf = buffers.get(param.name)
     if buf is None or buf.shape != arr.shape or buf.dtype != arr.dtype:
+        logger.warning("%s: no snapshot buffer of shape %s %s was allocated at train begin; "
+                       "allocating one now (this save blocks longer)", param.name,
+                       tuple(arr.shape), arr.dtype)
         buf = buffers[param.name] = np.empty_like(arr)
-    np.copyto(buf, arr)
+    if deferred is not None:
+        deferred.append((arr, buf))
+    else:
+        np.copyto(buf, arr)
     return buf
+
+
+def rank_slices_of(state, ctx) -> Dict[str, TensorSlice]:
+    """{name: this rank's slice} of every tensor of `state` with a layout (what snapshot_rank
+    takes as `rank_slices`; layouts do not change during a run)."""
+    return {name: lay.slice_for(ctx.rank) for name, lay in state.layouts.items()}
+
+
+def snapshot_buffers(state, ctx, remove_redundancy: bool = False,
+                     owned: Optional[Set[str]] = None) -> Dict[str, np.ndarray]:
+    """One buffer per sliced tensor this rank saves of `state` (the arrays `snapshot_rank`
+    copies with `copy=True`), shaped and typed as the live tensor and touched once, so an
+    async save's snapshot is a plain copy into memory that is already mapped: allocating and
+    page-faulting hundreds of MB at the save step would block training as long as the copy."""
+    buffers: Dict[str, np.ndarray] = {}
+    layouts = state.layouts
+    for name, p in state.parameters().items():
+        if name not in layouts or (remove_redundancy and name not in (owned or ())):
+            continue
+        live = _live(p, False)
+        buf = np.empty_like(live)
+        buf.reshape(-1).view(np.uint8).fill(0)   # fault every page in now, not in the first save
+        buffers[name] = buf
+    return buffers
 
 
 def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, float],
                   remove_redundancy: bool = False, owned: Optional[Set[str]] = None,
                   copy: bool = False, buffers: Optional[Dict[str, np.ndarray]] = None,
-                  run_id: Optional[str] = None) -> RankSnapshot:
+                  run_id: Optional[str] = None, defer: bool = False,
+                  rank_slices: Optional[Mapping[str, TensorSlice]] = None) -> RankSnapshot:
     """This rank's save of `state` (a checkpoint.network.NetworkState): every tensor it holds
     (weights, optimizer moments and counters, under MindSpore's names), then the hyper tensors.
 
@@ -109,7 +150,10 @@ def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, floa
     without a layout (global_step and other counters) are written whole by every rank. `copy`
     takes copies (for async saves), into `buffers` {name: array} when given: the caller must not
     reuse them before the previous snapshot's file is written. `run_id` (the same on every rank
-    of the run) gives the file its save identity (records.rank_meta run_id, save_id)."""
+    of the run) gives the file its save identity (records.rank_meta run_id, save_id). `defer`
+    (with `copy` and `buffers`) leaves the copies to the snapshot's `fill()`: the arrays are the
+    buffers, still to be filled from views of the live tensors. `rank_slices` ({name:
+    layouts[name].slice_for(rank)}, from `rank_slices_of`) spares recomputing them per save."""
     missing = sorted(set(HYPER_DTYPES) - set(hyper))
     if missing:
         raise CheckpointError(f"snapshot: hyper values {missing} are missing; a save needs all of "
@@ -122,8 +166,11 @@ def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, floa
     if unknown:
         raise CheckpointError(f"snapshot: {unknown[:5]} have no layout; the network and its layouts "
                               f"disagree, so this save could not be resharded")
+    if defer and not (copy and buffers is not None):
+        raise CheckpointError("snapshot: defer needs copy=True and buffers")
     arrays: Dict[str, np.ndarray] = {}
     slices: Dict[str, TensorSlice] = {}
+    deferred: list = [] if defer else None
     for name, p in params.items():
         lay = layouts.get(name)
         if lay is None:   # a whole-valued counter: every rank writes it
@@ -132,8 +179,8 @@ def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, floa
             continue
         if remove_redundancy and name not in owned:
             continue
-        sl = lay.slice_for(ctx.rank)
-        arr = _live(p, copy, buffers)
+        sl = rank_slices[name] if rank_slices is not None else lay.slice_for(ctx.rank)
+        arr = _live(p, copy, buffers, deferred)
         if tuple(arr.shape) != tuple(sl.sizes):
             raise CheckpointError(f"snapshot: {name} holds {tuple(arr.shape)} on rank {ctx.rank} but its "
                                   f"layout says {tuple(sl.sizes)}; refusing to save a wrong slice")
@@ -148,8 +195,8 @@ def snapshot_rank(state, ctx, *, epoch: int, step: int, hyper: Mapping[str, floa
                         int(epoch), int(step), run_id=run_id,
                         save_id=None if run_id is None else save_id_of(run_id, epoch, step))
     network = tuple(n for n in state.weights if n in arrays)
-    trainable = tuple(n for n in state.trainable() if n in arrays)
-    return RankSnapshot(arrays, slices, meta, copy, network, trainable)
+    trainable = tuple(n for n in state.trainable(params) if n in arrays)
+    return RankSnapshot(arrays, slices, meta, copy, network, trainable, deferred or [])
 
 
 def write_rank_file(path: str, snap: RankSnapshot, fmt: str = "safetensors",

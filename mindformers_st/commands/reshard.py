@@ -152,7 +152,7 @@ def run_plan(args, plan, finalize=None) -> int:
     """Print the dry-run report, or execute the plan into DST."""
     if args.dry_run:
         print(plan.description)
-        print(format_stats(plan_stats(plan, args.workers * args.processes)))
+        print(format_stats(plan_stats(plan, args.workers, args.processes)))
         return 0
     paths = execute(plan, args.dst, workers=args.workers, progress=not args.no_progress,
                     overwrite=args.overwrite, finalize=finalize,

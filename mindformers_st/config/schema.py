@@ -431,6 +431,9 @@ IGNORED_TOP_LEVEL = (
 )
 
 
+DERIVED_WRITES = ("background", "first")
+
+
 @dataclass
 class RunConfig:
     """The whole run config (`--config` YAML + CLI flags), MindSpore Transformers' keys."""
@@ -446,12 +449,17 @@ class RunConfig:
     src_strategy_path_or_dir: str = ""
     # auto_trans_ckpt on rank_x/ weights: cut straight from the rank files, no unified_checkpoint
     direct_reshard: bool = False
+    # ms_safetensors / unified_checkpoint of an online conversion or merge: "background" (the
+    # load reads the sources, the folder is written while training runs) or "first"
+    derived_write: str = "background"
     # checksums of the bytes read: True ("read": every tensor read whole), "full", False
     verify_checksums: Union[bool, str] = True
     resume_training: Union[bool, str] = False
     only_save_strategy: bool = False
     transform_process_num: int = 1
     load_ckpt_async: bool = False
+    # every block several ranks need is read once and shared (None: on under use_parallel)
+    balanced_load: Optional[bool] = None
     ignore_data_skip: bool = False
     data_skip_steps: Optional[int] = None
     resume_by_last_timestamp_ckpt: Optional[bool] = None
@@ -498,6 +506,9 @@ class RunConfig:
     def _validate(self, where: str) -> None:
         _require(self.run_mode in RUN_MODES,
                  f"config key 'run_mode' must be one of {RUN_MODES}, got {self.run_mode!r}")
+        _require(self.derived_write in DERIVED_WRITES,
+                 f"config key 'derived_write' must be one of {DERIVED_WRITES}, "
+                 f"got {self.derived_write!r}")
         _require(self.load_ckpt_format in CKPT_FORMATS,
                  f"config key 'load_ckpt_format' only supports 'ckpt' or 'safetensors', "
                  f"got {self.load_ckpt_format!r}")

@@ -8,7 +8,7 @@ the bytes each rank writes: largest blocks first, each to the least-loaded holde
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import LayoutError
 from .param_table import ITEMSIZE
@@ -33,15 +33,26 @@ def assign_owners(layouts: Mapping[str, TensorLayout], dtypes: Mapping[str, str]
                               f"safetensors dtype of every laid-out tensor")
         for block, holders in layouts[name].distinct_slices().items():
             items.append((block.numel * ITEMSIZE[dtype], name, block, holders))
-    # Largest first; name and offsets break ties so every rank sorts the same way.
-    items.sort(key=lambda it: (-it[0], it[1], it[2].offsets))
-    load: Dict[int, int] = {}
-    owners: Owners = {}
-    for nbytes, name, block, holders in items:
-        owner = min(holders, key=lambda r: (load.get(r, 0), r))
-        owners[(name, block)] = owner
-        load[owner] = load.get(owner, 0) + nbytes
-    return owners
+    chosen = least_loaded([(nbytes, (name, block.offsets), holders)
+                           for nbytes, name, block, holders in items])
+    return {(name, block): owner for (_, name, block, _), owner in zip(items, chosen)}
+
+
+def least_loaded(items: Sequence[Tuple[int, Any, Sequence[int]]],
+                 load: Optional[Dict[int, int]] = None) -> List[int]:
+    """For each item (nbytes, tie-break key, candidate ranks), the rank that takes it: largest
+    items first, each to the candidate with the fewest bytes so far (ties: lowest rank),
+    starting from `load` (bytes each rank already has; updated in place when given). The keys
+    must be distinct and orderable, so every rank computes the same answer alone."""
+    load = {} if load is None else load
+    order = sorted(range(len(items)), key=lambda i: (-items[i][0], items[i][1]))
+    chosen: List[int] = [0] * len(items)
+    for i in order:
+        nbytes, _, holders = items[i]
+        rank = min(holders, key=lambda r: (load.get(r, 0), r))
+        chosen[i] = rank
+        load[rank] = load.get(rank, 0) + nbytes
+    return chosen
 
 
 def owned_by(owners: Owners, rank: int) -> Dict[str, TensorSlice]:

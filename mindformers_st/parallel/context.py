@@ -238,6 +238,31 @@ def _group(name, ranks, world, world_group, create_group) -> Optional[str]:
     return name
 
 
+def group_for_ranks(ctx: ParallelContext, ranks) -> Optional[str]:
+    """A communication group over exactly `ranks` (which hold `ctx.rank`): None for one rank,
+    the world group for all, this rank's dp or mp group when it is that set, else a group
+    created the first time it is asked for (every member must ask for it at the same point of
+    its collective order, as for any collective)."""
+    ranks = sorted(int(r) for r in ranks)
+    if ctx.rank not in ranks:
+        raise ValueError(f"rank {ctx.rank} asked for a group it is not in: {ranks}")
+    if len(ranks) == 1:
+        return None
+    if len(ranks) == ctx.world_size:
+        return ctx.world_group
+    dp, mp = ctx.config.data_parallel, ctx.config.model_parallel
+    stage, dp_idx, mp_idx = ctx.coords
+    base = stage * dp * mp
+    if ranks == [base + i * mp + mp_idx for i in range(dp)] and ctx.dp_group:
+        return ctx.dp_group
+    if ranks == [base + dp_idx * mp + j for j in range(mp)] and ctx.mp_group:
+        return ctx.mp_group
+    import hashlib
+    from mindspore.communication import create_group
+    name = "mfst_set_" + hashlib.sha1(",".join(map(str, ranks)).encode()).hexdigest()[:16]
+    return _group(name, ranks, ctx.world_size, ctx.world_group, create_group)
+
+
 def context_from_mindspore() -> ParallelContext:
     """The job as MindSpore's own training sees it (a script using `Model.train`): rank and world
     size from `mindspore.communication` when it was initialised (msrun, DATA_PARALLEL), else one

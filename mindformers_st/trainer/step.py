@@ -64,6 +64,10 @@ class TrainStep:
         self.last_grad_norm: Optional[float] = None
         self.last_loss: Optional[float] = None
         self.updating = False
+        # Called with no arguments after the gradients are computed and before the optimizer
+        # changes any weight or moment: an async checkpoint save copies its snapshot during the
+        # forward/backward and waits here until the copy is done (checkpoint/monitor.py).
+        self.before_update: List = []
 
     @property
     def step_count(self) -> int:
@@ -81,6 +85,8 @@ class TrainStep:
         if self.clip_norm and self.clip_norm > 0 and norm > self.clip_norm:
             scale = self.clip_norm / (norm + 1e-6)
             grads = [g * scale for g in grads]
+        for hook in list(self.before_update):
+            hook()
         # True while weights and moments are being changed: an exception in this window leaves
         # a mix of two steps, which exception_save must not save (trainer/stop.py).
         self.updating = True

@@ -1,16 +1,19 @@
 """The one engine that runs every `Plan`: bounded memory, parallel reads, streaming writes.
 
 How it moves bytes:
-- sources are memory-mapped read-only (page cache pages, not anonymous memory); only the byte
-  ranges the plan names are touched, and `madvise(WILLNEED)` starts reading a tensor's
-  ranges before it is copied, so disk reads overlap copying and writing;
-- a target tensor is produced in row blocks along dim 0. A block that one source block fills
-  with whole contiguous rows is written straight from the mmap; any other block is assembled in
-  a per-thread staging buffer of `CHUNK_BYTES` (reused, so its pages fault in once);
+- sources are memory-mapped read-only (page cache pages, not anonymous memory), with faults that
+  never read ahead; the engine reads exactly the pages of the byte ranges the plan names
+  (`read_ranges`), requesting each block's ranges (`madvise(WILLNEED)`) while the block before it
+  is copied and written, so disk reads overlap copying and writing;
+- a target tensor is produced in row blocks along dim 0 (`_blocks`). A block that one source
+  block fills with whole contiguous rows is written straight from the mmap; any other block is
+  assembled in a per-thread staging buffer of at most `CHUNK_BYTES` (reused, so its pages fault
+  in once);
 - writes go through `storage.writer.SafetensorsWriter` (pwrite, xxh3 checksums, fsync, rename);
 - the output folder is built under a hidden sibling name and renamed at the end, so it appears
   complete or not at all.
-Peak anonymous memory is about `workers * CHUNK_BYTES` (+ one row when a row is larger), whatever
+Peak anonymous memory is the `workers` largest staging needs of the plan (`peak_staging`, what
+`--dry-run` prints), at most `workers * CHUNK_BYTES` (+ one row when a row is larger), whatever
 the model size.
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ import numpy as np
 from ..errors import CheckpointError, PlanError
 from ..dtypes import ITEMSIZE
 from ..dtypes import ST_TO_NUMPY
-from ..storage.reader import SafetensorsFile, read_header
+from ..storage.reader import SafetensorsFile, block_runs, read_header
 from ..storage.atomic import fsync_dir
 from ..storage.writer import SafetensorsWriter
 from .plan import CopyOp, Plan, TargetFile, TargetTensor
@@ -46,20 +49,68 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 32 << 20      # staging buffer per worker thread
 DIRECT_PIECE = 64 << 20     # largest single write straight from a source mapping
 SMALL_DIRECT_BYTES = 1 << 20  # direct ranges below this are staged with their neighbours
+# Largest range one MADV_WILLNEED call is trusted to read: the kernel caps a call at its
+# read-ahead window (max(read_ahead_kb, max_sectors_kb), 128 KiB by default) and drops the rest.
+PREFETCH_PIECE = 128 << 10
 
 
 # --------------------------------------------------------------------------- sources
 class _Source(SafetensorsFile):
-    """One memory-mapped source file (storage's reader), read sequentially by default."""
+    """One memory-mapped source file (storage's reader). Page faults on it never read ahead
+    (MADV_RANDOM): the engine names every byte range it copies in advance (`will_need`), so a
+    fault brings in its own page only and a column slice does not pull in the columns around it
+    (the kernel's read-around or sequential read-ahead would read several MiB per fault)."""
 
     def __init__(self, path: str):
         super().__init__(path)
         if self._mmap is not None and hasattr(self._mmap, "madvise"):
-            self._mmap.madvise(mmap.MADV_SEQUENTIAL)
+            self._mmap.madvise(mmap.MADV_RANDOM)
 
     def raw(self, name: str) -> memoryview:
         """The stored bytes of `name` (zero-copy; release before close)."""
         return self.raw_bytes(name)
+
+    def runs(self, name: str, offsets: Sequence[int], sizes: Sequence[int]):
+        """The reader's `byte_ranges(name, offsets, sizes)` for the engine, cheaply: one (absolute
+        start, length) extent when the runs lie less than a page apart (their pages touch, so
+        they are one sequential read whatever the gaps: whole tensors, row ranges, narrow rows),
+        else the (n, 2) int64 array of runs (`block_runs`). The block was checked against the
+        tensor already (validate_plan)."""
+        e = self.entry(name)
+        base = self.data_start + e.begin
+        shape, item = e.shape, ITEMSIZE[e.dtype]
+        k = len(shape) - 1
+        while k >= 0 and sizes[k] == shape[k]:   # trailing dims taken whole merge into one run
+            k -= 1
+        if k < 0:
+            return (base, e.nbytes)
+        strides = [item] * len(shape)
+        for d in range(len(shape) - 2, -1, -1):
+            strides[d] = strides[d + 1] * shape[d + 1]
+        span, gap = sizes[k] * strides[k], 0   # bytes from the first run's start to the last's end
+        for d in range(k - 1, -1, -1):
+            if sizes[d] > 1:
+                gap = max(gap, strides[d] - span)
+                span += (sizes[d] - 1) * strides[d]
+        if gap < mmap.PAGESIZE:
+            return (base + sum(o * st for o, st in zip(offsets, strides)), span)
+        runs = block_runs(shape, item, offsets, sizes)
+        runs[:, 0] += base
+        return runs
+
+    def will_need(self, ranges: Sequence[Tuple[int, int]]) -> None:
+        """Start reading the page-aligned (start, length) `ranges` of the file (a hint: errors
+        are ignored). Issued in pieces of `PREFETCH_PIECE` because the kernel reads at most its
+        read-ahead window per call and silently drops the rest of a longer range."""
+        mm = self._mmap
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        for start, length in ranges:
+            for lo in range(start, start + length, PREFETCH_PIECE):
+                try:
+                    mm.madvise(mmap.MADV_WILLNEED, lo, min(PREFETCH_PIECE, start + length - lo))
+                except (OSError, ValueError, OverflowError):
+                    return
 
 
 class _Sources:
@@ -76,6 +127,7 @@ class _Sources:
         src = self.get(path)
         v = self.verifier
         if v is not None and v.wants(path, name):
+            src.will_need(coalesce(src.byte_ranges(name)))   # the hash reads all of it
             raw = src.raw(name)
             try:
                 v.check(path, name, src.metadata, raw, src.tensors)
@@ -184,75 +236,25 @@ def _row_bytes(t: TargetTensor) -> int:
     return prod(t.shape[1:]) * ITEMSIZE[t.dtype] if t.shape else ITEMSIZE[t.dtype]
 
 
-def staging_bytes(t: TargetTensor, shapes) -> int:
-    """Largest staging buffer the engine uses for target tensor `t` (0 when every row range is
-    written straight from a source mapping)."""
-    row = _row_bytes(t)
-    rows = max(1, CHUNK_BYTES // max(1, row))
-    peak = 0
-    for a, b, _, direct in _segments(t, shapes):
-        if not direct:
-            peak = max(peak, min(b - a, rows) * row)
-    return peak
+Block = Tuple[int, int, Tuple[CopyOp, ...], bool]
 
 
-# --------------------------------------------------------------------------- copying
-class _Staging(threading.local):
-    buf: Optional[np.ndarray] = None
-
-    def get(self, nbytes: int) -> np.ndarray:
-        if self.buf is None or self.buf.nbytes < nbytes:
-            self.buf = np.empty(max(nbytes, CHUNK_BYTES), dtype=np.uint8)
-        return self.buf[:nbytes]
-
-
-def _fill(block: np.ndarray, row0: int, ops: Sequence[CopyOp], sources: _Sources) -> None:
-    """Copy into `block` (target rows [row0, row0+len(block))) the parts of `ops` it spans."""
-    rows = block.shape[0]
-    for op in ops:
-        lo = max(row0, op.dst_offsets[0])
-        hi = min(row0 + rows, op.dst_offsets[0] + op.sizes[0])
-        if hi <= lo:
-            continue
-        src = sources.view(op.src_file, op.src_name)
-        s0 = op.src_offsets[0] + (lo - op.dst_offsets[0])
-        src_idx = (slice(s0, s0 + hi - lo),) + tuple(
-            slice(o, o + s) for o, s in zip(op.src_offsets[1:], op.sizes[1:]))
-        dst_idx = (slice(lo - row0, hi - row0),) + tuple(
-            slice(o, o + s) for o, s in zip(op.dst_offsets[1:], op.sizes[1:]))
-        np.copyto(block[dst_idx], src[src_idx])
-        del src
-
-
-def _prefetch(t: TargetTensor, sources: _Sources) -> None:
-    for op in t.ops:
-        if op.sizes and op.numel:
-            sources.get(op.src_file).prefetch(op.src_name, op.src_offsets[0], op.sizes[0])
-
-
-def _write_tensor(t: TargetTensor, writer: SafetensorsWriter, shapes, sources: _Sources,
-                  staging: _Staging, progress: Callable[[int], None]) -> None:
-    dtype = ST_TO_NUMPY[t.dtype]
-    if not t.shape:   # 0-d scalar
-        op = t.ops[0]
-        writer.write(t.name, np.array(sources.view(op.src_file, op.src_name)))
-        progress(ITEMSIZE[t.dtype])
-        return
-    if prod(t.shape) == 0:
-        writer.write(t.name, np.empty(t.shape, dtype=dtype))
-        return
+def _blocks(t: TargetTensor, shapes) -> List[Block]:
+    """The engine's schedule for writing `t` (a tensor with at least one element and one
+    dimension): row blocks (r, e, ops, direct) in row order covering [0, rows) once. A direct block
+    is written straight from the single source mapping in `ops`; any other is assembled in the
+    staging buffer from `ops` and is at most `CHUNK_BYTES` (or one row when a row is larger).
+    `_write_tensor` runs exactly these blocks, and `staging_bytes` sizes the buffer from them."""
     row = _row_bytes(t)
     chunk_rows = max(1, CHUNK_BYTES // max(1, row))
     direct_rows = max(1, DIRECT_PIECE // max(1, row))
+    out: List[Block] = []
     staged_from, staged_ops, staged_set = None, [], set()   # small row ranges share a chunk
 
     def flush(end: int) -> None:
-        for r in range(staged_from, end, chunk_rows):
-            e = min(end, r + chunk_rows)
-            block = staging.get((e - r) * row).view(dtype).reshape((e - r,) + tuple(t.shape[1:]))
-            _fill(block, r, staged_ops, sources)
-            writer.write_block(t.name, (r,) + (0,) * (len(t.shape) - 1), block)
-            progress((e - r) * row)
+        ops = tuple(staged_ops)
+        out.extend((r, min(end, r + chunk_rows), ops, False)
+                   for r in range(staged_from, end, chunk_rows))
 
     for a, b, ops, direct in _segments(t, shapes):
         # A direct range too small to be worth its own pwrite (e.g. the one-row copies of an
@@ -273,18 +275,178 @@ def _write_tensor(t: TargetTensor, writer: SafetensorsWriter, shapes, sources: _
         if staged_from is not None:
             flush(a)
             staged_from, staged_ops, staged_set = None, [], set()
+        out.extend((r, min(b, r + direct_rows), (ops[0],), True) for r in range(a, b, direct_rows))
+    if staged_from is not None:
+        flush(t.shape[0])
+    return out
+
+
+def _staging_need(t: TargetTensor, blocks: Sequence[Block]) -> int:
+    row = _row_bytes(t)
+    return max(((e - r) * row for r, e, _, direct in blocks if not direct), default=0)
+
+
+def staging_bytes(t: TargetTensor, shapes) -> int:
+    """The staging buffer the engine holds for target tensor `t`: its largest staged block (0
+    when every block is written straight from a source mapping, or `t` is a scalar or empty).
+    The engine sizes its buffer with this same computation (`_Staging.reserve`)."""
+    if not t.shape or prod(t.shape) == 0:
+        return 0
+    return _staging_need(t, _blocks(t, shapes))
+
+
+def peak_staging(plan: Plan, shapes, workers: int) -> int:
+    """The most staging memory `execute_files(plan, workers=workers)` can hold at once. Each of
+    the `workers` threads runs one tensor at a time (several may be of the same file) and keeps
+    one buffer, grown to the largest need of the tensors it has run; since no tensor runs twice,
+    the worst case is the `workers` largest needs of the plan, one per thread."""
+    needs = sorted((staging_bytes(t, shapes) for f in plan.files for t in f.tensors), reverse=True)
+    return sum(needs[:max(1, workers)])
+
+
+# --------------------------------------------------------------------------- reading
+def _portion(op: CopyOp, row0: int, row1: int):
+    """The part of `op` that falls in target rows [row0, row1): (first target row, source
+    offsets, sizes), or None when they do not meet."""
+    lo = max(row0, op.dst_offsets[0])
+    hi = min(row1, op.dst_offsets[0] + op.sizes[0])
+    if hi <= lo:
+        return None
+    return (lo, (op.src_offsets[0] + lo - op.dst_offsets[0],) + tuple(op.src_offsets[1:]),
+            (hi - lo,) + tuple(op.sizes[1:]))
+
+
+def coalesce(ranges, page: int = mmap.PAGESIZE) -> List[Tuple[int, int]]:
+    """The pages holding the byte `ranges` ((start, length) pairs, or an (n, 2) array), as sorted
+    page-aligned (start, length) runs: ranges whose pages touch or overlap become one run, so
+    consecutive rows are one sequential read and no page is named twice, while a gap of a whole
+    page or more stays unread."""
+    if isinstance(ranges, np.ndarray) and len(ranges) > 16:
+        arr = ranges[ranges[:, 1] > 0]
+        lo = arr[:, 0] // page * page
+        hi = -(-(arr[:, 0] + arr[:, 1]) // page) * page
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order], np.maximum.accumulate(hi[order])
+        new = np.flatnonzero(lo[1:] > hi[:-1]) + 1   # a run starts where the pages stop touching
+        lo, hi = lo[np.concatenate(([0], new))], hi[np.concatenate((new - 1, [len(hi) - 1]))]
+        return list(zip(lo.tolist(), (hi - lo).tolist()))
+    # a few ranges (the usual case: one run per copy): plain Python is cheaper than numpy
+    spans = sorted((s // page * page, -(-(s + n) // page) * page)
+                   for s, n in (ranges.tolist() if isinstance(ranges, np.ndarray) else ranges)
+                   if n > 0)
+    out: List[List[int]] = []
+    for lo, hi in spans:
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi - lo) for lo, hi in out]
+
+
+def read_ranges(ops: Sequence[CopyOp], row0: int, row1: int,
+                sources: "_Sources") -> Dict[str, List[Tuple[int, int]]]:
+    """{source file: coalesced page-aligned (start, length) runs} the engine reads to fill target
+    rows [row0, row1) from `ops`: exactly the bytes the plan names (the reader's `byte_ranges`
+    of each copy, `_Source.runs`), rounded out to whole pages."""
+    per_file: Dict[str, list] = {}
+    for op in ops:
+        part = _portion(op, row0, row1)
+        if part is None or not op.numel:
+            continue
+        _, offsets, sizes = part
+        per_file.setdefault(op.src_file, []).append(
+            sources.get(op.src_file).runs(op.src_name, offsets, sizes))
+    out = {}
+    for path, parts in per_file.items():
+        if len(parts) == 1 and isinstance(parts[0], tuple):   # the common case, made cheap
+            start, length = parts[0]
+            lo = start // mmap.PAGESIZE * mmap.PAGESIZE
+            out[path] = [(lo, -(-(start + length) // mmap.PAGESIZE) * mmap.PAGESIZE - lo)]
+        elif all(isinstance(p, tuple) for p in parts):
+            out[path] = coalesce(parts)
+        else:
+            out[path] = coalesce(np.concatenate([np.asarray(p, dtype=np.int64).reshape(-1, 2)
+                                                 for p in parts]))
+    return out
+
+
+def _prefetch(ops: Sequence[CopyOp], row0: int, row1: int, sources: "_Sources") -> None:
+    """Start reading the source bytes of target rows [row0, row1) (no more: see `read_ranges`)."""
+    for path, ranges in read_ranges(ops, row0, row1, sources).items():
+        sources.get(path).will_need(ranges)
+
+
+def _prefetch_head(t: TargetTensor, sources: "_Sources") -> None:
+    """Start reading the first staging chunk's worth of `t`'s rows: a head start for the thread
+    that takes it next (which prefetches its blocks exactly as it goes)."""
+    if t.shape and prod(t.shape):
+        _prefetch(t.ops, 0, max(1, CHUNK_BYTES // max(1, _row_bytes(t))), sources)
+
+
+# --------------------------------------------------------------------------- copying
+class _Staging(threading.local):
+    """Each worker thread's staging buffer, kept across tensors (its pages fault in once) and
+    grown to what the tensor being written needs (`staging_bytes`), never more."""
+
+    buf: Optional[np.ndarray] = None
+
+    def reserve(self, nbytes: int) -> None:
+        if nbytes and (self.buf is None or self.buf.nbytes < nbytes):
+            self.buf = None   # free the smaller buffer first: never hold both
+            self.buf = np.empty(nbytes, dtype=np.uint8)
+
+    def get(self, nbytes: int) -> np.ndarray:
+        self.reserve(nbytes)
+        return self.buf[:nbytes]
+
+
+def _fill(block: np.ndarray, row0: int, ops: Sequence[CopyOp], sources: _Sources) -> None:
+    """Copy into `block` (target rows [row0, row0+len(block))) the parts of `ops` it spans.
+    Reads through the source mappings touch exactly the pages of `read_ranges`."""
+    rows = block.shape[0]
+    for op in ops:
+        part = _portion(op, row0, row0 + rows)
+        if part is None:
+            continue
+        lo, offsets, sizes = part
+        src = sources.view(op.src_file, op.src_name)
+        src_idx = tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
+        dst_idx = (slice(lo - row0, lo - row0 + sizes[0]),) + tuple(
+            slice(o, o + s) for o, s in zip(op.dst_offsets[1:], op.sizes[1:]))
+        np.copyto(block[dst_idx], src[src_idx])
+        del src
+
+
+def _write_tensor(t: TargetTensor, writer: SafetensorsWriter, shapes, sources: _Sources,
+                  staging: _Staging, progress: Callable[[int], None]) -> None:
+    dtype = ST_TO_NUMPY[t.dtype]
+    if not t.shape:   # 0-d scalar
+        op = t.ops[0]
+        writer.write(t.name, np.array(sources.view(op.src_file, op.src_name)))
+        progress(ITEMSIZE[t.dtype])
+        return
+    if prod(t.shape) == 0:
+        writer.write(t.name, np.empty(t.shape, dtype=dtype))
+        return
+    row = _row_bytes(t)
+    blocks = _blocks(t, shapes)
+    staging.reserve(_staging_need(t, blocks))
+    _prefetch(blocks[0][2], blocks[0][0], blocks[0][1], sources)
+    for k, (r, e, ops, direct) in enumerate(blocks):
+        if k + 1 < len(blocks):   # read the next block while this one is copied and written
+            _prefetch(blocks[k + 1][2], blocks[k + 1][0], blocks[k + 1][1], sources)
+        at = (r,) + (0,) * (len(t.shape) - 1)
         if direct:
             op = ops[0]
             src = sources.view(op.src_file, op.src_name)
-            s0 = op.src_offsets[0] + (a - op.dst_offsets[0])
-            for r in range(a, b, direct_rows):
-                e = min(b, r + direct_rows)
-                writer.write_block(t.name, (r,) + (0,) * (len(t.shape) - 1),
-                                   src[s0 + r - a:s0 + e - a])
-                progress((e - r) * row)
+            s0 = op.src_offsets[0] + (r - op.dst_offsets[0])
+            writer.write_block(t.name, at, src[s0:s0 + e - r])
             del src
-    if staged_from is not None:
-        flush(t.shape[0])
+        else:
+            block = staging.get((e - r) * row).view(dtype).reshape((e - r,) + tuple(t.shape[1:]))
+            _fill(block, r, ops, sources)
+            writer.write_block(t.name, at, block)
+        progress((e - r) * row)
 
 
 class _Progress:
@@ -352,9 +514,8 @@ def execute_files(plan: Plan, folder: str, workers: int = 4, progress: bool = Tr
 
         def run(i: int) -> None:
             f, t = tasks[i]
-            _prefetch(t, sources)
             if i + 1 < len(tasks):   # start reading the next tensor while this one copies
-                _prefetch(tasks[i + 1][1], sources)
+                _prefetch_head(tasks[i + 1][1], sources)
             _write_tensor(t, writers[f.path], shapes, sources, staging, bar)
             with lock:
                 remaining[f.path] -= 1
@@ -638,13 +799,18 @@ def execute_to_memory(plan: Plan, workers: int = 4, verify: str = "read") -> Dic
     sources = _Sources(verifier)
 
     def run(t: TargetTensor) -> None:
-        _prefetch(t, sources)
         arr = out[t.name]
         if not t.shape:
             op = t.ops[0]
             arr[()] = sources.view(op.src_file, op.src_name)
             return
-        _fill(arr, 0, t.ops, sources)
+        # straight into the target array, in chunks so that reading the next overlaps the copy
+        step = max(1, CHUNK_BYTES // max(1, _row_bytes(t)))
+        _prefetch(t.ops, 0, step, sources)
+        for r in range(0, t.shape[0], step):
+            if r + step < t.shape[0]:
+                _prefetch(t.ops, r + step, r + 2 * step, sources)
+            _fill(arr[r:r + step], r, t.ops, sources)
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -246,11 +246,13 @@ def split_plan(plan: Plan, n_workers: int) -> List[Plan]:
             for i, p in enumerate(parts)]
 
 
-def plan_stats(plan: Plan, workers: int = 4) -> dict:
+def plan_stats(plan: Plan, workers: int = 4, processes: int = 1) -> dict:
     """What executing `plan` costs, from headers only (no data read): per output file the bytes
     written and read, the number of contiguous read runs, the source files opened and the
-    largest staging buffer; plus totals and the peak staging memory with `workers` threads."""
-    from .execute import read_source_shapes, staging_bytes
+    largest staging buffer a tensor of it needs; plus totals and `peak_buffer`, the most staging
+    memory the engine holds at once with `workers` threads in each of `processes` processes
+    (`execute.peak_staging` over the same division of files as `execute_in_processes`)."""
+    from .execute import peak_staging, read_source_shapes, staging_bytes
     shapes = read_source_shapes(plan)
     per_file = []
     for f in plan.files:
@@ -268,13 +270,14 @@ def plan_stats(plan: Plan, workers: int = 4) -> dict:
         per_file.append({"file": f.path, "tensors": len(f.tensors), "bytes_written": f.nbytes,
                          "bytes_read": read, "read_runs": runs, "files_opened": len(opened),
                          "peak_buffer": peak})
-    peaks = sorted((p["peak_buffer"] for p in per_file), reverse=True)
-    return {"kind": plan.kind, "files": per_file,
+    parts = [p for p in split_plan(plan, max(1, processes)) if p.files]
+    return {"kind": plan.kind, "files": per_file, "workers": max(1, workers),
+            "processes": max(1, len(parts)),
             "total_bytes_written": sum(p["bytes_written"] for p in per_file),
             "total_bytes_read": sum(p["bytes_read"] for p in per_file),
             "source_files": len({op.src_file for f in plan.files for t in f.tensors
                                  for op in t.ops}),
-            "peak_buffer": sum(peaks[:max(1, workers)])}
+            "peak_buffer": sum(peak_staging(p, shapes, workers) for p in parts)}
 
 
 def contiguous_runs(shape: Sequence[int], offsets: Sequence[int], sizes: Sequence[int]) -> int:
@@ -302,6 +305,9 @@ def format_stats(stats: dict) -> str:
         lines.append(f"  {p['file']}: {p['tensors']} tensors, write {mb(p['bytes_written'])}, "
                      f"read {mb(p['bytes_read'])} in {p['read_runs']} runs from "
                      f"{p['files_opened']} file(s), peak buffer {mb(p['peak_buffer'])}")
+    procs = (f" in each of {stats['processes']} processes, plus each child's interpreter"
+             if stats.get("processes", 1) > 1 else "")
     lines.append(f"total: read {mb(stats['total_bytes_read'])}, write "
-                 f"{mb(stats['total_bytes_written'])}, peak buffer {mb(stats['peak_buffer'])}")
+                 f"{mb(stats['total_bytes_written'])}, peak buffer {mb(stats['peak_buffer'])} "
+                 f"(staging of {stats.get('workers', 1)} tensor(s) at once{procs})")
     return "\n".join(lines)

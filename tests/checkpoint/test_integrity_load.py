@@ -46,7 +46,9 @@ def _params(model):
     return {n: np.array(v, copy=True) for n, v in model.get_local_params().items()}
 
 
-@pytest.mark.parametrize("mode", ["same_layout", "merge_and_cut", "direct_reshard"])
+# merge_and_cut: the default (cut from the rank files, the merge written in the background);
+# merge_first: derived_write first (the collective merge before the cut)
+@pytest.mark.parametrize("mode", ["same_layout", "merge_and_cut", "merge_first", "direct_reshard"])
 def test_corrupt_rank_file_fails_every_load_mode_and_changes_nothing(tmp_path, mode):
     cfg = tiny_cfg()
     pc = ParallelConfig(model_parallel=2)
@@ -60,6 +62,8 @@ def test_corrupt_rank_file_fails_every_load_mode_and_changes_nothing(tmp_path, m
     before = _params(model)
     extra = {} if mode == "same_layout" else {"auto_trans_ckpt": True,
                                               "direct_reshard": mode == "direct_reshard"}
+    if mode == "merge_first":
+        extra["derived_write"] = "first"
     opts = _opts(folder, tmp_path, verify_checksums="full" if mode == "direct_reshard" else True,
                  **extra)
     with pytest.raises(ChecksumError, match=recorded) as err:

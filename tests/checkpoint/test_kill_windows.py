@@ -31,6 +31,9 @@ CASES = {
     "prune": ("committed@3", 0, [2, 3], ["CKP_rank_0-1_1.safetensors"]),
     "async_writing": ("write@3", 1, [1, 2], []),
     "async_written": ("written@3", 1, [1, 2], ["CKP_rank_0-1_3.safetensors"]),
+    # async: the record, pruning and meta.json run on the background writer
+    "async_committed": ("committed@3", 1, [2, 3], ["CKP_rank_0-1_1.safetensors"]),
+    "async_pruned": ("pruned@3", 1, [2, 3], []),
 }
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from mindformers_st.checkpoint.derived import (FINGERPRINT_FILE, build_shared_folder, fingerprint,
                                                transform_ranks)
+from mindformers_st.checkpoint.derived import wait_background_builds
 from mindformers_st.checkpoint.loader import LoadOptions, load_checkpoint
 from mindformers_st.errors import CheckpointError, ConfigError
 from mindformers_st.layout.parallel_config import ParallelConfig, plan_layouts
@@ -249,15 +250,31 @@ def test_distributed_auto_trans_merges_online_then_loads(tmp_path, remove_redund
     optimizer = make_optimizer(model)
     report = load_checkpoint(opts(folder, tmp_path, auto_trans_ckpt=True), model, optimizer, ctx,
                              resume=True)
-    assert report.mode == "merge_and_cut"
+    # the load cuts from the rank files; the merged copy is written meanwhile (derived_write)
     unified = tmp_path / "output" / "unified_checkpoint"
-    assert (unified / "param_name_map.json").is_file() and (unified / "hyper_param.safetensors").is_file()
+    assert report.mode == "direct_reshard" and report.background == str(unified)
     assert_weights(model, values, cfg, ParallelConfig(), 0)
     assert optimizer.step_count == 6
-    # the same source again: the merged copy is reused, not rebuilt
+    [build] = [b for b in wait_background_builds() if b.out_dir == str(unified)]
+    assert build.committed and build.error is None
+    assert (unified / "param_name_map.json").is_file() and (unified / "hyper_param.safetensors").is_file()
+    assert not (tmp_path / "output" / "unified_checkpoint.building").exists()
+    # the same source again: the merged copy is read and reused, not rebuilt
     before = os.stat(unified / FINGERPRINT_FILE).st_mtime_ns
-    load_checkpoint(opts(folder, tmp_path, auto_trans_ckpt=True), make_model(cfg, ctx), None, ctx)
+    model2, opt2 = make_model(cfg, ctx), None
+    opt2 = make_optimizer(model2)
+    again = load_checkpoint(opts(folder, tmp_path, auto_trans_ckpt=True), model2, opt2, ctx,
+                            resume=True)
+    assert again.mode == "merge_and_cut" and again.background is None
     assert os.stat(unified / FINGERPRINT_FILE).st_mtime_ns == before
+    assert_weights(model2, values, cfg, ParallelConfig(), 0)
+    assert opt2.step_count == 6
+    assert not [b for b in wait_background_builds() if b.out_dir == str(unified)]
+    # derived_write: first merges before the load, as MindSpore Transformers does
+    first = load_checkpoint(opts(folder, tmp_path / "o2", auto_trans_ckpt=True,
+                                 derived_write="first"), make_model(cfg, ctx), None, ctx)
+    assert first.mode == "merge_and_cut" and first.background is None
+    assert (tmp_path / "o2" / "output" / "unified_checkpoint" / "param_name_map.json").is_file()
 
 
 def test_direct_reshard_cuts_from_rank_files_without_a_complete_copy(tmp_path):
@@ -392,20 +409,28 @@ def test_hf_folder_is_converted_once_reused_and_rebuilt_when_changed(tmp_path, b
     ctx = make_ctx()
     model = make_model(cfg, ctx)
     report = load_checkpoint(opts(hf, tmp_path), model, None, ctx)
-    assert report.source.kind == "hf" and report.mode == "whole"
     converted = tmp_path / "output" / "ms_safetensors"
+    # read straight from the HF files; ms_safetensors written meanwhile
+    assert report.source.kind == "hf" and report.mode == "whole" and report.path == hf
+    assert report.background == str(converted)
+    assert [b.committed for b in wait_background_builds() if b.out_dir == str(converted)] == [True]
     assert (converted / "param_name_map.json").is_file()
     want = {n: v.astype(dtype) for n, v in values.items()}
     for n, got in model.get_local_params().items():
         np.testing.assert_array_equal(np.asarray(got, np.float32),
                                       np.asarray(want[n], np.float32), err_msg=n)
     stamp = os.stat(converted / FINGERPRINT_FILE).st_mtime_ns
-    load_checkpoint(opts(hf, tmp_path), make_model(cfg, ctx), None, ctx)
+    again = make_model(cfg, ctx)
+    report = load_checkpoint(opts(hf, tmp_path), again, None, ctx)
     assert os.stat(converted / FINGERPRINT_FILE).st_mtime_ns == stamp   # reused
+    assert report.path == str(converted) and report.background is None
+    for n, got in again.get_local_params().items():   # the written copy holds the same bytes
+        assert np.asarray(got).tobytes() == model.get_local_params()[n].tobytes(), n
     shard = [f for f in os.listdir(hf) if f.endswith(".safetensors")][0]
     st = os.stat(os.path.join(hf, shard))
     os.utime(os.path.join(hf, shard), ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     load_checkpoint(opts(hf, tmp_path), make_model(cfg, ctx), None, ctx)
+    wait_background_builds()
     assert os.stat(converted / FINGERPRINT_FILE).st_mtime_ns != stamp   # rebuilt
 
 
@@ -524,6 +549,7 @@ def test_hf_folder_is_fused_for_a_qkv_concat_model(tmp_path):
     fused = make_model(tiny_cfg(qkv_concat=True), ctx)
     report = load_checkpoint(opts(hf, tmp_path), fused, None, ctx)
     assert "model.layers.0.attention.w_qkv.weight" in report.loaded
+    wait_background_builds()
     assert read_fingerprint(str(tmp_path / "output" / "ms_safetensors"))["options"]["qkv_concat"]
     ids = ms.Tensor(np.array([[1, 5, 9, 3, 7]], np.int32))
     a = plain.forward_logits(ids)[0].asnumpy()
@@ -560,7 +586,7 @@ def test_our_ckpt_rank_files_are_recut_without_a_strategy(tmp_path):
     optimizer = make_optimizer(model)
     report = load_checkpoint(opts(folder, tmp_path, fmt="ckpt", auto_trans_ckpt=True), model,
                              optimizer, ctx, resume=True)
-    assert report.mode == "merge_and_cut", report.summary()
+    assert report.mode == "direct_reshard", report.summary()   # unified_checkpoint meanwhile
     assert_weights(model, values, cfg, ParallelConfig(), 0)
     assert optimizer.step_count == 6
     # rank files that do not describe themselves: the error says what is missing, not who wrote them
@@ -581,5 +607,10 @@ def test_the_load_report_names_the_source_and_the_copy_it_read(tmp_path, capsys)
     ctx = make_ctx()
     load_checkpoint(opts(folder, tmp_path, auto_trans_ckpt=True), make_model(cfg, ctx), None, ctx)
     line = capsys.readouterr().out
+    assert f"from distributed safetensors {folder} (mode direct_reshard)" in line
+    assert f"writing {tmp_path / 'output' / 'unified_checkpoint'} in the background" in line
+    wait_background_builds()
+    load_checkpoint(opts(folder, tmp_path, auto_trans_ckpt=True), make_model(cfg, ctx), None, ctx)
+    line = capsys.readouterr().out.splitlines()[-1]
     assert f"from distributed safetensors {folder} via " in line
     assert os.path.join("output", "unified_checkpoint") in line and "(mode merge_and_cut)" in line

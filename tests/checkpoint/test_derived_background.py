@@ -1,0 +1,72 @@
+"""Derived folders written in the background (checkpoint/derived.py): shares of several builder
+ranks commit the folder once, equal to the folder written in one go; a failure is a warning,
+leaves nothing behind, and the load it served is unaffected."""
+import logging
+import os
+
+import pytest
+
+from mindformers_st.checkpoint.derived import (FINGERPRINT_FILE, BackgroundBuild,
+                                               read_fingerprint, start_background_build,
+                                               wait_background_builds)
+from mindformers_st.transform import describe_source, execute, plan_merge
+
+from ..transform.helpers import load_folder_tensors, make_globals, save_distributed, tiny_table
+
+
+def _source(tmp_path):
+    from mindformers_st.layout.parallel_config import ParallelConfig
+    table = tiny_table()
+    values = make_globals(table)
+    folder = str(tmp_path / "dist")
+    save_distributed(folder, values, table, ParallelConfig(model_parallel=2))
+    return describe_source(folder)
+
+
+def test_shares_of_two_builders_commit_once_and_equal_a_one_go_merge(tmp_path):
+    plan = plan_merge(_source(tmp_path), max_shard_size=2000)
+    assert len(plan.files) >= 3
+    out, staging = str(tmp_path / "unified"), str(tmp_path / "unified.building")
+    os.makedirs(staging)
+    fp = {"version": 1, "test": "two builders"}
+    builds = [BackgroundBuild(out, staging, fp, plan, "merge", "read", i, 2) for i in (0, 1)]
+    for b in builds:
+        b.start()
+    assert [b for b in wait_background_builds() if b.out_dir == out] == builds
+    assert [b.error for b in builds] == [None, None]
+    assert sorted(b.committed for b in builds) == [False, True]   # exactly one commits
+    assert not os.path.exists(staging) and read_fingerprint(out) == fp
+    ref = str(tmp_path / "ref")
+    execute(plan, ref, progress=False)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(ref) + [FINGERPRINT_FILE])
+    got, want = load_folder_tensors(out), load_folder_tensors(ref)
+    assert got.keys() == want.keys()
+    assert all(got[n].tobytes() == want[n].tobytes() for n in want)
+
+
+def test_a_failed_background_write_is_one_warning_and_leaves_nothing(tmp_path, caplog):
+    src = _source(tmp_path)
+    plan = plan_merge(src)
+    os.remove(src.files[-1])   # a source file vanishes after planning
+    out = str(tmp_path / "output" / "unified_checkpoint")
+    os.makedirs(os.path.dirname(out))
+    with caplog.at_level(logging.WARNING):
+        build = start_background_build(out, {"v": 1}, plan, None, "online merge")
+        assert build is not None and not build.wait()
+    assert src.files[-1] in build.error and "no such safetensors file" in build.error
+    assert not os.path.exists(out) and not os.path.exists(out + ".building")
+    [rec] = [r for r in caplog.records if "in the background failed" in r.getMessage()]
+    assert out in rec.getMessage() and "the parameters are loaded" in rec.getMessage()
+
+
+def test_a_rank_outside_the_builders_writes_nothing(tmp_path):
+    class OneOfTwo:   # rank 1 of 2 with transform_process_num 1: rank 0 builds
+        rank, world_size = 1, 2
+
+        def barrier(self):
+            pass
+    out = str(tmp_path / "u")
+    os.makedirs(out + ".building")
+    assert start_background_build(out, {}, plan_merge(_source(tmp_path)), OneOfTwo(), "m") is None
+    with pytest.raises(FileNotFoundError):
+        os.listdir(out)
