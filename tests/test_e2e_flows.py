@@ -45,10 +45,10 @@ def _env():
 class Flow:
     """The shared files of the module: data, tokenizer, and the pretrain output."""
 
-    def __init__(self, base):
+    def __init__(self, base, data):
         self.base = str(base)
-        self.tokenizer = os.path.join(self.base, "tiny", "tokenizer.json")
-        self.data = os.path.join(self.base, "tiny", "wiki.mindrecord")
+        self.tokenizer = str(data / "tokenizer.json")
+        self.data = str(data / "wiki.mindrecord")
         self.out = os.path.join(self.base, "pretrain")
         self.pretrain_log = ""
 
@@ -133,16 +133,9 @@ def interrupted_copy(killed, name):
 
 
 @pytest.fixture(scope="module")
-def flow(tmp_path_factory):
-    f = Flow(tmp_path_factory.mktemp("e2e"))
-    assets = os.path.join(ROOT, "mindformers_st", "data", "assets")
-    py = sys.executable
-    for cmd in (["train-tokenizer", "--input", os.path.join(assets, "tiny_corpus.txt"),
-                 "--vocab_size", "512", "--output", f.tokenizer],
-                ["pretrain", "--input", os.path.join(assets, "tiny_corpus.txt"), "--tokenizer",
-                 f.tokenizer, "--seq_length", "64", "--output", f.data]):
-        subprocess.run([py, "-m", "mindformers_st.data"] + cmd, check=True, cwd=f.base,
-                       env=_env(), stdout=subprocess.DEVNULL, timeout=300)
+def flow(tmp_path_factory, tiny_run_data):
+    """The shared pretrain, on the session's tokenizer and dataset (tests/conftest.py)."""
+    f = Flow(tmp_path_factory.mktemp("e2e"), tiny_run_data)
     f.pretrain_log = f.launch("pretrain", f.train_args(f.out, 8))
     return f
 
