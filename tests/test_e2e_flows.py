@@ -1,10 +1,11 @@
 """End to end on 2 msrun workers (tiny Llama, CPU), through scripts/msrun_launcher.sh: pretrain
-(dp2, de-redundant safetensors) -> `mindformers-st merge` -> finetune from complete weights cut
-for mp2 and from distributed weights (same strategy) -> predict from an HF folder, complete and
-distributed weights (all three give the same text) -> resume with the same strategy (losses
+(dp2, de-redundant safetensors) -> `mindformers-st merge` -> predict from an HF folder, complete
+and distributed weights (all three give the same text) -> resume with the same strategy (losses
 bit-identical to the uninterrupted run) and with a changed strategy dp2 -> mp2 (fp32 tolerance)
 -> the pipeline twin (pp2) trains as dp2, merges (ours and MindSpore's tools) to the dp2
-tensors, and resumes on dp2.
+tensors, and resumes on dp2. (Finetune from complete weights cut for mp2 and from distributed
+weights with the same strategy, with the same losses: tests/test_guide.py, on the guide's own
+section-6 runs of those commands.)
 
 One pretrain (8 steps, saves at 4 and 8) is shared by the module; a second identical run is
 killed with SIGKILL (every process of the job) as soon as its step-4 save is committed, and both
@@ -44,10 +45,10 @@ def _env():
 class Flow:
     """The shared files of the module: data, tokenizer, and the pretrain output."""
 
-    def __init__(self, base):
+    def __init__(self, base, data):
         self.base = str(base)
-        self.tokenizer = os.path.join(self.base, "tiny", "tokenizer.json")
-        self.data = os.path.join(self.base, "tiny", "wiki.mindrecord")
+        self.tokenizer = str(data / "tokenizer.json")
+        self.data = str(data / "wiki.mindrecord")
         self.out = os.path.join(self.base, "pretrain")
         self.pretrain_log = ""
 
@@ -132,16 +133,9 @@ def interrupted_copy(killed, name):
 
 
 @pytest.fixture(scope="module")
-def flow(tmp_path_factory):
-    f = Flow(tmp_path_factory.mktemp("e2e"))
-    assets = os.path.join(ROOT, "mindformers_st", "data", "assets")
-    py = sys.executable
-    for cmd in (["train-tokenizer", "--input", os.path.join(assets, "tiny_corpus.txt"),
-                 "--vocab_size", "512", "--output", f.tokenizer],
-                ["pretrain", "--input", os.path.join(assets, "tiny_corpus.txt"), "--tokenizer",
-                 f.tokenizer, "--seq_length", "64", "--output", f.data]):
-        subprocess.run([py, "-m", "mindformers_st.data"] + cmd, check=True, cwd=f.base,
-                       env=_env(), stdout=subprocess.DEVNULL, timeout=300)
+def flow(tmp_path_factory, tiny_run_data):
+    """The shared pretrain, on the session's tokenizer and dataset (tests/conftest.py)."""
+    f = Flow(tmp_path_factory.mktemp("e2e"), tiny_run_data)
     f.pretrain_log = f.launch("pretrain", f.train_args(f.out, 8))
     return f
 
@@ -168,27 +162,6 @@ def test_pretrain_saves_deduplicated_safetensors_and_merges_offline(flow, merged
     index = json.load(open(os.path.join(merged, "param_name_map.json")))
     assert "model.tok_embeddings.embedding_weight" in index["weight_map"]
     assert os.path.isfile(os.path.join(merged, "hyper_param.safetensors"))
-
-
-def test_finetune_from_complete_mp2_and_from_distributed_same_strategy_agree(flow, merged):
-    cut = flow.launch("ft_complete", [
-        "--run_mode", "finetune", "--train_dataset_dir", flow.data, "--output_dir",
-        os.path.join(flow.base, "ft_complete"), "--load_checkpoint", merged,
-        "--auto_trans_ckpt", "True", "--parallel_config.data_parallel", "1",
-        "--parallel_config.model_parallel", "2", "--runner_config.batch_size", "8",
-        "--runner_config.train_steps", "2", "--callbacks.0.per_print_times", "1"])
-    assert "mode cut" in load_line(cut) and "missing 0" in load_line(cut)
-    same = flow.launch("ft_distributed", [
-        "--run_mode", "finetune", "--train_dataset_dir", flow.data, "--output_dir",
-        os.path.join(flow.base, "ft_distributed"), "--load_checkpoint",
-        os.path.join(flow.out, "checkpoint"), "--runner_config.train_steps", "2",
-        "--callbacks.0.per_print_times", "1"])
-    assert "mode same_layout" in load_line(same)
-    a, b = losses(cut), losses(same)
-    assert sorted(a) == sorted(b) == [1, 2]
-    # same weights, same global batch: mp2 and dp2 see the same loss (fp32 tolerance)
-    for step in a:
-        assert abs(float(a[step]) - float(b[step])) < 1e-4, (a, b)
 
 
 def test_predict_from_hf_complete_and_distributed_gives_the_same_text(flow, merged):

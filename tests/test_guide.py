@@ -154,3 +154,40 @@ def test_the_user_guide_runs_top_to_bottom(tmp_path):
     assert log.count("global step:[40/40], loss") == 1      # rank 0 prints it, rank 1 logs it
     assert "Event base dispatch" not in log and "Traceback" not in log
     assert "another prefix" not in log and "another run" not in log
+    # the seed's finetune command (README; section 3) on 2 workers builds Qwen2 and trains to
+    # its train_steps (tests/test_run_mindformer.py runs the seed's predict command)
+    finetune = block_output(log, "finetune_qwen2_tiny.yaml")
+    assert "Qwen2ForCausalLM" in finetune and "global step:[10/10]" in finetune, finetune[-3000:]
+    # section 6: the same step-40 weights, complete and cut online for mp2, and distributed
+    # loaded as they are on dp2, train with the same losses (same global batch, fp32 tolerance)
+    cut, same = block_output(log, "output/ft_cut"), block_output(log, "output/ft_same")
+    assert "mode cut" in load_line(cut) and "missing 0" in load_line(cut)
+    assert "mode same_layout" in load_line(same)
+    a, b = losses(cut), losses(same)
+    assert sorted(a) == sorted(b) == [5, 10], (a, b)
+    for step in a:
+        assert abs(float(a[step]) - float(b[step])) < 1e-4, (a, b)
+
+
+def losses(output):
+    """{global step: printed loss} of the MFLossMonitor lines in `output`."""
+    return {int(m.group(1)): m.group(2)
+            for m in re.finditer(r"global step:\[(\d+)/\d+\], loss: ([0-9.]+)", output)}
+
+
+def load_line(output):
+    """The last `[load_checkpoint]` report in `output`."""
+    lines = [line for line in output.splitlines() if "[load_checkpoint]" in line]
+    assert lines, "no [load_checkpoint] report in:\n" + output[-3000:]
+    return lines[-1]
+
+
+def block_output(log, needle):
+    """The console output of the one run block of the guide whose text contains `needle`."""
+    lines = [line for line, text, skip in shell_blocks(GUIDE) if skip is None and needle in text]
+    assert len(lines) == 1, (needle, lines)
+    marks = list(re.finditer(r"^### docs/user-guide.md block at line (\d+) at \d+$", log, re.M))
+    for m, nxt in zip(marks, marks[1:] + [None]):
+        if int(m.group(1)) == lines[0]:
+            return log[m.end():nxt.start() if nxt else len(log)]
+    raise AssertionError(f"the block at line {lines[0]} did not run")

@@ -1,5 +1,7 @@
 """run_mindformer.py: flags and errors, the 7B configs' plans, HF config.json merging, and (slow)
-the seed's three commands with the tiny twins on 2 msrun workers."""
+the seed's predict command with the tiny twin on 2 msrun workers. The seed's pretrain and
+finetune commands run in tests/test_guide.py (the user guide's sections 2 and 3 are those very
+commands), which asserts what they write and print."""
 import importlib.util
 import json
 import os
@@ -13,7 +15,6 @@ from mindformers_st.errors import ConfigError
 from tests.conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PY = os.path.join(ROOT, ".venv", "bin", "python")
 LAUNCHER = os.path.join(ROOT, "scripts", "msrun_launcher.sh")
 SEVEN_B = [("configs/llama2/pretrain_llama2_7b.yaml", None, 8),
            ("configs/llama2/finetune_llama2_7b.yaml", None, 8),
@@ -93,22 +94,6 @@ def test_yaml_contradicting_config_json_names_both(tmp_path):
 # ---- the seed's commands, tiny twins, 2 workers ---------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    assets = os.path.join(ROOT, "mindformers_st", "data", "assets")
-    tok = str(out / "tokenizer.json")
-    for args in (["train-tokenizer", "--input", f"{assets}/tiny_corpus.txt", "--vocab_size", "512",
-                  "--output", tok],
-                 ["pretrain", "--input", f"{assets}/tiny_corpus.txt", "--tokenizer", tok,
-                  "--seq_length", "64", "--output", str(out / "wiki4096.mindrecord")],
-                 ["finetune", "--input", f"{assets}/tiny_alpaca.json", "--tokenizer", tok,
-                  "--seq_length", "192", "--output", str(out / "alpaca-data.mindrecord")]):
-        subprocess.run([PY, "-m", "mindformers_st.data", *args], check=True, cwd=ROOT,
-                       capture_output=True, timeout=300)
-    return out
-
-
 def launch(command, out_dir, workers=2):
     env = dict(os.environ, MF_LAUNCH_TIMEOUT="800")
     res = subprocess.run(["bash", LAUNCHER, command, str(workers), str(free_port()),
@@ -120,34 +105,11 @@ def launch(command, out_dir, workers=2):
 
 
 @pytest.mark.slow
-def test_seed_pretrain_command_tiny(tiny_data, tmp_path):
-    log = launch(f"run_mindformer.py --config configs/llama2/pretrain_llama2_tiny.yaml "
-                 f"--train_dataset_dir {tiny_data}/wiki4096.mindrecord --use_parallel True "
-                 f"--run_mode train --output_dir {tmp_path} --runner_config.train_steps 4 "
-                 f"--callbacks.1.save_checkpoint_steps 4 "
-                 f"--processor.tokenizer.tokenizer_file {tiny_data}/tokenizer.json", tmp_path)
-    assert "global step:[4/4]" in log
-    assert sorted(os.listdir(tmp_path / "strategy")) == ["ckpt_strategy_rank_0.ckpt",
-                                                          "ckpt_strategy_rank_1.ckpt"]
-
-
-@pytest.mark.slow
-def test_seed_finetune_command_tiny_qwen2(tiny_data, tmp_path):
-    log = launch(f"run_mindformer.py --config research/qwen2/qwen2_tiny/finetune_qwen2_tiny.yaml "
-                 f"--train_dataset_dir {tiny_data}/alpaca-data.mindrecord "
-                 f"--register_path research/qwen2 --use_parallel True --run_mode finetune "
-                 f"--output_dir {tmp_path} --runner_config.train_steps 3 "
-                 f"--callbacks.1.save_checkpoint_steps 3 "
-                 f"--processor.tokenizer.tokenizer_file {tiny_data}/tokenizer.json", tmp_path)
-    assert "global step:[3/3]" in log and "Qwen2ForCausalLM" in log
-
-
-@pytest.mark.slow
-def test_seed_predict_command_tiny_qwen2(tiny_data, tmp_path):
+def test_seed_predict_command_tiny_qwen2(tiny_run_data, tmp_path):
     log = launch(f"python run_mindformer.py --config research/qwen2/qwen2_tiny/predict_qwen2_tiny.yaml "
                  f"--run_mode predict --use_parallel True --register_path research/qwen2 "
                  f"--predict_data 'I love Beijing, because' --output_dir {tmp_path} "
-                 f"--processor.tokenizer.tokenizer_file {tiny_data}/tokenizer.json", tmp_path)
+                 f"--processor.tokenizer.tokenizer_file {tiny_run_data}/tokenizer.json", tmp_path)
     assert "'text_generation_text': ['I love Beijing, because" in log
     with open(tmp_path / "predict" / "results.json", encoding="utf-8") as fh:
         results = json.load(fh)

@@ -48,13 +48,24 @@ def _complete(folder):
     return out
 
 
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """One uninterrupted 5-epoch run without flags: (output folder, losses). The plain case of
+    the merge test and the reference of the kill test (one msrun job instead of two)."""
+    out = str(tmp_path_factory.mktemp("plain") / "run")
+    return out, _train(out, epochs=5)
+
+
 @pytest.mark.parametrize("flags", [["--remove_redundancy", "--async_save"], []])
-def test_dp2_saves_merge_as_mindspore_unified_safetensors_does(tmp_path, flags):
-    out = str(tmp_path / "run")
-    _train(out, *flags, epochs=2)
+def test_dp2_saves_merge_as_mindspore_unified_safetensors_does(tmp_path, flags, request):
+    if flags:
+        out, epochs = str(tmp_path / "run"), 2
+        _train(out, *flags, epochs=epochs)
+    else:
+        (out, _), epochs = request.getfixturevalue("plain_run"), 5
     ckpt = os.path.join(out, "checkpoint")
     entries = load_committed_entries(ckpt)
-    assert [e.global_step for e in entries] == [PER_EPOCH, 2 * PER_EPOCH]
+    assert [e.global_step for e in entries] == [k * PER_EPOCH for k in range(1, epochs + 1)]
     with open_safetensors(entries[-1].path(0)) as a, open_safetensors(entries[-1].path(1)) as b:
         weights_a = {n for n in a.tensors if "." in n}
         weights_b = {n for n in b.tensors if "." in n}
@@ -79,8 +90,8 @@ def test_dp2_saves_merge_as_mindspore_unified_safetensors_does(tmp_path, flags):
         np.testing.assert_array_equal(ours[n], theirs[n], err_msg=n)
 
 
-def test_kill_9_and_resume_through_model_train_continue_bit_for_bit(tmp_path):
-    straight = _train(str(tmp_path / "straight"), epochs=5)
+def test_kill_9_and_resume_through_model_train_continue_bit_for_bit(tmp_path, plain_run):
+    straight = plain_run[1]
     out = str(tmp_path / "killed")
     os.makedirs(out)
     bindir = os.path.dirname(sys.executable)

@@ -1,7 +1,8 @@
 """Worker for test_parallel_equivalence: train 3 steps + greedy-generate a tiny Llama, dump results.
 
 Run on one card (`python equiv_worker.py OUT 1 1 1`) or under msrun with dp*mp workers
-(`msrun ... equiv_worker.py OUT DP MP VOCAB_EMB_DP [OPTIMIZER_SHARD]`). Every rank writes OUT/rank_<r>.json
+(`msrun ... equiv_worker.py OUT DP MP VOCAB_EMB_DP [OPTIMIZER_SHARD]`; several layouts of that
+world size: `OUT DP MP VOCAB_EMB_DP OPTIMIZER_SHARD OUT2 DP2 MP2 ...`, run one after the other). Every rank writes OUT/rank_<r>.json
 (losses, lr, grad norms, generated tokens) and OUT/rank_<r>.npz (its parameter slices, with
 their offsets) so the test can rebuild global tensors and compare layouts.
 """
@@ -91,5 +92,8 @@ def run_variant(out, ctx, variant, cfg, clip_norm=1.0, sample=True):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] in ("1", "True", "true"),
-         len(sys.argv) > 5 and sys.argv[5] in ("1", "True", "true"))
+    # several layouts of the same world size: repeat the 5 arguments (run one after the other)
+    args = sys.argv[1:]
+    for i in range(0, len(args), 5):
+        main(args[i], int(args[i + 1]), int(args[i + 2]), args[i + 3] in ("1", "True", "true"),
+             len(args) > i + 4 and args[i + 4] in ("1", "True", "true"))

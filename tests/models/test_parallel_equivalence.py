@@ -65,14 +65,35 @@ def reference(tmp_path_factory):
 # (1, 2, True): mp with whole embedding/lm_head; (2, 2, False): vocab-parallel embedding,
 # lm_head and cross-entropy under dp x mp; the last adds the optimizer (ZeRO) shard, where every
 # parameter is held in dp (or dp x mp) parts. Each run trains all VARIANTS.
-@pytest.mark.parametrize("dp,mp,vocab_emb_dp,opt_shard", [
-    (1, 2, True, False), (2, 1, True, False), (2, 2, False, False), (2, 2, False, True)])
-def test_layout_matches_single_card(reference, tmp_path, dp, mp, vocab_emb_dp, opt_shard):
-    out = tmp_path / "run"
-    out.mkdir()
-    rc, logs = run_msrun(WORKER, [out, dp, mp, int(vocab_emb_dp), int(opt_shard)], dp * mp,
-                         tmp_path / "logs", timeout=600)
-    assert rc == 0, logs
+LAYOUTS = [(1, 2, True, False), (2, 1, True, False), (2, 2, False, False), (2, 2, False, True)]
+
+
+@pytest.fixture(scope="module")
+def job_outputs(tmp_path_factory):
+    """world size -> {layout: its output folder}: the layouts of one world size run as one msrun
+    job, one after the other in the same workers (each from its own seed, its own output), so a
+    MindSpore start per worker serves several layouts."""
+    root, done = tmp_path_factory.mktemp("jobs"), {}
+
+    def run(world):
+        if world not in done:
+            outs, args = {}, []
+            for layout in LAYOUTS:
+                dp, mp, vocab_emb_dp, opt_shard = layout
+                if dp * mp == world:
+                    outs[layout] = root / "_".join(str(int(v)) for v in layout)
+                    outs[layout].mkdir()
+                    args += [outs[layout], dp, mp, int(vocab_emb_dp), int(opt_shard)]
+            rc, logs = run_msrun(WORKER, args, world, root / f"logs_{world}", timeout=900)
+            assert rc == 0, logs
+            done[world] = outs
+        return done[world]
+    return run
+
+
+@pytest.mark.parametrize("dp,mp,vocab_emb_dp,opt_shard", LAYOUTS)
+def test_layout_matches_single_card(reference, job_outputs, dp, mp, vocab_emb_dp, opt_shard):
+    out = job_outputs(dp * mp)[(dp, mp, vocab_emb_dp, opt_shard)]
     all_runs = _load(out, dp * mp)
     for variant in VARIANTS:
         _compare(reference[variant], all_runs[variant], dp, mp)
