@@ -21,8 +21,9 @@ another step. Each kill is classed by when it landed: before the first commit, a
 (`mid_save` when it left files no commit names: a save was being written), after the last
 commit (the job shutting down), or after the job had ended — that last one tests nothing, is not
 counted as a trial and is retried (the count of retries is reported). The wait after commit k is
-a random fraction of the time between this job's own last two commits (the uninterrupted run's,
-until the job has made two), so kills follow the job's pace whatever the load.
+a random fraction of the time between this job's own last two commits (until the job has made
+two: the latest such time another trial of the mode saw, or the uninterrupted run's), so kills
+follow the job's pace whatever the load.
 Prints trials, bad resumes and orphans per mode, and writes docs/bench/crash_stress.json.
 
     .venv/bin/python benchmarks/crash_stress.py [--trials 50] [--modes sync1,async1,sync2,async2]
@@ -176,9 +177,9 @@ def trial(job, work, rng, step_s):
     t_trial = time.perf_counter()
     out = os.path.join(work, "out")
     ckpt = os.path.join(out, "checkpoint")
-    # Kill once the save of global step k is committed (k random; 0: the first commit) plus a
-    # random fraction of the time between two commits: the kills land among the saves whatever
-    # the start-up costs on a busy machine.
+    # Kill once the save of global step k is committed (k random; 0: once the monitor has begun:
+    # it writes an empty record first) plus a random fraction of the time between two commits:
+    # the kills land among the saves whatever the start-up costs on a busy machine.
     k = rng.randrange(job.steps)
     frac = rng.random()
     proc, tag = job.start(out, os.path.join(work, "killed"))
@@ -186,18 +187,22 @@ def trial(job, work, rng, step_s):
     seen = {}   # newest committed global step -> when first seen
     while proc.poll() is None and time.perf_counter() - t0 < 900:
         try:
-            newest = max([e.global_step for e in cm.load_committed_entries(ckpt)], default=None)
+            newest = (max([e.global_step for e in cm.load_committed_entries(ckpt)], default=0)
+                      if os.path.exists(os.path.join(ckpt, cm.COMMITTED_FILE)) else None)
         except Exception:   # the record appears atomically; unreadable means not yet
             newest = None
         if newest is not None:
-            seen.setdefault(newest, time.perf_counter())
+            if newest >= 1:
+                seen.setdefault(newest, time.perf_counter())
             if newest >= k:   # (the record keeps only keep_checkpoint_max saves: compare steps)
                 break
         time.sleep(0.02)
-    # This job's own pace once it has made two commits (the load changes during a run).
+    # This job's own pace once it has made two commits, else the latest pace another trial of
+    # this mode saw (the load changes during a run).
     steps_seen = sorted(seen)
-    gap = ((seen[steps_seen[-1]] - seen[steps_seen[-2]]) / (steps_seen[-1] - steps_seen[-2])
-           if len(steps_seen) >= 2 else step_s)
+    own = ((seen[steps_seen[-1]] - seen[steps_seen[-2]]) / (steps_seen[-1] - steps_seen[-2])
+           if len(steps_seen) >= 2 else None)
+    gap = own or step_s
     extra = frac * gap
     time.sleep(extra)
     delay = time.perf_counter() - t0
@@ -220,7 +225,7 @@ def trial(job, work, rng, step_s):
     else:
         phase = "among_saves"
     res = {"phase": phase, "mid_save": bool(left), "delay_s": round(delay, 2), "after_commits": k,
-           "extra_s": round(extra, 3), "gap_s": round(gap, 3),
+           "extra_s": round(extra, 3), "gap_s": round(gap, 3), "own_gap": own is not None,
            "committed": [e.global_step for e in entries],
            "left_by_kill": len(left), "problems": []}
     if phase == "after_end":   # not a crash: the caller retries it
@@ -339,11 +344,15 @@ def main():
                 return
             m = result["modes"][mode]
             for attempt in range(args.retries + 1):
+                if attempt and args.budget and time.perf_counter() - t_all > args.budget:
+                    return
                 rng = random.Random(f"{args.seed}-{mode}-{i}-{attempt}")
                 work = os.path.join(scratch, mode, f"t{i}a{attempt}")
                 r = trial(jobs[mode], work, rng, step_s[mode])
                 shutil.rmtree(work, ignore_errors=True)
                 r.update(trial=i, attempt=attempt)
+                if r["own_gap"]:
+                    step_s[mode] = r["gap_s"]   # the pace under the present load
                 if r["phase"] != "after_end":
                     break
                 with lock:
