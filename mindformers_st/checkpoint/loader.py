@@ -16,9 +16,12 @@ The flow on every rank (see docs/checkpoint-loading.md):
    - distributed weights, auto_trans_ckpt True: merged online into `{output_dir}/unified_checkpoint`
      (the merge split over the transform_process_num builder ranks), then cut;
      `direct_reshard: True` cuts straight from the rank files instead;
-3. run `plan_rank_slices` + `execute_to_memory` and set the parameters. Missing and unexpected
-   names are always reported; a missing weight is a CheckpointError, missing optimizer state is
-   one only when resuming.
+3. plan this rank's slices (`plan_rank_slices`), check the source checksums
+   (`PreparedRead.verify`), agree with the other ranks that every check passed, then copy each
+   slice once, straight from the mapped files into the parameter's own memory
+   (`PreparedRead.fill` into `NetworkState.destinations`); whole-valued counters are read into
+   small arrays and set as before. Missing and unexpected names are always reported; a missing
+   weight is a CheckpointError, missing optimizer state is one only when resuming.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ from ..errors import (CheckpointError, ConfigError, MindformersSTError, PlanErro
                       UndescribedRankFilesError)
 from ..records.rank_meta import METADATA_KEY
 from ..records.scan import select_save
-from ..transform.execute import execute_to_memory
+from ..transform.execute import PreparedRead, prepare_read
 from ..transform.planner import DEFAULT_MAX_SHARD_SIZE, plan_merge, plan_rank_slices
 from ..transform.sources import (SourceCheckpoint, describe_complete, describe_distributed,
                                  describe_iteration)
@@ -307,12 +310,14 @@ class PendingLoad:
     Created on the main thread with the tensors this rank will have (`state`: a NetworkState,
     or a `ModelState.planned` one before the model exists), it does at once what needs the
     other ranks — detection, the `.ckpt` / Hugging Face conversions, the online merge (all
-    collective) — and then reads and checks this rank's bytes (`execute_to_memory`: local
-    work only) on a background thread when `background`, else at once. `finish(state)` on the
-    main thread waits for the read, agrees with the other ranks that every read succeeded
-    (the one collective after the read), runs `check`, and sets the tensors of `state` (the
-    real network and optimizer). An error of the read is raised by `finish`, as the same
-    exception a synchronous load raises, before anything is set."""
+    collective) — and then plans this rank's slices, checks the checksums of the bytes it will
+    read and reads the small counters (`prepare_read`: local work only) on a background thread
+    when `background` (asking the kernel to read ahead the rest), else at once. `finish(state)`
+    on the main thread waits for that, agrees with the other ranks that every check succeeded,
+    runs `check` on the counters, and copies the slices once into the parameters of `state`
+    (the real network and optimizer), then agrees again that every copy succeeded. An error
+    of the checks is raised by `finish`, as the same exception a synchronous load raises,
+    before anything is set."""
 
     def __init__(self, opts: LoadOptions, state: NetworkState, ctx=None, resume: bool = False,
                  file_suffix: Optional[str] = None, check=None, background: bool = False):
@@ -320,6 +325,8 @@ class PendingLoad:
         self._prepare(file_suffix)
         self._report: Optional[LoadReport] = None
         self._arrays: Dict[str, np.ndarray] = {}
+        self._prepared: Optional[PreparedRead] = None
+        self._background = background
         self._failure: Optional[BaseException] = None   # a read error: agreed on, then raised
         self._error: Optional[BaseException] = None     # any other error: raised as it is
         self._thread = None
@@ -387,11 +394,11 @@ class PendingLoad:
             self._error = exc
 
     def _read(self) -> None:
-        """The local half: plan this rank's slices, read and check them into memory."""
+        """The local half: plan this rank's slices, check their checksums, read the counters."""
         t0 = time.perf_counter()
-        self._report, self._arrays, self._failure = _read_slices(
+        self._report, self._prepared, self._arrays, self._failure = _read_slices(
             self.src, self.source, self.mode, self.path, self.state, self.opt_names, self.ctx,
-            self.resume, self.opts.verify)
+            self.resume, self.opts.verify, prefetch=self._background)
         self._read_seconds = time.perf_counter() - t0
 
     def finish(self, state: Optional[NetworkState] = None) -> LoadReport:
@@ -413,21 +420,33 @@ class PendingLoad:
         if state is not self.state and (state.weights != self.state.weights or
                                         state.optimizer_states != self.state.optimizer_states or
                                         state.layouts != self.state.layouts):
+            self._close()
             raise CheckpointError(f"load_checkpoint {self.path}: the network built has other "
                                   f"tensors or layouts than the load was planned for; set "
                                   f"load_ckpt_async: False")
         report = self._report
-        agree_or_raise(self.ctx, self._failure, f"load_checkpoint {self.path}")
-        arrays, self._arrays = self._arrays, {}
-        if self.check is not None:
-            self.check(arrays)   # every rank reads the same hyper values: they decide alike
+        try:
+            agree_or_raise(self.ctx, self._failure, f"load_checkpoint {self.path}")
+            small, self._arrays = self._arrays, {}
+            if self.check is not None:
+                self.check(small)   # every rank reads the same hyper values: they decide alike
+            filled = self._fill(state)
+        finally:
+            self._close()
         weights, opt_names = state.weights, self.opt_names
-        report.loaded = state.set_weights({n: arrays[n] for n in weights if n in arrays},
-                                          strict=True)
-        report.hyper = {n: arrays[n] for n in self.src.hyper if n in arrays}
+        report.loaded = [n for n in weights if n in filled]
+        rest = {n: small[n] for n in weights if n in small}
+        if rest:
+            report.loaded += state.set_weights(rest, strict=False)
+        if [n for n in weights if n not in report.loaded]:
+            raise CheckpointError(f"load_checkpoint {self.path}: weights not set: "
+                                  f"{[n for n in weights if n not in report.loaded][:8]}")
+        report.hyper = {n: small[n] for n in self.src.hyper if n in small}
         if self.resume:
-            report.loaded += state.set_optimizer_states({n: arrays[n] for n in opt_names},
-                                                        strict=True)
+            report.loaded += [n for n in opt_names if n in filled]
+            rest = {n: small[n] for n in opt_names if n in small}
+            if rest:
+                report.loaded += state.set_optimizer_states(rest, strict=False)
             report.optimizer_loaded = True
         for name, value in self.counters.items():   # common.json: only what no file holds
             report.hyper.setdefault(name, np.asarray([value]))
@@ -442,6 +461,29 @@ class PendingLoad:
         if ctx is None or ctx.is_main:
             print(f"[load_checkpoint] {report.summary()}", flush=True)
         return report
+
+
+    def _fill(self, state: NetworkState) -> set:
+        """Copy this rank's slices into the parameters of `state` (copy-once), then agree with
+        every rank that the copies succeeded. Returns the names filled."""
+        prepared, failure, filled = self._prepared, None, set()
+        if prepared is not None:
+            wanted = set(state.weights) | set(self.opt_names)
+            names = [t.name for t in prepared.tensors
+                     if t.name in wanted and t.name in state.layouts]
+            try:
+                dest = state.destinations({n: prepared.by_name[n].shape for n in names})
+                prepared.fill(dest.arrays, LOAD_WORKERS)
+                filled = set(dest.commit())
+            except (MindformersSTError, OSError) as exc:
+                failure = exc
+        agree_or_raise(self.ctx, failure, f"load_checkpoint {self.path}")
+        return filled
+
+    def _close(self) -> None:
+        if self._prepared is not None:
+            self._prepared.close()
+            self._prepared = None
 
 
 def _describe_rank_files(source: CheckpointSource, strategy, target_layouts) -> SourceCheckpoint:
@@ -501,9 +543,10 @@ def merge_online(src: SourceCheckpoint, opts: LoadOptions, ctx, strategy=None) -
 
 def _read_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode, path: str,
                  state: NetworkState, opt_names: List[str], ctx, resume: bool,
-                 verify: str = "read"):
-    """(report, {name: array}, read failure or None): this rank's slices read and checked into
-    memory — local work only, no collective. Missing weights (or, resuming, missing optimizer
+                 verify: str = "read", prefetch: bool = False):
+    """(report, PreparedRead of this rank's slices with their checksums checked, {counter:
+    array}, failure or None) — local work only, no collective; `prefetch` asks the kernel to
+    read ahead every range (a background load). Missing weights (or, resuming, missing optimizer
     state) raise at once: every rank sees the same description, so they all raise."""
     report = LoadReport(source, mode.value, path, epoch=src.epoch, step=src.step)
     weights, layouts = state.weights, state.layouts
@@ -540,9 +583,18 @@ def _read_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode
         plan = plan_rank_slices(src, {n: layouts[n] for n in names}, rank, include_hyper=True)
     except PlanError as exc:
         raise CheckpointError(f"load_checkpoint {path}: {exc}") from exc
-    failure, arrays = None, {}
+    failure, prepared, small = None, None, {}
     try:
-        arrays = execute_to_memory(plan, workers=LOAD_WORKERS, verify=verify)
+        prepared = prepare_read(plan, verify)
+        prepared.verify(LOAD_WORKERS)
+        # counters (no layout) are tiny: read into arrays, set as values; the slices are
+        # copied into the parameters by finish()
+        small = prepared.read([t.name for t in prepared.tensors if t.name not in layouts])
+        if prefetch:
+            prepared.prefetch()
     except (MindformersSTError, OSError) as exc:
         failure = exc
-    return report, arrays, failure
+        if prepared is not None:
+            prepared.close()
+            prepared = None
+    return report, prepared, small, failure
