@@ -316,15 +316,18 @@ def _fault_pause() -> None:
 
 def execute_files(plan: Plan, folder: str, workers: int = 4, progress: bool = True,
                   shapes=None, verify: str = "read", verify_keys=None,
-                  on_file: Optional[Callable[[int], None]] = None) -> List[str]:
+                  on_file: Optional[Callable[[int], None]] = None,
+                  validated: bool = False) -> List[str]:
     """Write `plan.files` into the existing `folder` (no side files, no folder rename): the part
     a worker runs when several share one output (see `split_plan`). Each file is committed
     atomically by the writer; on error every unfinished file is removed. Source checksums are
     checked per `verify` (transform/verify.py), or exactly for `verify_keys` when given (a part
     of a split plan must check what the whole plan's mode selects: see `execute_in_processes`).
-    `on_file(nbytes)` is called after each file is committed. Returns the paths."""
+    `on_file(nbytes)` is called after each file is committed; `validated` says the caller has
+    just validated `plan` against `shapes` (it is not checked twice). Returns the paths."""
     shapes = read_source_shapes(plan) if shapes is None else shapes
-    validate_plan(plan, shapes)
+    if not validated:
+        validate_plan(plan, shapes)
     folder = os.path.abspath(folder)
     verifier = Verifier(keys_to_verify(plan, shapes, verify) if verify_keys is None
                         else verify_keys)
@@ -438,7 +441,8 @@ def execute_in_processes(plan: Plan, folder: str, processes: int, workers: int =
     keys = keys_to_verify(plan, shapes, verify)
     parts = [p for p in split_plan(plan, max(1, processes)) if p.files]
     if len(parts) <= 1:
-        return execute_files(plan, folder, workers, progress, shapes, verify_keys=keys)
+        return execute_files(plan, folder, workers, progress, shapes, verify_keys=keys,
+                             validated=True)
     if len(parts) < processes:
         logger.info("%s: the plan has %d output file(s); %d process(es) used, not %d",
                     plan.kind, len(parts), len(parts), processes)
@@ -610,7 +614,8 @@ def execute(plan: Plan, out_dir: str, workers: int = 4, progress: bool = True,
             written = execute_in_processes(plan, tmp, processes, workers, progress, shapes,
                                            verify)
         else:
-            written = execute_files(plan, tmp, workers, progress, shapes, verify)
+            written = execute_files(plan, tmp, workers, progress, shapes, verify,
+                                    validated=True)
         write_side_files(plan, tmp)
         if finalize is not None:
             finalize(tmp)

@@ -129,11 +129,11 @@ def subtract(box: TensorSlice, cut: TensorSlice) -> List[TensorSlice]:
         if ilo > lo:
             o, s = list(offs), list(sizes)
             o[d], s[d] = lo, ilo - lo
-            out.append(TensorSlice(box.global_shape, tuple(o), tuple(s)))
+            out.append(TensorSlice._trusted(box.global_shape, tuple(o), tuple(s)))
         if ihi < hi:
             o, s = list(offs), list(sizes)
             o[d], s[d] = ihi, hi - ihi
-            out.append(TensorSlice(box.global_shape, tuple(o), tuple(s)))
+            out.append(TensorSlice._trusted(box.global_shape, tuple(o), tuple(s)))
         offs[d], sizes[d] = ilo, ihi - ilo   # continue inside the intersection on this dim
     return out
 
@@ -141,6 +141,8 @@ def subtract(box: TensorSlice, cut: TensorSlice) -> List[TensorSlice]:
 def uncovered(target: TensorSlice, pieces) -> List[TensorSlice]:
     """The parts of `target` that none of `pieces` covers ([] when fully covered)."""
     rest = [target] if target.numel else []
+    if rest and any(p.sizes == p.global_shape == target.global_shape for p in pieces):
+        return []   # a whole piece covers any block of its tensor
     for p in pieces:
         if not rest:
             break
