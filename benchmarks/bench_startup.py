@@ -180,12 +180,14 @@ def child(side: str, source: str, work: str, out: str) -> dict:
             self.weights = ParameterTuple(
                 [Parameter(Tensor(np.zeros(s, np.float32)), name=n) for n, s in shapes.items()])
     net = Net()
+    # each side's own modules are imported before the load is timed (they count in the total)
+    from mindformers_st.checkpoint.loader import LoadOptions, load_checkpoint
+    from mindformers_st.checkpoint.network import CellState
+    from mindformers_st.convert.rules import hf_to_ms_name
+    from mindformers_st.parallel.context import ParallelContext
     anon_net = _anon_kib()
     t_net = time.time()
     if side == "ours":
-        from mindformers_st.checkpoint.loader import LoadOptions, load_checkpoint
-        from mindformers_st.checkpoint.network import CellState
-        from mindformers_st.parallel.context import ParallelContext
         pc = MP2 if parallel else ParallelConfig()
         ctx = ParallelContext(rank=0, world_size=pc.world_size, config=pc,
                               use_parallel=parallel)
@@ -197,7 +199,6 @@ def child(side: str, source: str, work: str, out: str) -> dict:
         state = CellState(net, None, pc.world_size, layouts)
         load_checkpoint(opts, state, None, ctx)
     elif source in ("hf", "complete"):
-        from mindformers_st.convert.rules import hf_to_ms_name
         params = {}
         for f in sorted(os.listdir(os.path.join(work, source))):
             if f.endswith(".safetensors"):
