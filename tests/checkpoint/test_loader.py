@@ -338,6 +338,24 @@ def test_every_load_mode_copies_into_the_parameters_own_memory(tmp_path, mode, d
         assert float(model(ms_tensor(ids)).asnumpy()) == float(reference(ms_tensor(ids)).asnumpy())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_parameter_without_a_writable_view_is_given_the_filled_array(tmp_path, monkeypatch,
+                                                                       dtype):
+    """Where MindSpore hands out no view of a parameter's memory, the engine fills a new array
+    and the parameter is given it; the values are the same."""
+    import ml_dtypes
+    import mindformers_st.checkpoint.network as network
+    monkeypatch.setattr(network, "param_view", lambda p: None)
+    cfg = tiny_cfg(param_init_type=dtype)
+    values = global_values(cfg, optimizer=False)
+    ctx = make_ctx()
+    model = make_model(cfg, ctx)
+    load_checkpoint(opts(write_complete(tmp_path / "ckpt", values), tmp_path), model, None, ctx)
+    for n, got in model.get_local_params().items():
+        want = values[n].astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else values[n]
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8), err_msg=n)
+
+
 def ms_tensor(a):
     from mindspore import Tensor
     return Tensor(a)
