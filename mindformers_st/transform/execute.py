@@ -718,10 +718,7 @@ class PreparedRead:
             del src
             self.sources.view(path, name)
 
-        if keys:
-            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                for fut in [pool.submit(check, k) for k in keys]:
-                    fut.result()
+        _for_each(keys, check, workers)
         self.sources.verifier.report()
         self._verified = True
 
@@ -765,18 +762,48 @@ class PreparedRead:
             _prefetch(t, self.sources)
             _fill_into(t, destinations[name], self.sources, staging)
 
-        if len(names) == 1 or workers <= 1:
-            for n in names:
-                run(n)
-        else:
-            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                for fut in [pool.submit(run, n) for n in names]:
-                    fut.result()
+        _for_each(names, run, workers)
         return names
 
     def close(self) -> None:
         """Unmap the sources."""
         self.sources.close()
+
+
+def _for_each(items: Sequence, fn: Callable, workers: int) -> None:
+    """`fn(item)` for every item on `workers` threads that take the next item in turn (no
+    per-item future: thousands of small tensors cost microseconds each, not a submit). The
+    first error stops the others taking more and is raised."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    it, lock, errors = iter(items), threading.Lock(), []
+
+    def worker() -> None:
+        while not errors:
+            with lock:
+                item = next(it, _DONE)
+            if item is _DONE:
+                return
+            try:
+                fn(item)
+            except BaseException as exc:   # noqa: B902 - raised again by the caller's thread
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=worker, daemon=True)
+               for _ in range(min(workers, len(items)))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+
+
+_DONE = object()
 
 
 def _fill_into(t: TargetTensor, dest: np.ndarray, sources: _Sources, staging: _Staging) -> None:
