@@ -116,9 +116,11 @@ class SourceCheckpoint:
 
 
 # --------------------------------------------------------------------------- box arithmetic
-def subtract(box: TensorSlice, cut: TensorSlice) -> List[TensorSlice]:
-    """`box` minus `cut` as disjoint boxes (at most 2 per dimension)."""
-    inter = box.intersect(cut)
+def subtract(box: TensorSlice, cut: TensorSlice,
+             inter: Optional[TensorSlice] = None) -> List[TensorSlice]:
+    """`box` minus `cut` as disjoint boxes (at most 2 per dimension); `inter` is their
+    intersection when the caller has it already."""
+    inter = box.intersect(cut) if inter is None else inter
     if inter is None:
         return [box]
     out = []
