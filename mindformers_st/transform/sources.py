@@ -140,11 +140,27 @@ def subtract(box: TensorSlice, cut: TensorSlice,
     return out
 
 
+def _tile(whole: TensorSlice, pieces, most: int = 16) -> bool:
+    """True when a few distinct `pieces` of `whole`'s tensor are pairwise disjoint and hold as
+    many elements as it: then they cover it (the quick answer for a tensor split over a few
+    ranks; False means "not known", never "not covered")."""
+    distinct = set(pieces)
+    if len(distinct) > most or any(p.global_shape != whole.global_shape for p in distinct):
+        return False
+    if sum(p.numel for p in distinct) != whole.numel:
+        return False
+    distinct = list(distinct)
+    return all(distinct[i].intersect(distinct[j]) is None
+               for i in range(len(distinct)) for j in range(i + 1, len(distinct)))
+
+
 def uncovered(target: TensorSlice, pieces) -> List[TensorSlice]:
     """The parts of `target` that none of `pieces` covers ([] when fully covered)."""
     rest = [target] if target.numel else []
     if rest and any(p.sizes == p.global_shape == target.global_shape for p in pieces):
         return []   # a whole piece covers any block of its tensor
+    if rest and target.is_whole and _tile(target, pieces):
+        return []
     for p in pieces:
         if not rest:
             break
