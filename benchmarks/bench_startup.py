@@ -16,8 +16,9 @@ once into the parameters), MindSpore's through its nearest equivalent:
 
 Each measurement is a new process; the time is from just before it is started until it has set
 every parameter (its own wall-clock stamp), split into import / network / load. Peak memory is
-PSS (and its anonymous part) from /proc/PID/smaps_rollup sampled every 10 ms; "load anon" is the
-anonymous memory the load added at its peak over the built network. Rounds alternate the two
+PSS (and its anonymous part) from /proc/PID/smaps_rollup sampled every 10 ms (PSS counts the
+mapped source files' pages too); "load anon" is the anonymous memory (RssAnon) the load added at
+its peak over the built network, sampled by the child every 5 ms from the end of the build. Rounds alternate the two
 sides (ours first in even rounds); a warm-up run of each precedes them. "warm": source files in
 the page cache; "cold": evicted before every run with posix_fadvise(DONTNEED) on each file (as
 bench_reshard without root; drop_caches is not used: the machine is shared). Output folders
@@ -186,6 +187,15 @@ def child(side: str, source: str, work: str, out: str) -> dict:
     from mindformers_st.convert.rules import hf_to_ms_name
     from mindformers_st.parallel.context import ParallelContext
     anon_net = _anon_kib()
+    peak_anon = [anon_net]
+    done = threading.Event()
+
+    def sample() -> None:   # the load's own peak, apart from building the network
+        while not done.is_set():
+            peak_anon[0] = max(peak_anon[0], _anon_kib())
+            done.wait(0.005)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t_net = time.time()
     if side == "ours":
         pc = MP2 if parallel else ParallelConfig()
@@ -224,13 +234,15 @@ def child(side: str, source: str, work: str, out: str) -> dict:
             net, predict_strategy=os.path.join(work, "strategy_rank_mp2.ckpt"),
             unified_safetensors_dir=unified, format="safetensors")
     t_set = time.time()
+    done.set()
+    sampler.join()
     # the parameters hold the checkpoint's values (a small one and a slice of a big one)
     for name in ("model.norm_out.weight", "model.layers.0.attention.wq.weight"):
         p = [q for q in net.get_parameters() if q.name == name][0]
         want = global_value(name, table.by_name()[name].shape)[layouts[name].slice_for(0).index()]
         assert np.array_equal(p.asnumpy(), want), f"{side} {source}: {name} differs"
     return {"t_import": t_import, "t_net": t_net, "t_set": t_set,
-            "anon_net_kib": anon_net, "anon_set_kib": _anon_kib()}
+            "anon_net_kib": anon_net, "anon_set_kib": _anon_kib(), "anon_peak_kib": peak_anon[0]}
 
 
 # --------------------------------------------------------------------------- the parent
@@ -300,7 +312,7 @@ def run(side: str, source: str, work: str, out: str, timeout: float) -> dict:
     return {"seconds": r["t_set"] - t0, "import_s": r["t_import"] - t0,
             "network_s": r["t_net"] - r["t_import"], "load_s": r["t_set"] - r["t_net"],
             "peak_pss_mib": peak[0] / 1024, "peak_pss_anon_mib": peak[1] / 1024,
-            "load_anon_mib": max(0, peak[1] - r["anon_net_kib"]) / 1024,
+            "load_anon_mib": max(0, r["anon_peak_kib"] - r["anon_net_kib"]) / 1024,
             "anon_after_load_mib": (r["anon_set_kib"] - r["anon_net_kib"]) / 1024}
 
 
