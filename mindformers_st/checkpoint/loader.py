@@ -20,9 +20,13 @@ The flow on every rank (see docs/checkpoint-loading.md):
      transform_process_num builder ranks) is written in the background; a current
      unified_checkpoint is read instead; `derived_write: first` merges before cutting;
      `direct_reshard: True` writes no unified_checkpoint at all;
-3. run `plan_rank_slices` + `execute_to_memory` and set the parameters. Missing and unexpected
-   names are always reported; a missing weight is a CheckpointError, missing optimizer state is
-   one only when resuming.
+3. plan this rank's slices (`plan_rank_slices`, or through the conversion plan), check the
+   source checksums (`PreparedRead.verify`), agree with the other ranks that every check passed,
+   then copy each slice once, straight from the mapped files into the parameter's own memory
+   (`PreparedRead.fill` into `NetworkState.destinations`); whole-valued counters are read into
+   small arrays and set as before (under balanced_load the rank's reads are arrays shared with
+   the ranks that need them, then set). Missing and unexpected names are always reported; a
+   missing weight is a CheckpointError, missing optimizer state is one only when resuming.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ from ..parallel.agree import on_one_host
 from ..records.rank_meta import METADATA_KEY
 from ..records.scan import select_save
 from ..transform.compose import plan_planned_slices, planned_source
-from ..transform.execute import execute_to_memory
+from ..transform.execute import PreparedRead, prepare_read
 from ..transform.planner import DEFAULT_MAX_SHARD_SIZE, plan_merge, plan_rank_slices
 from ..transform.sources import (SourceCheckpoint, describe_complete, describe_distributed,
                                  describe_iteration)
@@ -361,12 +365,14 @@ class PendingLoad:
     Created on the main thread with the tensors this rank will have (`state`: a NetworkState,
     or a `ModelState.planned` one before the model exists), it does at once what needs the
     other ranks — detection, the `.ckpt` / Hugging Face conversions, the online merge (all
-    collective) — and then reads and checks this rank's bytes (`execute_to_memory`: local
-    work only) on a background thread when `background`, else at once. `finish(state)` on the
-    main thread waits for the read, agrees with the other ranks that every read succeeded
-    (the one collective after the read), runs `check`, and sets the tensors of `state` (the
-    real network and optimizer). An error of the read is raised by `finish`, as the same
-    exception a synchronous load raises, before anything is set."""
+    collective) — and then plans this rank's slices, checks the checksums of the bytes it will
+    read and reads the small counters (`prepare_read`: local work only) on a background thread
+    when `background` (asking the kernel to read ahead the rest), else at once. `finish(state)`
+    on the main thread waits for that, agrees with the other ranks that every check succeeded,
+    runs `check` on the counters, and copies the slices once into the parameters of `state`
+    (the real network and optimizer), then agrees again that every copy succeeded. An error
+    of the checks is raised by `finish`, as the same exception a synchronous load raises,
+    before anything is set."""
 
     def __init__(self, opts: LoadOptions, state: NetworkState, ctx=None, resume: bool = False,
                  file_suffix: Optional[str] = None, check=None, background: bool = False):
@@ -374,6 +380,8 @@ class PendingLoad:
         self._prepare(file_suffix)
         self._report: Optional[LoadReport] = None
         self._arrays: Dict[str, np.ndarray] = {}
+        self._prepared: Optional[PreparedRead] = None
+        self._background = background
         self._failure: Optional[BaseException] = None   # a read error: agreed on, then raised
         self._job = None   # the job-wide read plan under balanced_load, else None
         self._error: Optional[BaseException] = None     # any other error: raised as it is
@@ -468,11 +476,12 @@ class PendingLoad:
             self._error = exc
 
     def _read(self) -> None:
-        """The local half: plan this rank's slices, read and check them into memory."""
+        """The local half: plan this rank's slices, check their checksums, read the counters."""
         t0 = time.perf_counter()
-        self._report, self._arrays, self._failure, self._job = _read_slices(
+        self._report, self._prepared, self._arrays, self._failure, self._job = _read_slices(
             self.src, self.source, self.mode, self.path, self.state, self.opt_names, self.ctx,
-            self.resume, self.opts.verify, self.planned, self.balanced)
+            self.resume, self.opts.verify, self.planned, self.balanced,
+            prefetch=self._background)
         self._read_seconds = time.perf_counter() - t0
 
     def finish(self, state: Optional[NetworkState] = None) -> LoadReport:
@@ -501,24 +510,36 @@ class PendingLoad:
         if state is not self.state and (state.weights != self.state.weights or
                                         state.optimizer_states != self.state.optimizer_states or
                                         state.layouts != self.state.layouts):
+            self._close()
             raise CheckpointError(f"load_checkpoint {self.path}: the network built has other "
                                   f"tensors or layouts than the load was planned for; set "
                                   f"load_ckpt_async: False")
         report = self._report
-        agree_or_raise(self.ctx, self._failure, f"load_checkpoint {self.path}")
-        arrays, self._arrays = self._arrays, {}
-        if self._job is not None:   # only after every reader's checksums passed
-            from .exchange import share_reads
-            arrays, report.exchange = share_reads(self.ctx, self._job, arrays)
-        if self.check is not None:
-            self.check(arrays)   # every rank reads the same hyper values: they decide alike
+        try:
+            agree_or_raise(self.ctx, self._failure, f"load_checkpoint {self.path}")
+            small, self._arrays = self._arrays, {}
+            if self._job is not None:   # only after every reader's checksums passed
+                from .exchange import share_reads
+                small, report.exchange = share_reads(self.ctx, self._job, small)
+            if self.check is not None:
+                self.check(small)   # every rank reads the same hyper values: they decide alike
+            filled = self._fill(state) if self._job is None else set()
+        finally:
+            self._close()
         weights, opt_names = state.weights, self.opt_names
-        report.loaded = state.set_weights({n: arrays[n] for n in weights if n in arrays},
-                                          strict=True)
-        report.hyper = {n: arrays[n] for n in self.src.hyper if n in arrays}
+        report.loaded = [n for n in weights if n in filled]
+        rest = {n: small[n] for n in weights if n in small}
+        if rest:
+            report.loaded += state.set_weights(rest, strict=False)
+        if [n for n in weights if n not in report.loaded]:
+            raise CheckpointError(f"load_checkpoint {self.path}: weights not set: "
+                                  f"{[n for n in weights if n not in report.loaded][:8]}")
+        report.hyper = {n: small[n] for n in self.src.hyper if n in small}
         if self.resume:
-            report.loaded += state.set_optimizer_states({n: arrays[n] for n in opt_names},
-                                                        strict=True)
+            report.loaded += [n for n in opt_names if n in filled]
+            rest = {n: small[n] for n in opt_names if n in small}
+            if rest:
+                report.loaded += state.set_optimizer_states(rest, strict=False)
             report.optimizer_loaded = True
         for name, value in self.counters.items():   # common.json: only what no file holds
             report.hyper.setdefault(name, np.asarray([value]))
@@ -534,6 +555,29 @@ class PendingLoad:
         if ctx is None or ctx.is_main:
             print(f"[load_checkpoint] {report.summary()}", flush=True)
         return report
+
+
+    def _fill(self, state: NetworkState) -> set:
+        """Copy this rank's slices into the parameters of `state` (copy-once), then agree with
+        every rank that the copies succeeded. Returns the names filled."""
+        prepared, failure, filled = self._prepared, None, set()
+        if prepared is not None:
+            wanted = set(state.weights) | set(self.opt_names)
+            names = [t.name for t in prepared.tensors
+                     if t.name in wanted and t.name in state.layouts]
+            try:
+                dest = state.destinations({n: prepared.by_name[n].shape for n in names})
+                prepared.fill(dest.arrays, LOAD_WORKERS)
+                filled = set(dest.commit())
+            except (MindformersSTError, OSError) as exc:
+                failure = exc
+        agree_or_raise(self.ctx, failure, f"load_checkpoint {self.path}")
+        return filled
+
+    def _close(self) -> None:
+        if self._prepared is not None:
+            self._prepared.close()
+            self._prepared = None
 
 
 def _describe_rank_files(source: CheckpointSource, strategy, target_layouts) -> SourceCheckpoint:
@@ -622,14 +666,17 @@ def balanced_load(opts: LoadOptions, ctx, one_host: Optional[bool] = None) -> bo
 
 def _read_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode, path: str,
                  state: NetworkState, opt_names: List[str], ctx, resume: bool,
-                 verify: str = "read", planned=None, balanced: bool = False):
-    """(report, {name: array}, read failure or None, job read plan or None): this rank's
-    slices read and checked into memory — local work only, no collective. Missing weights (or,
-    resuming, missing optimizer state) raise at once: every rank sees the same description, so
-    they all raise. `planned`: the conversion plan `src` describes the output of, read through
-    it (`plan_planned_slices`). With `balanced` the arrays are only the blocks the job plan
-    gives this rank to read; `exchange.share_reads` completes them once the ranks agreed the
-    reads succeeded."""
+                 verify: str = "read", planned=None, balanced: bool = False,
+                 prefetch: bool = False):
+    """(report, PreparedRead of this rank's slices with their checksums checked or None,
+    {name: array}, read failure or None, job read plan or None) — local work only, no
+    collective. Alone, the arrays are the counters (the slices are copied into the parameters
+    by `finish`); with `balanced` they are the blocks the job plan gives this rank to read,
+    which `exchange.share_reads` completes once the ranks agreed the reads succeeded. `planned`:
+    the conversion plan `src` describes the output of, read through it (`plan_planned_slices`).
+    `prefetch` asks the kernel to read ahead every range (a background load). Missing weights
+    (or, resuming, missing optimizer state) raise at once: every rank sees the same
+    description, so they all raise."""
     report = LoadReport(source, mode.value, path, epoch=src.epoch, step=src.step)
     weights, layouts = state.weights, state.layouts
     wanted = set(weights) | set(opt_names)
@@ -666,12 +713,26 @@ def _read_slices(src: SourceCheckpoint, source: CheckpointSource, mode: LoadMode
     except PlanError as exc:
         raise CheckpointError(f"load_checkpoint {path}: {exc}") from exc
     report.read_bytes = sum(f.nbytes for f in plan.files)
-    failure, arrays = None, {}
+    failure, prepared, small = None, None, {}
     try:
-        arrays = execute_to_memory(plan, workers=LOAD_WORKERS, verify=verify)
+        prepared = prepare_read(plan, verify)
+        prepared.verify(LOAD_WORKERS)
+        if job is not None:   # balanced: this rank's reads for the job, as arrays to share
+            small = prepared.read([t.name for t in prepared.tensors])
+            prepared.close()
+            prepared = None
+        else:
+            # counters (no layout) are tiny: read into arrays, set as values; the slices are
+            # copied into the parameters by finish()
+            small = prepared.read([t.name for t in prepared.tensors if t.name not in layouts])
+            if prefetch:
+                prepared.prefetch()
     except (MindformersSTError, OSError) as exc:
         failure = exc
-    return report, arrays, failure, job
+        if prepared is not None:
+            prepared.close()
+            prepared = None
+    return report, prepared, small, failure, job
 
 
 def _rank_reads(src: SourceCheckpoint, state: NetworkState, names: List[str], rank: int, ctx,

@@ -75,6 +75,19 @@ class NetworkState:
         """Set the optimizer's tensors (moments, counters); returns the names set."""
         raise NotImplementedError
 
+    def destinations(self, shapes: Mapping[str, Sequence[int]]) -> "ParamDestinations":
+        """Writable arrays over the parameters' own memory for the tensors in `shapes` (name ->
+        the shape the load produces), for the engine to fill in place (`ParamDestinations`)."""
+        params = self.parameters()
+        missing = sorted(n for n in shapes if n not in params)
+        if missing:
+            raise CheckpointError(f"load_checkpoint: the network has no tensor(s) {missing[:5]}")
+        return ParamDestinations({n: params[n] for n in shapes}, shapes, self._reshape_ok)
+
+    def _reshape_ok(self, name: str, have: Sequence[int], want: Sequence[int]) -> bool:
+        """Whether a tensor stored with shape `want` may fill a parameter of shape `have`."""
+        return False
+
     def step_count(self) -> Optional[int]:
         """Updates the optimizer has applied (its global_step), None without one."""
         params = self.parameters()
@@ -138,6 +151,66 @@ class ModelState(NetworkState):
         if self.optimizer is None:
             raise CheckpointError("restoring optimizer state needs the optimizer")
         return self.optimizer.set_state_arrays(arrays, strict=strict)
+
+
+def param_view(param) -> Optional[np.ndarray]:
+    """A writable numpy array over `param`'s own memory, in our dtype table's dtype (bfloat16
+    as ml_dtypes'), or None when MindSpore gives a copy. On CPU `asnumpy()` is such a view
+    (MindSpore 2.10, also after training steps); two calls returning the same buffer prove it."""
+    from ..dtypes import ST_TO_NUMPY
+    if getattr(param, "has_init", False):
+        param.init_data()
+    try:
+        first, second = param.asnumpy(), param.asnumpy()
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    if (not isinstance(first, np.ndarray) or not first.flags.writeable or first.size == 0
+            or first.ctypes.data != second.ctypes.data or not first.flags.c_contiguous):
+        return None
+    want = ST_TO_NUMPY[_st_dtype(param)]
+    return first if first.dtype == want else first.view(want)
+
+
+class ParamDestinations:
+    """Where a load puts each tensor: `arrays[name]` is a writable array of the load's shape
+    over the parameter's own memory (copy-once: filling it sets the parameter), or, when
+    MindSpore hands out no such view, a new array that `commit()` gives to the parameter
+    without a copy (`Tensor.from_numpy` shares memory). CheckpointError, naming the tensor and
+    both shapes, when a stored shape cannot fill its parameter."""
+
+    def __init__(self, params: Mapping[str, object], shapes: Mapping[str, Sequence[int]],
+                 reshape_ok=lambda name, have, want: False):
+        from ..dtypes import ST_TO_NUMPY
+        self.arrays: Dict[str, np.ndarray] = {}
+        self._adopt: Dict[str, object] = {}
+        self.shared: List[str] = []
+        for name, shape in shapes.items():
+            p, want = params[name], tuple(int(d) for d in shape)
+            have = tuple(int(d) for d in p.shape)
+            if have != want and not (int(np.prod(have)) == int(np.prod(want))
+                                     and reshape_ok(name, have, want)):
+                raise CheckpointError(f"load_checkpoint: {name} has shape {want} in the "
+                                      f"checkpoint, the network holds {have} on this rank")
+            view = param_view(p)
+            if view is None:
+                view = np.empty(have, dtype=ST_TO_NUMPY[_st_dtype(p)])
+                self._adopt[name] = p
+            else:
+                self.shared.append(name)
+            self.arrays[name] = view.reshape(want)
+
+    def commit(self) -> List[str]:
+        """Hand the arrays that are not the parameters' own memory to their parameters (no
+        copy); returns every name set."""
+        if self._adopt:
+            from mindspore import Tensor
+            for name, p in self._adopt.items():
+                arr = self.arrays[name].reshape(tuple(p.shape))
+                if arr.dtype.name == "bfloat16":   # MindSpore's numpy bfloat16 is its own type
+                    p.set_data(Tensor(arr.astype(np.float32)).astype(p.dtype))
+                else:
+                    p.set_data(Tensor.from_numpy(np.ascontiguousarray(arr)))
+        return list(self.arrays)
 
 
 def _st_dtype(param) -> str:
@@ -246,6 +319,9 @@ class CellState(NetworkState):
 
     def parameters(self) -> Dict[str, object]:
         return dict(self._params)
+
+    def _reshape_ok(self, name, have, want) -> bool:
+        return is_hyper(name) or len(want) <= 1   # a scalar counter saved as [1] or ()
 
     def _set(self, names: Iterable[str], arrays: Mapping[str, np.ndarray], strict: bool,
              what: str) -> List[str]:

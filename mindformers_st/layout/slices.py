@@ -30,6 +30,16 @@ class TensorSlice:
             if o < 0 or s < 0 or o + s > g:
                 raise ValueError(f"TensorSlice dim {d}: offset {o} + size {s} outside global size {g}")
 
+    @classmethod
+    def _trusted(cls, global_shape, offsets, sizes) -> "TensorSlice":
+        """A slice known valid by construction (a part of valid slices: an intersection, a
+        remainder): built without re-checking, as box arithmetic in hot loops makes many."""
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "global_shape", global_shape)
+        object.__setattr__(obj, "offsets", offsets)
+        object.__setattr__(obj, "sizes", sizes)
+        return obj
+
     @staticmethod
     def whole(shape) -> "TensorSlice":
         """The slice covering all of a tensor of `shape`."""
@@ -62,7 +72,7 @@ class TensorSlice:
                 return None
             offs.append(lo)
             sizes.append(hi - lo)
-        return TensorSlice(self.global_shape, tuple(offs), tuple(sizes))
+        return TensorSlice._trusted(self.global_shape, tuple(offs), tuple(sizes))
 
     def relative_to(self, outer: "TensorSlice") -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
         """(offsets, sizes) of this block inside `outer`'s local array; it must lie within it."""

@@ -14,6 +14,7 @@ is the only one; a newer version is refused by name so an old reader never misre
 """
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -76,12 +77,9 @@ class RankFileMeta:
             return None
         where = f"{path}: __metadata__[{METADATA_KEY!r}]"
         try:
-            obj = json.loads(raw)
-        except ValueError as exc:
-            raise CheckpointError(f"{where} is not JSON ({exc}); the file was damaged — pass "
-                                  f"the run's strategy (--src-strategy) to read it without "
-                                  f"its description") from exc
-        return RankFileMeta.from_json(obj, where)
+            return _parse_described(raw)
+        except CheckpointError as exc:   # the same check, named for this file
+            raise type(exc)(str(exc).replace(_WHERE, where)) from exc.__cause__
 
     @staticmethod
     def from_json(obj: Any, where: str = "rank file metadata") -> "RankFileMeta":
@@ -142,3 +140,20 @@ def _int(obj: Mapping[str, Any], key: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
         raise ValueError(f"{key!r} must be an integer, got {v!r}")
     return v
+
+
+_WHERE = "\0rank-file-metadata\0"
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_described(raw: str) -> RankFileMeta:
+    """`RankFileMeta.from_metadata`'s parse of the JSON text, kept per text: the several reads
+    of one file in a command (scan, describe, resume) parse and validate its thousands of slices
+    once. Errors name the placeholder `_WHERE`, replaced by the caller with the file."""
+    try:
+        obj = json.loads(raw)
+    except ValueError as exc:
+        raise CheckpointError(f"{_WHERE} is not JSON ({exc}); the file was damaged — pass "
+                              f"the run's strategy (--src-strategy) to read it without "
+                              f"its description") from exc
+    return RankFileMeta.from_json(obj, _WHERE)

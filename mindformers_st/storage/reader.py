@@ -12,6 +12,8 @@ import logging
 import mmap
 import os
 import stat
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from math import prod
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -169,8 +171,34 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+# Parsed headers by file identity (device, inode, size, mtime): a command that opens the same
+# file several times (describe, plan, validate, read) parses and validates its header once; a
+# file changed in between has another identity and is parsed again.
+_HEADER_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_HEADER_CACHE_SIZE = 512
+_HEADER_LOCK = threading.Lock()
+
+
 def _read_header_fd(path, fd) -> Tuple[Dict[str, TensorEntry], Dict[str, str], int, int]:
-    size = os.fstat(fd).st_size
+    st = os.fstat(fd)
+    key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _HEADER_LOCK:
+        hit = _HEADER_CACHE.get(key)
+        if hit is not None:
+            _HEADER_CACHE.move_to_end(key)
+    if hit is not None:
+        tensors, metadata, data_start, size = hit
+        return dict(tensors), dict(metadata), data_start, size
+    out = _parse_header_fd(path, fd, st.st_size)
+    with _HEADER_LOCK:
+        _HEADER_CACHE[key] = out
+        while len(_HEADER_CACHE) > _HEADER_CACHE_SIZE:
+            _HEADER_CACHE.popitem(last=False)
+    tensors, metadata, data_start, size = out
+    return dict(tensors), dict(metadata), data_start, size
+
+
+def _parse_header_fd(path, fd, size: int) -> Tuple[Dict[str, TensorEntry], Dict[str, str], int, int]:
     if size < 8:
         raise _fail(path, f"file is {size} bytes, shorter than the 8-byte header length prefix")
     prefix = os.pread(fd, 8, 0)

@@ -30,7 +30,7 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from multiprocessing.connection import wait as mp_wait
 from math import prod
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -478,15 +478,18 @@ def _fault_pause() -> None:
 
 def execute_files(plan: Plan, folder: str, workers: int = 4, progress: bool = True,
                   shapes=None, verify: str = "read", verify_keys=None,
-                  on_file: Optional[Callable[[int], None]] = None) -> List[str]:
+                  on_file: Optional[Callable[[int], None]] = None,
+                  validated: bool = False) -> List[str]:
     """Write `plan.files` into the existing `folder` (no side files, no folder rename): the part
     a worker runs when several share one output (see `split_plan`). Each file is committed
     atomically by the writer; on error every unfinished file is removed. Source checksums are
     checked per `verify` (transform/verify.py), or exactly for `verify_keys` when given (a part
     of a split plan must check what the whole plan's mode selects: see `execute_in_processes`).
-    `on_file(nbytes)` is called after each file is committed. Returns the paths."""
+    `on_file(nbytes)` is called after each file is committed; `validated` says the caller has
+    just validated `plan` against `shapes` (it is not checked twice). Returns the paths."""
     shapes = read_source_shapes(plan) if shapes is None else shapes
-    validate_plan(plan, shapes)
+    if not validated:
+        validate_plan(plan, shapes)
     folder = os.path.abspath(folder)
     verifier = Verifier(keys_to_verify(plan, shapes, verify) if verify_keys is None
                         else verify_keys)
@@ -599,7 +602,8 @@ def execute_in_processes(plan: Plan, folder: str, processes: int, workers: int =
     keys = keys_to_verify(plan, shapes, verify)
     parts = [p for p in split_plan(plan, max(1, processes)) if p.files]
     if len(parts) <= 1:
-        return execute_files(plan, folder, workers, progress, shapes, verify_keys=keys)
+        return execute_files(plan, folder, workers, progress, shapes, verify_keys=keys,
+                             validated=True)
     if len(parts) < processes:
         logger.info("%s: the plan has %d output file(s); %d process(es) used, not %d",
                     plan.kind, len(parts), len(parts), processes)
@@ -771,7 +775,8 @@ def execute(plan: Plan, out_dir: str, workers: int = 4, progress: bool = True,
             written = execute_in_processes(plan, tmp, processes, workers, progress, shapes,
                                            verify)
         else:
-            written = execute_files(plan, tmp, workers, progress, shapes, verify)
+            written = execute_files(plan, tmp, workers, progress, shapes, verify,
+                                    validated=True)
         write_side_files(plan, tmp)
         if finalize is not None:
             finalize(tmp)
@@ -785,38 +790,207 @@ def execute(plan: Plan, out_dir: str, workers: int = 4, progress: bool = True,
 
 
 def execute_to_memory(plan: Plan, workers: int = 4, verify: str = "read") -> Dict[str, np.ndarray]:
-    """Run `plan` into fresh numpy arrays (for the load hook): {tensor name: array} over all the
-    plan's files (names must be unique across them). Holds exactly the target bytes. Source
-    checksums are checked per `verify` before any array is returned."""
-    shapes = read_source_shapes(plan)
-    validate_plan(plan, shapes)
-    tensors = [t for f in plan.files for t in f.tensors]
-    names = [t.name for t in tensors]
-    if len(set(names)) != len(names):
-        raise PlanError("execute_to_memory: a tensor name appears in two target files")
-    out = {t.name: np.empty(t.shape, dtype=ST_TO_NUMPY[t.dtype]) for t in tensors}
-    verifier = Verifier(keys_to_verify(plan, shapes, verify))
-    sources = _Sources(verifier)
-
-    def run(t: TargetTensor) -> None:
-        arr = out[t.name]
-        if not t.shape:
-            op = t.ops[0]
-            arr[()] = sources.view(op.src_file, op.src_name)
-            return
-        # straight into the target array, in chunks so that reading the next overlaps the copy
-        step = max(1, CHUNK_BYTES // max(1, _row_bytes(t)))
-        _prefetch(t.ops, 0, step, sources)
-        for r in range(0, t.shape[0], step):
-            if r + step < t.shape[0]:
-                _prefetch(t.ops, r + step, r + 2 * step, sources)
-            _fill(arr[r:r + step], r, t.ops, sources)
-
+    """Run `plan` into fresh numpy arrays: {tensor name: array} over all the plan's files (names
+    must be unique across them). Holds exactly the target bytes. Source checksums are checked
+    per `verify` before any array is filled (`execute_into`)."""
+    prepared = prepare_read(plan, verify)
     try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for fut in [pool.submit(run, t) for t in tensors]:
-                fut.result()
+        out = {t.name: np.empty(t.shape, dtype=ST_TO_NUMPY[t.dtype]) for t in prepared.tensors}
+        prepared.verify(workers)
+        prepared.fill(out, workers)
     finally:
-        sources.close()
-    verifier.report()
+        prepared.close()
     return out
+
+
+def execute_into(plan: Plan, destinations: Mapping[str, np.ndarray], workers: int = 4,
+                 verify: str = "read") -> List[str]:
+    """Copy the plan's target tensors named in `destinations` straight into those caller-given
+    arrays (e.g. views of a network's parameters), each byte copied once from the mapped source
+    slices. Source checksums are checked per `verify` before any destination is written, so a
+    ChecksumError leaves them all unchanged. Returns the names filled."""
+    prepared = prepare_read(plan, verify)
+    try:
+        prepared.verify(workers)
+        return prepared.fill(destinations, workers)
+    finally:
+        prepared.close()
+
+
+def source_shapes_from(plan: Plan, sources: "_Sources"):
+    """`read_source_shapes` from the headers of already opened sources (each parsed once, when
+    its file was opened)."""
+    out: Dict[Tuple[str, str], Tuple[Tuple[int, ...], str]] = {}
+    for f in plan.files:
+        for t in f.tensors:
+            for op in t.ops:
+                key = (op.src_file, op.src_name)
+                if key in out:
+                    continue
+                entry = sources.get(op.src_file).tensors.get(op.src_name)
+                if entry is None:
+                    raise CheckpointError(f"{op.src_file}: has no tensor {op.src_name!r} (needed "
+                                          f"for {t.name!r}); the source changed since planning?")
+                out[key] = (tuple(entry.shape), entry.dtype)
+    return out
+
+
+def prepare_read(plan: Plan, verify: str = "read") -> "PreparedRead":
+    """Open the plan's sources and validate the plan for reading into memory (`PreparedRead`)."""
+    return PreparedRead(plan, verify)
+
+
+class PreparedRead:
+    """A plan made ready to be read into memory, in two steps a load can place apart:
+    `verify()` checks the source bytes the checksum mode selects (reading them: the page cache
+    is warm afterwards), `fill(destinations)` copies each target tensor once, straight from the
+    mapped source slices into the caller's array (a cast to the destination's dtype, when it
+    differs, goes through one per-thread staging buffer in bounded row chunks). Every source
+    header is parsed once (when its file is opened) and the plan validated once.
+    `read(names)` gives small tensors (counters) as fresh arrays. `close()` unmaps."""
+
+    def __init__(self, plan: Plan, verify: str = "read"):
+        self.plan = plan
+        self.tensors = [t for f in plan.files for t in f.tensors]
+        self.by_name = {t.name: t for t in self.tensors}
+        if len(self.by_name) != len(self.tensors):
+            raise PlanError(f"{plan.kind}: a tensor name appears in two target files; a plan "
+                            f"read into memory needs unique names")
+        self.sources = _Sources()
+        try:
+            self.shapes = source_shapes_from(plan, self.sources)
+            validate_plan(plan, self.shapes)
+            self.sources.verifier = Verifier(keys_to_verify(plan, self.shapes, verify))
+        except BaseException:
+            self.sources.close()
+            raise
+        self._verified = False
+
+    def verify(self, workers: int = 4) -> None:
+        """Check every selected source tensor against its recorded checksum (ChecksumError
+        naming the file and tensor) before anything is filled; hashed in `workers` threads."""
+        keys = sorted({(op.src_file, op.src_name) for t in self.tensors for op in t.ops
+                       if self.sources.verifier.wants(op.src_file, op.src_name)})
+
+        def check(key) -> None:
+            path, name = key
+            src = self.sources.get(path)
+            src.prefetch(name)
+            del src
+            self.sources.view(path, name)
+
+        _for_each(keys, check, workers)
+        self.sources.verifier.report()
+        self._verified = True
+
+    def prefetch(self) -> None:
+        """Ask the kernel to start reading every byte range the plan needs (a hint: a load
+        prepared in the background reads ahead while the network is built)."""
+        for t in self.tensors:
+            if t.shape and prod(t.shape):
+                _prefetch(t.ops, 0, t.shape[0], self.sources)
+
+    def read(self, names) -> Dict[str, np.ndarray]:
+        """Fresh arrays for the target tensors `names` (small values: counters)."""
+        out = {n: np.empty(self.by_name[n].shape, dtype=ST_TO_NUMPY[self.by_name[n].dtype])
+               for n in names}
+        self.fill(out, 1)
+        return out
+
+    def check_destinations(self, destinations: Mapping[str, np.ndarray]) -> None:
+        """PlanError unless every destination is a target of the plan with its shape, writable."""
+        for n, arr in destinations.items():
+            t = self.by_name.get(n)
+            if t is None:
+                raise PlanError(f"{self.plan.kind}: no target tensor {n!r} to fill")
+            if tuple(arr.shape) != tuple(t.shape):
+                raise PlanError(f"{self.plan.kind}: {n!r} is {list(t.shape)} in the plan but "
+                                f"its destination array is {list(arr.shape)}")
+            if not arr.flags.writeable:
+                raise PlanError(f"{self.plan.kind}: the destination of {n!r} is read-only")
+
+    def fill(self, destinations: Mapping[str, np.ndarray], workers: int = 4) -> List[str]:
+        """Copy each target tensor named in `destinations` into its array (same shape; any
+        numeric dtype, cast from the stored one as numpy casts). Verifies first if `verify()`
+        was not called. Returns the names filled."""
+        self.check_destinations(destinations)
+        if not self._verified:
+            self.verify(workers)
+        staging = _Staging()
+        names = list(destinations)
+
+        def run(name: str) -> None:
+            t = self.by_name[name]
+            _fill_into(t, destinations[name], self.sources, staging)
+
+        _for_each(names, run, workers)
+        return names
+
+    def close(self) -> None:
+        """Unmap the sources."""
+        self.sources.close()
+
+
+def _for_each(items: Sequence, fn: Callable, workers: int) -> None:
+    """`fn(item)` for every item on `workers` threads that take the next item in turn (no
+    per-item future: thousands of small tensors cost microseconds each, not a submit). The
+    first error stops the others taking more and is raised."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    it, lock, errors = iter(items), threading.Lock(), []
+
+    def worker() -> None:
+        while not errors:
+            with lock:
+                item = next(it, _DONE)
+            if item is _DONE:
+                return
+            try:
+                fn(item)
+            except BaseException as exc:   # noqa: B902 - raised again by the caller's thread
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=worker, daemon=True)
+               for _ in range(min(workers, len(items)))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+
+
+_DONE = object()
+
+
+def _fill_into(t: TargetTensor, dest: np.ndarray, sources: _Sources, staging: _Staging) -> None:
+    """Fill `dest` (the whole target tensor `t`) from the plan's ops: straight from the mapped
+    sources when the dtypes match, else through the staging buffer in row chunks, cast."""
+    stored = ST_TO_NUMPY[t.dtype]
+    if not t.shape:
+        op = t.ops[0]
+        src = sources.view(op.src_file, op.src_name)
+        np.copyto(dest, src.reshape(()), casting="unsafe")
+        del src
+        return
+    if prod(t.shape) == 0:
+        return
+    row = _row_bytes(t)
+    rows = max(1, CHUNK_BYTES // max(1, row))
+    _prefetch(t.ops, 0, rows, sources)
+    for r in range(0, t.shape[0], rows):
+        e = min(t.shape[0], r + rows)
+        if e < t.shape[0]:   # reading the next chunk overlaps this chunk's copy
+            _prefetch(t.ops, e, e + rows, sources)
+        if dest.dtype == stored:   # straight into the destination
+            _fill(dest[r:e], r, t.ops, sources)
+            continue
+        block = staging.get((e - r) * row).view(stored).reshape((e - r,) + tuple(t.shape[1:]))
+        _fill(block, r, [op for op in t.ops
+                         if op.dst_offsets[0] < e and op.dst_offsets[0] + op.sizes[0] > r],
+              sources)
+        np.copyto(dest[r:e], block, casting="unsafe")

@@ -49,19 +49,19 @@ def cover(target: TensorSlice, chunks: Sequence[SourceChunk], prefer: Iterable[s
     for sl in sorted(by_slice, key=lambda s: s.offsets):
         if not rest:
             break
-        if target.intersect(sl) is None:
-            continue
-        replicas = sorted(by_slice[sl], key=lambda c: c.file)
-        local = [c for c in replicas if c.file in prefer]
-        chunk = local[0] if local else replicas[hint % len(replicas)]
+        chunk = None
         new_rest = []
-        for box in rest:
+        for box in rest:   # the boxes left lie inside target: no separate target test
             inter = box.intersect(sl)
             if inter is None:
                 new_rest.append(box)
                 continue
+            if chunk is None:
+                replicas = sorted(by_slice[sl], key=lambda c: c.file)
+                local = [c for c in replicas if c.file in prefer]
+                chunk = local[0] if local else replicas[hint % len(replicas)]
             out.append((chunk, inter))
-            new_rest.extend(b for b in subtract(box, sl) if b.numel)
+            new_rest.extend(b for b in subtract(box, sl, inter) if b.numel)
         rest = new_rest
     if rest:
         name = chunks[0].global_name if chunks else "?"

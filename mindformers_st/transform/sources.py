@@ -116,9 +116,11 @@ class SourceCheckpoint:
 
 
 # --------------------------------------------------------------------------- box arithmetic
-def subtract(box: TensorSlice, cut: TensorSlice) -> List[TensorSlice]:
-    """`box` minus `cut` as disjoint boxes (at most 2 per dimension)."""
-    inter = box.intersect(cut)
+def subtract(box: TensorSlice, cut: TensorSlice,
+             inter: Optional[TensorSlice] = None) -> List[TensorSlice]:
+    """`box` minus `cut` as disjoint boxes (at most 2 per dimension); `inter` is their
+    intersection when the caller has it already."""
+    inter = box.intersect(cut) if inter is None else inter
     if inter is None:
         return [box]
     out = []
@@ -129,18 +131,36 @@ def subtract(box: TensorSlice, cut: TensorSlice) -> List[TensorSlice]:
         if ilo > lo:
             o, s = list(offs), list(sizes)
             o[d], s[d] = lo, ilo - lo
-            out.append(TensorSlice(box.global_shape, tuple(o), tuple(s)))
+            out.append(TensorSlice._trusted(box.global_shape, tuple(o), tuple(s)))
         if ihi < hi:
             o, s = list(offs), list(sizes)
             o[d], s[d] = ihi, hi - ihi
-            out.append(TensorSlice(box.global_shape, tuple(o), tuple(s)))
+            out.append(TensorSlice._trusted(box.global_shape, tuple(o), tuple(s)))
         offs[d], sizes[d] = ilo, ihi - ilo   # continue inside the intersection on this dim
     return out
+
+
+def _tile(whole: TensorSlice, pieces, most: int = 16) -> bool:
+    """True when a few distinct `pieces` of `whole`'s tensor are pairwise disjoint and hold as
+    many elements as it: then they cover it (the quick answer for a tensor split over a few
+    ranks; False means "not known", never "not covered")."""
+    distinct = set(pieces)
+    if len(distinct) > most or any(p.global_shape != whole.global_shape for p in distinct):
+        return False
+    if sum(p.numel for p in distinct) != whole.numel:
+        return False
+    distinct = list(distinct)
+    return all(distinct[i].intersect(distinct[j]) is None
+               for i in range(len(distinct)) for j in range(i + 1, len(distinct)))
 
 
 def uncovered(target: TensorSlice, pieces) -> List[TensorSlice]:
     """The parts of `target` that none of `pieces` covers ([] when fully covered)."""
     rest = [target] if target.numel else []
+    if rest and any(p.sizes == p.global_shape == target.global_shape for p in pieces):
+        return []   # a whole piece covers any block of its tensor
+    if rest and target.is_whole and _tile(target, pieces):
+        return []
     for p in pieces:
         if not rest:
             break

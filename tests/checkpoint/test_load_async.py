@@ -56,8 +56,8 @@ def test_async_load_sets_exactly_what_a_synchronous_load_sets(tmp_path, resume, 
     def reading(*args, **kw):   # on which thread the bytes are read
         readers.append(threading.current_thread().name)
         return real(*args, **kw)
-    real = loader.execute_to_memory
-    monkeypatch.setattr(loader, "execute_to_memory", reading)
+    real = loader.prepare_read
+    monkeypatch.setattr(loader, "prepare_read", reading)
     pending = start_load_weights(ctx, config, llama_param_table(cfg), with_optimizer=True)
     model = make_model(cfg, ctx)                     # built while the read runs
     opt = make_optimizer(model)

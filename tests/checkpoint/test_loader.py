@@ -292,6 +292,94 @@ def test_direct_reshard_cuts_from_rank_files_without_a_complete_copy(tmp_path):
     assert_weights(model, values, cfg, pc, 1)
 
 
+def _param_pointers(model, optimizer=None):
+    params = list(model.get_parameters())
+    if optimizer is not None:
+        params += list(optimizer.adam_m) + list(optimizer.adam_v)
+    return {p.name: p.asnumpy().ctypes.data for p in params}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", ["whole", "cut", "same_layout", "merge_and_cut",
+                                  "direct_reshard"])
+def test_every_load_mode_copies_into_the_parameters_own_memory(tmp_path, mode, dtype):
+    """Copy-once: the loader fills each parameter (and, resuming, each moment) where it
+    already lives — no second array handed to MindSpore — in fp32 and, cast from the fp32
+    file, in bf16, also after the parameters were used in a training step; the values are
+    the checkpoint's bit for bit and the next step computes with them."""
+    import ml_dtypes
+    from mindformers_st.trainer.step import TrainStep
+    cfg = tiny_cfg(param_init_type=dtype)
+    values = global_values(cfg)
+    one = ParallelConfig()
+    pc = {"whole": one, "cut": ParallelConfig(model_parallel=2), "same_layout":
+          ParallelConfig(model_parallel=2), "merge_and_cut": one,
+          "direct_reshard": ParallelConfig(model_parallel=2)}[mode]
+    rank = pc.world_size - 1
+    resume = mode in ("same_layout", "merge_and_cut")
+    if mode in ("whole", "cut"):
+        folder = write_complete(tmp_path / "ckpt", values)
+    else:
+        folder = write_distributed(tmp_path / "ckpt", cfg, values, ParallelConfig(
+            model_parallel=2) if mode == "same_layout" else ParallelConfig(data_parallel=2))
+    ctx = make_ctx(pc, rank)
+    model = make_model(cfg, ctx)
+    optimizer = make_optimizer(model)
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 9)).astype(np.int32)
+    if pc.world_size == 1:   # parameters already used by a step (mp>1 would need a group)
+        TrainStep(model, optimizer, ctx)(ids)
+    before = _param_pointers(model, optimizer if resume else None)
+    report = load_checkpoint(opts(folder, tmp_path, use_parallel=pc.world_size > 1,
+                                  auto_trans_ckpt=mode in ("cut", "merge_and_cut", "direct_reshard"),
+                                  direct_reshard=mode == "direct_reshard",
+                                  derived_write="first" if mode == "merge_and_cut" else
+                                  "background"),
+                             model, optimizer, ctx, resume=resume)
+    assert report.mode == mode and report.optimizer_loaded == resume
+    assert _param_pointers(model, optimizer if resume else None) == before
+    got = model.get_local_params()
+    want = expected_local(values, cfg, pc, rank, got)
+    for n in got:
+        if dtype == "bfloat16":
+            np.testing.assert_array_equal(got[n].view(np.uint16),
+                                          want[n].astype(ml_dtypes.bfloat16).view(np.uint16), n)
+        else:
+            np.testing.assert_array_equal(got[n], want[n], err_msg=n)
+    if resume:
+        moments = optimizer.get_state_arrays()
+        want = expected_local(values, cfg, pc, rank, [n for n in moments if n != "global_step"])
+        for n, v in want.items():
+            np.testing.assert_array_equal(moments[n], v, err_msg=n)
+        assert optimizer.step_count == 6
+    if pc.world_size == 1:   # the step computes with the loaded values
+        reference = make_model(cfg, ctx)
+        reference.set_local_params(expected_local(values, cfg, pc, rank, got))
+        assert float(model(ms_tensor(ids)).asnumpy()) == float(reference(ms_tensor(ids)).asnumpy())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_parameter_without_a_writable_view_is_given_the_filled_array(tmp_path, monkeypatch,
+                                                                       dtype):
+    """Where MindSpore hands out no view of a parameter's memory, the engine fills a new array
+    and the parameter is given it; the values are the same."""
+    import ml_dtypes
+    import mindformers_st.checkpoint.network as network
+    monkeypatch.setattr(network, "param_view", lambda p: None)
+    cfg = tiny_cfg(param_init_type=dtype)
+    values = global_values(cfg, optimizer=False)
+    ctx = make_ctx()
+    model = make_model(cfg, ctx)
+    load_checkpoint(opts(write_complete(tmp_path / "ckpt", values), tmp_path), model, None, ctx)
+    for n, got in model.get_local_params().items():
+        want = values[n].astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else values[n]
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8), err_msg=n)
+
+
+def ms_tensor(a):
+    from mindspore import Tensor
+    return Tensor(a)
+
+
 def test_rank_file_path_loads_that_step_on_every_rank(tmp_path):
     cfg = tiny_cfg()
     values = global_values(cfg, optimizer=False)

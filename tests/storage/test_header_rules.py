@@ -180,3 +180,24 @@ def test_a_truncated_real_file_is_refused(tmp_path):
     with open(path, "r+b") as fh:
         fh.truncate(size - 1)
     _refused(path, "tensor 'w'", "outside the data area")
+
+
+def test_a_header_parsed_once_is_parsed_again_when_the_file_changes(tmp_path):
+    """Parsed headers are kept by file identity (one parse per file per command), never served
+    for a file changed since: rewritten in place with the same size, or replaced."""
+    good = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    path = _write(tmp_path, good, b"\0" * 8)
+    assert list(read_header(path)[0]) == ["a"]
+    tensors, _, _ = read_header(path)
+    tensors.clear()   # a caller's copy: the kept parse is not changed by it
+    assert list(read_header(path)[0]) == ["a"]
+    bad = json.dumps({"b": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}).encode()
+    raw = json.dumps(good).encode()
+    bad = bad[:len(raw)].ljust(len(raw))   # the same length: the same file size
+    with open(path, "r+b") as fh:
+        fh.seek(8)
+        fh.write(bad)
+    with pytest.raises(SafetensorsFormatError):
+        read_header(path)
+    _write(tmp_path, {"c": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8)
+    assert list(read_header(path)[0]) == ["c"]

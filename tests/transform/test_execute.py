@@ -272,3 +272,65 @@ def test_rows_written_direct_or_staged_give_the_same_bytes(tmp_path, monkeypatch
     want[0:40:2], want[1:40:2], want[40:60], want[60:80] = w1[:20], w3[:20], w1[20:], w3[20:]
     with open_safetensors(str(tmp_path / "out" / "out.safetensors")) as f:
         assert f.read("fused").tobytes() == want.tobytes()
+
+
+# --------------------------------------------------------------------------- into given arrays
+def _two_tensor_file(tmp_path):
+    from mindformers_st.storage.writer import save_tensors
+    rng = np.random.default_rng(7)
+    values = {"a": rng.standard_normal((64, 24)).astype(np.float32),
+              "b": rng.standard_normal((6, 3, 4)).astype(np.float32)}
+    path = save_tensors(str(tmp_path / "w.safetensors"), values)
+    return path, values
+
+
+def _whole_plan(path):
+    from mindformers_st.layout.tensor_layout import TensorLayout
+    src = describe_complete(path)
+    layouts = {n: TensorLayout(tuple(src.global_shapes[n]), (2,), (0,) + (-1,) * (
+        len(src.global_shapes[n]) - 1)) for n in src.chunks}
+    return plan_rank_slices(src, layouts, rank=1)
+
+
+def test_execute_into_fills_the_given_arrays_in_place(tmp_path):
+    from mindformers_st.transform.execute import execute_into
+    path, values = _two_tensor_file(tmp_path)
+    dest = {"a": np.zeros((32, 24), np.float32), "b": np.zeros((3, 3, 4), np.float32)}
+    ptrs = {n: a.ctypes.data for n, a in dest.items()}
+    assert sorted(execute_into(_whole_plan(path), dest)) == ["a", "b"]
+    assert_bit_exact(dest["a"], values["a"][32:])
+    assert_bit_exact(dest["b"], values["b"][3:])
+    assert {n: a.ctypes.data for n, a in dest.items()} == ptrs
+
+
+def test_execute_into_casts_in_bounded_chunks_like_numpy(tmp_path, monkeypatch):
+    import ml_dtypes
+    import importlib
+    ex = importlib.import_module("mindformers_st.transform.execute")
+    monkeypatch.setattr(ex, "CHUNK_BYTES", 3 * 24 * 4)   # 3 rows per chunk: several chunks
+    path, values = _two_tensor_file(tmp_path)
+    dest = {"a": np.zeros((32, 24), ml_dtypes.bfloat16), "b": np.zeros((3, 3, 4), np.float16)}
+    ex.execute_into(_whole_plan(path), dest)
+    assert_bit_exact(dest["a"], values["a"][32:].astype(ml_dtypes.bfloat16))
+    assert_bit_exact(dest["b"], values["b"][3:].astype(np.float16))
+
+
+def test_execute_into_a_corrupt_source_leaves_every_destination_unchanged(tmp_path):
+    from mindformers_st.errors import ChecksumError
+    from mindformers_st.transform.execute import execute_into
+    from tests.commands.test_integrity import flip_bit
+    path, _ = _two_tensor_file(tmp_path)
+    flip_bit(path, "b", byte=1)
+    dest = {"a": np.full((32, 24), 3, np.float32), "b": np.full((3, 3, 4), 3, np.float32)}
+    with pytest.raises(ChecksumError, match="'b' is corrupt"):   # checked before 'a' is filled
+        execute_into(_whole_plan(path), dest, verify="full")
+    assert all((a == 3).all() for a in dest.values())
+
+
+def test_execute_into_refuses_a_destination_of_another_shape(tmp_path):
+    from mindformers_st.transform.execute import execute_into
+    path, _ = _two_tensor_file(tmp_path)
+    with pytest.raises(PlanError, match="'a' is \\[32, 24\\] in the plan but its destination"):
+        execute_into(_whole_plan(path), {"a": np.zeros((24, 32), np.float32)})
+    with pytest.raises(PlanError, match="no target tensor 'c'"):
+        execute_into(_whole_plan(path), {"c": np.zeros((1,), np.float32)})

@@ -1,0 +1,153 @@
+"""Benchmark: per-tensor overhead of planning and validation in merge and load.
+
+The same bytes as many small tensors (default 4000 x 64 KiB, as issue 10 measured) and as few
+large ones (50 tensors), saved as mp2 rank files with our slice metadata; each phase timed in
+this process, alternating the two shapes over --rounds rounds (warm page cache):
+
+  describe   describe_distributed (headers and slice metadata of every rank file)
+  plan_merge plan_merge of the description
+  merge      execute(plan_merge) into a fresh folder (checksums verified, the default)
+  plan_load  plan_rank_slices for one card (every tensor whole)
+  load       prepare_read + verify + fill into preallocated arrays (the load hook's engine path)
+
+Per-tensor overhead = (many - few) / (n_many - n_few) per phase, printed in microseconds with the
+load average; results go to docs/bench/many_tensors.json.
+
+    .venv/bin/python benchmarks/bench_many_tensors.py [--tensors 4000] [--kib 64] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mindformers_st.layout.tensor_layout import TensorLayout  # noqa: E402
+from mindformers_st.storage.writer import SafetensorsWriter  # noqa: E402
+
+PHASES = ["describe", "plan_merge", "merge", "plan_load", "load"]
+
+
+def generate(folder: str, count: int, nbytes: int) -> dict:
+    """`count` fp32 tensors of `nbytes` each, split in two along dim 0 over mp2 rank files."""
+    cols = 256
+    rows = max(2, nbytes // 4 // cols)
+    rows -= rows % 2
+    stamp = os.path.join(folder, "model.json")
+    info = {"count": count, "rows": rows, "cols": cols}
+    if os.path.exists(stamp) and json.load(open(stamp)) == info:
+        return info
+    shutil.rmtree(folder, ignore_errors=True)
+    names = [f"model.block{i:05d}.weight" for i in range(count)]
+    layout = TensorLayout((rows, cols), (2,), (0, -1))
+    rng = np.random.default_rng(0)
+    for r in range(2):
+        sl = layout.slice_for(r)
+        os.makedirs(os.path.join(folder, f"rank_{r}"))
+        meta = {"version": 1, "rank": r, "world_size": 2, "remove_redundancy": False,
+                "epoch": 1, "step": 1, "slices": {n: sl.to_json() for n in names}}
+        w = SafetensorsWriter(os.path.join(folder, f"rank_{r}", f"ckpt_rank_{r}-1_1.safetensors"),
+                              [(n, "F32", sl.sizes) for n in names],
+                              {"format": "ms", "mindformers_st": json.dumps(meta)})
+        for n in names:
+            w.write(n, rng.standard_normal(sl.sizes, dtype=np.float32))
+        w.commit()
+    json.dump(info, open(stamp, "w"))
+    return info
+
+
+def run_once(folder: str, out: str) -> dict:
+    from mindformers_st.transform import describe_distributed, execute, plan_merge, plan_rank_slices
+    times = {}
+    t = time.perf_counter()
+    src = describe_distributed(folder)
+    times["describe"] = time.perf_counter() - t
+    t = time.perf_counter()
+    plan = plan_merge(src)
+    times["plan_merge"] = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    execute(plan, out, workers=2, progress=False)
+    times["merge"] = time.perf_counter() - t
+    layouts = {n: TensorLayout(src.global_shapes[n], (1,), (-1,) * len(src.global_shapes[n]))
+               for n in src.chunks}
+    t = time.perf_counter()
+    lplan = plan_rank_slices(src, layouts, 0)
+    times["plan_load"] = time.perf_counter() - t
+    dest = {tt.name: np.empty(tt.shape, np.float32) for f in lplan.files for tt in f.tensors}
+    for a in dest.values():
+        a.fill(0)   # fault the pages in: the parameters exist before a load
+    t = time.perf_counter()
+    try:
+        from mindformers_st.transform.execute import prepare_read
+    except ImportError:   # before issue 10: the engine returned fresh arrays
+        from mindformers_st.transform.execute import execute_to_memory
+        execute_to_memory(lplan, workers=2)
+    else:
+        prepared = prepare_read(lplan)
+        try:
+            prepared.verify(2)
+            prepared.fill(dest, 2)
+        finally:
+            prepared.close()
+    times["load"] = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
+    return times
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tensors", type=int, default=4000)
+    ap.add_argument("--few", type=int, default=50)
+    ap.add_argument("--kib", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", default="/tmp/mfst_bench_many")
+    ap.add_argument("--label", default="")
+    ap.add_argument("--json", default=os.path.join(ROOT, "docs", "bench", "many_tensors.json"))
+    args = ap.parse_args(argv)
+    load_start = os.getloadavg()
+    total = args.tensors * args.kib * 1024
+    shapes = {"many": (args.tensors, args.kib * 1024), "few": (args.few, total // args.few)}
+    for tag, (n, b) in shapes.items():
+        generate(os.path.join(args.work, tag), n, b)
+    res = {tag: {p: [] for p in PHASES} for tag in shapes}
+    for rnd in range(args.rounds + 1):   # round 0 warms up
+        for tag in (("many", "few") if rnd % 2 == 0 else ("few", "many")):
+            t = run_once(os.path.join(args.work, tag), os.path.join(args.work, f"out_{tag}"))
+            if rnd:
+                for p in PHASES:
+                    res[tag][p].append(t[p])
+    load_end = os.getloadavg()
+    summary = {}
+    print(f"{args.tensors} x {args.kib} KiB against {args.few} tensors of the same "
+          f"{total / 2 ** 20:.0f} MiB; load average {load_start} -> {load_end}")
+    for p in PHASES:
+        m = {tag: statistics.median(res[tag][p]) for tag in shapes}
+        per = (m["many"] - m["few"]) / (args.tensors - args.few) * 1e6
+        summary[p] = {"many_s": res["many"][p], "few_s": res["few"][p], "many_median_s": m["many"],
+                      "few_median_s": m["few"], "per_tensor_us": per}
+        print(f"  {p:10s} many {m['many']:7.3f} s (min {min(res['many'][p]):.3f} max "
+              f"{max(res['many'][p]):.3f})  few {m['few']:7.3f} s  -> {per:7.1f} us/tensor")
+    tot_many = sum(summary[p]["many_median_s"] for p in ("describe", "plan_merge", "merge"))
+    tot_few = sum(summary[p]["few_median_s"] for p in ("describe", "plan_merge", "merge"))
+    print(f"  merge total (describe+plan+execute): {(tot_many - tot_few) / (args.tensors - args.few) * 1e6:.1f} us/tensor")
+    doc = json.load(open(args.json)) if os.path.exists(args.json) else {}
+    doc[args.label or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())] = {
+        "tensors": args.tensors, "few": args.few, "kib": args.kib, "rounds": args.rounds,
+        "loadavg_start": load_start, "loadavg_end": load_end, "phases": summary,
+        "merge_total_per_tensor_us": (tot_many - tot_few) / (args.tensors - args.few) * 1e6}
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    json.dump(doc, open(args.json, "w"), indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
