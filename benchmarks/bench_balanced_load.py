@@ -14,7 +14,8 @@ load starts cold. Measured per rank and load:
 - seconds from the load call to the parameters set (the slowest rank is the job's), and the
   exchange's own account (received bytes, collectives, seconds).
 The parameters set must be bit-identical in both modes (a digest per rank is compared).
-Results: --json (default docs/bench/balanced_load.json), with the load average. Usage:
+Results: --json (default docs/bench/balanced_load.json), with the provenance header of
+benchmarks/provenance.py (load average, commit, machine, the evictions achieved). Usage:
 
     .venv/bin/python benchmarks/bench_balanced_load.py [--size 128MiB] [--reps 3] [--four]
 """
@@ -35,6 +36,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import provenance  # noqa: E402  (date, load, machine, commit, cache eviction: what this run measured)
 
 
 def model_config(size: int) -> dict:
@@ -77,16 +81,10 @@ def prepare(work: str, size: int) -> dict:
     return mc
 
 
-def evict(folder: str) -> None:
-    """Drop the weight files from the page cache (a cold read)."""
-    os.sync()
-    for d, _, fs in os.walk(folder):
-        for f in fs:
-            fd = os.open(os.path.join(d, f), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+def evict(folder: str) -> dict:
+    """Drop the weight files from the page cache (a cold read); provenance.evict's record of
+    what was attempted and what stayed resident."""
+    return provenance.evict(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
 
 
 def io_read_bytes() -> int:
@@ -112,8 +110,7 @@ def worker(work: str, dp: int, mp: int, reps: int, out: str) -> None:
     for rep in range(reps):
         for balanced in (False, True):
             ctx.barrier()
-            if ctx.rank == 0:
-                evict(weights)
+            eviction = evict(weights) if ctx.rank == 0 else None
             ctx.barrier()
             opts = LoadOptions(load_checkpoint=weights, load_ckpt_format="safetensors",
                                use_parallel=True, auto_trans_ckpt=True,
@@ -128,7 +125,8 @@ def worker(work: str, dp: int, mp: int, reps: int, out: str) -> None:
                 digest.update(np.ascontiguousarray(value).tobytes())
             runs.append({"rep": rep, "balanced": balanced, "seconds": round(seconds, 3),
                          "engine_bytes": report.read_bytes, "io_read_bytes": io1 - io0,
-                         "exchange": report.exchange, "digest": digest.hexdigest()})
+                         "exchange": report.exchange, "digest": digest.hexdigest(),
+                         "eviction": eviction})
     ctx.barrier()
     with open(os.path.join(out, f"rank_{ctx.rank}.json"), "w") as fh:
         json.dump(runs, fh)
@@ -185,8 +183,9 @@ def launch(work: str, dp: int, mp: int, reps: int, timeout: float) -> dict:
             "exchange_seconds_max": [max(r["exchange_seconds"]) for r in sel],
             "collectives": sel[0]["collectives"]}
     same = all(a["digests"] == b["digests"] for a in rows for b in rows)
+    evictions = [ranks[0][i]["eviction"] for i in range(len(ranks[0]))]
     return {"dp": dp, "mp": mp, "launch_seconds": round(time.perf_counter() - t0, 1),
-            "rows": rows, "summary": summary, "identical_parameters": same}
+            "cache": provenance.summarize_evictions(evictions), "rows": rows, "summary": summary, "identical_parameters": same}
 
 
 def main(argv=None) -> int:
@@ -204,6 +203,7 @@ def main(argv=None) -> int:
         return 0
     args = ap.parse_args(argv)
     work = os.path.abspath(args.work)
+    prov = provenance.Run(work, [os.path.relpath(__file__, ROOT)] + list(argv))
     from mindformers_st.commands.reshard import parse_size
     mc = prepare(work, parse_size(args.size))
     files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(work, "weights")) for f in fs]
@@ -211,15 +211,16 @@ def main(argv=None) -> int:
     print(f"model {mc}: {size / 2 ** 20:.1f} MiB of safetensors", flush=True)
     layouts = [(2, 1)] + ([(2, 2)] if args.four else [])
     results = []
-    load_before = os.getloadavg()
     for dp, mp in layouts:
         res = launch(work, dp, mp, args.reps, args.timeout)
         print(json.dumps({k: res[k] for k in ("dp", "mp", "summary", "identical_parameters")},
                          indent=1), flush=True)
         results.append(res)
+        prov.note_load()
+    # one record per layout (rank 0 evicts before every load of its job)
     result = {"model": mc, "checkpoint_bytes": size, "reps": args.reps, "results": results,
-              "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-              "cpus": os.cpu_count()}
+              "provenance": prov.finish(cache={f"dp{r['dp']}_mp{r['mp']}": r["cache"]
+                                               for r in results})}
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump(result, fh, indent=1)

@@ -2,7 +2,7 @@
 
 One panel per model size: median in-process seconds per op (floor grey, ours blue, MindSpore's
 orange), each bar labelled with its median and the peak PSS of the process tree (anonymous / total); the panel title
-gives the run's date, load average at start/end and whether the cache eviction was achieved.
+gives the run's date, commit, load average at start/end and whether the cache eviction was achieved.
 Needs matplotlib (the `bench` extra); without it prints why and draws nothing.
 
     .venv/bin/python benchmarks/chart_reshard.py [docs/bench/reshard.json] [--png PATH]
@@ -28,8 +28,10 @@ def _title(key: str, run: dict) -> str:
                else "cache: not recorded")
     start, end = prov.get("loadavg_start", {}), prov.get("loadavg_end", {})
     load = (f"load {start.get('1min')}→{end.get('1min')}" if start else "load: not recorded")
-    return (f"{key} fp32, {run['reps']} round(s), {evicted}\n{prov.get('date_start', '?')[:16]}, "
-            f"{load}; labels: peak PSS anonymous / total")
+    script = prov.get("script") or {}
+    commit = (script.get("commit") or "?")[:7] + ("+dirty" if script.get("dirty") else "")
+    return (f"{key} fp32, {run['reps']} round(s), {evicted}, commit {commit}\n"
+            f"{prov.get('date_start', '?')[:16]}, {load}; labels: peak PSS anonymous / total")
 
 
 def chart(json_path: str, png_path: str) -> Optional[str]:

@@ -7,6 +7,7 @@ the data; tests/test_bench_docs.py checks it is what this script would write.
 
     .venv/bin/python benchmarks/run_all.py                 # everything, full size (hours on 2 cores)
     .venv/bin/python benchmarks/run_all.py --only reshard-2GiB,save
+    .venv/bin/python benchmarks/run_all.py --only reshard-2GiB --reps 1   # fewer rounds
     .venv/bin/python benchmarks/run_all.py --quick         # tiny sizes into /tmp/mindformers_st_bench_quick
     .venv/bin/python benchmarks/run_all.py --readme-only   # just README.md (and the chart) from the JSONs
 
@@ -51,12 +52,20 @@ class Bench:
         args = self.quick if quick else self.args
         return args[args.index("--size") + 1] + ("-many-tensors" if "--many-tensors" in args else "")
 
-    def command(self, out_dir: str, quick: bool) -> List[str]:
-        return [sys.executable, os.path.join(ROOT, "benchmarks", self.script),
-                *(self.quick if quick else self.args),
+    def command(self, out_dir: str, quick: bool, reps: Optional[int] = None) -> List[str]:
+        """The command line; `reps` replaces the value of its --reps/--rounds/--trials (a loaded
+        machine's shorter run: the JSON's provenance records the command as run)."""
+        args = list(self.quick if quick else self.args)
+        if reps is not None:
+            flags = [i for i, a in enumerate(args) if a in REPS_FLAGS]
+            if not flags:
+                raise SystemExit(f"--reps: {self.name} has no {'/'.join(REPS_FLAGS)} argument")
+            args[flags[0] + 1] = str(reps)
+        return [sys.executable, os.path.join(ROOT, "benchmarks", self.script), *args,
                 self.json_flag, os.path.join(out_dir, self.json)]
 
 
+REPS_FLAGS = ("--reps", "--rounds", "--trials")
 # The ops the docs quote at 2 GiB (the sharded / --processes ops are measured by "processes").
 OPS_2GIB = "floor,merge,merge_noverify,merge_dedup,reshard,ms_unified,ms_transform"
 BENCHES = [
@@ -81,6 +90,10 @@ BENCHES = [
     Bench("load_async_until_load", "bench_load_async.py", "load_async_until_load.json", "--json",
           ("--size", "400MiB", "--reps", "4", "--until", "load"),
           ("--size", "16MiB", "--reps", "1", "--until", "load"), "docs/checkpoint-loading.md"),
+    # msrun with 2 workers (dp2) and 4 (dp2 x mp2): minutes of launch each, even when small.
+    Bench("balanced_load", "bench_balanced_load.py", "balanced_load.json", "--json",
+          ("--size", "128MiB", "--reps", "3", "--four"), ("--size", "8MiB", "--reps", "1"),
+          "docs/checkpoint-loading.md"),
     Bench("crash_stress", "crash_stress.py", "crash_stress.json", "--out",
           ("--trials", "50", "--budget", "2700", "--dir", "/tmp"),
           ("--trials", "1", "--modes", "sync1"), "docs/checkpoint-saving.md"),
@@ -168,6 +181,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None,
                     help=f"output folder (default {os.path.relpath(DOCS_BENCH, ROOT)}; "
                          f"with --quick {QUICK_OUT})")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="replace each command's --reps/--rounds/--trials (fewer on a loaded machine)")
     ap.add_argument("--readme-only", action="store_true")
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out or (QUICK_OUT if args.quick else DOCS_BENCH))
@@ -182,7 +197,7 @@ def main(argv=None) -> int:
         for b in BENCHES:
             if b.name not in names or (args.quick and b.quick is None):
                 continue
-            cmd = b.command(out, args.quick)
+            cmd = b.command(out, args.quick, args.reps)
             print(f"== {b.name}: {' '.join(cmd[1:])} (load {provenance.loadavg()['1min']})",
                   flush=True)
             t0 = time.perf_counter()

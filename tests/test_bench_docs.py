@@ -30,8 +30,8 @@ NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?![\d.]*\w)(?:\s*(MiB|GiB|GB|MB|
 SCALES = {None: (1,), "MiB": (1, 2 ** -20), "GiB": (1, 2 ** -30), "GB": (1e-9,), "MB": (1, 1e-6),
           "ms": (1, 1e3)}
 # The sections whose figures must all come from a block: (doc, heading).
-# (docs/checkpoint-saving.md's benchmark joins once save.json is re-run with its provenance.)
-SECTIONS = [("docs/transform.md", "## Benchmark"), ("docs/transform.md", "## What verification costs")]
+SECTIONS = [("docs/transform.md", "## Benchmark"), ("docs/transform.md", "## What verification costs"),
+            ("docs/checkpoint-saving.md", "## Benchmark")]
 
 
 def _numbers(text):
@@ -121,3 +121,15 @@ def test_the_readme_is_what_run_all_writes_from_the_jsons():
     quoted = {os.path.basename(json_path) for _, json_path, _, _ in _blocks()}
     listed = {b.json for b in run_all.BENCHES}
     assert quoted <= listed, f"quoted in docs but not run by run_all: {sorted(quoted - listed)}"
+
+
+def test_fewer_rounds_replace_the_commands_own_count():
+    by_name = {b.name: b for b in run_all.BENCHES}
+    for name, flag in (("reshard-2GiB", "--reps"), ("save", "--rounds"), ("crash_stress", "--trials")):
+        cmd = by_name[name].command("/out", False, 2)
+        assert cmd.count(flag) == 1 and cmd[cmd.index(flag) + 1] == "2", cmd
+        assert cmd[-2:] == [by_name[name].json_flag, os.path.join("/out", by_name[name].json)]
+    bare = run_all.Bench("x", "x.py", "x.json", "--json", ("--size", "1GiB"), None, "docs/x.md")
+    assert bare.command("/out", False)[2:4] == ["--size", "1GiB"]
+    with pytest.raises(SystemExit, match="--reps: x has no"):
+        bare.command("/out", False, 2)
