@@ -141,7 +141,8 @@ def test_mindformers_sharded_save_is_described_by_its_metadata_and_merges(mf_sav
     ctx = make_ctx()
     model = make_model(cfg, ctx)
     report = load_checkpoint(LoadOptions(str(tmp / "two"), "safetensors", auto_trans_ckpt=True,
-                                         output_dir=str(tmp_path / "o")), model, None, ctx)
+                                         output_dir=str(tmp_path / "o"), derived_write="first"),
+                             model, None, ctx)
     assert report.mode == "merge_and_cut"
     assert_weights(model, values, cfg, ParallelConfig(), 0)
     # the offline merge

@@ -27,7 +27,7 @@ def test_peak_anonymous_memory_is_flat_in_model_size(tmp_path):
         for op in ("reshard", "merge"):
             res = bench.run_child(op, work, os.path.join(work, f"out_{op}"), workers=4, timeout=240)
             assert "error" not in res, res
-            peaks[(size, op)] = res["peak_anon_mib"]
+            peaks[(size, op)] = res["peak_pss_anon_mib"]
         checks = bench.verify(work, {"reshard": os.path.join(work, "out_reshard"),
                                      "merge": os.path.join(work, "out_merge")})
         assert all(c["ok"] for c in checks.values()), checks
