@@ -182,18 +182,29 @@ def build_shared_folder(out_dir: str, fp: Dict[str, Any], plan, ctx, what: str,
     `verify` as decided on the whole plan, rank 0 adding the side files once every file is
     there."""
     def build_share(staging: str, index: int, count: int) -> None:
-        keys = keys_to_verify(plan, read_source_shapes(plan), verify)
-        execute_files(split_plan(plan, count)[index], staging, workers=LOAD_WORKERS,
-                      progress=False, verify_keys=keys)
+        _write_share(plan, staging, index, count, verify)
 
     def finish(staging: str) -> None:
-        absent = [f.path for f in plan.files if not os.path.isfile(os.path.join(staging, f.path))]
-        if absent:   # a rank that did not take part must never yield a half folder
-            raise CheckpointError(f"{what}: {len(absent)} file(s) of {out_dir} were not written "
-                                  f"(e.g. {absent[0]}); every rank must run the load hook")
-        write_side_files(plan, staging)
+        _finish_plan_folder(plan, staging, out_dir, what)
 
     return build_derived_folder(out_dir, fp, ctx, what, build_share, finish, process_num)
+
+
+def _write_share(plan, staging: str, index: int, count: int, verify: str) -> None:
+    """Builder `index` of `count`'s files of `plan` into `staging`, source checksums checked
+    per `verify` as decided on the whole plan (a tensor split across shares is still checked)."""
+    keys = keys_to_verify(plan, read_source_shapes(plan), verify)
+    execute_files(split_plan(plan, count)[index], staging, workers=LOAD_WORKERS,
+                  progress=False, verify_keys=keys)
+
+
+def _finish_plan_folder(plan, staging: str, out_dir: str, what: str) -> None:
+    """Refuse a staging folder missing any of `plan`'s files, then add its side files."""
+    absent = [f.path for f in plan.files if not os.path.isfile(os.path.join(staging, f.path))]
+    if absent:   # a rank that did not take part must never yield a half folder
+        raise CheckpointError(f"{what}: {len(absent)} file(s) of {out_dir} were not written "
+                              f"(e.g. {absent[0]}); every rank must run the load hook")
+    write_side_files(plan, staging)
 
 
 # --------------------------------------------------------------------------- in the background
@@ -236,9 +247,7 @@ class BackgroundBuild:
     def _run(self) -> None:
         t0 = time.perf_counter()
         try:
-            keys = keys_to_verify(self.plan, read_source_shapes(self.plan), self.verify)
-            execute_files(split_plan(self.plan, self.count)[self.index], self.staging,
-                          workers=LOAD_WORKERS, progress=False, verify_keys=keys)
+            _write_share(self.plan, self.staging, self.index, self.count, self.verify)
             with open(os.path.join(self.staging, _SHARE_DONE.format(index=self.index,
                                                                     count=self.count)), "w"):
                 pass
@@ -273,12 +282,8 @@ class BackgroundBuild:
             return False
 
     def _commit(self) -> None:
-        plan, staging = self.plan, self.staging
-        absent = [f.path for f in plan.files if not os.path.isfile(os.path.join(staging, f.path))]
-        if absent:
-            raise CheckpointError(f"{self.what}: {len(absent)} file(s) of {self.out_dir} were not "
-                                  f"written (e.g. {absent[0]})")
-        write_side_files(plan, staging)
+        staging = self.staging
+        _finish_plan_folder(self.plan, staging, self.out_dir, self.what)
         for i in range(self.count):
             os.remove(os.path.join(staging, _SHARE_DONE.format(index=i, count=self.count)))
         os.remove(os.path.join(staging, _COMMITTING))

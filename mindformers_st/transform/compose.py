@@ -27,17 +27,14 @@ def restrict(t: TargetTensor, block: TensorSlice) -> TargetTensor:
         raise PlanError(f"tensor {t.name!r}: block of a {tuple(block.global_shape)} tensor asked "
                         f"of a planned {tuple(t.shape)} tensor")
     ops = []
-    for op in t.ops:
-        lo = [max(d, b) for d, b in zip(op.dst_offsets, block.offsets)]
-        hi = [min(d + s, b + z) for d, s, b, z in zip(op.dst_offsets, op.sizes, block.offsets,
-                                                       block.sizes)]
-        if any(h <= lo_ for lo_, h in zip(lo, hi)):
+    for op in t.ops:   # the copy's destination box, cut by TensorSlice's own box arithmetic
+        inter = TensorSlice(t.shape, op.dst_offsets, op.sizes).intersect(block)
+        if inter is None or not inter.numel:
             continue
+        from_dst, sizes = inter.relative_to(TensorSlice(t.shape, op.dst_offsets, op.sizes))
+        dst, _ = inter.relative_to(block)
         ops.append(CopyOp(op.src_file, op.src_name,
-                          tuple(so + (lo_ - d) for so, lo_, d in zip(op.src_offsets, lo,
-                                                                    op.dst_offsets)),
-                          tuple(lo_ - b for lo_, b in zip(lo, block.offsets)),
-                          tuple(h - lo_ for lo_, h in zip(lo, hi))))
+                          tuple(so + d for so, d in zip(op.src_offsets, from_dst)), dst, sizes))
     return TargetTensor(t.name, t.dtype, tuple(block.sizes), tuple(ops), t.name, block)
 
 
