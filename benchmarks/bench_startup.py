@@ -48,6 +48,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_reshard import global_value, model_config  # noqa: E402
+from mindformers_st.records.rank_meta import RankFileMeta  # noqa: E402
 from mindformers_st.commands.reshard import parse_size  # noqa: E402
 from mindformers_st.layout.owners import assign_owners  # noqa: E402
 from mindformers_st.layout.parallel_config import ParallelConfig, plan_layouts  # noqa: E402
@@ -116,13 +117,12 @@ def generate(work: str, size: int) -> dict:
         writers = {}
         for r, items in per_rank.items():
             os.makedirs(os.path.join(work, tag, f"rank_{r}"))
-            meta = {"version": 1, "rank": r, "world_size": pc.world_size,
-                    "parallel_config": pc.to_json(), "remove_redundancy": dedup, "epoch": 1,
-                    "step": 1, "slices": {n: sl.to_json() for n, sl in items}}
+            # the one definition of a rank file's description (records.rank_meta)
+            meta = RankFileMeta(r, pc.world_size, dict(items), pc.to_json(), dedup, 1, 1)
             writers[r] = SafetensorsWriter(
                 os.path.join(work, tag, f"rank_{r}", f"checkpoint_rank_{r}-1_1.safetensors"),
                 [(n, "F32", sl.sizes) for n, sl in items],
-                {"format": "ms", "remove_redundancy": str(dedup), "mindformers_st": json.dumps(meta)})
+                meta.to_metadata())
         for name, lay in layouts.items():
             value = global_value(name, lay.global_shape)
             for r, items in per_rank.items():
