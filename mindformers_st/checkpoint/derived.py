@@ -258,10 +258,13 @@ class BackgroundBuild:
                             time.perf_counter() - t0)
                 print(f"[background write] {self.what}: wrote {self.out_dir} in the background "
                       f"({time.perf_counter() - t0:.1f} s)", flush=True)
-        except (MindformersSTError, OSError) as exc:
+        except Exception as exc:   # noqa: BLE001 - a thread's error becomes this one warning
             if isinstance(exc, OSError):
                 exc = write_failed(f"{self.what} into {os.path.basename(self.out_dir)}",
                                    self.staging, exc)
+            elif not isinstance(exc, MindformersSTError):   # a bug: keep its trace in the log
+                logger.debug("background build of %s", self.out_dir, exc_info=True)
+                exc = CheckpointError(f"{type(exc).__name__}: {exc}")
             self.error = str(exc)
             shutil.rmtree(self.staging, ignore_errors=True)   # nothing half-built stays
             logger.warning("%s: writing %s in the background failed, the folder is not there "
