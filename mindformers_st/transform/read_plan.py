@@ -18,7 +18,7 @@ Pure: no MindSpore, no file touched (checkpoint/exchange.py moves the bytes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import numpy as np
 
@@ -26,7 +26,6 @@ from ..dtypes import ST_TO_NUMPY
 from ..errors import PlanError
 from ..layout.owners import least_loaded
 from .plan import Plan, TargetFile, TargetTensor
-from .planner import plan_rank_slices
 
 EXCHANGE_WINDOW = 24 << 20   # bytes per collective (its float buffer is 4/3 of it: 32 MiB)
 
@@ -171,14 +170,6 @@ class JobReadPlan:
 def _bytes_of(arr: np.ndarray) -> np.ndarray:
     """A flat uint8 view of a C-contiguous array (no copy)."""
     return arr.reshape(-1).view(np.uint8)
-
-
-def plan_job_loads(src, layouts: Mapping, ranks: Sequence[int],
-                   include_hyper: bool = True) -> JobReadPlan:
-    """The job plan of a load of `src` into `layouts` (the whole job's, every stage) on
-    `ranks`: each rank's own plan (`plan_rank_slices`) computed here, then `plan_job_reads`."""
-    return plan_job_reads({r: plan_rank_slices(src, layouts, r, include_hyper=include_hyper)
-                           for r in ranks})
 
 
 def plan_job_reads(plans: Mapping[int, Plan]) -> JobReadPlan:

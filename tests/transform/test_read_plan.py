@@ -16,11 +16,18 @@ from mindformers_st.layout.parallel_config import ParallelConfig, plan_layouts
 from mindformers_st.layout.slices import TensorSlice
 from mindformers_st.transform.plan import Plan, TargetFile
 from mindformers_st.transform.planner import plan_rank_slices
-from mindformers_st.transform.read_plan import need_key, plan_job_loads, plan_job_reads
+from mindformers_st.transform.read_plan import need_key, plan_job_reads
 from mindformers_st.transform.sources import SourceCheckpoint, SourceChunk
 
 from .helpers import tiny_table
 from .test_planner import source_from_layouts
+
+
+def plan_job_loads(src, layouts, ranks, include_hyper=True):
+    """The job plan of a load of `src` into `layouts` on `ranks`: each rank's own plan, as the
+    loader computes it for every rank, then `plan_job_reads`."""
+    return plan_job_reads({r: plan_rank_slices(src, layouts, r, include_hyper=include_hyper)
+                           for r in ranks})
 
 
 def complete_source(table):
