@@ -566,7 +566,8 @@ class PendingLoad:
             names = [t.name for t in prepared.tensors
                      if t.name in wanted and t.name in state.layouts]
             try:
-                dest = state.destinations({n: prepared.by_name[n].shape for n in names})
+                dest = state.destinations({n: prepared.by_name[n].shape for n in names},
+                                          mapped=prepared.mapped)
                 prepared.fill(dest.arrays, LOAD_WORKERS)
                 filled = set(dest.commit())
             except (MindformersSTError, OSError) as exc:

@@ -20,6 +20,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..dtypes import ST_TO_NUMPY
 from ..errors import CheckpointError, LayoutError
 from ..layout.tensor_layout import TensorLayout
 from ..records.hyper import is_hyper
@@ -75,14 +76,17 @@ class NetworkState:
         """Set the optimizer's tensors (moments, counters); returns the names set."""
         raise NotImplementedError
 
-    def destinations(self, shapes: Mapping[str, Sequence[int]]) -> "ParamDestinations":
+    def destinations(self, shapes: Mapping[str, Sequence[int]],
+                     mapped=None) -> "ParamDestinations":
         """Writable arrays over the parameters' own memory for the tensors in `shapes` (name ->
-        the shape the load produces), for the engine to fill in place (`ParamDestinations`)."""
+        the shape the load produces), for the engine to fill in place, or the source's own
+        copy-on-write pages where `mapped(name)` gives them (`ParamDestinations`)."""
         params = self.parameters()
         missing = sorted(n for n in shapes if n not in params)
         if missing:
             raise CheckpointError(f"load_checkpoint: the network has no tensor(s) {missing[:5]}")
-        return ParamDestinations({n: params[n] for n in shapes}, shapes, self._reshape_ok)
+        return ParamDestinations({n: params[n] for n in shapes}, shapes, self._reshape_ok,
+                                 mapped)
 
     def _reshape_ok(self, name: str, have: Sequence[int], want: Sequence[int]) -> bool:
         """Whether a tensor stored with shape `want` may fill a parameter of shape `have`."""
@@ -157,7 +161,6 @@ def param_view(param) -> Optional[np.ndarray]:
     """A writable numpy array over `param`'s own memory, in our dtype table's dtype (bfloat16
     as ml_dtypes'), or None when MindSpore gives a copy. On CPU `asnumpy()` is such a view
     (MindSpore 2.10, also after training steps); two calls returning the same buffer prove it."""
-    from ..dtypes import ST_TO_NUMPY
     if getattr(param, "has_init", False):
         param.init_data()
     try:
@@ -172,16 +175,22 @@ def param_view(param) -> Optional[np.ndarray]:
 
 
 class ParamDestinations:
-    """Where a load puts each tensor: `arrays[name]` is a writable array of the load's shape
-    over the parameter's own memory (copy-once: filling it sets the parameter), or, when
-    MindSpore hands out no such view, a new array that `commit()` gives to the parameter
-    without a copy (`Tensor.from_numpy` shares memory). CheckpointError, naming the tensor and
-    both shapes, when a stored shape cannot fill its parameter."""
+    """Where a load puts each tensor. Copy-free where the source allows: `mapped[name]` is the
+    stored tensor itself, a copy-on-write array over its file's pages (`mapped(name)` of the
+    caller, e.g. `PreparedRead.mapped`; only for a dtype MindSpore shares memory with), which
+    `commit()` makes the parameter's data, as MindSpore's own safetensors load does; the file
+    is never written (an update copies the page it writes). Otherwise copy-once:
+    `arrays[name]` is a writable array of the load's shape over the parameter's own memory
+    (filling it sets the parameter), or, when MindSpore hands out no such view, a new array
+    that `commit()` gives to the parameter without a copy (`Tensor.from_numpy` shares memory).
+    CheckpointError, naming the tensor and both shapes, when a stored shape cannot fill its
+    parameter."""
 
     def __init__(self, params: Mapping[str, object], shapes: Mapping[str, Sequence[int]],
-                 reshape_ok=lambda name, have, want: False):
-        from ..dtypes import ST_TO_NUMPY
+                 reshape_ok=lambda name, have, want: False, mapped=None):
         self.arrays: Dict[str, np.ndarray] = {}
+        self.mapped: Dict[str, np.ndarray] = {}
+        self._params: Dict[str, object] = {}
         self._adopt: Dict[str, object] = {}
         self.shared: List[str] = []
         for name, shape in shapes.items():
@@ -191,6 +200,12 @@ class ParamDestinations:
                                      and reshape_ok(name, have, want)):
                 raise CheckpointError(f"load_checkpoint: {name} has shape {want} in the "
                                       f"checkpoint, the network holds {have} on this rank")
+            st_dtype = _st_dtype(p)
+            if mapped is not None and st_dtype not in _NOT_SHARED:
+                pages = mapped(name)
+                if pages is not None and pages.dtype == ST_TO_NUMPY[st_dtype]:
+                    self.mapped[name], self._params[name] = pages, p
+                    continue
             view = param_view(p)
             if view is None:
                 view = np.empty(have, dtype=ST_TO_NUMPY[_st_dtype(p)])
@@ -200,8 +215,13 @@ class ParamDestinations:
             self.arrays[name] = view.reshape(want)
 
     def commit(self) -> List[str]:
-        """Hand the arrays that are not the parameters' own memory to their parameters (no
-        copy); returns every name set."""
+        """Hand the arrays that are not the parameters' own memory (mapped pages, new arrays)
+        to their parameters (no copy); returns every name set."""
+        if self.mapped:
+            from mindspore import Tensor
+            for name, pages in self.mapped.items():
+                p = self._params[name]
+                p.set_data(Tensor.from_numpy(pages.reshape(tuple(p.shape))))
         if self._adopt:
             from mindspore import Tensor
             for name, p in self._adopt.items():
@@ -210,7 +230,16 @@ class ParamDestinations:
                     p.set_data(Tensor(arr.astype(np.float32)).astype(p.dtype))
                 else:
                     p.set_data(Tensor.from_numpy(np.ascontiguousarray(arr)))
-        return list(self.arrays)
+        return list(self.mapped) + list(self.arrays)
+
+
+def _numpy_native(dtype: np.dtype) -> bool:
+    return dtype.type.__module__ == "numpy"
+
+
+# dtypes whose numpy arrays MindSpore does not take as they are: ml_dtypes' bfloat16 and float8
+# (MindSpore's numpy bfloat16 is its own type); those loads copy once instead
+_NOT_SHARED = frozenset(k for k, v in ST_TO_NUMPY.items() if not _numpy_native(np.dtype(v)))
 
 
 def _st_dtype(param) -> str:

@@ -319,6 +319,10 @@ class SafetensorsFile:
         fd = _open_fd(self.path)
         try:
             self.tensors, self.metadata, self.data_start, self._size = _read_header_fd(self.path, fd)
+            st = os.fstat(fd)
+            # which file was opened: a later open of the same path is the same file only if
+            # this matches (a save replaces files by rename, never in place)
+            self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             # The header is validated; now map the file (never empty here: the prefix is 8 bytes).
             self._mmap = mmap.mmap(fd, self._size, access=mmap.ACCESS_READ)
         finally:

@@ -65,6 +65,34 @@ class _Source(SafetensorsFile):
         super().__init__(path)
         if self._mmap is not None and hasattr(self._mmap, "madvise"):
             self._mmap.madvise(mmap.MADV_RANDOM)
+        self._private: Optional[mmap.mmap] = None
+        self._private_lock = threading.Lock()
+
+    def private_view(self, name: str) -> Optional[np.ndarray]:
+        """A writable array over the stored tensor `name` in a copy-on-write mapping of this
+        file (MAP_PRIVATE: a page written is copied into this process's memory first, the file
+        never changes), or None when the path no longer names the file opened (replaced since)
+        or the data is not aligned for its dtype. Reads nothing: pages come in when touched.
+        The mapping lives as long as any such array (it is not unmapped by `close()`)."""
+        e = self.entry(name)
+        start = self.data_start + e.begin
+        if e.nbytes == 0 or start % ITEMSIZE[e.dtype]:
+            return None
+        with self._private_lock:
+            if self._private is None:
+                try:
+                    fd = os.open(self.path, os.O_RDONLY)
+                except OSError:
+                    return None
+                try:
+                    st = os.fstat(fd)
+                    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self.identity:
+                        return None
+                    self._private = mmap.mmap(fd, self._size, access=mmap.ACCESS_COPY)
+                finally:
+                    os.close(fd)
+            private = self._private
+        return np.ndarray(e.shape, dtype=ST_TO_NUMPY[e.dtype], buffer=private, offset=start)
 
     def raw(self, name: str) -> memoryview:
         """The stored bytes of `name` (zero-copy; release before close)."""
@@ -896,6 +924,26 @@ class PreparedRead:
                for n in names}
         self.fill(out, 1)
         return out
+
+    def mapped(self, name: str) -> Optional[np.ndarray]:
+        """Target tensor `name` as a writable copy-on-write array over its source file's pages
+        (`_Source.private_view`) when it is exactly one whole stored tensor of the same dtype —
+        a complete or same-layout load — so a load can hand the array to its parameter instead
+        of copying (as MindSpore's `load_checkpoint` maps safetensors files); None otherwise.
+        The source's checksum is checked first (`verify()`), so the pages are in the page
+        cache and what the parameter will read is what was checked."""
+        t = self.by_name[name]
+        if len(t.ops) != 1 or not t.shape or prod(t.shape) == 0:
+            return None
+        op = t.ops[0]
+        shape, dtype = self.shapes[(op.src_file, op.src_name)]
+        if (dtype != t.dtype or any(op.src_offsets) or tuple(op.sizes) != tuple(shape)
+                or tuple(op.sizes) != tuple(t.shape)):
+            return None
+        if not self._verified:
+            self.verify()
+        arr = self.sources.get(op.src_file).private_view(op.src_name)
+        return None if arr is None else arr.reshape(t.shape)
 
     def check_destinations(self, destinations: Mapping[str, np.ndarray]) -> None:
         """PlanError unless every destination is a target of the plan with its shape, writable."""
