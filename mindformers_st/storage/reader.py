@@ -34,6 +34,10 @@ _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 # Runs at least this long are prefetched one by one (MADV_WILLNEED) when a block has gaps; shorter
 # runs are left to page faults, since one madvise call per tiny run costs more than it saves.
 _WILLNEED_MIN_RUN = 256 << 10
+# Largest range one MADV_WILLNEED call is trusted to read: the kernel caps a call at its
+# read-ahead window (max(read_ahead_kb, max_sectors_kb), 128 KiB by default) and drops the rest.
+READ_AHEAD_PIECE = 128 << 10
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)   # Linux 5.14+
 
 
 @dataclass(frozen=True)
@@ -313,18 +317,20 @@ class SafetensorsFile:
     stay valid after close().
     """
 
-    def __init__(self, path):
+    def __init__(self, path, private: bool = False):
+        """`private`: map the file copy-on-write (MAP_PRIVATE) instead of read-only, so that
+        `private_view` can hand out writable arrays over its pages; every other view stays
+        read-only and the file is never written either way."""
         self.path: str = os.fspath(path)
         self._mmap: Optional[mmap.mmap] = None
+        self.private = private
+        self._handed_out = False
         fd = _open_fd(self.path)
         try:
             self.tensors, self.metadata, self.data_start, self._size = _read_header_fd(self.path, fd)
-            st = os.fstat(fd)
-            # which file was opened: a later open of the same path is the same file only if
-            # this matches (a save replaces files by rename, never in place)
-            self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             # The header is validated; now map the file (never empty here: the prefix is 8 bytes).
-            self._mmap = mmap.mmap(fd, self._size, access=mmap.ACCESS_READ)
+            self._mmap = mmap.mmap(fd, self._size,
+                                   access=mmap.ACCESS_COPY if private else mmap.ACCESS_READ)
         finally:
             os.close(fd)
 
@@ -358,11 +364,14 @@ class SafetensorsFile:
         base = self.data_start + e.begin
         return [(int(s) + base, int(n)) for s, n in runs]
 
-    def _view(self, e: TensorEntry) -> np.ndarray:
+    def _view(self, e: TensorEntry, writable: bool = False) -> np.ndarray:
         if self._mmap is None:
             raise CheckpointError(f"{self.path}: file is closed; open it again to read {e.name!r}")
-        return np.ndarray(e.shape, dtype=ST_TO_NUMPY[e.dtype], buffer=self._mmap,
-                          offset=self.data_start + e.begin)
+        arr = np.ndarray(e.shape, dtype=ST_TO_NUMPY[e.dtype], buffer=self._mmap,
+                         offset=self.data_start + e.begin)
+        if not writable:
+            arr.flags.writeable = False
+        return arr
 
     def _advise(self, e: TensorEntry, offsets, sizes) -> None:
         """Tell the kernel which bytes are about to be read (hints only; failures are ignored).
@@ -429,6 +438,43 @@ class SafetensorsFile:
         """A zero-copy read-only array over the stored tensor (drop it before close())."""
         return self._view(self.entry(name))
 
+    def private_view(self, name: str) -> Optional[np.ndarray]:
+        """A writable array over the stored tensor `name` in this file's copy-on-write mapping
+        (a file opened with `private=True`): a page written is first copied into this process's
+        memory, the file never changes. None when the data is not aligned for its dtype or
+        empty. Reads nothing itself; the mapping lives as long as any such array does (also
+        after `close()`)."""
+        e = self.entry(name)
+        if not self.private:
+            raise CheckpointError(f"{self.path}: opened read-only; open it with private=True "
+                                  f"for a copy-on-write view of {name!r}")
+        if e.nbytes == 0 or (self.data_start + e.begin) % ITEMSIZE[e.dtype]:
+            return None
+        arr = self._view(e, writable=True)
+        self._handed_out = True   # close() must not unmap what the array still points into
+        return arr
+
+    def populate(self, name: str) -> None:
+        """Bring every page of `name` into the page cache and this mapping now (the kernel's
+        read-ahead, then MADV_POPULATE_READ where the kernel has it): one sweep instead of a
+        fault per page when all of the tensor is about to be read. A hint: failures are ignored."""
+        e = self.entry(name)
+        mm = self._mmap
+        if mm is None or not hasattr(mm, "madvise") or e.nbytes == 0:
+            return
+        start = self.data_start + e.begin
+        lo = start // mmap.PAGESIZE * mmap.PAGESIZE
+        for piece in range(lo, start + e.nbytes, READ_AHEAD_PIECE):
+            try:   # the kernel reads at most its read-ahead window per call
+                mm.madvise(mmap.MADV_WILLNEED, piece,
+                           min(READ_AHEAD_PIECE, start + e.nbytes - piece))
+            except (OSError, ValueError, OverflowError):
+                return
+        try:
+            mm.madvise(_MADV_POPULATE_READ, lo, start + e.nbytes - lo)
+        except (OSError, ValueError, OverflowError):
+            pass   # before Linux 5.14: the reader's own faults bring the pages in
+
     def prefetch(self, name: str, row0: int = 0, rows: Optional[int] = None) -> None:
         """Ask the kernel to start reading rows [row0, row0+rows) of `name` (dim 0; the whole
         tensor by default). A hint only: failures are ignored."""
@@ -450,13 +496,14 @@ class SafetensorsFile:
         e = self.entry(name)
         if self._mmap is None:
             raise CheckpointError(f"{self.path}: file is closed")
-        return memoryview(self._mmap)[self.data_start + e.begin:self.data_start + e.end]
+        return memoryview(self._mmap).toreadonly()[self.data_start + e.begin:self.data_start + e.end]
 
     def close(self) -> None:
         """Unmap the file. Arrays from read() stay valid; views from raw_bytes() must be released."""
         if self._mmap is not None:
             try:
-                self._mmap.close()
+                if not self._handed_out:   # else unmapped when the last array over it goes
+                    self._mmap.close()
             except BufferError:
                 # Someone still holds a raw_bytes() view; the map is freed when it is dropped.
                 logger.debug("%s: mmap still exported at close; leaving it to the GC", self.path)

@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import CheckpointError, PlanError
 from ..dtypes import ITEMSIZE
 from ..dtypes import ST_TO_NUMPY
-from ..storage.reader import SafetensorsFile, block_runs, read_header
+from ..storage.reader import READ_AHEAD_PIECE, SafetensorsFile, block_runs, read_header
 from ..storage.atomic import fsync_dir
 from ..storage.writer import SafetensorsWriter
 from .plan import CopyOp, Plan, TargetFile, TargetTensor
@@ -49,50 +49,22 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 32 << 20      # staging buffer per worker thread
 DIRECT_PIECE = 64 << 20     # largest single write straight from a source mapping
 SMALL_DIRECT_BYTES = 1 << 20  # direct ranges below this are staged with their neighbours
-# Largest range one MADV_WILLNEED call is trusted to read: the kernel caps a call at its
-# read-ahead window (max(read_ahead_kb, max_sectors_kb), 128 KiB by default) and drops the rest.
-PREFETCH_PIECE = 128 << 10
+PREFETCH_PIECE = READ_AHEAD_PIECE   # the most one MADV_WILLNEED call reads (storage.reader)
 
 
 # --------------------------------------------------------------------------- sources
 class _Source(SafetensorsFile):
-    """One memory-mapped source file (storage's reader). Page faults on it never read ahead
+    """One memory-mapped source file (storage's reader), mapped copy-on-write so that a load can
+    give a parameter the pages of a tensor stored whole (`private_view`) — the same pages its
+    checksum was computed over. Page faults on it never read ahead
     (MADV_RANDOM): the engine names every byte range it copies in advance (`will_need`), so a
     fault brings in its own page only and a column slice does not pull in the columns around it
     (the kernel's read-around or sequential read-ahead would read several MiB per fault)."""
 
     def __init__(self, path: str):
-        super().__init__(path)
+        super().__init__(path, private=True)
         if self._mmap is not None and hasattr(self._mmap, "madvise"):
             self._mmap.madvise(mmap.MADV_RANDOM)
-        self._private: Optional[mmap.mmap] = None
-        self._private_lock = threading.Lock()
-
-    def private_view(self, name: str) -> Optional[np.ndarray]:
-        """A writable array over the stored tensor `name` in a copy-on-write mapping of this
-        file (MAP_PRIVATE: a page written is copied into this process's memory first, the file
-        never changes), or None when the path no longer names the file opened (replaced since)
-        or the data is not aligned for its dtype. Reads nothing: pages come in when touched.
-        The mapping lives as long as any such array (it is not unmapped by `close()`)."""
-        e = self.entry(name)
-        start = self.data_start + e.begin
-        if e.nbytes == 0 or start % ITEMSIZE[e.dtype]:
-            return None
-        with self._private_lock:
-            if self._private is None:
-                try:
-                    fd = os.open(self.path, os.O_RDONLY)
-                except OSError:
-                    return None
-                try:
-                    st = os.fstat(fd)
-                    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self.identity:
-                        return None
-                    self._private = mmap.mmap(fd, self._size, access=mmap.ACCESS_COPY)
-                finally:
-                    os.close(fd)
-            private = self._private
-        return np.ndarray(e.shape, dtype=ST_TO_NUMPY[e.dtype], buffer=private, offset=start)
 
     def raw(self, name: str) -> memoryview:
         """The stored bytes of `name` (zero-copy; release before close)."""
@@ -155,7 +127,7 @@ class _Sources:
         src = self.get(path)
         v = self.verifier
         if v is not None and v.wants(path, name):
-            src.will_need(coalesce(src.byte_ranges(name)))   # the hash reads all of it
+            src.populate(name)   # the hash reads all of it: one sweep, not a fault per page
             raw = src.raw(name)
             try:
                 v.check(path, name, src.metadata, raw, src.tensors)

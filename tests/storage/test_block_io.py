@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mindformers_st.storage import open_safetensors, save_tensors
+from mindformers_st.storage.reader import SafetensorsFile
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore/posix_fadvise are Linux")
 
@@ -57,3 +58,30 @@ def test_a_one_eighth_column_block_faults_in_about_one_eighth_of_the_tensor(tmp_
     touched = _resident_bytes(path, start, nbytes)
     # 8 KiB runs start unaligned, so each spans 3 pages: 12/64 of a row at most, plus some slack.
     assert touched <= nbytes * 0.25, f"read {touched / nbytes:.0%} of the tensor for a 1/8 block"
+
+
+def test_a_private_view_is_writable_copy_on_write_and_outlives_close(tmp_path):
+    """`private=True` maps copy-on-write: `private_view` arrays are writable, a write changes
+    this process's copy only (the file's bytes and a fresh reader see the stored values), the
+    other views stay read-only, and close() leaves the mapping to the arrays still over it
+    (unmapping it would make them point at nothing: a segfault on the next read)."""
+    arr = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    path = save_tensors(tmp_path / "w.safetensors", {"w": arr, "b": arr[0].copy()})
+    stored = open(path, "rb").read()
+    f = SafetensorsFile(path, private=True)
+    with pytest.raises(ValueError):
+        f.view("w")[0, 0] = 1.0              # read-only views stay read-only
+    w = f.private_view("w")
+    assert w.flags.writeable
+    with open_safetensors(path) as plain:   # a read-only file hands out no writable view
+        with pytest.raises(Exception, match="private=True"):
+            plain.private_view("w")
+    w[3] = -1.0
+    f.close()
+    np.testing.assert_array_equal(w[3], -1.0)          # still mapped after close()
+    np.testing.assert_array_equal(w[4], arr[4])
+    assert open(path, "rb").read() == stored             # the file never changed
+    with open_safetensors(path) as again:
+        np.testing.assert_array_equal(again.read("w"), arr)
+    _evict(path)
+    np.testing.assert_array_equal(w[10:], arr[10:])      # unwritten pages come back from the file
