@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from functools import cached_property
 from math import prod
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -147,12 +148,12 @@ class TensorLayout:
         """Ranks in this layout's stage (product of dev_matrix)."""
         return prod(self.dev_matrix)
 
-    @property
+    @cached_property   # a layout is frozen: derived values are computed once (hot in planning)
     def split_counts(self) -> Tuple[int, ...]:
         """Model-parallel parts per tensor dim (MindSpore's `_get_tensor_strategy`)."""
         return tuple(prod(self.dev_matrix[-1 - k] for k in _axes_of(e)) for e in self.tensor_map)
 
-    @property
+    @cached_property
     def replicated_axes(self) -> Tuple[int, ...]:
         """Indices into dev_matrix (left to right) that the tensor map does not use."""
         used = {len(self.dev_matrix) - 1 - k for e in self.tensor_map for k in _axes_of(e)}
@@ -228,13 +229,14 @@ class TensorLayout:
         shape = self._require_shape()
         coord = self.coordinate(rank)
         dm = self.dev_matrix
+        counts = self.split_counts
         offsets, sizes = [], []
         for d, (size, entry) in enumerate(zip(shape, self.tensor_map)):
             index = 0
             for k in _axes_of(entry):  # first axis most significant
                 axis = len(dm) - 1 - k
                 index = index * dm[axis] + coord[axis]
-            part = size // self.split_counts[d]
+            part = size // counts[d]
             offsets.append(index * part)
             sizes.append(part)
         n = self.opt_shard_count

@@ -44,6 +44,27 @@ def cover(target: TensorSlice, chunks: Sequence[SourceChunk], prefer: Iterable[s
     for c in chunks:
         by_slice.setdefault(c.slice, []).append(c)
     prefer = set(prefer)
+
+    def pick(sl: TensorSlice) -> SourceChunk:
+        replicas = sorted(by_slice[sl], key=lambda c: c.file)
+        local = [c for c in replicas if c.file in prefer]
+        return local[0] if local else replicas[hint % len(replicas)]
+    if target.numel:
+        inside = []   # the source slices lying within the target
+        for sl in by_slice:
+            if sl.global_shape != target.global_shape:
+                continue
+            if all(so <= to and to + ts <= so + ss for so, ss, to, ts in
+                   zip(sl.offsets, sl.sizes, target.offsets, target.sizes)):
+                return [(pick(sl), target)]   # one slice holds all of it (same layout, whole)
+            if all(to <= so and so + ss <= to + ts for so, ss, to, ts in
+                   zip(sl.offsets, sl.sizes, target.offsets, target.sizes)):
+                inside.append(sl)
+        # slices within the target, pairwise disjoint, as many elements as it: they tile it
+        # exactly (a merge of one layout's slices), each read whole — no box arithmetic
+        if sum(sl.numel for sl in inside) == target.numel and all(
+                a.intersect(b) is None for i, a in enumerate(inside) for b in inside[i + 1:]):
+            return [(pick(sl), sl) for sl in sorted(inside, key=lambda s: s.offsets)]
     rest = [target] if target.numel else []
     out: List[Tuple[SourceChunk, TensorSlice]] = []
     for sl in sorted(by_slice, key=lambda s: s.offsets):
@@ -57,9 +78,7 @@ def cover(target: TensorSlice, chunks: Sequence[SourceChunk], prefer: Iterable[s
                 new_rest.append(box)
                 continue
             if chunk is None:
-                replicas = sorted(by_slice[sl], key=lambda c: c.file)
-                local = [c for c in replicas if c.file in prefer]
-                chunk = local[0] if local else replicas[hint % len(replicas)]
+                chunk = pick(sl)
             out.append((chunk, inter))
             new_rest.extend(b for b in subtract(box, sl, inter) if b.numel)
         rest = new_rest
@@ -79,9 +98,10 @@ def target_tensor(src: SourceCheckpoint, global_name: str, block: TensorSlice,
                         f"(and strategy) or drop it from the target")
     ops = []
     for chunk, inter in cover(block, src.chunks[global_name], prefer, hint):
-        src_off, sizes = inter.relative_to(chunk.slice)
-        dst_off, _ = inter.relative_to(block)
-        ops.append(CopyOp(chunk.file, chunk.name, src_off, dst_off, sizes))
+        # a piece of `cover` lies inside its chunk and inside `block`: offsets need no check
+        src_off = tuple(o - c for o, c in zip(inter.offsets, chunk.slice.offsets))
+        dst_off = tuple(o - b for o, b in zip(inter.offsets, block.offsets))
+        ops.append(CopyOp(chunk.file, chunk.name, src_off, dst_off, inter.sizes))
     return TargetTensor(name or global_name, src.dtypes[global_name], tuple(block.sizes),
                         tuple(ops), global_name, block)
 
@@ -217,8 +237,8 @@ def plan_rank_slices(src: SourceCheckpoint, layouts: Mapping, rank: int,
     the source lacks is a PlanError. Reads prefer the rank's own files."""
     layouts = with_source_shapes(src, {n: lay for n, lay in layouts.items() if rank in lay.ranks()})
     _check_shapes(src, layouts)
-    own = {c.file for cs in src.chunks.values() for c in cs
-           if os.path.basename(os.path.dirname(c.file)) == f"rank_{rank}"}
+    files = {c.file for cs in src.chunks.values() for c in cs}
+    own = {f for f in files if os.path.basename(os.path.dirname(f)) == f"rank_{rank}"}
     tensors = [target_tensor(src, n, lay.slice_for(rank), prefer=own, hint=rank)
                for n, lay in layouts.items()]
     if include_hyper:
