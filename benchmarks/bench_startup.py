@@ -15,16 +15,24 @@ once into the parameters), MindSpore's through its nearest equivalent:
               of mp2 (direct_reshard: nothing written)      load_distributed_checkpoint(mp2 strategy)
 
 Each measurement is a new process; the time is from just before it is started until it has set
-every parameter (its own wall-clock stamp), split into import / network / load. Peak memory is
-PSS (and its anonymous part) from /proc/PID/smaps_rollup sampled every 10 ms (PSS counts the
-mapped source files' pages too); "load anon" is the anonymous memory (RssAnon) the load added at
-its peak over the built network, sampled by the child every 5 ms from the end of the build. Rounds alternate the two
-sides (ours first in even rounds); a warm-up run of each precedes them. "warm": source files in
-the page cache; "cold": evicted before every run with posix_fadvise(DONTNEED) on each file (as
-bench_reshard without root; drop_caches is not used: the machine is shared). Output folders
-(our online conversion, MindSpore's unified merge) are removed before every run, so each run is
-a first start. Prints ratio (ours / MindSpore) of medians, median/min/max, the load average at
-start and end, and writes docs/bench/startup.json.
+every parameter (its own wall-clock stamp), split into import / network / load. A load that
+maps the file (MindSpore's, and ours where a tensor is stored whole in its dtype) has read
+nothing yet when the parameters are set: the pages come in when the first step touches them.
+So the child then times two more phases on both sides, as a first training step meets them:
+"first read" (every parameter read once, as the forward pass does) and "first write" (every
+parameter written once in place, as the optimizer update does: a copy-on-write mapping copies
+each page then). "ready" = load + first read + first write is the comparable time to a
+trained step. Peak memory is PSS of the child's process tree (benchmarks/provenance.TreePss,
+sampled every 10 ms; PSS counts the mapped source files' pages too); "load anon" is the
+anonymous memory (RssAnon) the load added at its peak over the built network, sampled by the
+child every 5 ms from the end of the build. Rounds alternate the two sides (ours first in
+even rounds); a warm-up run of each precedes them. "warm": source files in the page cache;
+"cold": evicted before every run (provenance.evict: sync + posix_fadvise(DONTNEED), then
+mincore checks that nothing stayed resident; drop_caches is not used: the machine is shared).
+Output folders (our online conversion, MindSpore's unified merge) are removed before every run,
+so each run is a first start. Prints ratio (ours / MindSpore) of medians, median/min/max, the
+load average at start and end, and writes docs/bench/startup.json with the provenance header
+(benchmarks/provenance.py: commit, machine, load average, the evictions achieved).
 
     .venv/bin/python benchmarks/bench_startup.py [--size 1.35GB] [--rounds 3] [--work DIR]
 """
@@ -47,6 +55,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import provenance  # noqa: E402
 from bench_reshard import global_value, model_config  # noqa: E402
 from mindformers_st.records.rank_meta import RankFileMeta  # noqa: E402
 from mindformers_st.commands.reshard import parse_size  # noqa: E402
@@ -236,39 +245,33 @@ def child(side: str, source: str, work: str, out: str) -> dict:
     t_set = time.time()
     done.set()
     sampler.join()
+    # the first step's touches: every parameter read once (forward), then written once in place
+    # (the update); asnumpy() is the parameter's own memory on CPU (checked below)
+    params = list(net.get_parameters())
+    total = 0.0
+    for q in params:
+        total += float(q.asnumpy().sum(dtype=np.float64))
+    t_read = time.time()
+    for q in params:
+        arr = q.asnumpy()
+        arr *= 1.0
+        assert q.asnumpy().ctypes.data == arr.ctypes.data, "asnumpy() is not the parameter"
+    t_write = time.time()
     # the parameters hold the checkpoint's values (a small one and a slice of a big one)
     for name in ("model.norm_out.weight", "model.layers.0.attention.wq.weight"):
         p = [q for q in net.get_parameters() if q.name == name][0]
         want = global_value(name, table.by_name()[name].shape)[layouts[name].slice_for(0).index()]
         assert np.array_equal(p.asnumpy(), want), f"{side} {source}: {name} differs"
-    return {"t_import": t_import, "t_net": t_net, "t_set": t_set,
+    return {"t_import": t_import, "t_net": t_net, "t_set": t_set, "t_read": t_read,
+            "t_write": t_write, "checksum": total,
             "anon_net_kib": anon_net, "anon_set_kib": _anon_kib(), "anon_peak_kib": peak_anon[0]}
 
 
 # --------------------------------------------------------------------------- the parent
-def _smaps(pid: int):
-    pss = anon = 0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as fh:
-            for line in fh:
-                if line.startswith("Pss:"):
-                    pss = int(line.split()[1])
-                elif line.startswith("Pss_Anon:"):
-                    anon = int(line.split()[1])
-    except OSError:
-        pass
-    return pss, anon
-
-
-def evict(work: str) -> None:
-    """Drop the benchmark's source files from the page cache (posix_fadvise DONTNEED)."""
-    os.sync()
-    for f in _files(work):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+def evict(work: str) -> dict:
+    """Drop the benchmark's source files from the page cache; provenance.evict's record of what
+    was attempted and whether nothing stayed resident."""
+    return provenance.evict(_files(work))
 
 
 def warm(work: str, source: str) -> None:
@@ -290,28 +293,20 @@ def run(side: str, source: str, work: str, out: str, timeout: float) -> dict:
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
-    peak = [0, 0]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            pss, anon = _smaps(proc.pid)
-            peak[0], peak[1] = max(peak[0], pss), max(peak[1], anon)
-            stop.wait(0.01)
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
+    memory = provenance.TreePss(proc.pid, interval=0.01).start()
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:
-        stop.set()
-        th.join()
+        peak = memory.stop()
     lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{side} {source} failed ({proc.returncode}):\n{stderr[-3000:]}")
     r = json.loads(lines[-1])
     return {"seconds": r["t_set"] - t0, "import_s": r["t_import"] - t0,
             "network_s": r["t_net"] - r["t_import"], "load_s": r["t_set"] - r["t_net"],
-            "peak_pss_mib": peak[0] / 1024, "peak_pss_anon_mib": peak[1] / 1024,
+            "first_read_s": r["t_read"] - r["t_set"], "first_write_s": r["t_write"] - r["t_read"],
+            "ready_s": r["t_write"] - r["t_net"], "checksum": r["checksum"],
+            "peak_pss_mib": peak["peak_pss_mib"], "peak_pss_anon_mib": peak["peak_pss_anon_mib"],
             "load_anon_mib": max(0, r["anon_peak_kib"] - r["anon_net_kib"]) / 1024,
             "anon_after_load_mib": (r["anon_set_kib"] - r["anon_net_kib"]) / 1024}
 
@@ -336,10 +331,13 @@ def main(argv=None) -> int:
         print(json.dumps(child(args.child[0], args.child[1], args.work, args.out)), flush=True)
         return 0
     size = parse_size(args.size)
+    prov = provenance.Run(args.work, [os.path.relpath(__file__, ROOT)] + list(
+        sys.argv[1:] if argv is None else argv))
     load_start = os.getloadavg()
     info = generate(args.work, size)
     print(f"model: {info['tensors']} tensors, {info['bytes'] / 2 ** 30:.2f} GiB fp32; "
           f"load average {load_start}", flush=True)
+    evictions: List[dict] = []
     out = os.path.join(args.work, "out")
     results: Dict[str, dict] = {}
     sources = args.sources.split(",")
@@ -354,14 +352,15 @@ def main(argv=None) -> int:
                 sides = SIDES if rnd % 2 == 0 else SIDES[::-1]
                 for side in sides:
                     if cache == "cold":
-                        evict(args.work)
+                        evictions.append(evict(args.work))
                     else:
                         warm(args.work, source)
                     r = run(side, source, args.work, out, args.timeout)
-                    r["loadavg"] = os.getloadavg()[0]
+                    r["loadavg"] = prov.note_load()
                     results.setdefault(f"{source}/{cache}/{side}", []).append(r)
                     print(f"round {rnd} {source:9s} {cache} {side:9s} {r['seconds']:6.2f} s "
-                          f"(load {r['load_s']:.2f} s) peak PSS {r['peak_pss_mib']:.0f} MiB, "
+                          f"(load {r['load_s']:.2f} s, ready {r['ready_s']:.2f} s) "
+                          f"peak PSS {r['peak_pss_mib']:.0f} MiB, "
                           f"load anon +{r['load_anon_mib']:.0f} MiB, loadavg {r['loadavg']:.1f}",
                           flush=True)
     shutil.rmtree(out, ignore_errors=True)
@@ -375,8 +374,12 @@ def main(argv=None) -> int:
             for side in SIDES:
                 rs = results[f"{source}/{cache}/{side}"]
                 row[side] = {k: _stats([r[k] for r in rs]) for k in
-                             ("seconds", "load_s", "import_s", "network_s", "peak_pss_mib",
-                              "peak_pss_anon_mib", "load_anon_mib", "loadavg")}
+                             ("seconds", "load_s", "first_read_s", "first_write_s", "ready_s",
+                              "import_s", "network_s", "peak_pss_mib", "peak_pss_anon_mib",
+                              "load_anon_mib", "loadavg")}
+            sums = {r["checksum"] for side in SIDES for r in results[f"{source}/{cache}/{side}"]}
+            if len(sums) != 1:   # both sides must hold the same values
+                raise SystemExit(f"{source}/{cache}: the parameters differ between runs: {sums}")
                 s = row[side]
                 print(f"{source + '/' + cache:18s} {side:9s} "
                       f"{s['seconds']['median']:6.2f} ({s['seconds']['min']:.2f}-"
@@ -385,20 +388,17 @@ def main(argv=None) -> int:
                       f"+{s['load_anon_mib']['median']:5.0f}")
             row["ratio_total"] = row["ours"]["seconds"]["median"] / row["mindspore"]["seconds"]["median"]
             row["ratio_load"] = row["ours"]["load_s"]["median"] / row["mindspore"]["load_s"]["median"]
+            row["ratio_ready"] = (row["ours"]["ready_s"]["median"]
+                                  / row["mindspore"]["ready_s"]["median"])
             print(f"{'':18s} ratio ours/MindSpore: total {row['ratio_total']:.2f}, "
-                  f"load part {row['ratio_load']:.2f}")
+                  f"load part {row['ratio_load']:.2f}, ready (load + first read + first write) "
+                  f"{row['ratio_ready']:.2f}")
             summary[f"{source}/{cache}"] = row
     print(f"load average at start {load_start}, at end {load_end}")
-    doc = {}
-    if os.path.exists(args.json):
-        try:
-            doc = json.load(open(args.json))
-        except ValueError:
-            doc = {}
-    doc[f"{info['bytes'] / 2 ** 30:.2f}GiB"] = {
-        "model": info, "rounds": args.rounds, "loadavg_start": load_start,
-        "loadavg_end": load_end, "cpus": os.cpu_count(), "results": summary,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    doc = {"model": info, "rounds": args.rounds, "loadavg_start": load_start,
+           "loadavg_end": load_end, "cpus": os.cpu_count(), "results": summary,
+           "provenance": prov.finish(cache=provenance.summarize_evictions(evictions)
+                                     if evictions else "warm only")}
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump(doc, fh, indent=1)

@@ -90,6 +90,13 @@ BENCHES = [
     Bench("load_async_until_load", "bench_load_async.py", "load_async_until_load.json", "--json",
           ("--size", "400MiB", "--reps", "4", "--until", "load"),
           ("--size", "16MiB", "--reps", "1", "--until", "load"), "docs/checkpoint-loading.md"),
+    Bench("startup", "bench_startup.py", "startup.json", "--json",
+          ("--size", "1.35GB", "--rounds", "3"),
+          ("--size", "16MiB", "--rounds", "1", "--work", "/tmp/mfst_bench_startup_quick"),
+          "docs/checkpoint-loading.md"),
+    Bench("many_tensors", "bench_many_tensors.py", "many_tensors.json", "--json",
+          ("--rounds", "3"), ("--tensors", "200", "--few", "10", "--rounds", "1", "--work",
+                              "/tmp/mfst_bench_many_quick"), "docs/checkpoint-loading.md"),
     # msrun with 2 workers (dp2) and 4 (dp2 x mp2): minutes of launch each, even when small.
     Bench("balanced_load", "bench_balanced_load.py", "balanced_load.json", "--json",
           ("--size", "128MiB", "--reps", "3", "--four"), ("--size", "8MiB", "--reps", "1"),
