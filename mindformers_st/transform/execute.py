@@ -121,6 +121,9 @@ class _Sources:
         self._open: Dict[str, _Source] = {}
         self._lock = threading.Lock()
         self.verifier = verifier
+        # (file, tensor) whose pages the checksum pass brought in whole: reading them again
+        # needs no read-ahead hints
+        self.populated: set = set()
 
     def view(self, path: str, name: str) -> np.ndarray:
         """A read-only array over the stored tensor, its bytes checked first when required."""
@@ -133,6 +136,7 @@ class _Sources:
                 v.check(path, name, src.metadata, raw, src.tensors)
             finally:
                 raw.release()
+            self.populated.add((path, name))
         return src.view(name)
 
     def get(self, path: str) -> _Source:
@@ -371,7 +375,10 @@ def read_ranges(ops: Sequence[CopyOp], row0: int, row1: int,
 
 
 def _prefetch(ops: Sequence[CopyOp], row0: int, row1: int, sources: "_Sources") -> None:
-    """Start reading the source bytes of target rows [row0, row1) (no more: see `read_ranges`)."""
+    """Start reading the source bytes of target rows [row0, row1) (no more: see `read_ranges`),
+    except those of tensors the checksum pass brought in already."""
+    if sources.populated:
+        ops = [op for op in ops if (op.src_file, op.src_name) not in sources.populated]
     for path, ranges in read_ranges(ops, row0, row1, sources).items():
         sources.get(path).will_need(ranges)
 
@@ -873,11 +880,7 @@ class PreparedRead:
                        if self.sources.verifier.wants(op.src_file, op.src_name)})
 
         def check(key) -> None:
-            path, name = key
-            src = self.sources.get(path)
-            src.prefetch(name)
-            del src
-            self.sources.view(path, name)
+            self.sources.view(*key)   # populates the tensor's pages, then hashes them
 
         _for_each(keys, check, workers)
         self.sources.verifier.report()

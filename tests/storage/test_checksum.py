@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import xxhash
 
 from mindformers_st.storage import SafetensorsWriter, open_safetensors, save_tensors, verify_checksums
@@ -69,3 +70,14 @@ def test_the_header_never_moves_when_checksums_are_filled_in(tmp_path):
     path = w.commit()
     with open_safetensors(path) as f:
         assert f.data_start == planned
+
+
+@pytest.mark.parametrize("bad", ["ABCDEF0123456789", "abc", "", "0123456789abcdefg", 17, "g" * 16])
+def test_decode_checksums_names_the_first_malformed_digest(bad):
+    good = "0123456789abcdef"
+    tensors = {f"t{i}": good for i in range(50)}
+    tensors["t7"] = bad
+    with pytest.raises(ValueError, match="checksum of 't7'"):
+        decode_checksums({"checksums": json.dumps({"algo": "xxh3_64", "tensors": tensors})})
+    assert decode_checksums({"checksums": json.dumps(
+        {"algo": "xxh3_64", "tensors": {"a": good}})}) == {"a": good}
