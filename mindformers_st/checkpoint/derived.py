@@ -214,6 +214,21 @@ _pending: List["BackgroundBuild"] = []
 _pending_lock = threading.Lock()
 
 
+BACKGROUND_NICE = 10   # how much lower a background build's threads run than the training
+
+
+def _yield_cpu() -> None:
+    """Lower this thread's CPU priority (and so that of the worker threads it starts, which
+    inherit it) by BACKGROUND_NICE: the training's threads come first when the cores are busy
+    (Linux gives each thread its own nice value; elsewhere nothing changes)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid,
+                       min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
+    except (AttributeError, OSError):
+        pass
+
+
 class BackgroundBuild:
     """One builder rank's share of a derived folder, written on a (non-daemon) thread.
 
@@ -246,6 +261,7 @@ class BackgroundBuild:
 
     def _run(self) -> None:
         t0 = time.perf_counter()
+        _yield_cpu()
         try:
             _write_share(self.plan, self.staging, self.index, self.count, self.verify)
             with open(os.path.join(self.staging, _SHARE_DONE.format(index=self.index,

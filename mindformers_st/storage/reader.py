@@ -458,10 +458,31 @@ class SafetensorsFile:
         """Bring every page of `name` into the page cache and this mapping now (the kernel's
         read-ahead, then MADV_POPULATE_READ where the kernel has it): one sweep instead of a
         fault per page when all of the tensor is about to be read. A hint: failures are ignored."""
+        lo, end = self._will_need_whole(name)
+        if end > lo:
+            try:
+                self._mmap.madvise(_MADV_POPULATE_READ, lo, end - lo)
+            except (OSError, ValueError, OverflowError):
+                pass   # before Linux 5.14: the reader's own faults bring the pages in
+
+    def read_ahead(self, name: str) -> None:
+        """Start reading all of `name` in the background (MADV_WILLNEED) and let a later fault
+        on it map its neighbouring pages too (MADV_NORMAL): for a tensor handed out whole
+        (`private_view`) whose pages nothing has read yet. A hint: failures are ignored."""
+        lo, end = self._will_need_whole(name)
+        if end > lo:
+            try:
+                self._mmap.madvise(mmap.MADV_NORMAL, lo, end - lo)
+            except (OSError, ValueError, OverflowError):
+                pass
+
+    def _will_need_whole(self, name: str) -> Tuple[int, int]:
+        """MADV_WILLNEED over all of `name`, in pieces the kernel does not cut short; returns the
+        page-aligned (start, end) advised, start == end when nothing was."""
         e = self.entry(name)
         mm = self._mmap
         if mm is None or not hasattr(mm, "madvise") or e.nbytes == 0:
-            return
+            return 0, 0
         start = self.data_start + e.begin
         lo = start // mmap.PAGESIZE * mmap.PAGESIZE
         for piece in range(lo, start + e.nbytes, READ_AHEAD_PIECE):
@@ -469,11 +490,8 @@ class SafetensorsFile:
                 mm.madvise(mmap.MADV_WILLNEED, piece,
                            min(READ_AHEAD_PIECE, start + e.nbytes - piece))
             except (OSError, ValueError, OverflowError):
-                return
-        try:
-            mm.madvise(_MADV_POPULATE_READ, lo, start + e.nbytes - lo)
-        except (OSError, ValueError, OverflowError):
-            pass   # before Linux 5.14: the reader's own faults bring the pages in
+                return 0, 0
+        return lo, start + e.nbytes
 
     def prefetch(self, name: str, row0: int = 0, rows: Optional[int] = None) -> None:
         """Ask the kernel to start reading rows [row0, row0+rows) of `name` (dim 0; the whole

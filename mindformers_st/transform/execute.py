@@ -917,8 +917,13 @@ class PreparedRead:
             return None
         if not self._verified:
             self.verify()
-        arr = self.sources.get(op.src_file).private_view(op.src_name)
-        return None if arr is None else arr.reshape(t.shape)
+        src = self.sources.get(op.src_file)
+        arr = src.private_view(op.src_name)
+        if arr is None:
+            return None
+        if (op.src_file, op.src_name) not in self.sources.populated:
+            src.read_ahead(op.src_name)   # unchecked: the first step would fault page by page
+        return arr.reshape(t.shape)
 
     def check_destinations(self, destinations: Mapping[str, np.ndarray]) -> None:
         """PlanError unless every destination is a target of the plan with its shape, writable."""

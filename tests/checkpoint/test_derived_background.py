@@ -70,3 +70,28 @@ def test_a_rank_outside_the_builders_writes_nothing(tmp_path):
     assert start_background_build(out, {}, plan_merge(_source(tmp_path)), OneOfTwo(), "m") is None
     with pytest.raises(FileNotFoundError):
         os.listdir(out)
+
+
+def test_a_background_build_runs_below_the_training_s_priority():
+    """The build thread lowers its own nice value (not the process's), and the worker threads
+    it starts inherit it: busy cores go to the training first."""
+    import os
+    import threading
+    from mindformers_st.checkpoint.derived import BACKGROUND_NICE, _yield_cpu
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+
+    def worker():
+        seen["worker"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def build():
+        _yield_cpu()
+        seen["build"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+    t = threading.Thread(target=build)
+    t.start()
+    t.join()
+    assert seen["build"] == seen["worker"] == min(19, main + BACKGROUND_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main

@@ -85,3 +85,26 @@ def test_a_private_view_is_writable_copy_on_write_and_outlives_close(tmp_path):
         np.testing.assert_array_equal(again.read("w"), arr)
     _evict(path)
     np.testing.assert_array_equal(w[10:], arr[10:])      # unwritten pages come back from the file
+
+
+def test_read_ahead_brings_a_whole_tensor_in_without_touching_it(tmp_path):
+    """`read_ahead` (a mapped tensor nothing has checked) starts reading all of it: its pages
+    become resident while nothing touches them, so the first step does not fault them in one
+    by one from disk."""
+    import time
+    arr = np.arange(2 << 20, dtype=np.float32)                  # 8 MiB
+    path = save_tensors(tmp_path / "w.safetensors", {"w": arr}, checksums=False)
+    f = SafetensorsFile(path, private=True)
+    start, nbytes = f.data_start + f.tensors["w"].begin, f.tensors["w"].nbytes
+    _evict(path)
+    if _resident_bytes(path, start, nbytes) > nbytes // 16:
+        f.close()
+        pytest.skip("this filesystem keeps file pages resident (tmpfs?); cannot measure")
+    view = f.private_view("w")
+    f.read_ahead("w")
+    deadline = time.time() + 10
+    while _resident_bytes(path, start, nbytes) < nbytes * 0.95 and time.time() < deadline:
+        time.sleep(0.02)
+    assert _resident_bytes(path, start, nbytes) >= nbytes * 0.95
+    np.testing.assert_array_equal(view, arr)
+    f.close()
