@@ -22,7 +22,8 @@ So the child then times two more phases on both sides, as a first training step 
 "first read" (every parameter read once, as the forward pass does) and "first write" (every
 parameter written once in place, as the optimizer update does: a copy-on-write mapping copies
 each page then). "ready" = load + first read + first write is the comparable time to a
-trained step. Peak memory is PSS of the child's process tree (benchmarks/provenance.TreePss,
+trained step. Cold rounds also time a sequential read of the bytes the rank needs (the files,
+evicted first), the floor of a cold load. Peak memory is PSS of the child's process tree (benchmarks/provenance.TreePss,
 sampled every 10 ms; PSS counts the mapped source files' pages too); "load anon" is the
 anonymous memory (RssAnon) the load added at its peak over the built network, sampled by the
 child every 5 ms from the end of the build. Rounds alternate the two sides (ours first in
@@ -274,13 +275,30 @@ def evict(work: str) -> dict:
     return provenance.evict(_files(work))
 
 
-def warm(work: str, source: str) -> None:
+def warm(work: str, source: str) -> float:
+    """Read every file of `source` sequentially (64 MiB reads); returns the seconds taken."""
     folder = {"hf": "hf", "complete": "complete", "rank_same": "rank_mp2",
               "rank_new": "rank_dp2"}[source]
+    t = time.perf_counter()
     for f in _files(os.path.join(work, folder)):
         with open(f, "rb", buffering=0) as fh:
             while fh.read(64 << 20):
                 pass
+    return time.perf_counter() - t
+
+
+def sequential_read(work: str, source: str) -> float:
+    """Seconds to read, cold, the bytes rank 0 of the target needs, one file after another:
+    the whole model for one card (hf, complete), the rank's own file for the same layout."""
+    files = (_files(os.path.join(work, "rank_mp2", "rank_0")) if source == "rank_same"
+             else _files(os.path.join(work, source)))
+    provenance.evict(files)
+    t = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(64 << 20):
+                pass
+    return time.perf_counter() - t
 
 
 def run(side: str, source: str, work: str, out: str, timeout: float) -> dict:
@@ -350,6 +368,11 @@ def main(argv=None) -> int:
         for source in sources:
             for cache in caches:
                 sides = SIDES if rnd % 2 == 0 else SIDES[::-1]
+                if cache == "cold" and source != "rank_new":   # the floor of a cold load
+                    seq = sequential_read(args.work, source)
+                    results.setdefault(f"{source}/cold/read", []).append(seq)
+                    print(f"round {rnd} {source:9s} cold sequential read of the rank's bytes "
+                          f"{seq:.2f} s", flush=True)
                 for side in sides:
                     if cache == "cold":
                         evictions.append(evict(args.work))
@@ -390,6 +413,13 @@ def main(argv=None) -> int:
             row["ratio_load"] = row["ours"]["load_s"]["median"] / row["mindspore"]["load_s"]["median"]
             row["ratio_ready"] = (row["ours"]["ready_s"]["median"]
                                   / row["mindspore"]["ready_s"]["median"])
+            if f"{source}/{cache}/read" in results:
+                row["sequential_read_s"] = _stats(results[f"{source}/{cache}/read"])
+                row["ratio_load_to_read"] = (row["ours"]["load_s"]["median"]
+                                             / row["sequential_read_s"]["median"])
+                print(f"{'':18s} ours' load / a cold sequential read of the same bytes "
+                      f"({row['sequential_read_s']['median']:.2f} s): "
+                      f"{row['ratio_load_to_read']:.2f}")
             print(f"{'':18s} ratio ours/MindSpore: total {row['ratio_total']:.2f}, "
                   f"load part {row['ratio_load']:.2f}, ready (load + first read + first write) "
                   f"{row['ratio_ready']:.2f}")
