@@ -34,7 +34,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import provenance  # noqa: E402
-from bench_startup import generate  # noqa: E402
+from bench_startup import generate, read_all  # noqa: E402
 from mindformers_st.commands.reshard import parse_size  # noqa: E402
 
 SIDES = ["copy", "convert"]
@@ -91,10 +91,7 @@ def main(argv=None) -> int:
                 if cache == "cold":
                     evictions.append(provenance.evict(_hf_files(hf)))
                 else:
-                    for f in _hf_files(hf):
-                        with open(f, "rb", buffering=0) as fh:
-                            while fh.read(64 << 20):
-                                pass
+                    read_all(_hf_files(hf))
                 load = prov.note_load()
                 seconds = run[side]()
                 results.setdefault(f"{cache}/{side}", []).append(
