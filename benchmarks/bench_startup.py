@@ -216,7 +216,9 @@ def child(side: str, source: str, work: str, out: str) -> dict:
         opts = LoadOptions(os.path.join(work, path), "safetensors", use_parallel=parallel,
                            auto_trans_ckpt=source == "rank_new", direct_reshard=True,
                            output_dir=out)
-        state = CellState(net, None, pc.world_size, layouts)
+        # nothing has run this network yet: its parameters may take the files' pages, as the
+        # runtime's load (ModelState) gives them
+        state = CellState(net, None, pc.world_size, layouts, map_pages=True)
         load_checkpoint(opts, state, None, ctx)
     elif source in ("hf", "complete"):
         params = {}

@@ -46,7 +46,7 @@ def load_checkpoint(network, path: str, optimizer=None, *, resume: bool = False,
                     layouts: Optional[Union[str, Mapping]] = None, output_dir: str = "./output",
                     verify_checksums=True, direct_reshard: bool = False,
                     transform_process_num: int = 1,
-                    balanced_load: Optional[bool] = None) -> LoadReport:
+                    balanced_load: Optional[bool] = None, map_pages: bool = False) -> LoadReport:
     """Load the weights at `path` into `network` (any `nn.Cell`; this rank's part under its
     layout), and with `resume` the optimizer's state too (moments, global_step, learning rate)
     from the newest committed save (or the save a rank file path names; a damaged newest save
@@ -60,13 +60,16 @@ def load_checkpoint(network, path: str, optimizer=None, *, resume: bool = False,
     network when MindSpore's `parameter_layout_dict` does not; `transform_process_num` how many
     ranks build an online merge or conversion (must divide the world size, as MindSpore
     Transformers); `balanced_load` (default: on when the ranks span several machines) reads each block several
-    ranks need once and shares it (docs/checkpoint-loading.md). Every rank must call it."""
+    ranks need once and shares it (docs/checkpoint-loading.md); `map_pages` gives parameters a
+    tensor stored whole in their dtype as the file's copy-on-write pages instead of copying it
+    — only for a network nothing has run yet: MindSpore's optimizers and @jit steps keep
+    updating the memory a parameter had when they first ran. Every rank must call it."""
     from ..parallel.context import context_from_mindspore
     ctx = context_from_mindspore()
     if isinstance(layouts, str):
         from ..layout.strategy import read_strategy
         layouts = read_strategy(layouts)
-    state = CellState(network, optimizer, ctx.world_size, layouts)
+    state = CellState(network, optimizer, ctx.world_size, layouts, map_pages=map_pages)
     if resume and optimizer is None:
         raise CheckpointError("load_checkpoint(resume=True) needs the optimizer whose state to restore")
     fmt = load_ckpt_format or _format_of(path)

@@ -56,6 +56,11 @@ class NetworkState:
     # every laid-out tensor of the job, on every stage (None: `layouts` are the job's), so a
     # rank can plan what the others load (balanced_load)
     job_layouts: Optional[Dict[str, TensorLayout]] = None
+    # whether a load may give the parameters other memory (a checkpoint file's pages) instead
+    # of filling their own: only where no compiled graph holds them — MindSpore's optimizers
+    # and any @jit step keep the memory a parameter had when they first ran, and update that
+    # memory ever after (a load re-pointing the parameter would be ignored by training)
+    map_pages: bool = False
 
     def parameters(self) -> Dict[str, object]:
         """name -> MindSpore Parameter of every tensor a save holds, in save order."""
@@ -80,13 +85,14 @@ class NetworkState:
                      mapped=None) -> "ParamDestinations":
         """Writable arrays over the parameters' own memory for the tensors in `shapes` (name ->
         the shape the load produces), for the engine to fill in place, or the source's own
-        copy-on-write pages where `mapped(name)` gives them (`ParamDestinations`)."""
+        copy-on-write pages where `mapped(name)` gives them and this state allows it
+        (`map_pages`; `ParamDestinations`)."""
         params = self.parameters()
         missing = sorted(n for n in shapes if n not in params)
         if missing:
             raise CheckpointError(f"load_checkpoint: the network has no tensor(s) {missing[:5]}")
         return ParamDestinations({n: params[n] for n in shapes}, shapes, self._reshape_ok,
-                                 mapped)
+                                 mapped if self.map_pages else None)
 
     def _reshape_ok(self, name: str, have: Sequence[int], want: Sequence[int]) -> bool:
         """Whether a tensor stored with shape `want` may fill a parameter of shape `have`."""
@@ -102,7 +108,10 @@ class NetworkState:
 
 class ModelState(NetworkState):
     """Our models (LlamaForCausalLM and registered kin) with our AdamW; under pipeline
-    parallelism only the tensors of this rank's stage."""
+    parallelism only the tensors of this rank's stage. Their steps run eagerly (TrainStep,
+    AdamW: no compiled graph holds a parameter), so a load may map the file's pages."""
+
+    map_pages = True
 
     def __init__(self, model, optimizer, ctx, with_optimizer: bool = True):
         self.model, self.optimizer, self.ctx = model, optimizer, ctx
@@ -298,11 +307,14 @@ class CellState(NetworkState):
     `network` is what the loss is computed by, or the whole train network (TrainOneStepCell,
     whose parameters include the optimizer's); `optimizer` may be None. `layouts` (e.g. from a
     strategy file) override; otherwise MindSpore's `parameter_layout_dict`, else replicated over
-    `world` ranks."""
+    `world` ranks. `map_pages`: a load may give the parameters the checkpoint file's pages
+    (no copy) — only for a network no compiled graph has run yet (MindSpore's optimizers run
+    their update as one: `NetworkState.map_pages`); by default it fills their own memory."""
 
     def __init__(self, network, optimizer=None, world: int = 1,
-                 layouts: Optional[Mapping[str, TensorLayout]] = None):
+                 layouts: Optional[Mapping[str, TensorLayout]] = None, map_pages: bool = False):
         self.network, self.optimizer = network, optimizer
+        self.map_pages = bool(map_pages)
         params: Dict[str, object] = {}
         for _, p in network.parameters_and_names():
             params.setdefault(p.name, p)

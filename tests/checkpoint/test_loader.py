@@ -360,6 +360,36 @@ def test_a_mapped_load_never_writes_its_file_and_outlives_it(tmp_path):
     assert float(model(ms_tensor(ids)).asnumpy()) == float(reference(ms_tensor(ids)).asnumpy())
 
 
+def test_a_network_a_compiled_graph_already_updated_keeps_training_after_the_load(tmp_path):
+    """MindSpore's optimizers update as a compiled graph (their construct is @jit), which keeps
+    the memory each parameter had when it first ran: a load giving such a parameter other
+    memory (the file's pages; MindSpore's own load_param_into_net does the same) was ignored
+    by every later update — the weights stayed the file's (measured on 2.10). The library
+    load of any network therefore fills the parameters' own memory; `map_pages=True` maps the
+    file's pages for a network no compiled graph has run yet."""
+    from mindspore import Tensor, nn
+    from mindformers_st.checkpoint.api import load_checkpoint as load_network
+    make_ctx()
+    net = nn.Dense(8, 4)
+    values = {p.name: np.random.default_rng(3).standard_normal(p.shape).astype(np.float32)
+              for p in net.get_parameters()}
+    path = save_tensors(str(tmp_path / "w.safetensors"), values)
+    opt = nn.SGD(net.trainable_params(), 0.5)
+    grads = tuple(Tensor(np.ones(p.shape, np.float32)) for p in opt.parameters)
+    opt(grads)   # the update graph is compiled and run before the load
+    load_network(net, path, output_dir=str(tmp_path / "out"))
+    opt(grads)
+    for p in net.get_parameters():
+        np.testing.assert_allclose(p.asnumpy(), values[p.name] - 0.5, atol=1e-6, err_msg=p.name)
+    fresh = nn.Dense(8, 4)   # nothing has run it: its parameters may take the file's pages
+    opt = nn.SGD(fresh.trainable_params(), 0.5)
+    load_network(fresh, path, output_dir=str(tmp_path / "out"), map_pages=True)
+    assert all(_mapped_from(p.asnumpy().ctypes.data, tmp_path) for p in fresh.get_parameters())
+    opt(grads)
+    for p in fresh.get_parameters():
+        np.testing.assert_allclose(p.asnumpy(), values[p.name] - 0.5, atol=1e-6, err_msg=p.name)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["whole", "cut", "same_layout", "merge_and_cut",
                                   "direct_reshard"])
