@@ -108,13 +108,16 @@ class NetworkState:
 
 class ModelState(NetworkState):
     """Our models (LlamaForCausalLM and registered kin) with our AdamW; under pipeline
-    parallelism only the tensors of this rank's stage. Their steps run eagerly (TrainStep,
-    AdamW: no compiled graph holds a parameter), so a load may map the file's pages."""
-
-    map_pages = True
+    parallelism only the tensors of this rank's stage. A load maps the file's pages
+    (`map_pages`) only for a model without an optimizer (predict): a model that trains would
+    copy every page at its first update anyway (a copy-on-write fault per page costs more
+    than one copy at load), would keep a pruned save's disk space for the whole run, and a
+    truncating rewrite of the file by another program would replace its trained values
+    (docs/checkpoint-loading.md); so training loads copy once."""
 
     def __init__(self, model, optimizer, ctx, with_optimizer: bool = True):
         self.model, self.optimizer, self.ctx = model, optimizer, ctx
+        self.map_pages = optimizer is None
         self._describe(model.param_table(), ctx, with_optimizer and optimizer is not None)
 
     def _describe(self, table, ctx, with_optimizer: bool) -> None:
