@@ -3,12 +3,14 @@
 Generates a synthetic Llama-like fp32 model (default 1.35 GB, hidden 2048: a few dozen large
 tensors) in four forms, then for each form starts fresh child processes that import MindSpore,
 build a network holding this rank's parameters (a plain `nn.Cell`, zero-initialised, the same
-for both sides) and load the weights — ours through the load hook (`checkpoint.loader`, copy-
-once into the parameters), MindSpore's through its nearest equivalent:
+for every side) and load the weights — ours through the load hook (`checkpoint.loader`) twice
+over: "ours" as a load to predict (a tensor stored whole becomes the parameter's data as the
+file's copy-on-write pages), "ours_copy" as a load for training (copied once into the
+parameters' own memory) — and MindSpore's through its nearest equivalent:
 
   source      ours                                         MindSpore
-  hf          HF folder, converted online (ms_safetensors)  load_checkpoint(format=safetensors)
-              then loaded whole                             per shard + rename + load_param_into_net
+  hf          HF folder read through the conversion plan    load_checkpoint(format=safetensors)
+              (ms_safetensors written in the background)    per shard + rename + load_param_into_net
   complete    complete MS weights, loaded whole             load_checkpoint per shard + load_param_into_net
   rank_same   mp2 rank files, rank 0 of mp2 (same layout)   load_checkpoint(rank_0 file) + load_param_into_net
   rank_new    dp2 (remove_redundancy) rank files, rank 0    unified_safetensors(dp2 -> complete) +
@@ -65,7 +67,10 @@ from mindformers_st.layout.parallel_config import ParallelConfig, plan_layouts  
 from mindformers_st.models.param_table import llama_param_table  # noqa: E402
 
 SOURCES = ["hf", "complete", "rank_same", "rank_new"]
-SIDES = ["ours", "mindspore"]
+# ours: a load to predict (a tensor stored whole becomes the parameter's data as the file's
+# pages); ours_copy: a load for training (copied once into the parameters' own memory)
+OURS = ["ours", "ours_copy"]
+SIDES = OURS + ["mindspore"]
 MP2 = ParallelConfig(model_parallel=2, vocab_emb_dp=False)
 DP2 = ParallelConfig(data_parallel=2, vocab_emb_dp=False)
 SHARD_BYTES = 700 << 20
@@ -207,7 +212,7 @@ def child(side: str, source: str, work: str, out: str) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t_net = time.time()
-    if side == "ours":
+    if side in OURS:
         pc = MP2 if parallel else ParallelConfig()
         ctx = ParallelContext(rank=0, world_size=pc.world_size, config=pc,
                               use_parallel=parallel)
@@ -217,8 +222,9 @@ def child(side: str, source: str, work: str, out: str) -> dict:
                            auto_trans_ckpt=source == "rank_new", direct_reshard=True,
                            output_dir=out)
         # nothing has run this network yet: its parameters may take the files' pages, as the
-        # runtime's load (ModelState) gives them
-        state = CellState(net, None, pc.world_size, layouts, map_pages=True)
+        # runtime's load to predict gives them (ModelState without an optimizer); a training
+        # load copies once
+        state = CellState(net, None, pc.world_size, layouts, map_pages=side == "ours")
         load_checkpoint(opts, state, None, ctx)
     elif source in ("hf", "complete"):
         params = {}
@@ -392,7 +398,7 @@ def main(argv=None) -> int:
     load_end = os.getloadavg()
     summary = {}
     print(f"\n{'source/cache':18s} {'side':9s} {'total s med (min-max)':24s} "
-          f"{'load s med':10s} {'peak PSS':9s} {'load anon':9s}")
+          f"{'load s med':10s} {'ready s':8s} {'peak PSS':9s} {'load anon':9s}")
     for source in sources:
         for cache in caches:
             row = {}
@@ -402,29 +408,32 @@ def main(argv=None) -> int:
                              ("seconds", "load_s", "first_read_s", "first_write_s", "ready_s",
                               "import_s", "network_s", "peak_pss_mib", "peak_pss_anon_mib",
                               "load_anon_mib", "loadavg")}
-            sums = {r["checksum"] for side in SIDES for r in results[f"{source}/{cache}/{side}"]}
-            if len(sums) != 1:   # both sides must hold the same values
-                raise SystemExit(f"{source}/{cache}: the parameters differ between runs: {sums}")
                 s = row[side]
                 print(f"{source + '/' + cache:18s} {side:9s} "
                       f"{s['seconds']['median']:6.2f} ({s['seconds']['min']:.2f}-"
                       f"{s['seconds']['max']:.2f}){'':7s} {s['load_s']['median']:6.2f}    "
-                      f"{s['peak_pss_mib']['median']:6.0f}    "
+                      f"{s['ready_s']['median']:6.2f}   {s['peak_pss_mib']['median']:6.0f}    "
                       f"+{s['load_anon_mib']['median']:5.0f}")
-            row["ratio_total"] = row["ours"]["seconds"]["median"] / row["mindspore"]["seconds"]["median"]
-            row["ratio_load"] = row["ours"]["load_s"]["median"] / row["mindspore"]["load_s"]["median"]
-            row["ratio_ready"] = (row["ours"]["ready_s"]["median"]
-                                  / row["mindspore"]["ready_s"]["median"])
+            sums = {r["checksum"] for side in SIDES for r in results[f"{source}/{cache}/{side}"]}
+            if len(sums) != 1:   # every side must hold the same values
+                raise SystemExit(f"{source}/{cache}: the parameters differ between runs: {sums}")
+            ms = row["mindspore"]
+            for ours in OURS:
+                o = row[ours]
+                row[f"{ours}_ratio_total"] = o["seconds"]["median"] / ms["seconds"]["median"]
+                row[f"{ours}_ratio_load"] = o["load_s"]["median"] / ms["load_s"]["median"]
+                row[f"{ours}_ratio_ready"] = o["ready_s"]["median"] / ms["ready_s"]["median"]
+                print(f"{'':18s} {ours} / MindSpore: total {row[f'{ours}_ratio_total']:.2f}, "
+                      f"load part {row[f'{ours}_ratio_load']:.2f}, ready (load + first read + "
+                      f"first write) {row[f'{ours}_ratio_ready']:.2f}")
             if f"{source}/{cache}/read" in results:
                 row["sequential_read_s"] = _stats(results[f"{source}/{cache}/read"])
-                row["ratio_load_to_read"] = (row["ours"]["load_s"]["median"]
-                                             / row["sequential_read_s"]["median"])
-                print(f"{'':18s} ours' load / a cold sequential read of the same bytes "
-                      f"({row['sequential_read_s']['median']:.2f} s): "
-                      f"{row['ratio_load_to_read']:.2f}")
-            print(f"{'':18s} ratio ours/MindSpore: total {row['ratio_total']:.2f}, "
-                  f"load part {row['ratio_load']:.2f}, ready (load + first read + first write) "
-                  f"{row['ratio_ready']:.2f}")
+                for ours in OURS:
+                    row[f"{ours}_ratio_load_to_read"] = (row[ours]["load_s"]["median"]
+                                                         / row["sequential_read_s"]["median"])
+                    print(f"{'':18s} {ours}: load / a cold sequential read of the same bytes "
+                          f"({row['sequential_read_s']['median']:.2f} s): "
+                          f"{row[f'{ours}_ratio_load_to_read']:.2f}")
             summary[f"{source}/{cache}"] = row
     print(f"load average at start {load_start}, at end {load_end}")
     doc = {"model": info, "rounds": args.rounds, "loadavg_start": load_start,
