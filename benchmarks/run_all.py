@@ -146,8 +146,8 @@ def readme_text(out_dir: str = DOCS_BENCH, quick: bool = False) -> str:
             continue
         path = os.path.join(out_dir, b.json)
         label = b.json + (f" (`{b.key(quick)}`)" if b.key(quick) else "")
-        figure = ("reshard.png" if b.json == "reshard.json"
-                  and os.path.exists(os.path.join(out_dir, "reshard.png")) else "–")
+        png = b.json[:-len(".json")] + ".png"
+        figure = png if os.path.exists(os.path.join(out_dir, png)) else "–"
         data = json.load(open(path)) if os.path.exists(path) else None
         run = runs_of(data, b, quick) if data is not None else None
         prov = (run or {}).get("provenance")
@@ -173,11 +173,15 @@ def readme_text(out_dir: str = DOCS_BENCH, quick: bool = False) -> str:
 
 
 def write_readme(out_dir: str, quick: bool = False) -> str:
-    """Write README.md (and the reshard chart, when matplotlib is there) into `out_dir`."""
+    """Write README.md (and the reshard and startup charts, when matplotlib is there) into `out_dir`."""
     reshard = os.path.join(out_dir, "reshard.json")
     if os.path.exists(reshard):
         from chart_reshard import chart
         chart(reshard, os.path.join(out_dir, "reshard.png"))
+    startup = os.path.join(out_dir, "startup.json")
+    if os.path.exists(startup):
+        import chart_startup
+        chart_startup.chart(startup, os.path.join(out_dir, "startup.png"))
     path = os.path.join(out_dir, "README.md")
     with open(path, "w") as fh:
         fh.write(readme_text(out_dir, quick))
