@@ -108,6 +108,10 @@ BENCHES = [
     Bench("crash_stress", "crash_stress.py", "crash_stress.json", "--out",
           ("--trials", "50", "--budget", "2700", "--dir", "/tmp"),
           ("--trials", "1", "--modes", "sync1"), "docs/checkpoint-saving.md"),
+    # the second crash stress run (after the async-save rework), with its own seed and folder
+    Bench("crash_stress_run2", "crash_stress.py", "crash_stress_run2.json", "--out",
+          ("--trials", "50", "--parallel", "5", "--budget", "2700", "--seed", "2", "--dir",
+           "/tmp/cs2"), None, "docs/checkpoint-saving.md"),
 ]
 
 
