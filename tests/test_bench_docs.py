@@ -32,7 +32,8 @@ SCALES = {None: (1,), "MiB": (1, 2 ** -20), "GiB": (1, 2 ** -30), "GB": (1e-9,),
 # The sections whose figures must all come from a block: (doc, heading).
 SECTIONS = [("docs/transform.md", "## Benchmark"), ("docs/transform.md", "## What verification costs"),
             ("docs/transform.md", "## Worker processes (`--processes N`, `transform_process_num`)"),
-            ("docs/checkpoint-saving.md", "## Benchmark"), ("docs/checkpoint-loading.md", "## Benchmark")]
+            ("docs/checkpoint-saving.md", "## Benchmark"), ("docs/checkpoint-loading.md", "## Benchmark"),
+            ("docs/checkpoint-saving.md", "## Crash stress")]
 
 
 def _numbers(text):
