@@ -37,7 +37,7 @@ _WILLNEED_MIN_RUN = 256 << 10
 # Largest range one MADV_WILLNEED call is trusted to read: the kernel caps a call at its
 # read-ahead window (max(read_ahead_kb, max_sectors_kb), 128 KiB by default) and drops the rest.
 READ_AHEAD_PIECE = 128 << 10
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)   # Linux 5.14+
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)   # Linux 5.14+
 
 
 @dataclass(frozen=True)
@@ -461,7 +461,7 @@ class SafetensorsFile:
         lo, end = self._will_need_whole(name)
         if end > lo:
             try:
-                self._mmap.madvise(_MADV_POPULATE_READ, lo, end - lo)
+                self._mmap.madvise(MADV_POPULATE_READ, lo, end - lo)
             except (OSError, ValueError, OverflowError):
                 pass   # before Linux 5.14: the reader's own faults bring the pages in
 

@@ -8,6 +8,7 @@ a crash or an exception leaves no file under the final name.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -26,7 +27,8 @@ from .reader import METADATA_KEY, block_runs, normalize_block, open_safetensors
 
 logger = logging.getLogger(__name__)
 
-_HASH_CHUNK = 16 << 20  # bytes read back per pread when a checksum must be computed from the file
+_HASH_CHUNK = 16 << 20
+_COPY_FILE_RANGE = hasattr(os, "copy_file_range")  # bytes read back per pread when a checksum must be computed from the file
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
@@ -173,6 +175,48 @@ class SafetensorsWriter:
                                   f"but the array is {list(array.shape)}")
         self.write_block(name, (0,) * len(slot.shape), array)
 
+    def copy_rows_from(self, name: str, row: int, src_path: str, src_offset: int,
+                       view: np.ndarray) -> None:
+        """Write rows [row, row + len(view)) of tensor `name` — whole rows, contiguous in both
+        files — by copying `view.nbytes` bytes at `src_offset` of the file `src_path` inside
+        the kernel (`os.copy_file_range`: no pass through this process's memory, the page
+        cache copies or the file system shares the blocks). `view` is those same bytes as
+        mapped (the checksum is computed over it; it must be the file's bytes at that
+        offset). Falls back to `write_block` where the kernel cannot copy between the two."""
+        slot = self._slot(name)
+        array = np.asarray(view)
+        if array.dtype != ST_TO_NUMPY[slot.dtype] or tuple(array.shape[1:]) != slot.shape[1:] \
+                or not array.flags.c_contiguous:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: copy_rows_from needs whole "
+                                  f"C-contiguous rows of {slot.dtype}")
+        offsets = (row,) + (0,) * (len(slot.shape) - 1)
+        if not _COPY_FILE_RANGE:
+            return self.write_block(name, offsets, array)
+        offsets, sizes = normalize_block(name, slot.shape, offsets, array.shape)
+        runs = block_runs(slot.shape, ITEMSIZE[slot.dtype], offsets, sizes)
+        if len(runs) != 1:   # whole rows are one run
+            return self.write_block(name, offsets, array)
+        dst, todo, src_pos = self.data_start + slot.begin + int(runs[0, 0]), int(runs[0, 1]), src_offset
+        src_fd = os.open(src_path, os.O_RDONLY)
+        try:
+            while todo:
+                try:
+                    n = os.copy_file_range(src_fd, self._fd, todo, src_pos, dst)
+                except OSError as exc:
+                    if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                        done = int(runs[0, 1]) - todo   # the rest through this process
+                        flat = array.reshape(-1).view(np.uint8)
+                        _pwrite_all(self._fd, flat[done:], dst)
+                        break
+                    raise
+                if n == 0:
+                    raise CheckpointError(f"{self.path}: {src_path} ended before offset "
+                                          f"{src_pos + todo} while copying {name!r}")
+                todo, src_pos, dst = todo - n, src_pos + n, dst + n
+        finally:
+            os.close(src_fd)
+        self._record(slot, runs, array.reshape(-1).view(np.uint8))
+
     def write_block(self, name: str, offsets, array) -> None:
         """Write `array` as the block of tensor `name` starting at `offsets` (tensor-local indices)."""
         slot = self._slot(name)
@@ -191,6 +235,11 @@ class SafetensorsWriter:
         run_len = int(runs[0, 1])
         for i, start in enumerate(runs[:, 0].tolist()):
             _pwrite_all(self._fd, flat[i * run_len:(i + 1) * run_len], base + start)
+        self._record(slot, runs, flat)
+
+    def _record(self, slot: "_Slot", runs, flat: np.ndarray) -> None:
+        """Note the runs written to `slot` and hash `flat` (their bytes, in order) when in order."""
+        run_len = int(runs[0, 1])
         with self._lock:
             slot.runs.append(runs)
             if self.checksums and slot.in_order:

@@ -37,7 +37,8 @@ import numpy as np
 from ..errors import CheckpointError, PlanError
 from ..dtypes import ITEMSIZE
 from ..dtypes import ST_TO_NUMPY
-from ..storage.reader import READ_AHEAD_PIECE, SafetensorsFile, block_runs, read_header
+from ..storage.reader import (MADV_POPULATE_READ, READ_AHEAD_PIECE, SafetensorsFile, block_runs,
+                              read_header)
 from ..storage.atomic import fsync_dir
 from ..storage.writer import SafetensorsWriter
 from .plan import CopyOp, Plan, TargetFile, TargetTensor
@@ -65,6 +66,18 @@ class _Source(SafetensorsFile):
         super().__init__(path, private=True)
         if self._mmap is not None and hasattr(self._mmap, "madvise"):
             self._mmap.madvise(mmap.MADV_RANDOM)
+
+    def populate_range(self, start: int, length: int) -> None:
+        """Map the pages of bytes [start, start + length) of the file now, in one sweep
+        (MADV_POPULATE_READ; their reads were asked for ahead by `will_need`). A hint."""
+        mm = self._mmap
+        lo = start // mmap.PAGESIZE * mmap.PAGESIZE
+        if mm is None or length <= 0 or not hasattr(mm, "madvise"):
+            return
+        try:
+            mm.madvise(MADV_POPULATE_READ, lo, start + length - lo)
+        except (OSError, ValueError, OverflowError):
+            pass   # before Linux 5.14: the hash's own faults bring the pages in
 
     def raw(self, name: str) -> memoryview:
         """The stored bytes of `name` (zero-copy; release before close)."""
@@ -443,12 +456,16 @@ def _write_tensor(t: TargetTensor, writer: SafetensorsWriter, shapes, sources: _
         if k + 1 < len(blocks):   # read the next block while this one is copied and written
             _prefetch(blocks[k + 1][2], blocks[k + 1][0], blocks[k + 1][1], sources)
         at = (r,) + (0,) * (len(t.shape) - 1)
-        if direct:
+        if direct:   # whole rows, contiguous in both files: copied inside the kernel
             op = ops[0]
-            src = sources.view(op.src_file, op.src_name)
+            src = sources.view(op.src_file, op.src_name)   # checked first when required
+            source = sources.get(op.src_file)
             s0 = op.src_offsets[0] + (r - op.dst_offsets[0])
-            writer.write_block(t.name, at, src[s0:s0 + e - r])
-            del src
+            start = source.data_start + source.entry(op.src_name).begin + s0 * row
+            if writer.checksums and (op.src_file, op.src_name) not in sources.populated:
+                source.populate_range(start, (e - r) * row)   # the checksum reads these rows
+            writer.copy_rows_from(t.name, r, op.src_file, start, src[s0:s0 + e - r])
+            del src, source
         else:
             block = staging.get((e - r) * row).view(dtype).reshape((e - r,) + tuple(t.shape[1:]))
             _fill(block, r, ops, sources)

@@ -108,3 +108,31 @@ def test_read_ahead_brings_a_whole_tensor_in_without_touching_it(tmp_path):
     assert _resident_bytes(path, start, nbytes) >= nbytes * 0.95
     np.testing.assert_array_equal(view, arr)
     f.close()
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_copy_rows_from_writes_the_same_file_as_write_block(tmp_path, monkeypatch, kernel_copy):
+    """Rows copied inside the kernel (copy_file_range) or, where it cannot, through the
+    process give byte for byte the file write_block gives, checksums included; a block that
+    is not whole rows is refused."""
+    import mindformers_st.storage.writer as writer_mod
+    from mindformers_st.storage.writer import SafetensorsWriter
+    monkeypatch.setattr(writer_mod, "_COPY_FILE_RANGE", kernel_copy)
+    w = np.arange(64 * 48, dtype=np.float32).reshape(64, 48)
+    src = save_tensors(tmp_path / "src.safetensors", {"a": np.ones(3, np.float32), "w": w})
+    spec = [("w", "F32", (64, 48))]
+    ref = SafetensorsWriter(tmp_path / "ref.safetensors", spec)
+    ref.write("w", w)
+    ref.commit()
+    out = SafetensorsWriter(tmp_path / "out.safetensors", spec)
+    f = SafetensorsFile(src, private=True)
+    view = f.view("w")
+    start = f.data_start + f.tensors["w"].begin
+    out.copy_rows_from("w", 0, str(src), start, view[:40])
+    out.copy_rows_from("w", 40, str(src), start + 40 * 48 * 4, view[40:])
+    with pytest.raises(Exception, match="whole"):
+        out.copy_rows_from("w", 0, str(src), start, view[:, :8])
+    out.commit()
+    del view
+    f.close()
+    assert open(tmp_path / "out.safetensors", "rb").read() == open(tmp_path / "ref.safetensors", "rb").read()
