@@ -21,7 +21,6 @@ provenance header.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -111,13 +110,8 @@ def main(argv=None) -> int:
         print(f"{cache}: copy {row['copy']['median']:.2f} s, convert "
               f"{row['convert']['median']:.2f} s (min {row['convert']['min']:.2f} max "
               f"{row['convert']['max']:.2f}): ratio {row['ratio']:.2f}")
-    doc = {"model": info, "rounds": args.rounds, "results": summary,
-           "provenance": prov.finish(cache=provenance.summarize_evictions(evictions)
-                                     if evictions else "warm only")}
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as fh:
-        json.dump(doc, fh, indent=1)
-    print(f"wrote {args.json}")
+    provenance.write_result(args.json, {"model": info, "rounds": args.rounds,
+                                        "results": summary}, prov, evictions)
     return 0
 
 

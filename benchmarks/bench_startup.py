@@ -436,14 +436,9 @@ def main(argv=None) -> int:
                           f"{row[f'{ours}_ratio_load_to_read']:.2f}")
             summary[f"{source}/{cache}"] = row
     print(f"load average at start {load_start}, at end {load_end}")
-    doc = {"model": info, "rounds": args.rounds, "loadavg_start": load_start,
-           "loadavg_end": load_end, "cpus": os.cpu_count(), "results": summary,
-           "provenance": prov.finish(cache=provenance.summarize_evictions(evictions)
-                                     if evictions else "warm only")}
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as fh:
-        json.dump(doc, fh, indent=1)
-    print(f"wrote {args.json}")
+    provenance.write_result(args.json, {
+        "model": info, "rounds": args.rounds, "loadavg_start": load_start,
+        "loadavg_end": load_end, "cpus": os.cpu_count(), "results": summary}, prov, evictions)
     return 0
 
 

@@ -34,14 +34,22 @@ def _title(key: str, run: dict) -> str:
             f"{prov.get('date_start', '?')[:16]}, {load}; labels: peak PSS anonymous / total")
 
 
-def chart(json_path: str, png_path: str) -> Optional[str]:
-    """Write the chart of `json_path` to `png_path`; returns the path, or None without matplotlib."""
+def pyplot():
+    """matplotlib.pyplot drawing to files (Agg), or None (and why, on stderr) without it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed (pip install -e .[bench]); no chart", file=sys.stderr)
+        return None
+    return plt
+
+
+def chart(json_path: str, png_path: str) -> Optional[str]:
+    """Write the chart of `json_path` to `png_path`; returns the path, or None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
         return None
     with open(json_path) as fh:
         results = json.load(fh)

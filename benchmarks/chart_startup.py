@@ -18,6 +18,10 @@ import sys
 from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from chart_reshard import pyplot  # noqa: E402
+
 SIDES = [("ours", "ours: load to predict (file pages)", "#1f77b4"),
          ("ours_copy", "ours: load for training (one copy)", "#6baed6"),
          ("mindspore", "MindSpore", "#ff7f0e")]
@@ -26,12 +30,8 @@ SIDES = [("ours", "ours: load to predict (file pages)", "#1f77b4"),
 def chart(json_path: str, png_path: str) -> Optional[str]:
     """Write the chart of `json_path` to `png_path`; returns the path, or None without matplotlib
     or when the JSON predates the two-sided format."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install -e .[bench]); no chart", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     with open(json_path) as fh:
         doc = json.load(fh)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import mmap
+import json
 import os
 import platform
 import subprocess
@@ -199,6 +200,17 @@ def evict(paths: Iterable[str], drop_caches: bool = False) -> dict:
     rec["resident_after"] = sum(resident_bytes(p) for p in paths)
     rec["achieved"] = rec["resident_after"] == 0
     return rec
+
+
+def write_result(path: str, doc: dict, run: "Run", evictions: List[dict]) -> None:
+    """Close `run`'s provenance into `doc` (with the evictions' summary, or "warm only" when
+    nothing was evicted) and write `doc` as the benchmark's JSON at `path`."""
+    doc["provenance"] = run.finish(cache=summarize_evictions(evictions) if evictions
+                                   else "warm only")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(doc, fh, indent=1)
+    print(f"wrote {path}")
 
 
 def summarize_evictions(records: List[dict]) -> dict:
