@@ -90,13 +90,8 @@ class Stream:
         """Copy the window's bytes (the collective's result, uint8) into the arrays of the
         needs `rank` did not read, creating them (empty, the target's dtype and shape) first."""
         for need, at, pos, n in self.pieces(start, stop):
-            if need.reader == rank:
-                continue
-            t = need.target
-            arr = arrays.get(t.name)
-            if arr is None:
-                arr = arrays[t.name] = np.empty(t.shape, dtype=ST_TO_NUMPY[t.dtype])
-            _bytes_of(arr)[at:at + n] = window[pos:pos + n]
+            if need.reader != rank:
+                _target_bytes(need.target, arrays)[at:at + n] = window[pos:pos + n]
 
     def share_sizes(self, start: int, stop: int) -> Dict[int, int]:
         """{rank: bytes of the window it read} for every rank of the stream (0 for some)."""
@@ -121,13 +116,8 @@ class Stream:
         for need, at, _, n in self.pieces(start, stop):
             pos = at_reader[need.reader]
             at_reader[need.reader] += n
-            if need.reader == rank:
-                continue
-            t = need.target
-            arr = arrays.get(t.name)
-            if arr is None:
-                arr = arrays[t.name] = np.empty(t.shape, dtype=ST_TO_NUMPY[t.dtype])
-            _bytes_of(arr)[at:at + n] = shares[need.reader][pos:pos + n]
+            if need.reader != rank:
+                _target_bytes(need.target, arrays)[at:at + n] = shares[need.reader][pos:pos + n]
 
     def pieces(self, start: int, stop: int) -> Iterator[Tuple[Need, int, int, int]]:
         """(need, byte offset inside the need, offset inside the window, length) for every need
@@ -170,6 +160,15 @@ class JobReadPlan:
 def _bytes_of(arr: np.ndarray) -> np.ndarray:
     """A flat uint8 view of a C-contiguous array (no copy)."""
     return arr.reshape(-1).view(np.uint8)
+
+
+def _target_bytes(t, arrays: Dict[str, np.ndarray]) -> np.ndarray:
+    """The bytes of target `t`'s array in `arrays`, created (empty, its dtype and shape) when
+    this rank has none yet."""
+    arr = arrays.get(t.name)
+    if arr is None:
+        arr = arrays[t.name] = np.empty(t.shape, dtype=ST_TO_NUMPY[t.dtype])
+    return _bytes_of(arr)
 
 
 def plan_job_reads(plans: Mapping[int, Plan]) -> JobReadPlan:
