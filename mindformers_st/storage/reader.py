@@ -331,6 +331,8 @@ class SafetensorsFile:
             # The header is validated; now map the file (never empty here: the prefix is 8 bytes).
             self._mmap = mmap.mmap(fd, self._size,
                                    access=mmap.ACCESS_COPY if private else mmap.ACCESS_READ)
+            # a private file keeps its descriptor: kernel-side copies read the very file mapped
+            self._fd: Optional[int] = os.dup(fd) if private else None
         finally:
             os.close(fd)
 
@@ -454,6 +456,14 @@ class SafetensorsFile:
         self._handed_out = True   # close() must not unmap what the array still points into
         return arr
 
+    def fileno(self) -> int:
+        """The open descriptor of the file mapped (a file opened with `private=True`), for
+        copies inside the kernel that must read the same file as the mapping, not whatever the
+        path names now."""
+        if self._fd is None:
+            raise CheckpointError(f"{self.path}: no descriptor kept; open it with private=True")
+        return self._fd
+
     def populate(self, name: str) -> None:
         """Bring every page of `name` into the page cache and this mapping now (the kernel's
         read-ahead, then MADV_POPULATE_READ where the kernel has it): one sweep instead of a
@@ -518,6 +528,9 @@ class SafetensorsFile:
 
     def close(self) -> None:
         """Unmap the file. Arrays from read() stay valid; views from raw_bytes() must be released."""
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._mmap is not None:
             try:
                 if not self._handed_out:   # else unmapped when the last array over it goes

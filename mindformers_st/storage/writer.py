@@ -175,10 +175,10 @@ class SafetensorsWriter:
                                   f"but the array is {list(array.shape)}")
         self.write_block(name, (0,) * len(slot.shape), array)
 
-    def copy_rows_from(self, name: str, row: int, src_path: str, src_offset: int,
+    def copy_rows_from(self, name: str, row: int, src_fd: int, src_offset: int,
                        view: np.ndarray) -> None:
         """Write rows [row, row + len(view)) of tensor `name` — whole rows, contiguous in both
-        files — by copying `view.nbytes` bytes at `src_offset` of the file `src_path` inside
+        files — by copying `view.nbytes` bytes at `src_offset` of the open file `src_fd` inside
         the kernel (`os.copy_file_range`: no pass through this process's memory, the page
         cache copies or the file system shares the blocks). `view` is those same bytes as
         mapped (the checksum is computed over it; it must be the file's bytes at that
@@ -197,24 +197,20 @@ class SafetensorsWriter:
         if len(runs) != 1:   # whole rows are one run
             return self.write_block(name, offsets, array)
         dst, todo, src_pos = self.data_start + slot.begin + int(runs[0, 0]), int(runs[0, 1]), src_offset
-        src_fd = os.open(src_path, os.O_RDONLY)
-        try:
-            while todo:
-                try:
-                    n = os.copy_file_range(src_fd, self._fd, todo, src_pos, dst)
-                except OSError as exc:
-                    if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                        done = int(runs[0, 1]) - todo   # the rest through this process
-                        flat = array.reshape(-1).view(np.uint8)
-                        _pwrite_all(self._fd, flat[done:], dst)
-                        break
-                    raise
-                if n == 0:
-                    raise CheckpointError(f"{self.path}: {src_path} ended before offset "
-                                          f"{src_pos + todo} while copying {name!r}")
-                todo, src_pos, dst = todo - n, src_pos + n, dst + n
-        finally:
-            os.close(src_fd)
+        while todo:
+            try:
+                n = os.copy_file_range(src_fd, self._fd, todo, src_pos, dst)
+            except OSError as exc:
+                if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    done = int(runs[0, 1]) - todo   # the rest through this process
+                    flat = array.reshape(-1).view(np.uint8)
+                    _pwrite_all(self._fd, flat[done:], dst)
+                    break
+                raise
+            if n == 0:
+                raise CheckpointError(f"{self.path}: the source ended before offset "
+                                      f"{src_pos + todo} while copying {name!r}")
+            todo, src_pos, dst = todo - n, src_pos + n, dst + n
         self._record(slot, runs, array.reshape(-1).view(np.uint8))
 
     def write_block(self, name: str, offsets, array) -> None:

@@ -464,7 +464,7 @@ def _write_tensor(t: TargetTensor, writer: SafetensorsWriter, shapes, sources: _
             start = source.data_start + source.entry(op.src_name).begin + s0 * row
             if writer.checksums and (op.src_file, op.src_name) not in sources.populated:
                 source.populate_range(start, (e - r) * row)   # the checksum reads these rows
-            writer.copy_rows_from(t.name, r, op.src_file, start, src[s0:s0 + e - r])
+            writer.copy_rows_from(t.name, r, source.fileno(), start, src[s0:s0 + e - r])
             del src, source
         else:
             block = staging.get((e - r) * row).view(dtype).reshape((e - r,) + tuple(t.shape[1:]))

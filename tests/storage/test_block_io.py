@@ -113,8 +113,9 @@ def test_read_ahead_brings_a_whole_tensor_in_without_touching_it(tmp_path):
 @pytest.mark.parametrize("kernel_copy", [True, False])
 def test_copy_rows_from_writes_the_same_file_as_write_block(tmp_path, monkeypatch, kernel_copy):
     """Rows copied inside the kernel (copy_file_range) or, where it cannot, through the
-    process give byte for byte the file write_block gives, checksums included; a block that
-    is not whole rows is refused."""
+    process give byte for byte the file write_block gives, checksums included — from the file
+    opened, also when its path names another file by then; a block that is not whole rows is
+    refused."""
     import mindformers_st.storage.writer as writer_mod
     from mindformers_st.storage.writer import SafetensorsWriter
     monkeypatch.setattr(writer_mod, "_COPY_FILE_RANGE", kernel_copy)
@@ -128,10 +129,14 @@ def test_copy_rows_from_writes_the_same_file_as_write_block(tmp_path, monkeypatc
     f = SafetensorsFile(src, private=True)
     view = f.view("w")
     start = f.data_start + f.tensors["w"].begin
-    out.copy_rows_from("w", 0, str(src), start, view[:40])
-    out.copy_rows_from("w", 40, str(src), start + 40 * 48 * 4, view[40:])
+    # the path now names another file: the copy still reads the file mapped and checked
+    other = save_tensors(tmp_path / "other.safetensors", {"a": np.zeros(3, np.float32),
+                                                          "w": np.zeros_like(w)})
+    os.replace(other, src)
+    out.copy_rows_from("w", 0, f.fileno(), start, view[:40])
+    out.copy_rows_from("w", 40, f.fileno(), start + 40 * 48 * 4, view[40:])
     with pytest.raises(Exception, match="whole"):
-        out.copy_rows_from("w", 0, str(src), start, view[:, :8])
+        out.copy_rows_from("w", 0, f.fileno(), start, view[:, :8])
     out.commit()
     del view
     f.close()
