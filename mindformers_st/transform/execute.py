@@ -165,11 +165,14 @@ class _Sources:
         self._open.clear()
 
 
-def read_source_shapes(plan: Plan) -> Dict[Tuple[str, str], Tuple[Tuple[int, ...], str]]:
+def read_source_shapes(plan: Plan, tensors_of: Optional[Callable[[str], Mapping]] = None
+                       ) -> Dict[Tuple[str, str], Tuple[Tuple[int, ...], str]]:
     """(source file, tensor) -> (stored shape, dtype) for every source the plan reads, from the
-    headers. CheckpointError when a file or tensor the plan names is not there."""
+    headers (`tensors_of(path)`: a file's tensor entries, e.g. of a file already open; by
+    default its header read now, once per file). CheckpointError when a file or tensor the
+    plan names is not there."""
     out: Dict[Tuple[str, str], Tuple[Tuple[int, ...], str]] = {}
-    headers: Dict[str, dict] = {}
+    headers: Dict[str, Mapping] = {}
     for f in plan.files:
         for t in f.tensors:
             for op in t.ops:
@@ -177,7 +180,8 @@ def read_source_shapes(plan: Plan) -> Dict[Tuple[str, str], Tuple[Tuple[int, ...
                 if key in out:
                     continue
                 if op.src_file not in headers:
-                    headers[op.src_file] = read_header(op.src_file)[0]
+                    headers[op.src_file] = (tensors_of(op.src_file) if tensors_of is not None
+                                            else read_header(op.src_file)[0])
                 entry = headers[op.src_file].get(op.src_name)
                 if entry is None:
                     raise CheckpointError(f"{op.src_file}: has no tensor {op.src_name!r} (needed "
@@ -841,24 +845,6 @@ def execute_into(plan: Plan, destinations: Mapping[str, np.ndarray], workers: in
         prepared.close()
 
 
-def source_shapes_from(plan: Plan, sources: "_Sources"):
-    """`read_source_shapes` from the headers of already opened sources (each parsed once, when
-    its file was opened)."""
-    out: Dict[Tuple[str, str], Tuple[Tuple[int, ...], str]] = {}
-    for f in plan.files:
-        for t in f.tensors:
-            for op in t.ops:
-                key = (op.src_file, op.src_name)
-                if key in out:
-                    continue
-                entry = sources.get(op.src_file).tensors.get(op.src_name)
-                if entry is None:
-                    raise CheckpointError(f"{op.src_file}: has no tensor {op.src_name!r} (needed "
-                                          f"for {t.name!r}); the source changed since planning?")
-                out[key] = (tuple(entry.shape), entry.dtype)
-    return out
-
-
 def prepare_read(plan: Plan, verify: str = "read") -> "PreparedRead":
     """Open the plan's sources and validate the plan for reading into memory (`PreparedRead`)."""
     return PreparedRead(plan, verify)
@@ -882,7 +868,7 @@ class PreparedRead:
                             f"read into memory needs unique names")
         self.sources = _Sources()
         try:
-            self.shapes = source_shapes_from(plan, self.sources)
+            self.shapes = read_source_shapes(plan, lambda path: self.sources.get(path).tensors)
             validate_plan(plan, self.shapes)
             self.sources.verifier = Verifier(keys_to_verify(plan, self.shapes, verify))
         except BaseException:
