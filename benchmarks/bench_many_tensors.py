@@ -12,7 +12,9 @@ this process, alternating the two shapes over --rounds rounds (warm page cache):
   load       verify + fill into preallocated arrays (the load hook's engine path, after prepare)
 
 Per-tensor overhead = (many - few) / (n_many - n_few) per phase, printed in microseconds with the
-load average. "Planning and validation" (issue 10's ≤ 50 µs per tensor) are describe, plan_merge,
+load average; beside each phase, the time CPython's cyclic collector ran in it (`gc_s`).
+`--mindspore` imports MindSpore first, as the load hook runs in a training process (the
+collector then has MindSpore's objects to walk). "Planning and validation" (issue 10's ≤ 50 µs per tensor) are describe, plan_merge,
 plan_load and prepare; merge and load also copy, hash and write. Results (with the provenance
 header of benchmarks/provenance.py) go to docs/bench/many_tensors.json.
 
@@ -21,12 +23,14 @@ header of benchmarks/provenance.py) go to docs/bench/many_tensors.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
 import statistics
 import sys
 import time
+from typing import Tuple
 
 import numpy as np
 
@@ -69,40 +73,57 @@ def generate(folder: str, count: int, nbytes: int) -> dict:
     return info
 
 
-def run_once(folder: str, out: str) -> dict:
+class GcClock:
+    """Seconds CPython's cyclic collector ran, summed from gc.callbacks."""
+
+    def __init__(self):
+        self.total = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._tick)
+
+    def _tick(self, phase, info) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._start
+
+
+GC = GcClock()
+
+
+def run_once(folder: str, out: str) -> Tuple[dict, dict]:
+    """({phase: wall seconds}, {phase: seconds the cyclic collector ran in it}) of one round."""
     from mindformers_st.transform import describe_distributed, execute, plan_merge, plan_rank_slices
-    times = {}
-    t = time.perf_counter()
-    src = describe_distributed(folder)
-    times["describe"] = time.perf_counter() - t
-    t = time.perf_counter()
-    plan = plan_merge(src)
-    times["plan_merge"] = time.perf_counter() - t
+    from mindformers_st.transform.execute import prepare_read
+    times, gc_times = {}, {}
+
+    def timed(phase, fn):
+        g, t = GC.total, time.perf_counter()
+        result = fn()
+        times[phase] = time.perf_counter() - t
+        gc_times[phase] = GC.total - g
+        return result
+    src = timed("describe", lambda: describe_distributed(folder))
+    plan = timed("plan_merge", lambda: plan_merge(src))
     shutil.rmtree(out, ignore_errors=True)
-    t = time.perf_counter()
-    execute(plan, out, workers=2, progress=False)
-    times["merge"] = time.perf_counter() - t
+    timed("merge", lambda: execute(plan, out, workers=2, progress=False))
     layouts = {n: TensorLayout(src.global_shapes[n], (1,), (-1,) * len(src.global_shapes[n]))
                for n in src.chunks}
-    t = time.perf_counter()
-    lplan = plan_rank_slices(src, layouts, 0)
-    times["plan_load"] = time.perf_counter() - t
+    lplan = timed("plan_load", lambda: plan_rank_slices(src, layouts, 0))
     dest = {tt.name: np.empty(tt.shape, np.float32) for f in lplan.files for tt in f.tensors}
     for a in dest.values():
         a.fill(0)   # fault the pages in: the parameters exist before a load
-    from mindformers_st.transform.execute import prepare_read
-    t = time.perf_counter()
-    prepared = prepare_read(lplan)
-    times["prepare"] = time.perf_counter() - t
-    t = time.perf_counter()
-    try:
-        prepared.verify(2)
-        prepared.fill(dest, 2)
-    finally:
-        prepared.close()
-    times["load"] = time.perf_counter() - t
+    prepared = timed("prepare", lambda: prepare_read(lplan))
+
+    def load():
+        try:
+            prepared.verify(2)
+            prepared.fill(dest, 2)
+        finally:
+            prepared.close()
+    timed("load", load)
     shutil.rmtree(out, ignore_errors=True)
-    return times
+    return times, gc_times
 
 
 def main(argv=None) -> int:
@@ -113,8 +134,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", default="/tmp/mfst_bench_many")
     ap.add_argument("--label", default="")
+    ap.add_argument("--mindspore", action="store_true",
+                    help="import MindSpore first, as in the training process a load runs in")
     ap.add_argument("--json", default=os.path.join(ROOT, "docs", "bench", "many_tensors.json"))
     args = ap.parse_args(argv)
+    if args.mindspore:
+        import mindspore  # noqa: F401  (its objects are what the collector walks in training)
     prov = provenance.Run(args.work, [os.path.relpath(__file__, ROOT)] + list(
         sys.argv[1:] if argv is None else argv))
     load_start = os.getloadavg()
@@ -123,12 +148,14 @@ def main(argv=None) -> int:
     for tag, (n, b) in shapes.items():
         generate(os.path.join(args.work, tag), n, b)
     res = {tag: {p: [] for p in PHASES} for tag in shapes}
+    gc_res = {tag: {p: [] for p in PHASES} for tag in shapes}
     for rnd in range(args.rounds + 1):   # round 0 warms up
         for tag in (("many", "few") if rnd % 2 == 0 else ("few", "many")):
-            t = run_once(os.path.join(args.work, tag), os.path.join(args.work, f"out_{tag}"))
+            t, g = run_once(os.path.join(args.work, tag), os.path.join(args.work, f"out_{tag}"))
             if rnd:
                 for p in PHASES:
                     res[tag][p].append(t[p])
+                    gc_res[tag][p].append(g[p])
     load_end = os.getloadavg()
     summary = {}
     print(f"{args.tensors} x {args.kib} KiB against {args.few} tensors of the same "
@@ -136,10 +163,13 @@ def main(argv=None) -> int:
     for p in PHASES:
         m = {tag: statistics.median(res[tag][p]) for tag in shapes}
         per = (m["many"] - m["few"]) / (args.tensors - args.few) * 1e6
+        gc_many = statistics.median(gc_res["many"][p])
         summary[p] = {"many_s": res["many"][p], "few_s": res["few"][p], "many_median_s": m["many"],
-                      "few_median_s": m["few"], "per_tensor_us": per}
+                      "few_median_s": m["few"], "per_tensor_us": per,
+                      "gc_many_s": gc_res["many"][p], "gc_many_median_s": gc_many}
         print(f"  {p:10s} many {m['many']:7.3f} s (min {min(res['many'][p]):.3f} max "
-              f"{max(res['many'][p]):.3f})  few {m['few']:7.3f} s  -> {per:7.1f} us/tensor")
+              f"{max(res['many'][p]):.3f}; collector {gc_many:.3f})  few {m['few']:7.3f} s  "
+              f"-> {per:7.1f} us/tensor")
     tot_many = sum(summary[p]["many_median_s"] for p in ("describe", "plan_merge", "merge"))
     tot_few = sum(summary[p]["few_median_s"] for p in ("describe", "plan_merge", "merge"))
     print(f"  merge total (describe+plan+execute): {(tot_many - tot_few) / (args.tensors - args.few) * 1e6:.1f} us/tensor")
@@ -148,7 +178,7 @@ def main(argv=None) -> int:
     print(f"  planning and validation: merge {planning['merge']:.1f} us/tensor "
           f"(describe + plan_merge), load {planning['load']:.1f} us/tensor "
           f"(describe + plan_load + prepare)")
-    doc = {"label": args.label, "tensors": args.tensors, "few": args.few, "kib": args.kib,
+    doc = {"label": args.label, "mindspore_imported": args.mindspore, "tensors": args.tensors, "few": args.few, "kib": args.kib,
            "rounds": args.rounds, "loadavg_start": load_start, "loadavg_end": load_end,
            "phases": summary, "planning_per_tensor_us": planning,
            "merge_total_per_tensor_us": (tot_many - tot_few) / (args.tensors - args.few) * 1e6,

@@ -24,6 +24,7 @@ from .fuse import RowBlock, check_cover, ffn_blocks, qkv_blocks
 from .hf_config import HF_CONFIG
 from .rules import (FuseRule, fill, fuse_rule_of, fused_name_of, get_family, match_template,
                     ms_to_hf_names, translate, unknown_error)
+from ..transform.gc_pause import without_gc
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +194,7 @@ def _index_text(weight_map: Mapping[str, str], total: int) -> str:
 
 
 # ----------------------------------------------------------------------------- HF -> MS
+@without_gc
 def plan_convert_hf(src: SourceCheckpoint, family: str, qkv_concat: bool = False,
                     num_heads: Optional[int] = None, n_kv_heads: Optional[int] = None,
                     tie_word_embeddings: Optional[bool] = None, head_dim: Optional[int] = None,
@@ -300,6 +302,7 @@ def _export_groups(src: SourceCheckpoint, names: Sequence[str],
     return out
 
 
+@without_gc
 def plan_export_hf(src: SourceCheckpoint, family: str, num_heads: Optional[int] = None,
                    n_kv_heads: Optional[int] = None, hf_config: Optional[Mapping] = None,
                    head_dim: Optional[int] = None) -> Plan:

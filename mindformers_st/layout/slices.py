@@ -91,3 +91,26 @@ class TensorSlice:
     def from_json(obj: dict) -> "TensorSlice":
         """Inverse of `to_json`."""
         return TensorSlice(tuple(obj["global_shape"]), tuple(obj["offsets"]), tuple(obj["sizes"]))
+
+
+def box_within(inner_offsets, inner_sizes, outer_offsets, outer_sizes) -> bool:
+    """True when the box `inner_offsets`+`inner_sizes` lies inside `outer_offsets`+`outer_sizes`
+    (same number of dims; plain tuples, as planning's hot loops test millions of boxes)."""
+    for io, isz, oo, osz in zip(inner_offsets, inner_sizes, outer_offsets, outer_sizes):
+        if io < oo or io + isz > oo + osz:
+            return False
+    return True
+
+
+def pairwise_disjoint(slices) -> bool:
+    """True when no two of `slices` (blocks of one tensor) share an element."""
+    slices = list(slices)
+    for i, a in enumerate(slices):
+        for b in slices[i + 1:]:
+            for ao, asz, bo, bsz in zip(a.offsets, a.sizes, b.offsets, b.sizes):
+                if ao + asz <= bo or bo + bsz <= ao:
+                    break   # apart on this dim: these two do not overlap
+            else:
+                return False
+    return True
+

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 from math import prod
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -226,6 +226,9 @@ class TensorLayout:
 
     def slice_for(self, rank: int) -> TensorSlice:
         """The block of the global tensor that `rank` holds."""
+        return _slice_for(self, rank)
+
+    def _compute_slice_for(self, rank: int) -> TensorSlice:
         shape = self._require_shape()
         coord = self.coordinate(rank)
         dm = self.dev_matrix
@@ -266,6 +269,13 @@ class TensorLayout:
         opt = (f", opt shard {self.opt_shard_count}" if self.opt_shard_count > 1 else "")
         return (f"dev_matrix={list(self.dev_matrix)} tensor_map={list(self.tensor_map)}"
                 f"{opt}, stage {self.stage}")
+
+
+@lru_cache(maxsize=1 << 16)
+def _slice_for(layout: TensorLayout, rank: int) -> TensorSlice:
+    # A model repeats a few layouts (one per kind of layer weight) over all its layers, and a
+    # plan asks each for its rank's block: remembered by value (layouts and slices are frozen).
+    return layout._compute_slice_for(rank)
 
 
 def layouts_equivalent(a: TensorLayout, b: TensorLayout) -> bool:

@@ -41,6 +41,7 @@ from ..storage.reader import (MADV_POPULATE_READ, READ_AHEAD_PIECE, SafetensorsF
                               read_header)
 from ..storage.atomic import fsync_dir
 from ..storage.writer import SafetensorsWriter
+from .gc_pause import without_gc
 from .plan import CopyOp, Plan, TargetFile, TargetTensor
 from .planner import split_plan
 from .verify import Verifier, keys_to_verify
@@ -165,6 +166,7 @@ class _Sources:
         self._open.clear()
 
 
+@without_gc
 def read_source_shapes(plan: Plan, tensors_of: Optional[Callable[[str], Mapping]] = None
                        ) -> Dict[Tuple[str, str], Tuple[Tuple[int, ...], str]]:
     """(source file, tensor) -> (stored shape, dtype) for every source the plan reads, from the
@@ -190,6 +192,17 @@ def read_source_shapes(plan: Plan, tensors_of: Optional[Callable[[str], Mapping]
     return out
 
 
+def _box_inside(offsets, sizes, shape) -> bool:
+    """True when offsets+sizes (as many dims as `shape`) lies inside an array of `shape`."""
+    if len(offsets) != len(shape) or len(sizes) != len(shape):
+        return False
+    for o, s, g in zip(offsets, sizes, shape):
+        if o < 0 or o + s > g:
+            return False
+    return True
+
+
+@without_gc
 def validate_plan(plan: Plan, shapes=None) -> None:
     """PlanError unless every op stays inside its source and target, dtypes match, each target
     tensor is covered exactly once (counted by elements), and output paths are unique."""
@@ -211,8 +224,7 @@ def validate_plan(plan: Plan, shapes=None) -> None:
                     raise PlanError(f"{f.path}: {t.name!r} is {t.dtype} but its source "
                                     f"{op.src_name!r} in {op.src_file} is {dtype}; plans never cast")
                 for what, offs, lim in (("source", op.src_offsets, shape), ("target", op.dst_offsets, t.shape)):
-                    if len(offs) != len(lim) or len(op.sizes) != len(lim) or any(
-                            o < 0 or o + s > g for o, s, g in zip(offs, op.sizes, lim)):
+                    if not _box_inside(offs, op.sizes, lim):
                         raise PlanError(f"{f.path}: {t.name!r}: copy {op} leaves the {what} "
                                         f"tensor of shape {list(lim)}")
                 total += op.numel

@@ -17,16 +17,18 @@ import json
 import logging
 import os
 from math import prod
+from operator import sub
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import PlanError
 from ..dtypes import ITEMSIZE
-from ..layout.slices import TensorSlice
+from ..layout.slices import TensorSlice, box_within, pairwise_disjoint
 from ..records.names import HYPER_FILE
 from ..records.rank_meta import RankFileMeta
 from ..storage.index import MS_INDEX, shard_file_name
 from .plan import CopyOp, Plan, TargetFile, TargetTensor
 from .sources import SourceCheckpoint, SourceChunk, subtract
+from .gc_pause import without_gc
 
 logger = logging.getLogger(__name__)
 
@@ -43,28 +45,33 @@ def cover(target: TensorSlice, chunks: Sequence[SourceChunk], prefer: Iterable[s
     by_slice: Dict[TensorSlice, List[SourceChunk]] = {}
     for c in chunks:
         by_slice.setdefault(c.slice, []).append(c)
-    prefer = set(prefer)
+    if not isinstance(prefer, (set, frozenset)):
+        prefer = set(prefer)
 
     def pick(sl: TensorSlice) -> SourceChunk:
-        replicas = sorted(by_slice[sl], key=lambda c: c.file)
-        local = [c for c in replicas if c.file in prefer]
-        return local[0] if local else replicas[hint % len(replicas)]
+        replicas = by_slice[sl]
+        if len(replicas) == 1:
+            return replicas[0]
+        replicas = sorted(replicas, key=lambda c: c.file)
+        for c in replicas:
+            if c.file in prefer:
+                return c
+        return replicas[hint % len(replicas)]
+    t_off, t_size, t_shape = target.offsets, target.sizes, target.global_shape
     if target.numel:
         inside = []   # the source slices lying within the target
         for sl in by_slice:
-            if sl.global_shape != target.global_shape:
+            if sl.global_shape != t_shape:
                 continue
-            if all(so <= to and to + ts <= so + ss for so, ss, to, ts in
-                   zip(sl.offsets, sl.sizes, target.offsets, target.sizes)):
+            if box_within(t_off, t_size, sl.offsets, sl.sizes):
                 return [(pick(sl), target)]   # one slice holds all of it (same layout, whole)
-            if all(to <= so and so + ss <= to + ts for so, ss, to, ts in
-                   zip(sl.offsets, sl.sizes, target.offsets, target.sizes)):
+            if box_within(sl.offsets, sl.sizes, t_off, t_size):
                 inside.append(sl)
         # slices within the target, pairwise disjoint, as many elements as it: they tile it
         # exactly (a merge of one layout's slices), each read whole — no box arithmetic
-        if sum(sl.numel for sl in inside) == target.numel and all(
-                a.intersect(b) is None for i, a in enumerate(inside) for b in inside[i + 1:]):
-            return [(pick(sl), sl) for sl in sorted(inside, key=lambda s: s.offsets)]
+        inside.sort(key=lambda s: s.offsets)
+        if sum(sl.numel for sl in inside) == target.numel and pairwise_disjoint(inside):
+            return [(pick(sl), sl) for sl in inside]
     rest = [target] if target.numel else []
     out: List[Tuple[SourceChunk, TensorSlice]] = []
     for sl in sorted(by_slice, key=lambda s: s.offsets):
@@ -99,8 +106,8 @@ def target_tensor(src: SourceCheckpoint, global_name: str, block: TensorSlice,
     ops = []
     for chunk, inter in cover(block, src.chunks[global_name], prefer, hint):
         # a piece of `cover` lies inside its chunk and inside `block`: offsets need no check
-        src_off = tuple(o - c for o, c in zip(inter.offsets, chunk.slice.offsets))
-        dst_off = tuple(o - b for o, b in zip(inter.offsets, block.offsets))
+        src_off = tuple(map(sub, inter.offsets, chunk.slice.offsets))
+        dst_off = tuple(map(sub, inter.offsets, block.offsets))
         ops.append(CopyOp(chunk.file, chunk.name, src_off, dst_off, inter.sizes))
     return TargetTensor(name or global_name, src.dtypes[global_name], tuple(block.sizes),
                         tuple(ops), global_name, block)
@@ -116,6 +123,7 @@ def _hyper_tensors(src: SourceCheckpoint) -> List[TargetTensor]:
 
 
 # --------------------------------------------------------------------------- merge
+@without_gc
 def plan_merge(src: SourceCheckpoint, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
                names: Optional[Sequence[str]] = None) -> Plan:
     """Complete weights from `src`: tensors in source order packed into shards of at most
@@ -185,6 +193,7 @@ def rank_file_name(rank: int, prefix: str = "checkpoint") -> str:
     return f"rank_{rank}/{prefix}_rank_{rank}.safetensors"
 
 
+@without_gc
 def plan_distributed(src: SourceCheckpoint, layouts: Mapping, pc=None,
                      remove_redundancy: bool = False, prefix: str = "checkpoint",
                      strict: bool = True) -> Plan:
@@ -230,6 +239,7 @@ def plan_distributed(src: SourceCheckpoint, layouts: Mapping, pc=None,
                 f"rank files{' (remove_redundancy)' if remove_redundancy else ''}")
 
 
+@without_gc
 def plan_rank_slices(src: SourceCheckpoint, layouts: Mapping, rank: int,
                      include_hyper: bool = True) -> Plan:
     """The blocks rank `rank` holds under `layouts`, as one in-memory target (for

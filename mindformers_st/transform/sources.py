@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from ..errors import CheckpointError, LayoutError, UndescribedRankFilesError
-from ..layout.slices import TensorSlice
+from ..layout.slices import TensorSlice, pairwise_disjoint
 from ..records.hyper import HYPER_NAMES
 from ..records.iteration import (TRACKER_FILE, find_iteration, iterations_on_disk,
                                  parse_iteration_dir, read_common, read_metadata,
@@ -34,6 +34,7 @@ from ..records.rank_meta import RankFileMeta
 from ..records.scan import SaveSelection, complete_files, select_save
 from ..storage.checksum import decode_checksums
 from ..storage.reader import read_header
+from .gc_pause import without_gc
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,12 @@ class SourceCheckpoint:
     def check_complete(self) -> None:
         """Raise CheckpointError naming the first tensor whose stored pieces leave a hole."""
         for g, chunks in self.chunks.items():
-            hole = uncovered(TensorSlice.whole(self.global_shapes[g]), [c.slice for c in chunks])
+            shape = self.global_shapes[g]
+            slices = [c.slice for c in chunks]
+            if any(sl.sizes == shape for sl in slices):
+                continue   # a whole copy (complete weights, replicated tensors)
+            # the shape came from a stored slice (validated): the whole block needs no check
+            hole = uncovered(TensorSlice._trusted(shape, (0,) * len(shape), shape), slices)
             if hole:
                 files = sorted({os.path.relpath(c.file, self.root or "/") for c in chunks})
                 raise CheckpointError(
@@ -145,13 +151,14 @@ def _tile(whole: TensorSlice, pieces, most: int = 16) -> bool:
     many elements as it: then they cover it (the quick answer for a tensor split over a few
     ranks; False means "not known", never "not covered")."""
     distinct = set(pieces)
-    if len(distinct) > most or any(p.global_shape != whole.global_shape for p in distinct):
+    if len(distinct) > most:
         return False
-    if sum(p.numel for p in distinct) != whole.numel:
-        return False
-    distinct = list(distinct)
-    return all(distinct[i].intersect(distinct[j]) is None
-               for i in range(len(distinct)) for j in range(i + 1, len(distinct)))
+    shape, total = whole.global_shape, 0
+    for p in distinct:
+        if p.global_shape != shape:
+            return False
+        total += p.numel
+    return total == whole.numel and pairwise_disjoint(distinct)
 
 
 def uncovered(target: TensorSlice, pieces) -> List[TensorSlice]:
@@ -178,6 +185,7 @@ def _chunk_whole(path: str, name: str, entry) -> SourceChunk:
 
 
 # --------------------------------------------------------------------------- complete
+@without_gc
 def describe_complete(folder_or_file: str) -> SourceCheckpoint:
     """Describe complete (unsliced) weights: one file, or a folder with a MindSpore or Hugging
     Face index, or a folder of `*.safetensors`. Tensors in `hyper_param.safetensors` and known
@@ -214,6 +222,7 @@ def _load_layouts(strategy) -> Optional[dict]:
     return read_strategy(strategy)
 
 
+@without_gc
 def describe_distributed(folder: str, strategy=None, step=None) -> SourceCheckpoint:
     """Describe one save of `folder/rank_{r}/*.safetensors` from headers only.
 
@@ -339,6 +348,7 @@ def _check_replicas_agree(src: SourceCheckpoint, digests: Mapping[Tuple[str, str
 
 
 # --------------------------------------------------------------------------- Checkpoint 2.0
+@without_gc
 def describe_iteration(path: str) -> SourceCheckpoint:
     """Describe one iteration of a Checkpoint 2.0 folder from its headers, `metadata.json` and
     `common.json`: `path` is the folder holding `latest_checkpointed_iteration.txt` (its

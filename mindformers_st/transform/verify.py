@@ -26,6 +26,7 @@ from ..storage.checksum import ALGO, decode_checksums, hex_digest, new_hasher
 from ..records.rank_meta import METADATA_KEY
 from .plan import Plan
 from .sources import uncovered
+from .gc_pause import without_gc
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def verify_mode(value) -> str:
     raise ConfigError(f"verify_checksums must be True, False, 'read', 'full' or 'off', got {value!r}")
 
 
+@without_gc
 def keys_to_verify(plan: Plan, shapes: Dict[Key, Tuple[Tuple[int, ...], str]], mode: str) -> Set[Key]:
     """The (source file, tensor) pairs the engine hashes under `mode` (see the module doc).
 
@@ -116,7 +118,7 @@ class Verifier:
 
     def __init__(self, keys: Iterable[Key]):
         self._pending = set(keys)
-        self._locks: Dict[Key, threading.Lock] = {k: threading.Lock() for k in self._pending}
+        self._locks: Dict[Key, threading.Lock] = {}   # made when a key is first checked
         self._recorded: Dict[str, Optional[Dict[str, str]]] = {}
         self._unrecorded: Set[str] = set()
         self._meta_lock = threading.Lock()
@@ -142,9 +144,12 @@ class Verifier:
               names: Iterable[str] = ()) -> None:
         """Hash `raw` (the stored bytes of `name` in `path`) and compare with the record, once."""
         key = (path, name)
+        if key not in self._pending:
+            return
         lock = self._locks.get(key)
         if lock is None:
-            return
+            with self._meta_lock:
+                lock = self._locks.setdefault(key, threading.Lock())
         with lock:
             if key not in self._pending:
                 return
