@@ -236,9 +236,10 @@ class BackgroundBuild:
     rank's share completed the set); `error` is then None or the one-line reason it failed."""
 
     def __init__(self, out_dir: str, staging: str, fp: Dict[str, Any], plan, what: str,
-                 verify: str, index: int, count: int):
+                 verify: str, index: int, count: int, after: Optional[threading.Event] = None):
         self.out_dir, self.staging, self.fp, self.plan = out_dir, staging, fp, plan
         self.what, self.verify, self.index, self.count = what, verify, index, count
+        self.after = after
         self.error: Optional[str] = None
         self.committed = False
         self._thread = threading.Thread(target=self._run, name=f"build {os.path.basename(out_dir)}")
@@ -260,6 +261,11 @@ class BackgroundBuild:
         return self._thread.is_alive()
 
     def _run(self) -> None:
+        if self.after is not None:
+            # The load reads the same sources first: writing meanwhile would share the disk
+            # with it (the write-back of a whole model) and slow the first step; afterwards
+            # the sources are in the page cache and only the writes go to the disk.
+            self.after.wait()
         t0 = time.perf_counter()
         _yield_cpu()
         try:
@@ -311,13 +317,16 @@ class BackgroundBuild:
 
 
 def start_background_build(out_dir: str, fp: Dict[str, Any], plan, ctx, what: str,
-                           verify: str = "read", process_num: int = 1
+                           verify: str = "read", process_num: int = 1,
+                           after: Optional[threading.Event] = None
                            ) -> Optional[BackgroundBuild]:
     """Start writing `plan` into `out_dir` (for source fingerprint `fp`) on a thread of each
     builder rank (`transform_ranks(process_num, world)`), the folder committed atomically by the
     last builder to finish. Every rank must call this (once `is_current` said False): the
-    staging folder is made by rank 0 before any thread starts. Returns this rank's build (None
-    on a rank that does not build, or when the staging folder could not be made: a warning)."""
+    staging folder is made by rank 0 before any thread starts. With `after`, the thread writes
+    only once that event is set (the caller must set it, also when it fails: until then
+    `wait_for_build` waits). Returns this rank's build (None on a rank that does not build, or
+    when the staging folder could not be made: a warning)."""
     rank, world = rank_world(ctx)
     builders = transform_ranks(process_num, world)
     staging = out_dir.rstrip("/") + ".building"
@@ -336,7 +345,7 @@ def start_background_build(out_dir: str, fp: Dict[str, Any], plan, ctx, what: st
     logger.info("%s: writing %s in the background on %d of %d rank(s) (transform_process_num; "
                 "ranks %s)", what, out_dir, len(builders), world, builders)
     return BackgroundBuild(out_dir, staging, fp, plan, what, verify, builders.index(rank),
-                           len(builders)).start()
+                           len(builders), after).start()
 
 
 def wait_for_build(out_dir: str) -> None:

@@ -34,6 +34,7 @@ import enum
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from math import ceil
@@ -259,10 +260,12 @@ def convert_hf_online(source: CheckpointSource, opts: LoadOptions, ctx,
     return _converted_source(plan, out_dir)
 
 
-def read_hf_directly(source: CheckpointSource, opts: LoadOptions, ctx, qkv_concat: bool = False):
+def read_hf_directly(source: CheckpointSource, opts: LoadOptions, ctx, qkv_concat: bool = False,
+                     after=None):
     """How the load reads Hugging Face `source`: (the `ms_safetensors` source, None) when that
     folder is current (reused) or `derived_write` is "first" (written now); else (`source`, the
-    conversion plan), `ms_safetensors` then being written in the background while the load
+    conversion plan), `ms_safetensors` then being written in the background — once the event
+    `after` is set (the load has read the HF files), at once without it — while the load
     reads the HF files through the plan. Every rank must call this."""
     if opts.derived_write == "first":
         return convert_hf_online(source, opts, ctx, qkv_concat), None
@@ -271,7 +274,7 @@ def read_hf_directly(source: CheckpointSource, opts: LoadOptions, ctx, qkv_conca
         logger.info("Hugging Face %s weights: reusing %s (source unchanged)", family, out_dir)
         return _converted_source(plan, out_dir), None
     start_background_build(out_dir, fp, plan, ctx, f"Hugging Face {family} weights", opts.verify,
-                           opts.transform_process_num)
+                           opts.transform_process_num, after)
     return source, plan
 
 
@@ -377,7 +380,14 @@ class PendingLoad:
     def __init__(self, opts: LoadOptions, state: NetworkState, ctx=None, resume: bool = False,
                  file_suffix: Optional[str] = None, check=None, background: bool = False):
         self.opts, self.state, self.ctx, self.resume, self.check = opts, state, ctx, resume, check
-        self._prepare(file_suffix)
+        # set once this rank's sources are read (or the load failed): a derived folder is
+        # written in the background only then, not competing with the load for the disk
+        self._sources_read = threading.Event()
+        try:
+            self._prepare(file_suffix)
+        except BaseException:
+            self._sources_read.set()
+            raise
         self._report: Optional[LoadReport] = None
         self._arrays: Dict[str, np.ndarray] = {}
         self._prepared: Optional[PreparedRead] = None
@@ -388,7 +398,6 @@ class PendingLoad:
         self._thread = None
         self._read_seconds = 0.0
         if background:
-            import threading
             self._thread = threading.Thread(target=self._read_guarded, daemon=True,
                                             name="load_ckpt_async")
             self._thread.start()
@@ -402,6 +411,7 @@ class PendingLoad:
     def _settle_background(self) -> None:
         """A failed load returns only once the derived folder it started writing is settled
         (committed, or failed and removed): no `.building` folder outlives the error."""
+        self._sources_read.set()
         if self.background:
             from .derived import wait_for_build
             wait_for_build(self.background)
@@ -428,7 +438,8 @@ class PendingLoad:
         self.background = None     # the derived folder written in the background
         if source.kind == "hf":
             fused = any(".w_qkv." in n or ".w_gate_hidden." in n for n in state.weights)
-            source, self.planned = read_hf_directly(source, opts, ctx, qkv_concat=fused)
+            source, self.planned = read_hf_directly(source, opts, ctx, qkv_concat=fused,
+                                                    after=self._sources_read)
             if self.planned is not None:
                 self.background = os.path.join(os.path.abspath(opts.output_dir), MS_SAFETENSORS)
         weights, layouts = state.weights, state.layouts
@@ -463,7 +474,7 @@ class PendingLoad:
                 else:   # cut from the rank files now, the merged copy is written meanwhile
                     mode, path = LoadMode.DIRECT_RESHARD, source.path
                     start_background_build(out_dir, fp, plan, ctx, _MERGE_WHAT, opts.verify,
-                                           opts.transform_process_num)
+                                           opts.transform_process_num, self._sources_read)
                     self.background = out_dir
         self.counters = dict(src.counters)   # taken before an online merge replaces src
         self.balanced = balanced_load(opts, ctx)   # may agree with the others: main thread
@@ -478,10 +489,13 @@ class PendingLoad:
     def _read(self) -> None:
         """The local half: plan this rank's slices, check their checksums, read the counters."""
         t0 = time.perf_counter()
-        self._report, self._prepared, self._arrays, self._failure, self._job = _read_slices(
-            self.src, self.source, self.mode, self.path, self.state, self.opt_names, self.ctx,
-            self.resume, self.opts.verify, self.planned, self.balanced,
-            prefetch=self._background)
+        try:
+            self._report, self._prepared, self._arrays, self._failure, self._job = _read_slices(
+                self.src, self.source, self.mode, self.path, self.state, self.opt_names,
+                self.ctx, self.resume, self.opts.verify, self.planned, self.balanced,
+                prefetch=self._background)
+        finally:
+            self._sources_read.set()
         self._read_seconds = time.perf_counter() - t0
 
     def finish(self, state: Optional[NetworkState] = None) -> LoadReport:

@@ -95,3 +95,19 @@ def test_a_background_build_runs_below_the_training_s_priority():
     t.join()
     assert seen["build"] == seen["worker"] == min(19, main + BACKGROUND_NICE)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
+
+
+def test_a_build_held_by_after_writes_nothing_until_it_is_set(tmp_path):
+    import threading
+    import time
+    src = _source(tmp_path)
+    out = str(tmp_path / "output" / "unified_checkpoint")
+    os.makedirs(os.path.dirname(out))
+    after = threading.Event()
+    build = start_background_build(out, {"v": 1}, plan_merge(src), None, "online merge",
+                                   after=after)
+    time.sleep(0.3)
+    assert build.running and os.listdir(out + ".building") == []   # held: nothing written
+    assert not build.wait(0.1)
+    after.set()
+    assert build.wait() and build.committed and read_fingerprint(out) == {"v": 1}

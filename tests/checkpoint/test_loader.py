@@ -277,6 +277,49 @@ def test_distributed_auto_trans_merges_online_then_loads(tmp_path, remove_redund
     assert (tmp_path / "o2" / "output" / "unified_checkpoint" / "param_name_map.json").is_file()
 
 
+def test_the_background_merge_writes_only_after_the_load_has_read_its_sources(tmp_path,
+                                                                               monkeypatch):
+    """The merged copy shares the disk with nothing the load needs: its writing starts once
+    this rank's sources are read and checked; a load that fails before reading still lets the
+    build go (nothing waits forever)."""
+    from mindformers_st.checkpoint import derived, loader as loader_mod
+    cfg = tiny_cfg()
+    values = global_values(cfg)
+    folder = write_distributed(tmp_path / "dist", cfg, values,
+                               ParallelConfig(data_parallel=2, model_parallel=2), False)
+    events = []
+    read_slices, write_share = loader_mod._read_slices, derived._write_share
+
+    def reading(*args, **kwargs):
+        out = read_slices(*args, **kwargs)
+        events.append("read")
+        return out
+
+    def writing(*args, **kwargs):
+        events.append("write")
+        return write_share(*args, **kwargs)
+    monkeypatch.setattr(loader_mod, "_read_slices", reading)
+    monkeypatch.setattr(derived, "_write_share", writing)
+    ctx = make_ctx()
+    report = load_checkpoint(opts(folder, tmp_path, auto_trans_ckpt=True), make_model(cfg, ctx),
+                             None, ctx)
+    unified = str(tmp_path / "output" / "unified_checkpoint")
+    assert report.background == unified
+    [build] = [b for b in wait_background_builds() if b.out_dir == unified]
+    assert build.committed and events == ["read", "write"]
+    # a load that fails after starting the build but before reading: the build is released
+    events.clear()
+
+    def broken(*args, **kwargs):
+        raise CheckpointError("balanced_load probe failed")
+    monkeypatch.setattr(loader_mod, "balanced_load", broken)
+    with pytest.raises(CheckpointError, match="probe failed"):
+        load_checkpoint(opts(folder, tmp_path / "o2", auto_trans_ckpt=True),
+                        make_model(cfg, ctx), None, ctx)
+    built = [b for b in wait_background_builds() if "o2" in b.out_dir]
+    assert [b.committed for b in built] == [True] and events == ["write"]
+
+
 def test_direct_reshard_cuts_from_rank_files_without_a_complete_copy(tmp_path):
     cfg = tiny_cfg()
     values = global_values(cfg)
