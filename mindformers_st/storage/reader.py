@@ -64,6 +64,21 @@ class TensorEntry:
 # ---------------------------------------------------------------------------------------------
 # header validation
 
+
+def advise_will_need(mm, start: int, end: int) -> bool:
+    """Ask the kernel to start reading bytes [start, end) of the mapping `mm` (`start` page
+    aligned), in pieces of READ_AHEAD_PIECE: one MADV_WILLNEED reads at most the read-ahead
+    window and silently drops the rest of a longer range. A hint: False when the mapping is
+    gone or refuses it (nothing else happens), True when every piece was advised."""
+    if mm is None or not hasattr(mm, "madvise"):
+        return False
+    for piece in range(start, end, READ_AHEAD_PIECE):
+        try:
+            mm.madvise(mmap.MADV_WILLNEED, piece, min(READ_AHEAD_PIECE, end - piece))
+        except (OSError, ValueError, OverflowError):
+            return False
+    return True
+
 def _fail(path, rule: str, tensor: Optional[str] = None) -> SafetensorsFormatError:
     where = f"tensor {tensor!r}: " if tensor is not None else ""
     return SafetensorsFormatError(
@@ -490,17 +505,12 @@ class SafetensorsFile:
         """MADV_WILLNEED over all of `name`, in pieces the kernel does not cut short; returns the
         page-aligned (start, end) advised, start == end when nothing was."""
         e = self.entry(name)
-        mm = self._mmap
-        if mm is None or not hasattr(mm, "madvise") or e.nbytes == 0:
+        if e.nbytes == 0:
             return 0, 0
         start = self.data_start + e.begin
         lo = start // mmap.PAGESIZE * mmap.PAGESIZE
-        for piece in range(lo, start + e.nbytes, READ_AHEAD_PIECE):
-            try:   # the kernel reads at most its read-ahead window per call
-                mm.madvise(mmap.MADV_WILLNEED, piece,
-                           min(READ_AHEAD_PIECE, start + e.nbytes - piece))
-            except (OSError, ValueError, OverflowError):
-                return 0, 0
+        if not advise_will_need(self._mmap, lo, start + e.nbytes):
+            return 0, 0
         return lo, start + e.nbytes
 
     def prefetch(self, name: str, row0: int = 0, rows: Optional[int] = None) -> None:
@@ -513,11 +523,7 @@ class SafetensorsFile:
         row_bytes = e.nbytes // max(1, e.shape[0])
         rows = e.shape[0] - row0 if rows is None else rows
         start = self.data_start + e.begin + row0 * row_bytes
-        lo = start // mmap.PAGESIZE * mmap.PAGESIZE
-        try:
-            mm.madvise(mmap.MADV_WILLNEED, lo, start + rows * row_bytes - lo)
-        except (OSError, ValueError, OverflowError):
-            pass
+        advise_will_need(mm, start // mmap.PAGESIZE * mmap.PAGESIZE, start + rows * row_bytes)
 
     def raw_bytes(self, name: str) -> memoryview:
         """A zero-copy read-only view of the stored bytes of `name` (release it before close())."""

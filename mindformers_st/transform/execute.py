@@ -37,8 +37,8 @@ import numpy as np
 from ..errors import CheckpointError, PlanError
 from ..dtypes import ITEMSIZE
 from ..dtypes import ST_TO_NUMPY
-from ..storage.reader import (MADV_POPULATE_READ, READ_AHEAD_PIECE, SafetensorsFile, block_runs,
-                              read_header)
+from ..storage.reader import (MADV_POPULATE_READ, SafetensorsFile, advise_will_need,
+                              block_runs, read_header)
 from ..storage.atomic import fsync_dir
 from ..storage.writer import SafetensorsWriter
 from .gc_pause import without_gc
@@ -51,7 +51,6 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 32 << 20      # staging buffer per worker thread
 DIRECT_PIECE = 64 << 20     # largest single write straight from a source mapping
 SMALL_DIRECT_BYTES = 1 << 20  # direct ranges below this are staged with their neighbours
-PREFETCH_PIECE = READ_AHEAD_PIECE   # the most one MADV_WILLNEED call reads (storage.reader)
 
 
 # --------------------------------------------------------------------------- sources
@@ -114,17 +113,10 @@ class _Source(SafetensorsFile):
 
     def will_need(self, ranges: Sequence[Tuple[int, int]]) -> None:
         """Start reading the page-aligned (start, length) `ranges` of the file (a hint: errors
-        are ignored). Issued in pieces of `PREFETCH_PIECE` because the kernel reads at most its
-        read-ahead window per call and silently drops the rest of a longer range."""
-        mm = self._mmap
-        if mm is None or not hasattr(mm, "madvise"):
-            return
+        are ignored), in pieces the kernel does not cut short (storage.reader.advise_will_need)."""
         for start, length in ranges:
-            for lo in range(start, start + length, PREFETCH_PIECE):
-                try:
-                    mm.madvise(mmap.MADV_WILLNEED, lo, min(PREFETCH_PIECE, start + length - lo))
-                except (OSError, ValueError, OverflowError):
-                    return
+            if not advise_will_need(self._mmap, start, start + length):
+                return
 
 
 class _Sources:
