@@ -91,9 +91,47 @@ def global_value(name: str, shape) -> np.ndarray:
     return rng.standard_normal(shape, dtype=np.float32)
 
 
+def write_rank_files(folder: str, table, pc, dedup: bool, stem: str,
+                     global_step: bool = False) -> None:
+    """Training's rank files of `table` under `pc`: `folder/rank_{r}/{stem}.safetensors` (stem
+    formatted with r) with our slice metadata, every value from `global_value`, each slice in
+    its owner's file only with `dedup` (remove_redundancy), plus `global_step` when asked.
+    One global tensor is in memory at a time."""
+    from mindformers_st.storage.writer import SafetensorsWriter
+    layouts = plan_layouts(table, pc)
+    owners = assign_owners(layouts, {p.name: p.dtype for p in table}) if dedup else None
+    per_rank = {r: [] for r in range(pc.world_size)}
+    for name, lay in layouts.items():
+        for r in lay.ranks():
+            sl = lay.slice_for(r)
+            if owners is None or owners[(name, sl)] == r:
+                per_rank[r].append((name, sl))
+    writers = {}
+    for r, items in per_rank.items():
+        os.makedirs(os.path.join(folder, f"rank_{r}"))
+        # the one definition of a rank file's description (records.rank_meta)
+        meta = RankFileMeta(r, pc.world_size, dict(items), pc.to_json(), dedup, 1, 1)
+        specs = [(n, "F32", sl.sizes) for n, sl in items]
+        if global_step:
+            specs.append(("global_step", "I32", (1,)))
+        writers[r] = SafetensorsWriter(
+            os.path.join(folder, f"rank_{r}", stem.format(r=r) + ".safetensors"), specs,
+            meta.to_metadata())
+        if global_step:
+            writers[r].write("global_step", np.array([1], dtype=np.int32))
+    for name, lay in layouts.items():
+        value = global_value(name, lay.global_shape)
+        for r, items in per_rank.items():
+            for n, sl in items:
+                if n == name:
+                    writers[r].write(n, value[sl.index()])
+        del value
+    for w in writers.values():
+        w.commit()
+
+
 def generate(work: str, size: int, many: bool = False) -> dict:
     """Write the mp4 and dedup dp2xmp2 sources and the strategy files MindSpore needs."""
-    from mindformers_st.storage.writer import SafetensorsWriter
     cfg = model_config(size, many)
     table = llama_param_table(cfg)
     info = {"vocab": cfg.vocab_size, "hidden": cfg.hidden_size, "layers": cfg.num_layers,
@@ -105,34 +143,9 @@ def generate(work: str, size: int, many: bool = False) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     for tag, pc, dedup in (("src_mp4", SRC_PC, False), ("src_dedup", DEDUP_PC, True)):
-        layouts = plan_layouts(table, pc)
-        owners = assign_owners(layouts, {p.name: p.dtype for p in table}) if dedup else None
-        writers = {}
-        per_rank = {r: [] for r in range(pc.world_size)}
-        for name, lay in layouts.items():
-            for r in lay.ranks():
-                sl = lay.slice_for(r)
-                if owners is None or owners[(name, sl)] == r:
-                    per_rank[r].append((name, sl))
-        for r, items in per_rank.items():
-            os.makedirs(os.path.join(work, tag, f"rank_{r}"))
-            # the one definition of a rank file's description (records.rank_meta)
-            meta = RankFileMeta(r, pc.world_size, dict(items), pc.to_json(), dedup, 1, 1)
-            specs = [(n, "F32", sl.sizes) for n, sl in items] + [("global_step", "I32", (1,))]
-            writers[r] = SafetensorsWriter(
-                os.path.join(work, tag, f"rank_{r}", f"checkpoint_rank_{r}.safetensors"), specs,
-                meta.to_metadata())
-            writers[r].write("global_step", np.array([1], dtype=np.int32))
-        for name, lay in layouts.items():
-            value = global_value(name, lay.global_shape)
-            for r, items in per_rank.items():
-                for n, sl in items:
-                    if n == name:
-                        writers[r].write(n, value[sl.index()])
-            del value
-        for w in writers.values():
-            w.commit()
-        write_strategy_file(os.path.join(work, f"strategy_{tag}.ckpt"), layouts)
+        write_rank_files(os.path.join(work, tag), table, pc, dedup, "checkpoint_rank_{r}",
+                         global_step=True)
+        write_strategy_file(os.path.join(work, f"strategy_{tag}.ckpt"), plan_layouts(table, pc))
     write_strategy_file(os.path.join(work, "strategy_dst_mp2.ckpt"), plan_layouts(table, DST_PC))
     json.dump(info, open(stamp, "w"))
     return info

@@ -59,10 +59,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import provenance  # noqa: E402
-from bench_reshard import global_value, model_config  # noqa: E402
-from mindformers_st.records.rank_meta import RankFileMeta  # noqa: E402
+from bench_reshard import global_value, model_config, write_rank_files  # noqa: E402
 from mindformers_st.commands.reshard import parse_size  # noqa: E402
-from mindformers_st.layout.owners import assign_owners  # noqa: E402
 from mindformers_st.layout.parallel_config import ParallelConfig, plan_layouts  # noqa: E402
 from mindformers_st.models.param_table import llama_param_table  # noqa: E402
 
@@ -87,7 +85,7 @@ def generate(work: str, size: int) -> dict:
     from mindformers_st.convert.rules import ms_to_hf_name
     from mindformers_st.layout.strategy import write_strategy_file
     from mindformers_st.storage.index import write_index
-    from mindformers_st.storage.writer import SafetensorsWriter, save_tensors
+    from mindformers_st.storage.writer import save_tensors
     cfg = model_config(size)
     table = llama_param_table(cfg)
     info = {"size": size, "vocab": cfg.vocab_size, "hidden": cfg.hidden_size,
@@ -121,33 +119,8 @@ def generate(work: str, size: int) -> dict:
         write_index(folder, "ms" if kind == "complete" else "hf", weight_map, table.total_bytes)
     # rank files: mp2 (the target layout) and dp2 with remove_redundancy
     for tag, pc, dedup in (("rank_mp2", MP2, False), ("rank_dp2", DP2, True)):
-        layouts = plan_layouts(table, pc)
-        owners = assign_owners(layouts, {p.name: p.dtype for p in table}) if dedup else None
-        per_rank = {r: [] for r in range(pc.world_size)}
-        for name, lay in layouts.items():
-            for r in lay.ranks():
-                sl = lay.slice_for(r)
-                if owners is None or owners[(name, sl)] == r:
-                    per_rank[r].append((name, sl))
-        writers = {}
-        for r, items in per_rank.items():
-            os.makedirs(os.path.join(work, tag, f"rank_{r}"))
-            # the one definition of a rank file's description (records.rank_meta)
-            meta = RankFileMeta(r, pc.world_size, dict(items), pc.to_json(), dedup, 1, 1)
-            writers[r] = SafetensorsWriter(
-                os.path.join(work, tag, f"rank_{r}", f"checkpoint_rank_{r}-1_1.safetensors"),
-                [(n, "F32", sl.sizes) for n, sl in items],
-                meta.to_metadata())
-        for name, lay in layouts.items():
-            value = global_value(name, lay.global_shape)
-            for r, items in per_rank.items():
-                for n, sl in items:
-                    if n == name:
-                        writers[r].write(n, value[sl.index()])
-            del value
-        for w in writers.values():
-            w.commit()
-        write_strategy_file(os.path.join(work, f"strategy_{tag}.ckpt"), layouts)
+        write_rank_files(os.path.join(work, tag), table, pc, dedup, "checkpoint_rank_{r}-1_1")
+        write_strategy_file(os.path.join(work, f"strategy_{tag}.ckpt"), plan_layouts(table, pc))
     json.dump(info, open(stamp, "w"))
     return info
 
