@@ -99,8 +99,13 @@ BENCHES = [
           ("--size", "16MiB", "--rounds", "1", "--work", "/tmp/mfst_bench_startup_quick"),
           "docs/checkpoint-loading.md"),
     Bench("many_tensors", "bench_many_tensors.py", "many_tensors.json", "--json",
-          ("--rounds", "3"), ("--tensors", "200", "--few", "10", "--rounds", "1", "--work",
+          ("--rounds", "9"), ("--tensors", "200", "--few", "10", "--rounds", "1", "--work",
                               "/tmp/mfst_bench_many_quick"), "docs/checkpoint-loading.md"),
+    # the same in a process that imported MindSpore, as the load hook's (the cyclic collector)
+    Bench("many_tensors_mindspore", "bench_many_tensors.py", "many_tensors_mindspore.json",
+          "--json", ("--rounds", "9", "--mindspore"),
+          ("--tensors", "200", "--few", "10", "--rounds", "1", "--mindspore", "--work",
+           "/tmp/mfst_bench_many_quick"), "docs/checkpoint-loading.md"),
     # msrun with 2 workers (dp2) and 4 (dp2 x mp2): minutes of launch each, even when small.
     Bench("balanced_load", "bench_balanced_load.py", "balanced_load.json", "--json",
           ("--size", "128MiB", "--reps", "3", "--four"), ("--size", "8MiB", "--reps", "1"),
