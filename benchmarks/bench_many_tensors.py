@@ -14,11 +14,18 @@ this process, alternating the two shapes over --rounds rounds (warm page cache):
 Per-tensor overhead = (many - few) / (n_many - n_few) per phase, printed in microseconds with the
 load average; beside each phase, the time CPython's cyclic collector ran in it (`gc_s`).
 `--mindspore` imports MindSpore first, as the load hook runs in a training process (the
-collector then has MindSpore's objects to walk). "Planning and validation" (issue 10's ≤ 50 µs per tensor) are describe, plan_merge,
-plan_load and prepare; merge and load also copy, hash and write. Results (with the provenance
+collector then has MindSpore's objects to walk). "Planning and validation" (issue 10's ≤ 50 µs
+per tensor) are describe, plan_merge, plan_load and prepare; merge and load also copy, hash and write. Results (with the provenance
 header of benchmarks/provenance.py) go to docs/bench/many_tensors.json.
 
+`--against COMMIT` measures the package of COMMIT in the same run (its `mindformers_st/`
+extracted with `git archive`): every round runs once per code in a fresh process, the order
+alternating, and the JSON carries the baseline's figures and the ratios to them — the machine's
+speed drifts between runs (here by 1.6x within a day), a baseline measured beside the figures
+does not.
+
     .venv/bin/python benchmarks/bench_many_tensors.py [--tensors 4000] [--kib 64] [--rounds 3]
+                                                      [--mindspore] [--against COMMIT]
 """
 from __future__ import annotations
 
@@ -35,7 +42,10 @@ from typing import Tuple
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+# --against runs rounds of this script on another commit's package (a child process each):
+# which mindformers_st it imports comes from the environment, before any import of it
+CODE = os.environ.get("MFST_BENCH_CODE", ROOT)
+sys.path.insert(0, CODE)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import provenance  # noqa: E402
@@ -126,6 +136,82 @@ def run_once(folder: str, out: str) -> Tuple[dict, dict]:
     return times, gc_times
 
 
+def measure(args, rounds: int) -> Tuple[dict, dict]:
+    """({shape: {phase: [seconds per round]}}, the same for the collector's time): a warm-up
+    round, then `rounds` rounds in this process, alternating which shape goes first."""
+    total = args.tensors * args.kib * 1024
+    shapes = {"many": (args.tensors, args.kib * 1024), "few": (args.few, total // args.few)}
+    for tag, (n, b) in shapes.items():
+        generate(os.path.join(args.work, tag), n, b)
+    res = {tag: {p: [] for p in PHASES} for tag in shapes}
+    gc_res = {tag: {p: [] for p in PHASES} for tag in shapes}
+    for rnd in range(rounds + 1):   # round 0 warms up
+        for tag in (("many", "few") if rnd % 2 == 0 else ("few", "many")):
+            t, g = run_once(os.path.join(args.work, tag), os.path.join(args.work, f"out_{tag}"))
+            if rnd:
+                for p in PHASES:
+                    res[tag][p].append(t[p])
+                    gc_res[tag][p].append(g[p])
+    return res, gc_res
+
+
+def summarize(res: dict, gc_res: dict, args, label: str) -> dict:
+    """Per phase: the rounds, medians and per-tensor overhead; planning and merge totals."""
+    n = args.tensors - args.few
+    summary = {}
+    print(f"  [{label}]")
+    for p in PHASES:
+        m = {tag: statistics.median(res[tag][p]) for tag in res}
+        per = (m["many"] - m["few"]) / n * 1e6
+        gc_many = statistics.median(gc_res["many"][p])
+        summary[p] = {"many_s": res["many"][p], "few_s": res["few"][p], "many_median_s": m["many"],
+                      "few_median_s": m["few"], "per_tensor_us": per,
+                      "gc_many_s": gc_res["many"][p], "gc_many_median_s": gc_many}
+        print(f"  {p:10s} many {m['many']:7.3f} s (min {min(res['many'][p]):.3f} max "
+              f"{max(res['many'][p]):.3f}; collector {gc_many:.3f})  few {m['few']:7.3f} s  "
+              f"-> {per:7.1f} us/tensor")
+    tot = {tag: sum(summary[p][f"{tag}_median_s"] for p in ("describe", "plan_merge", "merge"))
+           for tag in ("many", "few")}
+    merge_total = (tot["many"] - tot["few"]) / n * 1e6
+    planning = {"merge": summary["describe"]["per_tensor_us"] + summary["plan_merge"]["per_tensor_us"],
+                "load": sum(summary[p]["per_tensor_us"] for p in ("describe", "plan_load", "prepare"))}
+    print(f"  merge total (describe+plan+execute): {merge_total:.1f} us/tensor")
+    print(f"  planning and validation: merge {planning['merge']:.1f} us/tensor "
+          f"(describe + plan_merge), load {planning['load']:.1f} us/tensor "
+          f"(describe + plan_load + prepare)")
+    return {"phases": summary, "planning_per_tensor_us": planning,
+            "merge_total_per_tensor_us": merge_total}
+
+
+def extract_commit(commit: str, work: str) -> Tuple[str, str]:
+    """(full commit id, a folder holding that commit's `mindformers_st/`), extracted once."""
+    import subprocess
+    full = subprocess.run(["git", "-C", ROOT, "rev-parse", "--verify", commit + "^{commit}"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    folder = os.path.join(work, f"code_{full[:12]}")
+    if not os.path.isdir(os.path.join(folder, "mindformers_st")):
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        archive = subprocess.run(["git", "-C", ROOT, "archive", full, "mindformers_st"],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+    return full, folder
+
+
+def _child_rounds(args, code: str) -> Tuple[dict, dict]:
+    """One round (after a warm-up) of this script in a fresh process importing `code`."""
+    import subprocess
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".json", dir=args.work) as out:
+        cmd = [sys.executable, os.path.abspath(__file__), "--tensors", str(args.tensors), "--few",
+               str(args.few), "--kib", str(args.kib), "--work", args.work, "--raw", out.name]
+        if args.mindspore:
+            cmd.append("--mindspore")
+        subprocess.run(cmd, check=True, env=dict(os.environ, MFST_BENCH_CODE=code))
+        raw = json.load(open(out.name))
+    return raw["res"], raw["gc"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tensors", type=int, default=4000)
@@ -136,52 +222,54 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default="")
     ap.add_argument("--mindspore", action="store_true",
                     help="import MindSpore first, as in the training process a load runs in")
+    ap.add_argument("--against", default=None, metavar="COMMIT",
+                    help="also measure COMMIT's package in the same run, round for round")
+    ap.add_argument("--raw", default=None, help=argparse.SUPPRESS)   # a child of --against
     ap.add_argument("--json", default=os.path.join(ROOT, "docs", "bench", "many_tensors.json"))
     args = ap.parse_args(argv)
     if args.mindspore:
         import mindspore  # noqa: F401  (its objects are what the collector walks in training)
+    os.makedirs(args.work, exist_ok=True)
+    if args.raw:
+        res, gc_res = measure(args, 1)
+        json.dump({"res": res, "gc": gc_res}, open(args.raw, "w"))
+        return 0
     prov = provenance.Run(args.work, [os.path.relpath(__file__, ROOT)] + list(
         sys.argv[1:] if argv is None else argv))
     load_start = os.getloadavg()
     total = args.tensors * args.kib * 1024
-    shapes = {"many": (args.tensors, args.kib * 1024), "few": (args.few, total // args.few)}
-    for tag, (n, b) in shapes.items():
-        generate(os.path.join(args.work, tag), n, b)
-    res = {tag: {p: [] for p in PHASES} for tag in shapes}
-    gc_res = {tag: {p: [] for p in PHASES} for tag in shapes}
-    for rnd in range(args.rounds + 1):   # round 0 warms up
-        for tag in (("many", "few") if rnd % 2 == 0 else ("few", "many")):
-            t, g = run_once(os.path.join(args.work, tag), os.path.join(args.work, f"out_{tag}"))
-            if rnd:
-                for p in PHASES:
-                    res[tag][p].append(t[p])
-                    gc_res[tag][p].append(g[p])
-    load_end = os.getloadavg()
-    summary = {}
     print(f"{args.tensors} x {args.kib} KiB against {args.few} tensors of the same "
-          f"{total / 2 ** 20:.0f} MiB; load average {load_start} -> {load_end}")
-    for p in PHASES:
-        m = {tag: statistics.median(res[tag][p]) for tag in shapes}
-        per = (m["many"] - m["few"]) / (args.tensors - args.few) * 1e6
-        gc_many = statistics.median(gc_res["many"][p])
-        summary[p] = {"many_s": res["many"][p], "few_s": res["few"][p], "many_median_s": m["many"],
-                      "few_median_s": m["few"], "per_tensor_us": per,
-                      "gc_many_s": gc_res["many"][p], "gc_many_median_s": gc_many}
-        print(f"  {p:10s} many {m['many']:7.3f} s (min {min(res['many'][p]):.3f} max "
-              f"{max(res['many'][p]):.3f}; collector {gc_many:.3f})  few {m['few']:7.3f} s  "
-              f"-> {per:7.1f} us/tensor")
-    tot_many = sum(summary[p]["many_median_s"] for p in ("describe", "plan_merge", "merge"))
-    tot_few = sum(summary[p]["few_median_s"] for p in ("describe", "plan_merge", "merge"))
-    print(f"  merge total (describe+plan+execute): {(tot_many - tot_few) / (args.tensors - args.few) * 1e6:.1f} us/tensor")
-    planning = {"merge": summary["describe"]["per_tensor_us"] + summary["plan_merge"]["per_tensor_us"],
-                "load": sum(summary[p]["per_tensor_us"] for p in ("describe", "plan_load", "prepare"))}
-    print(f"  planning and validation: merge {planning['merge']:.1f} us/tensor "
-          f"(describe + plan_merge), load {planning['load']:.1f} us/tensor "
-          f"(describe + plan_load + prepare)")
-    doc = {"label": args.label, "mindspore_imported": args.mindspore, "tensors": args.tensors, "few": args.few, "kib": args.kib,
-           "rounds": args.rounds, "loadavg_start": load_start, "loadavg_end": load_end,
-           "phases": summary, "planning_per_tensor_us": planning,
-           "merge_total_per_tensor_us": (tot_many - tot_few) / (args.tensors - args.few) * 1e6,
+          f"{total / 2 ** 20:.0f} MiB")
+    baseline = None
+    if args.against:
+        full, base_code = extract_commit(args.against, args.work)
+        measure(args, 0)   # the data, written by this checkout's writer
+        runs = {"current": ({}, {}), "baseline": ({}, {})}
+        for rnd in range(args.rounds):
+            for which in (("current", "baseline") if rnd % 2 == 0 else ("baseline", "current")):
+                res, gc_res = _child_rounds(args, ROOT if which == "current" else base_code)
+                acc, gc_acc = runs[which]
+                for tag in res:
+                    for p in PHASES:
+                        acc.setdefault(tag, {}).setdefault(p, []).extend(res[tag][p])
+                        gc_acc.setdefault(tag, {}).setdefault(p, []).extend(gc_res[tag][p])
+        current = summarize(*runs["current"], args, "this checkout")
+        base = summarize(*runs["baseline"], args, f"baseline {full[:7]}")
+        ratio = {f"planning_{k}": current["planning_per_tensor_us"][k] / v
+                 for k, v in base["planning_per_tensor_us"].items()}
+        ratio.update({p: current["phases"][p]["per_tensor_us"] / base["phases"][p]["per_tensor_us"]
+                      for p in PHASES})
+        print("  ratio to the baseline (per tensor): " +
+              ", ".join(f"{k} {v:.2f}" for k, v in ratio.items()))
+        baseline = {"commit": full, **base, "ratio_to_baseline": ratio}
+    else:
+        current = summarize(*measure(args, args.rounds), args, "this checkout")
+    load_end = os.getloadavg()
+    print(f"  load average {load_start} -> {load_end}")
+    doc = {"label": args.label, "mindspore_imported": args.mindspore, "tensors": args.tensors,
+           "few": args.few, "kib": args.kib, "rounds": args.rounds,
+           "loadavg_start": load_start, "loadavg_end": load_end, **current,
+           "baseline": baseline,
            "provenance": prov.finish(cache="warm (page cache not evicted: overhead, not I/O)")}
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     json.dump(doc, open(args.json, "w"), indent=1)

@@ -98,12 +98,15 @@ BENCHES = [
           ("--size", "1.35GB", "--rounds", "5"),
           ("--size", "16MiB", "--rounds", "1", "--work", "/tmp/mfst_bench_startup_quick"),
           "docs/checkpoint-loading.md"),
+    # against 2ba7c0a, the code before the planning work of the 2026-12-02 session, measured
+    # round for round in the same run (the machine's speed drifts between runs)
     Bench("many_tensors", "bench_many_tensors.py", "many_tensors.json", "--json",
-          ("--rounds", "9"), ("--tensors", "200", "--few", "10", "--rounds", "1", "--work",
-                              "/tmp/mfst_bench_many_quick"), "docs/checkpoint-loading.md"),
+          ("--rounds", "9", "--against", "2ba7c0a"),
+          ("--tensors", "200", "--few", "10", "--rounds", "1", "--work",
+           "/tmp/mfst_bench_many_quick"), "docs/checkpoint-loading.md"),
     # the same in a process that imported MindSpore, as the load hook's (the cyclic collector)
     Bench("many_tensors_mindspore", "bench_many_tensors.py", "many_tensors_mindspore.json",
-          "--json", ("--rounds", "9", "--mindspore"),
+          "--json", ("--rounds", "9", "--mindspore", "--against", "2ba7c0a"),
           ("--tensors", "200", "--few", "10", "--rounds", "1", "--mindspore", "--work",
            "/tmp/mfst_bench_many_quick"), "docs/checkpoint-loading.md"),
     # msrun with 2 workers (dp2) and 4 (dp2 x mp2): minutes of launch each, even when small.

@@ -44,7 +44,9 @@ class TensorSlice:
     def whole(shape) -> "TensorSlice":
         """The slice covering all of a tensor of `shape`."""
         shape = tuple(int(x) for x in shape)
-        return TensorSlice(shape, (0,) * len(shape), shape)
+        if any(x < 0 for x in shape):
+            raise ValueError(f"TensorSlice.whole: negative size in shape {shape}")
+        return TensorSlice._trusted(shape, (0,) * len(shape), shape)
 
     @property
     def numel(self) -> int:

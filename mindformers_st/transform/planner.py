@@ -60,12 +60,14 @@ def cover(target: TensorSlice, chunks: Sequence[SourceChunk], prefer: Iterable[s
     t_off, t_size, t_shape = target.offsets, target.sizes, target.global_shape
     if target.numel:
         inside = []   # the source slices lying within the target
+        whole = t_size == t_shape   # a merge: every slice lies within, only a whole one holds it
         for sl in by_slice:
             if sl.global_shape != t_shape:
                 continue
-            if box_within(t_off, t_size, sl.offsets, sl.sizes):
+            if (sl.sizes == t_shape if whole else
+                    box_within(t_off, t_size, sl.offsets, sl.sizes)):
                 return [(pick(sl), target)]   # one slice holds all of it (same layout, whole)
-            if box_within(sl.offsets, sl.sizes, t_off, t_size):
+            if whole or box_within(sl.offsets, sl.sizes, t_off, t_size):
                 inside.append(sl)
         # slices within the target, pairwise disjoint, as many elements as it: they tile it
         # exactly (a merge of one layout's slices), each read whole — no box arithmetic
@@ -104,10 +106,13 @@ def target_tensor(src: SourceCheckpoint, global_name: str, block: TensorSlice,
         raise PlanError(f"tensor {global_name!r} is in no source file; check the source folder "
                         f"(and strategy) or drop it from the target")
     ops = []
+    zeros = (0,) * len(block.sizes)
+    b_off = block.offsets
     for chunk, inter in cover(block, src.chunks[global_name], prefer, hint):
         # a piece of `cover` lies inside its chunk and inside `block`: offsets need no check
-        src_off = tuple(map(sub, inter.offsets, chunk.slice.offsets))
-        dst_off = tuple(map(sub, inter.offsets, block.offsets))
+        i_off, c_off = inter.offsets, chunk.slice.offsets
+        src_off = zeros if i_off == c_off else tuple(map(sub, i_off, c_off))
+        dst_off = i_off if b_off == zeros else tuple(map(sub, i_off, b_off))
         ops.append(CopyOp(chunk.file, chunk.name, src_off, dst_off, inter.sizes))
     return TargetTensor(name or global_name, src.dtypes[global_name], tuple(block.sizes),
                         tuple(ops), global_name, block)
