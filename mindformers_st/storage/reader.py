@@ -138,6 +138,25 @@ def _parse_header(path, raw: bytes, data_len: int) -> Tuple[Dict[str, TensorEntr
 
     entries: List[TensorEntry] = []
     for name, info in obj.items():
+        # The common, valid entry checked in one pass of exact-type tests (bool is not an int
+        # here: type() is exact); anything else falls through to the checks that say what
+        # is wrong. Thousands of entries a file: this loop is most of describing a checkpoint.
+        if type(info) is dict and len(info) == 3:
+            dtype, shape, offsets = (info.get("dtype"), info.get("shape"),
+                                     info.get("data_offsets"))
+            if (type(shape) is list and type(offsets) is list and len(offsets) == 2
+                    and type(dtype) is str and dtype in ITEMSIZE):
+                need = ITEMSIZE[dtype]
+                for d in shape:
+                    if type(d) is not int or d < 0:
+                        break
+                    need *= d
+                else:
+                    begin, end = offsets
+                    if (type(begin) is int and type(end) is int and 0 <= begin
+                            and end - begin == need and end <= data_len):
+                        entries.append(TensorEntry(name, dtype, tuple(shape), begin, end))
+                        continue
         if not isinstance(info, dict):
             raise _fail(path, f"entry must be an object with dtype, shape, data_offsets; found "
                               f"{type(info).__name__}", name)
