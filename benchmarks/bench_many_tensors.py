@@ -11,7 +11,9 @@ this process, alternating the two shapes over --rounds rounds (warm page cache):
   prepare    prepare_read of that plan (open the files, validate the plan, choose the checksums)
   load       verify + fill into preallocated arrays (the load hook's engine path, after prepare)
 
-Per-tensor overhead = (many - few) / (n_many - n_few) per phase, printed in microseconds with the
+Every round starts with nothing parsed (the package's caches of headers and descriptions
+emptied), as the first command of a process. Per-tensor overhead = (many - few) /
+(n_many - n_few) per phase, printed in microseconds with the
 load average; beside each phase, the time CPython's cyclic collector ran in it (`gc_s`).
 `--mindspore` imports MindSpore first, as the load hook runs in a training process (the
 collector then has MindSpore's objects to walk). "Planning and validation" (issue 10's ≤ 50 µs
@@ -101,11 +103,27 @@ class GcClock:
 GC = GcClock()
 
 
+def forget_parsed_files() -> None:
+    """Empty the package's process-wide caches of what it read (parsed headers, parsed rank-file
+    descriptions, layouts' slices), so a round costs what the first command of a process
+    costs: every header parsed and validated once (issue 10 counts that as per-tensor
+    overhead). Caches a commit's package lacks are skipped (--against)."""
+    import importlib
+    for module, name, how in (("mindformers_st.storage.reader", "_HEADER_CACHE", "clear"),
+                              ("mindformers_st.records.rank_meta", "_parse_described", "cache_clear"),
+                              ("mindformers_st.layout.tensor_layout", "_slice_for", "cache_clear")):
+        cache = getattr(importlib.import_module(module), name, None)
+        if cache is not None:
+            getattr(cache, how)()
+
+
 def run_once(folder: str, out: str) -> Tuple[dict, dict]:
-    """({phase: wall seconds}, {phase: seconds the cyclic collector ran in it}) of one round."""
+    """({phase: wall seconds}, {phase: seconds the cyclic collector ran in it}) of one round,
+    begun with nothing parsed (`forget_parsed_files`)."""
     from mindformers_st.transform import describe_distributed, execute, plan_merge, plan_rank_slices
     from mindformers_st.transform.execute import prepare_read
     times, gc_times = {}, {}
+    forget_parsed_files()
 
     def timed(phase, fn):
         g, t = GC.total, time.perf_counter()
