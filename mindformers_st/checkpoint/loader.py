@@ -388,6 +388,17 @@ class PendingLoad:
         except BaseException:
             self._sources_read.set()
             raise
+        try:
+            self._start_read(background)
+        except BaseException:
+            # also when the read thread could not start (or an interrupt came before it
+            # did): the build held for this read must be released, or it waits forever and
+            # the process with it (its thread is not a daemon)
+            self._settle_background()
+            raise
+
+    def _start_read(self, background: bool) -> None:
+        """Read this rank's slices now, or on the `load_ckpt_async` thread (`background`)."""
         self._report: Optional[LoadReport] = None
         self._arrays: Dict[str, np.ndarray] = {}
         self._prepared: Optional[PreparedRead] = None
@@ -402,11 +413,7 @@ class PendingLoad:
                                             name="load_ckpt_async")
             self._thread.start()
         else:
-            try:
-                self._read()
-            except BaseException:
-                self._settle_background()
-                raise
+            self._read()
 
     def _settle_background(self) -> None:
         """A failed load returns only once the derived folder it started writing is settled

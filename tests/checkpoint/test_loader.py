@@ -320,6 +320,37 @@ def test_the_background_merge_writes_only_after_the_load_has_read_its_sources(tm
     assert [b.committed for b in built] == [True] and events == ["write"]
 
 
+def test_a_background_load_whose_read_thread_cannot_start_releases_the_build(tmp_path,
+                                                                             monkeypatch):
+    """The merged copy waits for this load's read; when the read thread never starts (the
+    system refuses a thread, an interrupt comes first) the error is raised and the build is
+    released and committed, not left waiting forever (its thread keeps the process alive)."""
+    from mindformers_st.checkpoint import derived, loader as loader_mod
+    from mindformers_st.checkpoint.network import ModelState
+    cfg = tiny_cfg()
+    folder = write_distributed(tmp_path / "dist", cfg, global_values(cfg),
+                               ParallelConfig(data_parallel=2, model_parallel=2), False)
+
+    class NoStart(threading.Thread):
+        def start(self):
+            raise RuntimeError("can't start new thread")
+
+    class Threading:   # what the loader sees of `threading`
+        Event, Thread = threading.Event, NoStart
+    monkeypatch.setattr(loader_mod, "threading", Threading)
+    ctx = make_ctx()
+    state = ModelState(make_model(cfg, ctx), None, ctx, with_optimizer=False)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        loader_mod.PendingLoad(opts(folder, tmp_path, auto_trans_ckpt=True), state, ctx,
+                               background=True)
+    unified = str(tmp_path / "output" / "unified_checkpoint")
+    [build] = [b for b in list(derived._pending) if b.out_dir == unified]
+    assert build.wait(60) and build.committed, "the build still waits for the read"
+    assert derived.read_fingerprint(unified) is not None
+    assert not os.path.exists(unified + ".building")
+    wait_background_builds()
+
+
 def test_direct_reshard_cuts_from_rank_files_without_a_complete_copy(tmp_path):
     cfg = tiny_cfg()
     values = global_values(cfg)

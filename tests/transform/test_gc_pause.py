@@ -71,3 +71,52 @@ def test_describing_planning_and_preparing_a_load_do_not_run_the_collector_per_t
     few = _collections_of_a_load(str(tmp_path / "few"), 2)
     many = _collections_of_a_load(str(tmp_path / "many"), 40)
     assert many == few, (few, many)
+
+
+def test_overlapping_pauses_on_two_threads_keep_it_paused_until_the_last_ends():
+    """gc.disable() is process-wide: a thread ending its pause must not enable the collector
+    while another thread is still paused, and the last one out restores it."""
+    gc.enable()
+    import threading
+    inside, release = threading.Event(), threading.Event()
+
+    def other():
+        with gc_paused():
+            inside.set()
+            release.wait(30)
+    t = threading.Thread(target=other)
+    with gc_paused():
+        t.start()
+        assert inside.wait(30)
+    try:
+        assert not gc.isenabled()   # the other thread is still within its pause
+    finally:
+        release.set()
+        t.join(30)
+    assert gc.isenabled()
+
+
+def test_pauses_hammered_from_threads_leave_the_collector_enabled():
+    """Each call saving and restoring the flag alone left it disabled for good when a thread
+    read "disabled" during another's pause and disabled it after that one enabled it again."""
+    import sys
+    import threading
+    import time
+    gc.enable()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)   # switch threads between almost every bytecode
+    stop = time.monotonic() + 0.5
+
+    def work():
+        while time.monotonic() < stop:
+            with gc_paused():
+                pass
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert gc.isenabled()
