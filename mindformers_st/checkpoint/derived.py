@@ -369,3 +369,19 @@ def wait_background_builds(announce: bool = True) -> List[BackgroundBuild]:
                   flush=True)
         b.wait()
     return builds
+
+
+def _wait_at_exit() -> None:
+    wait_background_builds()
+
+
+# A process that ends without wait_background_builds() (a script around load_checkpoint, a run
+# that raised) would lose the folder: interpreter shutdown first runs threading's exit hooks —
+# concurrent.futures' among them, after which no thread pool takes work — and only then joins
+# the builds' (non-daemon) threads, which then fail to write. Threading's hooks run newest
+# first, so this one, registered after concurrent.futures' (imported above), waits for the
+# builds while they can still write. (threading._register_atexit: CPython 3.9+.)
+import concurrent.futures.thread  # noqa: E402,F401  (registers its exit hook before ours)
+
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(_wait_at_exit)

@@ -111,3 +111,37 @@ def test_a_build_held_by_after_writes_nothing_until_it_is_set(tmp_path):
     assert not build.wait(0.1)
     after.set()
     assert build.wait() and build.committed and read_fingerprint(out) == {"v": 1}
+
+
+def test_a_process_that_exits_without_waiting_still_writes_the_folder(tmp_path):
+    """A script that loads (the merged copy written in the background) and simply ends: the
+    interpreter's shutdown waits for the build while it can still write, and the folder is
+    committed (it failed with "cannot schedule new futures after interpreter shutdown")."""
+    import subprocess
+    import sys
+    import textwrap
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = textwrap.dedent(f"""
+        import pathlib, sys
+        sys.path.insert(0, {root!r})
+        from tests.checkpoint.test_loader import (tiny_cfg, global_values, write_distributed,
+                                                  make_ctx, make_model, opts)
+        from mindformers_st.layout.parallel_config import ParallelConfig
+        from mindformers_st.checkpoint.loader import load_checkpoint
+        tmp = pathlib.Path({str(tmp_path)!r})
+        cfg = tiny_cfg()
+        folder = write_distributed(tmp / "dist", cfg, global_values(cfg),
+                                   ParallelConfig(data_parallel=2, model_parallel=2), False)
+        ctx = make_ctx()
+        report = load_checkpoint(opts(folder, tmp, auto_trans_ckpt=True), make_model(cfg, ctx),
+                                 None, ctx)
+        assert report.background
+        print("loaded; ending without waiting", flush=True)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, PYTHONPATH=root))
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = tmp_path / "output" / "unified_checkpoint"
+    assert (out / FINGERPRINT_FILE).is_file() and (out / "param_name_map.json").is_file()
+    assert not (tmp_path / "output" / "unified_checkpoint.building").exists()
+    assert "wrote" in run.stdout and "cannot schedule" not in run.stderr
