@@ -87,11 +87,13 @@ def _fail(path, rule: str, tensor: Optional[str] = None) -> SafetensorsFormatErr
 
 
 def _reject_duplicates(pairs):
-    obj = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _DuplicateKey(key)
-        obj[key] = value
+    obj = dict(pairs)   # built in C; a repeated key shows as fewer keys than pairs
+    if len(obj) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
     return obj
 
 
