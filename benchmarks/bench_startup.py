@@ -10,6 +10,8 @@ parameters' own memory) — and MindSpore's through its nearest equivalent:
 
   source      ours                                         MindSpore
   hf          HF folder read through the conversion plan    load_checkpoint(format=safetensors)
+              (shards as transformers writes them: no
+              checksum record, so read unchecked)
               (ms_safetensors written in the background)    per shard + rename + load_param_into_net
   complete    complete MS weights, loaded whole             load_checkpoint per shard + load_param_into_net
   rank_same   mp2 rank files, rank 0 of mp2 (same layout)   load_checkpoint(rank_0 file) + load_param_into_net
@@ -90,7 +92,10 @@ def generate(work: str, size: int) -> dict:
     table = llama_param_table(cfg)
     info = {"size": size, "vocab": cfg.vocab_size, "hidden": cfg.hidden_size,
             "layers": cfg.num_layers, "intermediate": cfg.intermediate_size,
-            "tensors": len(table), "bytes": table.total_bytes}
+            "tensors": len(table), "bytes": table.total_bytes,
+            # HF shards as transformers writes them: {"format": "pt"} and no checksum record
+            # (a load reads them unchecked; what it writes, ms_safetensors, records checksums)
+            "hf_shards": "format pt, no checksums"}
     stamp = os.path.join(work, "model.json")
     if os.path.exists(stamp) and json.load(open(stamp)) == info:
         return info
@@ -113,7 +118,10 @@ def generate(work: str, size: int) -> dict:
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             out = {(n if kind == "complete" else ms_to_hf_name(n, "llama")):
                    global_value(n, table.by_name()[n].shape) for n in names}
-            save_tensors(os.path.join(folder, fname), out)
+            if kind == "complete":
+                save_tensors(os.path.join(folder, fname), out)
+            else:
+                save_tensors(os.path.join(folder, fname), out, {"format": "pt"}, checksums=False)
             weight_map.update({n: fname for n in out})
             del out
         write_index(folder, "ms" if kind == "complete" else "hf", weight_map, table.total_bytes)
