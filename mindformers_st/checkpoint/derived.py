@@ -242,6 +242,9 @@ class BackgroundBuild:
         self.after = after
         self.error: Optional[str] = None
         self.committed = False
+        self._state = threading.Lock()   # "held" -> "writing" or "cancelled", once
+        self._writing = False
+        self._cancelled = False
         self._thread = threading.Thread(target=self._run, name=f"build {os.path.basename(out_dir)}")
 
     def start(self) -> "BackgroundBuild":
@@ -260,12 +263,29 @@ class BackgroundBuild:
     def running(self) -> bool:
         return self._thread.is_alive()
 
+    def cancel(self) -> bool:
+        """If this build is still held by `after` (nothing written), it never writes: once
+        released, its thread ends at once (removing the staging folder when it is the only
+        builder). True when cancelled in time, False when it had begun writing."""
+        with self._state:
+            if self._writing:
+                return False
+            self._cancelled = True
+            return True
+
     def _run(self) -> None:
         if self.after is not None:
             # The load reads the same sources first: writing meanwhile would share the disk
             # with it (the write-back of a whole model) and slow the first step; afterwards
             # the sources are in the page cache and only the writes go to the disk.
             self.after.wait()
+        with self._state:
+            if self._cancelled:
+                self.error = "cancelled before writing (the load was interrupted)"
+                if self.count == 1:
+                    shutil.rmtree(self.staging, ignore_errors=True)
+                return
+            self._writing = True
         t0 = time.perf_counter()
         _yield_cpu()
         try:
@@ -346,6 +366,15 @@ def start_background_build(out_dir: str, fp: Dict[str, Any], plan, ctx, what: st
                 "ranks %s)", what, out_dir, len(builders), world, builders)
     return BackgroundBuild(out_dir, staging, fp, plan, what, verify, builders.index(rank),
                            len(builders), after).start()
+
+
+def cancel_held_builds(out_dir: str) -> None:
+    """Cancel (`BackgroundBuild.cancel`) the builds of `out_dir` this process started that
+    have not begun writing; their holder must still release them (set `after`)."""
+    with _pending_lock:
+        held = [b for b in _pending if b.out_dir == out_dir]
+    for b in held:
+        b.cancel()
 
 
 def wait_for_build(out_dir: str) -> None:

@@ -34,6 +34,7 @@ import enum
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -417,7 +418,12 @@ class PendingLoad:
 
     def _settle_background(self) -> None:
         """A failed load returns only once the derived folder it started writing is settled
-        (committed, or failed and removed): no `.building` folder outlives the error."""
+        (committed, or failed and removed): no `.building` folder outlives the error. An
+        interrupted load (Ctrl-C, SystemExit) does not start a whole build it was holding: it
+        is cancelled, so the interrupt is not kept waiting for it."""
+        if self.background and isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit)):
+            from .derived import cancel_held_builds
+            cancel_held_builds(self.background)
         self._sources_read.set()
         if self.background:
             from .derived import wait_for_build

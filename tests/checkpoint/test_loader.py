@@ -351,6 +351,34 @@ def test_a_background_load_whose_read_thread_cannot_start_releases_the_build(tmp
     wait_background_builds()
 
 
+def test_an_interrupted_load_does_not_start_the_build_it_was_holding(tmp_path, monkeypatch):
+    """Ctrl-C while this rank reads: the merged copy, held until the read, is cancelled — the
+    interrupt is not kept waiting for a whole build, and no `.building` folder is left."""
+    from mindformers_st.checkpoint import derived, loader as loader_mod
+    cfg = tiny_cfg()
+    folder = write_distributed(tmp_path / "dist", cfg, global_values(cfg),
+                               ParallelConfig(data_parallel=2, model_parallel=2), False)
+    writes = []
+    write_share = derived._write_share
+
+    def writing(*args, **kwargs):
+        writes.append(args)
+        return write_share(*args, **kwargs)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(derived, "_write_share", writing)
+    monkeypatch.setattr(loader_mod, "_read_slices", interrupted)
+    ctx = make_ctx()
+    with pytest.raises(KeyboardInterrupt):
+        load_checkpoint(opts(folder, tmp_path, auto_trans_ckpt=True), make_model(cfg, ctx),
+                        None, ctx)
+    unified = str(tmp_path / "output" / "unified_checkpoint")
+    [build] = [b for b in wait_background_builds() if b.out_dir == unified]
+    assert writes == [] and "cancelled" in build.error and not build.committed
+    assert not os.path.exists(unified) and not os.path.exists(unified + ".building")
+
+
 def test_direct_reshard_cuts_from_rank_files_without_a_complete_copy(tmp_path):
     cfg = tiny_cfg()
     values = global_values(cfg)
