@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import CheckpointError, PlanError
+from ..layout.slices import box_within
 from ..dtypes import ITEMSIZE
 from ..dtypes import ST_TO_NUMPY
 from ..storage.reader import (MADV_POPULATE_READ, SafetensorsFile, advise_will_need,
@@ -186,12 +187,8 @@ def read_source_shapes(plan: Plan, tensors_of: Optional[Callable[[str], Mapping]
 
 def _box_inside(offsets, sizes, shape) -> bool:
     """True when offsets+sizes (as many dims as `shape`) lies inside an array of `shape`."""
-    if len(offsets) != len(shape) or len(sizes) != len(shape):
-        return False
-    for o, s, g in zip(offsets, sizes, shape):
-        if o < 0 or o + s > g:
-            return False
-    return True
+    return (len(offsets) == len(sizes) == len(shape)
+            and box_within(offsets, sizes, (0,) * len(shape), shape))
 
 
 @without_gc

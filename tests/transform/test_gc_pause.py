@@ -66,11 +66,13 @@ def _collections_of_a_load(folder: str, layers: int) -> int:
 
 def test_describing_planning_and_preparing_a_load_do_not_run_the_collector_per_tensor(tmp_path):
     """With the collector set to run at every allocation, describe -> plan -> prepare of a
-    5-tensor-per-layer model collects as often at 40 layers as at 2 (only at the boundaries of
-    the paused calls); unpaused it collected hundreds of times more."""
+    5-tensor-per-layer model collects about as often at 40 layers as at 2 (only at the
+    boundaries of the paused calls); unpaused it collected over ten times more."""
     few = _collections_of_a_load(str(tmp_path / "few"), 2)
     many = _collections_of_a_load(str(tmp_path / "many"), 40)
-    assert many == few, (few, many)
+    # a collection or two at the boundaries may come and go with what the pauses leave
+    # counted; unpaused, 40 layers collected 26682 times against 1886
+    assert many <= few + 5, (few, many)
 
 
 def test_overlapping_pauses_on_two_threads_keep_it_paused_until_the_last_ends():
