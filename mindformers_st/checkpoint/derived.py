@@ -24,6 +24,7 @@ collective build before the load.
 """
 from __future__ import annotations
 
+import concurrent.futures.thread  # noqa: F401  (its exit hook is registered before ours)
 import json
 import logging
 import os
@@ -408,9 +409,7 @@ def _wait_at_exit() -> None:
 # that raised) would lose the folder: interpreter shutdown first runs threading's exit hooks —
 # concurrent.futures' among them, after which no thread pool takes work — and only then joins
 # the builds' (non-daemon) threads, which then fail to write. Threading's hooks run newest
-# first, so this one, registered after concurrent.futures' (imported above), waits for the
+# first, so this one, registered after concurrent.futures' (imported at the top), waits for the
 # builds while they can still write. (threading._register_atexit: CPython 3.9+.)
-import concurrent.futures.thread  # noqa: E402,F401  (registers its exit hook before ours)
-
 if hasattr(threading, "_register_atexit"):
     threading._register_atexit(_wait_at_exit)

@@ -115,4 +115,3 @@ def pairwise_disjoint(slices) -> bool:
             else:
                 return False
     return True
-

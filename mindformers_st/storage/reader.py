@@ -40,6 +40,21 @@ READ_AHEAD_PIECE = 128 << 10
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)   # Linux 5.14+
 
 
+def advise_will_need(mm, start: int, end: int) -> bool:
+    """Ask the kernel to start reading bytes [start, end) of the mapping `mm` (`start` page
+    aligned), in pieces of READ_AHEAD_PIECE: one MADV_WILLNEED reads at most the read-ahead
+    window and silently drops the rest of a longer range. A hint: False when the mapping is
+    gone or refuses it (nothing else happens), True when every piece was advised."""
+    if mm is None or not hasattr(mm, "madvise"):
+        return False
+    for piece in range(start, end, READ_AHEAD_PIECE):
+        try:
+            mm.madvise(mmap.MADV_WILLNEED, piece, min(READ_AHEAD_PIECE, end - piece))
+        except (OSError, ValueError, OverflowError):
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """One tensor as the header describes it; begin/end are byte offsets relative to the data area."""
@@ -64,20 +79,6 @@ class TensorEntry:
 # ---------------------------------------------------------------------------------------------
 # header validation
 
-
-def advise_will_need(mm, start: int, end: int) -> bool:
-    """Ask the kernel to start reading bytes [start, end) of the mapping `mm` (`start` page
-    aligned), in pieces of READ_AHEAD_PIECE: one MADV_WILLNEED reads at most the read-ahead
-    window and silently drops the rest of a longer range. A hint: False when the mapping is
-    gone or refuses it (nothing else happens), True when every piece was advised."""
-    if mm is None or not hasattr(mm, "madvise"):
-        return False
-    for piece in range(start, end, READ_AHEAD_PIECE):
-        try:
-            mm.madvise(mmap.MADV_WILLNEED, piece, min(READ_AHEAD_PIECE, end - piece))
-        except (OSError, ValueError, OverflowError):
-            return False
-    return True
 
 def _fail(path, rule: str, tensor: Optional[str] = None) -> SafetensorsFormatError:
     where = f"tensor {tensor!r}: " if tensor is not None else ""

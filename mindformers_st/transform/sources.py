@@ -107,12 +107,7 @@ class SourceCheckpoint:
     def check_complete(self) -> None:
         """Raise CheckpointError naming the first tensor whose stored pieces leave a hole."""
         for g, chunks in self.chunks.items():
-            shape = self.global_shapes[g]
-            slices = [c.slice for c in chunks]
-            if any(sl.sizes == shape for sl in slices):
-                continue   # a whole copy (complete weights, replicated tensors)
-            # the shape came from a stored slice (validated): the whole block needs no check
-            hole = uncovered(TensorSlice._trusted(shape, (0,) * len(shape), shape), slices)
+            hole = uncovered(TensorSlice.whole(self.global_shapes[g]), [c.slice for c in chunks])
             if hole:
                 files = sorted({os.path.relpath(c.file, self.root or "/") for c in chunks})
                 raise CheckpointError(
