@@ -17,7 +17,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 from ..dtypes import ITEMSIZE
 from ..errors import ConversionError
 from ..layout.param_table import OPTIMIZER_STATE_PREFIXES
-from ..storage.index import HF_INDEX, MS_INDEX, shard_file_name
+from ..storage.index import HF_INDEX, MS_INDEX, index_text, shard_file_name
 from ..transform.plan import CopyOp, Plan, TargetFile, TargetTensor
 from ..transform.sources import SourceChunk, SourceCheckpoint
 from .fuse import RowBlock, check_cover, ffn_blocks, qkv_blocks
@@ -187,12 +187,6 @@ def _files_by_source(assigned: List[Tuple[TargetTensor, str]], kind: str, rename
     return files, weight_map, sum(f.nbytes for f in files)
 
 
-def _index_text(weight_map: Mapping[str, str], total: int) -> str:
-    obj = {"metadata": {"total_size": total},
-           "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
-    return json.dumps(obj, indent=2) + "\n"
-
-
 # ----------------------------------------------------------------------------- HF -> MS
 @without_gc
 def plan_convert_hf(src: SourceCheckpoint, family: str, qkv_concat: bool = False,
@@ -254,7 +248,7 @@ def plan_convert_hf(src: SourceCheckpoint, family: str, qkv_concat: bool = False
         assigned.append((TargetTensor(fused_name, parts[0].dtype, shape, ops), parts[0].file))
     files, weight_map, total = _files_by_source(assigned, "ms", rename_sources=False,
                                                 n_sources=len({c.file for c in chunks.values()}))
-    return Plan("convert_hf", tuple(files), ((MS_INDEX, _index_text(weight_map, total)),),
+    return Plan("convert_hf", tuple(files), ((MS_INDEX, index_text(weight_map, total)),),
                 f"Hugging Face {family} -> MindSpore Transformers ({len(weight_map)} tensors, "
                 f"{num_layers} layers{', qkv_concat' if qkv_concat else ''}) from {src.root}")
 
@@ -370,7 +364,7 @@ def plan_export_hf(src: SourceCheckpoint, family: str, num_heads: Optional[int] 
     if dims is not None:
         _check_heads(shapes, num_layers, *dims)
     files, weight_map, total = _files_by_source(assigned, "hf", rename_sources=True)
-    side = [(HF_INDEX, _index_text(weight_map, total))]
+    side = [(HF_INDEX, index_text(weight_map, total))]
     if hf_config is not None:
         side.append((HF_CONFIG, json.dumps(dict(hf_config), indent=2) + "\n"))
     return Plan("export_hf", tuple(files), tuple(side),

@@ -6,10 +6,14 @@ Pure Python; no numpy needed except for `index()` consumers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from math import prod
 from typing import Optional, Tuple
 
+from ..fast_init import fast_init
 
+
+@fast_init
 @dataclass(frozen=True, order=True)
 class TensorSlice:
     """A rectangular block of a global tensor.
@@ -23,12 +27,15 @@ class TensorSlice:
     sizes: Tuple[int, ...]
 
     def __post_init__(self):
+        if block_inside(self.global_shape, self.offsets, self.sizes):
+            return
         if not (len(self.global_shape) == len(self.offsets) == len(self.sizes)):
             raise ValueError(f"TensorSlice rank mismatch: shape {self.global_shape}, "
                              f"offsets {self.offsets}, sizes {self.sizes}")
-        for d, (g, o, s) in enumerate(zip(self.global_shape, self.offsets, self.sizes)):
-            if o < 0 or s < 0 or o + s > g:
-                raise ValueError(f"TensorSlice dim {d}: offset {o} + size {s} outside global size {g}")
+        d, g, o, s = next((d, g, o, s) for d, (g, o, s) in
+                          enumerate(zip(self.global_shape, self.offsets, self.sizes))
+                          if not block_inside((g,), (o,), (s,)))
+        raise ValueError(f"TensorSlice dim {d}: offset {o} + size {s} outside global size {g}")
 
     @classmethod
     def _trusted(cls, global_shape, offsets, sizes) -> "TensorSlice":
@@ -42,11 +49,9 @@ class TensorSlice:
 
     @staticmethod
     def whole(shape) -> "TensorSlice":
-        """The slice covering all of a tensor of `shape`."""
-        shape = tuple(int(x) for x in shape)
-        if any(x < 0 for x in shape):
-            raise ValueError(f"TensorSlice.whole: negative size in shape {shape}")
-        return TensorSlice._trusted(shape, (0,) * len(shape), shape)
+        """The slice covering all of a tensor of `shape` (the same object for an equal shape:
+        a checkpoint's tensors share a few shapes)."""
+        return _whole(tuple(shape))
 
     @property
     def numel(self) -> int:
@@ -90,9 +95,50 @@ class TensorSlice:
                 "sizes": list(self.sizes)}
 
     @staticmethod
-    def from_json(obj: dict) -> "TensorSlice":
-        """Inverse of `to_json`."""
-        return TensorSlice(tuple(obj["global_shape"]), tuple(obj["offsets"]), tuple(obj["sizes"]))
+    def from_json(obj: dict, memo: Optional[dict] = None) -> "TensorSlice":
+        """Inverse of `to_json`. ValueError unless every number is an integer (not a bool or a
+        float) and the block lies inside its tensor; KeyError or TypeError for a malformed
+        object. `memo` (a dict the caller keeps): blocks already made, by value; an equal block
+        is returned as the same object (a rank file names a few distinct blocks thousands of
+        times, and each is validated once)."""
+        key = (tuple(obj["global_shape"]), tuple(obj["offsets"]), tuple(obj["sizes"]))
+        for part in key:
+            for x in part:
+                if type(x) is not int:
+                    raise ValueError(f"slice numbers must be integers, found {x!r}")
+        if memo is None:
+            return TensorSlice(*key)
+        made = memo.get(key)
+        if made is None:
+            made = memo[key] = TensorSlice(*key)
+        return made
+
+    def __hash__(self) -> int:
+        # planning keys dicts by slices thousands of times a checkpoint: hash the fields once
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = self.__dict__["_hash"] = hash((self.global_shape, self.offsets, self.sizes))
+        return h
+
+
+@lru_cache(maxsize=4096)
+def _whole(shape: Tuple[int, ...]) -> TensorSlice:
+    shape = tuple(int(x) for x in shape)
+    if any(x < 0 for x in shape):
+        raise ValueError(f"TensorSlice.whole: negative size in shape {shape}")
+    return TensorSlice._trusted(shape, (0,) * len(shape), shape)
+
+
+def block_inside(shape, offsets, sizes) -> bool:
+    """True when the block `offsets`+`sizes` lies inside an array of `shape`: one entry per
+    dimension each, no offset or size negative, no block end past the shape (the rule for
+    slices and for plans' copies)."""
+    if not len(shape) == len(offsets) == len(sizes):
+        return False
+    for n, o, s in zip(shape, offsets, sizes):
+        if o < 0 or s < 0 or o + s > n:
+            return False
+    return True
 
 
 def box_within(inner_offsets, inner_sizes, outer_offsets, outer_sizes) -> bool:

@@ -100,10 +100,10 @@ class RankFileMeta:
             slices_obj = obj.get("slices") or {}
             if not isinstance(slices_obj, dict):
                 raise ValueError("'slices' must map tensor names to slices")
-            slices = {}
+            slices, made = {}, {}
             for name, s in slices_obj.items():
                 try:
-                    slices[name] = TensorSlice.from_json(s)
+                    slices[name] = TensorSlice.from_json(s, made)
                 except (KeyError, TypeError, ValueError) as exc:
                     raise ValueError(f"slice of tensor {name!r} is malformed ({exc})") from exc
             pc = obj.get("parallel_config")

@@ -130,6 +130,21 @@ def read_index(folder, kind: Optional[str] = None) -> Optional[WeightIndex]:
     return indexes[0]
 
 
+def index_text(weight_map: Mapping[str, str], total_size: int) -> str:
+    """The text of an index file (either kind): `{"metadata": {"total_size": N}, "weight_map":
+    {name: file}}` with entries sorted by tensor name, as Hugging Face writes it, the same text
+    as `json.dumps(obj, indent=2, ensure_ascii=False) + "\n"` (a test pins that). Written
+    entry by entry because the indenting encoder is pure Python, 3 µs an entry."""
+    if not weight_map:
+        entries = "{}"
+    else:
+        enc = json.encoder.encode_basestring   # the C escaper json.dumps uses for str
+        entries = "{\n" + ",\n".join([f"    {enc(k)}: {enc(weight_map[k])}"
+                                        for k in sorted(weight_map)]) + "\n  }"
+    return (f'{{\n  "metadata": {{\n    "total_size": {int(total_size)}\n  }},\n'
+            f'  "weight_map": {entries}\n}}\n')
+
+
 def write_index(folder, kind: str, weight_map: Mapping[str, str], total_size: int) -> str:
     """Write the `kind` ("hf"/"ms") index of `folder` atomically; returns its path.
 
@@ -141,7 +156,5 @@ def write_index(folder, kind: str, weight_map: Mapping[str, str], total_size: in
     path = os.path.join(folder, _INDEX_NAMES[kind])
     for name, rel in weight_map.items():
         check_inside(folder, rel, path, name)
-    obj = {"metadata": {"total_size": int(total_size)},
-           "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, index_text(weight_map, total_size))
     return path

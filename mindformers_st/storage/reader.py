@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import CheckpointError, SafetensorsFormatError
+from ..fast_init import fast_init
 from ..dtypes import ITEMSIZE
 from ..dtypes import ST_TO_NUMPY
 
@@ -55,6 +56,7 @@ def advise_will_need(mm, start: int, end: int) -> bool:
     return True
 
 
+@fast_init
 @dataclass(frozen=True)
 class TensorEntry:
     """One tensor as the header describes it; begin/end are byte offsets relative to the data area."""
@@ -192,7 +194,15 @@ def _parse_header(path, raw: bytes, data_len: int) -> Tuple[Dict[str, TensorEntr
         entries.append(TensorEntry(name, dtype, tuple(shape), begin, end))
 
     # Sorted by offset, the tensors must tile the data area exactly: no overlap, no hole.
-    entries.sort(key=lambda e: (e.begin, e.end))
+    cursor = 0
+    for e in entries:   # a file that already tiles in header order (writers write it so) needs no sort
+        if e.begin != cursor:
+            entries.sort(key=lambda e: (e.begin, e.end))
+            break
+        cursor = e.end
+    else:
+        if cursor == data_len:
+            return {e.name: e for e in entries}, metadata
     cursor, prev = 0, None
     for e in entries:
         if e.begin < cursor:

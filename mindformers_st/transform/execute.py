@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import CheckpointError, PlanError
-from ..layout.slices import box_within
+from ..layout.slices import block_inside
 from ..dtypes import ITEMSIZE
 from ..dtypes import ST_TO_NUMPY
 from ..storage.reader import (MADV_POPULATE_READ, SafetensorsFile, advise_will_need,
@@ -185,12 +185,6 @@ def read_source_shapes(plan: Plan, tensors_of: Optional[Callable[[str], Mapping]
     return out
 
 
-def _box_inside(offsets, sizes, shape) -> bool:
-    """True when offsets+sizes (as many dims as `shape`) lies inside an array of `shape`."""
-    return (len(offsets) == len(sizes) == len(shape)
-            and box_within(offsets, sizes, (0,) * len(shape), shape))
-
-
 @without_gc
 def validate_plan(plan: Plan, shapes=None) -> None:
     """PlanError unless every op stays inside its source and target, dtypes match, each target
@@ -212,11 +206,17 @@ def validate_plan(plan: Plan, shapes=None) -> None:
                 if dtype != t.dtype:
                     raise PlanError(f"{f.path}: {t.name!r} is {t.dtype} but its source "
                                     f"{op.src_name!r} in {op.src_file} is {dtype}; plans never cast")
-                for what, offs, lim in (("source", op.src_offsets, shape), ("target", op.dst_offsets, t.shape)):
-                    if not _box_inside(offs, op.sizes, lim):
-                        raise PlanError(f"{f.path}: {t.name!r}: copy {op} leaves the {what} "
-                                        f"tensor of shape {list(lim)}")
-                total += op.numel
+                # a copy of all of the source (or into all of the target) needs no box test
+                sizes, src_off, dst_off = op.sizes, op.src_offsets, op.dst_offsets
+                if ((sizes != shape or len(src_off) != len(shape) or any(src_off))
+                        and not block_inside(shape, src_off, sizes)):
+                    raise PlanError(f"{f.path}: {t.name!r}: copy {op} leaves the source "
+                                    f"tensor of shape {list(shape)}")
+                if ((sizes != t.shape or len(dst_off) != len(sizes) or any(dst_off))
+                        and not block_inside(t.shape, dst_off, sizes)):
+                    raise PlanError(f"{f.path}: {t.name!r}: copy {op} leaves the target "
+                                    f"tensor of shape {list(t.shape)}")
+                total += prod(sizes)
             if total != prod(t.shape):
                 raise PlanError(f"{f.path}: {t.name!r}: copies fill {total} of {prod(t.shape)} "
                                 f"elements; every element must come from exactly one copy")

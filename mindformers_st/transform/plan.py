@@ -12,9 +12,11 @@ from math import prod
 from typing import Optional, Tuple
 
 from ..dtypes import ITEMSIZE
+from ..fast_init import fast_init
 from ..layout.slices import TensorSlice
 
 
+@fast_init
 @dataclass(frozen=True)
 class CopyOp:
     """Copy the block `src_offsets`+`sizes` of tensor `src_name` in `src_file` to
@@ -32,6 +34,7 @@ class CopyOp:
         return prod(self.sizes)
 
 
+@fast_init
 @dataclass(frozen=True)
 class TargetTensor:
     """One tensor to produce: its stored name, dtype, local shape, which block of which global

@@ -13,9 +13,9 @@ per distinct source slice, preferring files the same output already reads.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
+from functools import lru_cache
 from math import prod
 from operator import sub
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -25,7 +25,7 @@ from ..dtypes import ITEMSIZE
 from ..layout.slices import TensorSlice, box_within, pairwise_disjoint
 from ..records.names import HYPER_FILE
 from ..records.rank_meta import RankFileMeta
-from ..storage.index import MS_INDEX, shard_file_name
+from ..storage.index import MS_INDEX, index_text, shard_file_name
 from .plan import CopyOp, Plan, TargetFile, TargetTensor
 from .sources import SourceCheckpoint, SourceChunk, subtract
 from .gc_pause import without_gc
@@ -36,66 +36,88 @@ DEFAULT_MAX_SHARD_SIZE = 5 * 10 ** 9
 
 
 # --------------------------------------------------------------------------- covering
+@lru_cache(maxsize=4096)
+def _cover_geometry(target: TensorSlice, slices: Tuple[TensorSlice, ...]):
+    """How the distinct blocks `slices` of one tensor fill the block `target` exactly once:
+    (pieces, hole). pieces: ((index into slices, block, block's offsets inside that slice,
+    block's offsets inside target), ...), blocks in global coordinates; hole: None, or the
+    first part of `target` no slice covers. A function of values only, so a checkpoint's
+    thousands of tensors cut the same way are worked out once (remembered by value)."""
+    t_off, t_size, t_shape = target.offsets, target.sizes, target.global_shape
+    zeros = (0,) * len(t_shape)
+
+    def piece(i: int, block: TensorSlice):
+        b_off, s_off = block.offsets, slices[i].offsets
+        return (i, block, zeros if b_off == s_off else tuple(map(sub, b_off, s_off)),
+                b_off if t_off == zeros else tuple(map(sub, b_off, t_off)))
+    if target.numel:
+        inside = []   # the source slices lying within the target
+        whole = t_size == t_shape   # a merge: every slice lies within, only a whole one holds it
+        for i, sl in enumerate(slices):
+            if sl.global_shape != t_shape:
+                continue
+            if (sl.sizes == t_shape if whole else
+                    box_within(t_off, t_size, sl.offsets, sl.sizes)):
+                return (piece(i, target),), None   # one slice holds all of it (same layout)
+            if whole or box_within(sl.offsets, sl.sizes, t_off, t_size):
+                inside.append(i)
+        # slices within the target, pairwise disjoint, as many elements as it: they tile it
+        # exactly (a merge of one layout's slices), each read whole — no box arithmetic
+        inside.sort(key=lambda i: slices[i].offsets)
+        if (sum(slices[i].numel for i in inside) == target.numel
+                and pairwise_disjoint([slices[i] for i in inside])):
+            return tuple(piece(i, slices[i]) for i in inside), None
+    rest = [target] if target.numel else []
+    out = []
+    for i in sorted(range(len(slices)), key=lambda i: slices[i].offsets):
+        if not rest:
+            break
+        sl, new_rest = slices[i], []
+        for box in rest:   # the boxes left lie inside target: no separate target test
+            inter = box.intersect(sl)
+            if inter is None:
+                new_rest.append(box)
+                continue
+            out.append(piece(i, inter))
+            new_rest.extend(b for b in subtract(box, sl, inter) if b.numel)
+        rest = new_rest
+    return tuple(out), (rest[0] if rest else None)
+
+
+def _covering(target: TensorSlice, chunks: Sequence[SourceChunk], prefer: Iterable[str],
+              hint: int):
+    """[(chunk, piece of `_cover_geometry`)] for `cover` and `target_tensor`; PlanError naming
+    the hole when the chunks leave one."""
+    by_slice: Dict[TensorSlice, List[SourceChunk]] = {}
+    for c in chunks:
+        by_slice.setdefault(c.slice, []).append(c)
+    slices, replicas_of = tuple(by_slice), list(by_slice.values())
+    pieces, hole = _cover_geometry(target, slices)
+    if hole is not None:
+        name = chunks[0].global_name if chunks else "?"
+        raise PlanError(f"tensor {name!r}: block {hole.to_json()} is in no source file; "
+                        f"a rank file is missing or the source strategy is wrong")
+    out = []
+    for p in pieces:
+        replicas = replicas_of[p[0]]
+        if len(replicas) > 1:   # one replica per distinct slice: preferred file, else by hint
+            replicas = sorted(replicas, key=lambda c: c.file)
+            if not isinstance(prefer, (set, frozenset)):
+                prefer = set(prefer)
+            chosen = next((c for c in replicas if c.file in prefer), None)
+            out.append((chosen or replicas[hint % len(replicas)], p))
+        else:
+            out.append((replicas[0], p))
+    return out
+
+
 def cover(target: TensorSlice, chunks: Sequence[SourceChunk], prefer: Iterable[str] = (),
           hint: int = 0) -> List[Tuple[SourceChunk, TensorSlice]]:
     """Source pieces that fill the global block `target` exactly once: [(chunk, block)], block
     in global coordinates. One replica is read per distinct source slice: a file in `prefer`
     if one holds it, else replica number `hint` (mod the replica count), to spread reads.
     Raises PlanError naming the hole when the chunks leave part of `target` uncovered."""
-    by_slice: Dict[TensorSlice, List[SourceChunk]] = {}
-    for c in chunks:
-        by_slice.setdefault(c.slice, []).append(c)
-    if not isinstance(prefer, (set, frozenset)):
-        prefer = set(prefer)
-
-    def pick(sl: TensorSlice) -> SourceChunk:
-        replicas = by_slice[sl]
-        if len(replicas) == 1:
-            return replicas[0]
-        replicas = sorted(replicas, key=lambda c: c.file)
-        for c in replicas:
-            if c.file in prefer:
-                return c
-        return replicas[hint % len(replicas)]
-    t_off, t_size, t_shape = target.offsets, target.sizes, target.global_shape
-    if target.numel:
-        inside = []   # the source slices lying within the target
-        whole = t_size == t_shape   # a merge: every slice lies within, only a whole one holds it
-        for sl in by_slice:
-            if sl.global_shape != t_shape:
-                continue
-            if (sl.sizes == t_shape if whole else
-                    box_within(t_off, t_size, sl.offsets, sl.sizes)):
-                return [(pick(sl), target)]   # one slice holds all of it (same layout, whole)
-            if whole or box_within(sl.offsets, sl.sizes, t_off, t_size):
-                inside.append(sl)
-        # slices within the target, pairwise disjoint, as many elements as it: they tile it
-        # exactly (a merge of one layout's slices), each read whole — no box arithmetic
-        inside.sort(key=lambda s: s.offsets)
-        if sum(sl.numel for sl in inside) == target.numel and pairwise_disjoint(inside):
-            return [(pick(sl), sl) for sl in inside]
-    rest = [target] if target.numel else []
-    out: List[Tuple[SourceChunk, TensorSlice]] = []
-    for sl in sorted(by_slice, key=lambda s: s.offsets):
-        if not rest:
-            break
-        chunk = None
-        new_rest = []
-        for box in rest:   # the boxes left lie inside target: no separate target test
-            inter = box.intersect(sl)
-            if inter is None:
-                new_rest.append(box)
-                continue
-            if chunk is None:
-                chunk = pick(sl)
-            out.append((chunk, inter))
-            new_rest.extend(b for b in subtract(box, sl, inter) if b.numel)
-        rest = new_rest
-    if rest:
-        name = chunks[0].global_name if chunks else "?"
-        raise PlanError(f"tensor {name!r}: block {rest[0].to_json()} is in no source file; "
-                        f"a rank file is missing or the source strategy is wrong")
-    return out
+    return [(chunk, p[1]) for chunk, p in _covering(target, chunks, prefer, hint)]
 
 
 def target_tensor(src: SourceCheckpoint, global_name: str, block: TensorSlice,
@@ -105,17 +127,11 @@ def target_tensor(src: SourceCheckpoint, global_name: str, block: TensorSlice,
     if global_name not in src.chunks:
         raise PlanError(f"tensor {global_name!r} is in no source file; check the source folder "
                         f"(and strategy) or drop it from the target")
-    ops = []
-    zeros = (0,) * len(block.sizes)
-    b_off = block.offsets
-    for chunk, inter in cover(block, src.chunks[global_name], prefer, hint):
-        # a piece of `cover` lies inside its chunk and inside `block`: offsets need no check
-        i_off, c_off = inter.offsets, chunk.slice.offsets
-        src_off = zeros if i_off == c_off else tuple(map(sub, i_off, c_off))
-        dst_off = i_off if b_off == zeros else tuple(map(sub, i_off, b_off))
-        ops.append(CopyOp(chunk.file, chunk.name, src_off, dst_off, inter.sizes))
-    return TargetTensor(name or global_name, src.dtypes[global_name], tuple(block.sizes),
-                        tuple(ops), global_name, block)
+    ops = tuple([CopyOp(chunk.file, chunk.name, src_off, dst_off, piece.sizes)
+                 for chunk, (_, piece, src_off, dst_off)
+                 in _covering(block, src.chunks[global_name], prefer, hint)])
+    return TargetTensor(name or global_name, src.dtypes[global_name], tuple(block.sizes), ops,
+                        global_name, block)
 
 
 def _hyper_tensors(src: SourceCheckpoint) -> List[TargetTensor]:
@@ -142,13 +158,15 @@ def plan_merge(src: SourceCheckpoint, max_shard_size: int = DEFAULT_MAX_SHARD_SI
     prefer: set = set()
     for g in names:
         t = target_tensor(src, g, TensorSlice.whole(src.global_shapes[g]), prefer=prefer)
-        if groups[-1] and size + t.nbytes > max_shard_size:
+        nbytes = t.nbytes
+        if groups[-1] and size + nbytes > max_shard_size:
             groups.append([])
             size = 0
             prefer = set()
         groups[-1].append(t)
-        size += t.nbytes
-        prefer.update(op.src_file for op in t.ops)
+        size += nbytes
+        for op in t.ops:
+            prefer.add(op.src_file)
     groups = [g for g in groups if g]
     n = len(groups)
     files = [TargetFile(shard_file_name(k + 1, n), tuple(g), (("format", "ms"),))
@@ -158,8 +176,7 @@ def plan_merge(src: SourceCheckpoint, max_shard_size: int = DEFAULT_MAX_SHARD_SI
     hyper = _hyper_tensors(src)
     if hyper:
         files.append(TargetFile(HYPER_FILE, tuple(hyper), (("format", "ms"),)))
-    index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    return Plan("merge", tuple(files), ((MS_INDEX, index + "\n"),),
+    return Plan("merge", tuple(files), ((MS_INDEX, index_text(weight_map, total)),),
                 f"merge {len(names)} tensors from {src.kind} {src.root} into {n} shard(s)")
 
 

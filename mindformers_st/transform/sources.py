@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from ..errors import CheckpointError, LayoutError, UndescribedRankFilesError
+from ..fast_init import fast_init
 from ..layout.slices import TensorSlice, pairwise_disjoint
 from ..records.hyper import HYPER_NAMES
 from ..records.iteration import (TRACKER_FILE, find_iteration, iterations_on_disk,
@@ -39,6 +40,7 @@ from .gc_pause import without_gc
 logger = logging.getLogger(__name__)
 
 
+@fast_init
 @dataclass(frozen=True)
 class SourceChunk:
     """One stored tensor: `name` in `file` (absolute path) holds `slice` of global tensor
@@ -92,23 +94,33 @@ class SourceCheckpoint:
         """Record one stored piece, checking it agrees with what is known about its tensor."""
         g = chunk.global_name
         shape = tuple(chunk.slice.global_shape)
-        if g in self.global_shapes and self.global_shapes[g] != shape:
+        known = self.global_shapes.get(g)
+        if known is None:   # the first piece of its tensor
+            self.global_shapes[g] = shape
+            self.dtypes[g] = chunk.dtype
+            self.chunks[g] = [chunk]
+            return
+        if known != shape:
             raise CheckpointError(
                 f"tensor {g!r}: {chunk.file} says global shape {shape}, another file says "
                 f"{self.global_shapes[g]}; the files come from different models or strategies")
-        if g in self.dtypes and self.dtypes[g] != chunk.dtype:
+        if self.dtypes[g] != chunk.dtype:
             raise CheckpointError(
                 f"tensor {g!r}: dtype {chunk.dtype} in {chunk.file} but {self.dtypes[g]} elsewhere; "
                 f"a checkpoint must store one dtype per tensor")
-        self.global_shapes[g] = shape
-        self.dtypes[g] = chunk.dtype
-        self.chunks.setdefault(g, []).append(chunk)
+        self.chunks[g].append(chunk)
 
     def check_complete(self) -> None:
         """Raise CheckpointError naming the first tensor whose stored pieces leave a hole."""
+        complete = set()   # pieces already found to cover their tensor: most tensors repeat a few
         for g, chunks in self.chunks.items():
-            hole = uncovered(TensorSlice.whole(self.global_shapes[g]), [c.slice for c in chunks])
-            if hole:
+            pieces = tuple([c.slice for c in chunks])   # of one global shape (`add`): it is the key
+            if pieces in complete:
+                continue
+            hole = uncovered(TensorSlice.whole(self.global_shapes[g]), pieces)
+            if not hole:
+                complete.add(pieces)
+            else:
                 files = sorted({os.path.relpath(c.file, self.root or "/") for c in chunks})
                 raise CheckpointError(
                     f"tensor {g!r}: block {hole[0].to_json()} is in no file (pieces found in "
@@ -256,7 +268,7 @@ def describe_distributed(folder: str, strategy=None, step=None) -> SourceCheckpo
     src = SourceCheckpoint({}, {}, {}, kind="distributed", root=folder, selection=selection)
     if selection.key is not None:
         src.epoch, src.step = selection.key
-    digests: Dict[Tuple[str, str], str] = {}
+    metadata_of: Dict[str, Mapping[str, str]] = {}   # for the replicas' checksums, if any
     for r in sorted(expected):
         if r not in selection.files:
             what = "is missing" if r not in ranks else f"has no file of save {selection.suffix}"
@@ -272,12 +284,14 @@ def describe_distributed(folder: str, strategy=None, step=None) -> SourceCheckpo
                 f"metadata; pass --src-strategy (the strategy files of the run that saved it)")
         if r == min(selection.files) and meta is not None and meta.step is not None:
             src.epoch, src.step = meta.epoch, meta.step
-        try:
-            digests.update({(path, n): d for n, d in (decode_checksums(metadata) or {}).items()})
-        except ValueError:
-            pass   # a damaged checksum record is reported when the bytes are read
+        metadata_of[path] = metadata
         slices_meta = meta.slices if meta is not None else {}
         for name, entry in tensors.items():
+            if layouts is None:   # our files: the slice is in the file's own metadata
+                sl = slices_meta.get(name)
+                if sl is not None and sl.sizes == entry.shape:
+                    src.add(SourceChunk(path, name, entry.dtype, name, sl))
+                    continue
             lay = layouts.get(name) if layouts else None
             if lay is not None:
                 if r not in lay.ranks():
@@ -322,20 +336,34 @@ def describe_distributed(folder: str, strategy=None, step=None) -> SourceCheckpo
             logger.warning("%d tensors of the strategy are in no rank file (e.g. %s); they are "
                            "skipped", len(absent), absent[:3])
     src.check_complete()
-    _check_replicas_agree(src, digests)
+    _check_replicas_agree(src, metadata_of)
     return src
 
 
-def _check_replicas_agree(src: SourceCheckpoint, digests: Mapping[Tuple[str, str], str]) -> None:
-    """Replicas of one block must hold the same bytes. Files that record checksums let us check
-    that without reading data; a difference means the layout (strategy) read them wrongly."""
+def _check_replicas_agree(src: SourceCheckpoint,
+                          metadata_of: Mapping[str, Mapping[str, str]]) -> None:
+    """Replicas of one block must hold the same bytes. Files that record checksums (in the
+    `__metadata__` `metadata_of` gives per file) let us check that without reading data; a
+    difference means the layout (strategy) read them wrongly."""
+    recorded: Dict[str, Mapping[str, str]] = {}
+
+    def digest(c: SourceChunk) -> Optional[str]:
+        if c.file not in recorded:   # decoded only for files holding a replica
+            try:
+                recorded[c.file] = decode_checksums(metadata_of.get(c.file, {})) or {}
+            except ValueError:
+                recorded[c.file] = {}   # a damaged record is reported when the bytes are read
+        return recorded[c.file].get(c.name)
     for g, chunks in src.chunks.items():
+        if len(chunks) < 2:
+            continue
         seen: Dict[TensorSlice, SourceChunk] = {}
         for c in chunks:
-            d = digests.get((c.file, c.name))
             first = seen.setdefault(c.slice, c)
-            d0 = digests.get((first.file, first.name))
-            if first is not c and d is not None and d0 is not None and d != d0:
+            if first is c:
+                continue
+            d, d0 = digest(c), digest(first)
+            if d is not None and d0 is not None and d != d0:
                 raise CheckpointError(
                     f"tensor {g!r}: {first.file} and {c.file} should hold the same block "
                     f"{c.slice.to_json()} but their checksums differ; the strategy does not "

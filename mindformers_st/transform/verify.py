@@ -60,22 +60,35 @@ def keys_to_verify(plan: Plan, shapes: Dict[Key, Tuple[Tuple[int, ...], str]], m
     if mode == "off":
         return set()
     boxes: Dict[Key, Set[Tuple[Tuple[int, ...], Tuple[int, ...]]]] = {}
+    read_whole: Set[Key] = set()   # some copy reads all of it: no box arithmetic needed
     for f in plan.files:
         for t in f.tensors:
             for op in t.ops:
-                boxes.setdefault((op.src_file, op.src_name), set()).add(
-                    (tuple(op.src_offsets), tuple(op.sizes)))
+                key = (op.src_file, op.src_name)
+                if key in read_whole:
+                    continue
+                sizes = tuple(op.sizes)
+                if sizes == tuple(shapes[key][0]) and not any(op.src_offsets):
+                    read_whole.add(key)
+                else:
+                    boxes.setdefault(key, set()).add((tuple(op.src_offsets), sizes))
     if mode == "full":
-        return set(boxes)
+        return read_whole | set(boxes)
+    out = set(read_whole)
+    if not boxes:
+        return out
+    read_whole_groups = {(k[1], tuple(shapes[k][0])) for k in read_whole}
     groups: Dict[Tuple[str, Tuple[int, ...]], List[Key]] = {}
     for key in boxes:
-        groups.setdefault((key[1], tuple(shapes[key][0])), []).append(key)
-    out = set()
+        if key in read_whole:
+            continue
+        group = (key[1], tuple(shapes[key][0]))
+        if group in read_whole_groups:   # a replica was read whole: this copy counts too
+            out.add(key)
+        else:
+            groups.setdefault(group, []).append(key)
     for (_, shape), keys in groups.items():
         seen = set().union(*(boxes[k] for k in keys))
-        if ((0,) * len(shape), shape) in seen:   # some copy reads all of it
-            out.update(keys)
-            continue
         whole = TensorSlice.whole(shape)
         if whole.numel and sum(prod(s) for _, s in seen) < whole.numel:
             continue

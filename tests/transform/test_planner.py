@@ -7,6 +7,7 @@ from mindformers_st.errors import CheckpointError, PlanError
 from mindformers_st.layout.parallel_config import ParallelConfig, plan_layouts
 from mindformers_st.layout.slices import TensorSlice
 from mindformers_st.transform.planner import (contiguous_runs, cover, plan_distributed,
+                                              target_tensor,
                                               plan_merge, plan_rank_slices, split_plan)
 from mindformers_st.transform.sources import SourceCheckpoint, SourceChunk, subtract, uncovered
 
@@ -104,6 +105,30 @@ def test_cover_is_exact_for_any_mix_of_overlapping_slices():
         want = np.zeros(shape, int)
         want[target.index()] = 1
         np.testing.assert_array_equal(count, want, err_msg=str(slices))
+
+
+def test_tensors_cut_alike_are_read_from_their_own_files():
+    """How slices fill a block is worked out once per distinct cut (remembered by value): every
+    tensor of that cut must still read its own files, its own replica choice and its own
+    stored name."""
+    a = split_source("a", (4, 8), parts=2, dim=0, replicas=2)
+    b = split_source("b", (4, 8), parts=2, dim=0, replicas=2)
+    for c in b.chunks["b"]:
+        object.__setattr__(c, "file", c.file.replace("/src/", "/other/"))
+    block = TensorSlice((4, 8), (1, 0), (2, 8))
+    for hint in (0, 1):
+        for src, name, root in ((a, "a", "/src/"), (b, "b", "/other/")):
+            t = target_tensor(src, name, block, hint=hint)
+            assert [op.src_name for op in t.ops] == [name, name]
+            assert all(op.src_file.startswith(root) for op in t.ops)
+            assert [op.src_file.split("/")[2] for op in t.ops] == (
+                ["rank_0", "rank_1"] if hint == 0 else ["rank_2", "rank_3"])
+            assert [(op.src_offsets, op.dst_offsets, op.sizes) for op in t.ops] == [
+                ((1, 0), (0, 0), (1, 8)), ((0, 0), (1, 0), (1, 8))]
+    a.chunks["a"][:] = [c for c in a.chunks["a"] if c.slice.offsets[0] == 0]   # rows 2-3 gone:
+    # the hole is found though an equal cut was complete a moment ago
+    with pytest.raises(PlanError, match=r"'a'.*\[2, 0\]"):
+        target_tensor(a, "a", TensorSlice.whole((4, 8)))
 
 
 def test_check_complete_reports_missing_rank_pieces():
