@@ -26,8 +26,14 @@ alternating, and the JSON carries the baseline's figures and the ratios to them 
 speed drifts between runs (here by 1.6x within a day), a baseline measured beside the figures
 does not.
 
+`--instructions` also counts the planning phases' instructions under valgrind (cachegrind), for
+this code and COMMIT's, each stop of a phase in a fresh process with a fixed hash seed: the
+same code gives the same count on every run, so its ratio is the one this machine's drift
+cannot move (wall time still decides the 50 µs).
+
     .venv/bin/python benchmarks/bench_many_tensors.py [--tensors 4000] [--kib 64] [--rounds 3]
                                                       [--mindspore] [--against COMMIT]
+                                                      [--instructions]
 """
 from __future__ import annotations
 
@@ -230,6 +236,60 @@ def _child_rounds(args, code: str) -> Tuple[dict, dict]:
     return raw["res"], raw["gc"]
 
 
+# Where a child stops (--stop-after): each planning phase's instructions are the difference
+# between two stops of the same chain (describe -> plan_merge; describe -> layouts -> plan_load
+# -> prepare). "layouts" builds the benchmark's own target layouts, outside every phase.
+STOPS = {"describe": "start", "plan_merge": "describe", "plan_load": "layouts",
+         "prepare": "plan_load"}
+PLANNING = list(STOPS)
+
+
+def run_until(folder: str, stop: str) -> None:
+    """Describe `folder` and plan it, stopping after `stop` (a child of --instructions)."""
+    from mindformers_st.transform import describe_distributed, plan_merge, plan_rank_slices
+    from mindformers_st.transform.execute import prepare_read
+    if stop == "start":
+        return
+    src = describe_distributed(folder)
+    if stop == "plan_merge":
+        plan_merge(src)
+    if stop in ("describe", "plan_merge"):
+        return
+    layouts = {n: TensorLayout(src.global_shapes[n], (1,), (-1,) * len(src.global_shapes[n]))
+               for n in src.chunks}
+    if stop == "layouts":
+        return
+    plan = plan_rank_slices(src, layouts, 0)
+    if stop == "prepare":
+        prepare_read(plan).close()
+
+
+def count_instructions(args, code: str) -> dict:
+    """{phase: instructions per extra tensor} of the planning phases of `code`'s package, each
+    counted by valgrind (cachegrind, no cache simulation) in a fresh process with a fixed hash
+    seed: the same code gives the same count on any run, where this machine's wall time drifts."""
+    import re
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+    stops = sorted(set(STOPS) | set(STOPS.values()))
+    jobs = [(tag, stop) for tag in ("many", "few") for stop in stops]
+
+    def one(job):
+        tag, stop = job
+        cmd = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+               sys.executable, os.path.abspath(__file__), "--work", args.work,
+               "--stop-after", stop, "--stop-tag", tag] + (["--mindspore"] if args.mindspore else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                             env=dict(os.environ, MFST_BENCH_CODE=code, PYTHONHASHSEED="0"))
+        return int(re.search(r"I\s+refs:\s+([\d,]+)", out.stderr).group(1).replace(",", ""))
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        counts = dict(zip(jobs, pool.map(one, jobs)))
+    n = args.tensors - args.few
+    return {p: ((counts[("many", p)] - counts[("many", before)])
+                - (counts[("few", p)] - counts[("few", before)])) / n
+            for p, before in STOPS.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tensors", type=int, default=4000)
@@ -242,12 +302,21 @@ def main(argv=None) -> int:
                     help="import MindSpore first, as in the training process a load runs in")
     ap.add_argument("--against", default=None, metavar="COMMIT",
                     help="also measure COMMIT's package in the same run, round for round")
+    ap.add_argument("--instructions", action="store_true",
+                    help="also count the planning phases' instructions under valgrind (this "
+                         "code, and COMMIT's with --against): a measure the machine's drift "
+                         "does not move")
     ap.add_argument("--raw", default=None, help=argparse.SUPPRESS)   # a child of --against
+    ap.add_argument("--stop-after", default=None, help=argparse.SUPPRESS)   # --instructions
+    ap.add_argument("--stop-tag", default="many", help=argparse.SUPPRESS)
     ap.add_argument("--json", default=os.path.join(ROOT, "docs", "bench", "many_tensors.json"))
     args = ap.parse_args(argv)
     if args.mindspore:
         import mindspore  # noqa: F401  (its objects are what the collector walks in training)
     os.makedirs(args.work, exist_ok=True)
+    if args.stop_after:
+        run_until(os.path.join(args.work, args.stop_tag), args.stop_after)
+        return 0
     if args.raw:
         res, gc_res = measure(args, 1)
         json.dump({"res": res, "gc": gc_res}, open(args.raw, "w"))
@@ -282,12 +351,34 @@ def main(argv=None) -> int:
         baseline = {"commit": full, **base, "ratio_to_baseline": ratio}
     else:
         current = summarize(*measure(args, args.rounds), args, "this checkout")
+    instructions = None
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            print("  --instructions: valgrind is not installed; not counted")
+        else:
+            total = args.tensors * args.kib * 1024
+            generate(os.path.join(args.work, "many"), args.tensors, args.kib * 1024)
+            generate(os.path.join(args.work, "few"), args.few, total // args.few)
+            codes = {"current": ROOT}
+            if args.against:
+                codes["baseline"] = base_code
+            instructions = {k: count_instructions(args, c) for k, c in codes.items()}
+            for k, per in instructions.items():
+                per["planning_merge"] = per["describe"] + per["plan_merge"]
+                per["planning_load"] = per["describe"] + per["plan_load"] + per["prepare"]
+            if args.against:
+                instructions["ratio"] = {p: instructions["current"][p] / v
+                                         for p, v in instructions["baseline"].items()}
+            for k, per in instructions.items():
+                print(f"  instructions per tensor, {k}: " +
+                      ", ".join(f"{p} {v:.0f}" if k != "ratio" else f"{p} {v:.2f}"
+                                for p, v in per.items()))
     load_end = os.getloadavg()
     print(f"  load average {load_start} -> {load_end}")
     doc = {"label": args.label, "mindspore_imported": args.mindspore, "tensors": args.tensors,
            "few": args.few, "kib": args.kib, "rounds": args.rounds,
            "loadavg_start": load_start, "loadavg_end": load_end, **current,
-           "baseline": baseline,
+           "baseline": baseline, "instructions": instructions,
            "provenance": prov.finish(cache="warm (page cache not evicted: overhead, not I/O)")}
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     json.dump(doc, open(args.json, "w"), indent=1)

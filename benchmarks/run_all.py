@@ -98,10 +98,11 @@ BENCHES = [
           ("--size", "1.35GB", "--rounds", "5"),
           ("--size", "16MiB", "--rounds", "1", "--work", "/tmp/mfst_bench_startup_quick"),
           "docs/checkpoint-loading.md"),
-    # against 2ba7c0a, the code before the planning work of the 2026-12-02 session, measured
-    # round for round in the same run (the machine's speed drifts between runs)
+    # against 2ba7c0a, the code before the planning work of the 2026-12-02 sessions, measured
+    # round for round in the same run (the machine's speed drifts between runs), and both
+    # codes' planning instructions counted under valgrind (a measure the drift cannot move)
     Bench("many_tensors", "bench_many_tensors.py", "many_tensors.json", "--json",
-          ("--rounds", "9", "--against", "2ba7c0a"),
+          ("--rounds", "9", "--against", "2ba7c0a", "--instructions"),
           ("--tensors", "200", "--few", "10", "--rounds", "1", "--work",
            "/tmp/mfst_bench_many_quick"), "docs/checkpoint-loading.md"),
     # the same in a process that imported MindSpore, as the load hook's (the cyclic collector)

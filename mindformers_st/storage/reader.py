@@ -142,6 +142,7 @@ def _parse_header(path, raw: bytes, data_len: int) -> Tuple[Dict[str, TensorEntr
         metadata = meta
 
     entries: List[TensorEntry] = []
+    cursor = 0   # where the entries so far end while they tile in header order, else -1
     for name, info in obj.items():
         # The common, valid entry checked in one pass of exact-type tests (bool is not an int
         # here: type() is exact); anything else falls through to the checks that say what
@@ -161,6 +162,7 @@ def _parse_header(path, raw: bytes, data_len: int) -> Tuple[Dict[str, TensorEntr
                     if (type(begin) is int and type(end) is int and 0 <= begin
                             and end - begin == need and end <= data_len):
                         entries.append(TensorEntry(name, dtype, tuple(shape), begin, end))
+                        cursor = end if begin == cursor else -1
                         continue
         if not isinstance(info, dict):
             raise _fail(path, f"entry must be an object with dtype, shape, data_offsets; found "
@@ -192,17 +194,13 @@ def _parse_header(path, raw: bytes, data_len: int) -> Tuple[Dict[str, TensorEntr
             raise _fail(path, f"data_offsets [{begin}, {end}] span {end - begin} bytes but shape "
                               f"{shape} of {dtype} needs {need} (rule: end - start == prod(shape) * itemsize)", name)
         entries.append(TensorEntry(name, dtype, tuple(shape), begin, end))
+        cursor = end if begin == cursor else -1
 
-    # Sorted by offset, the tensors must tile the data area exactly: no overlap, no hole.
-    cursor = 0
-    for e in entries:   # a file that already tiles in header order (writers write it so) needs no sort
-        if e.begin != cursor:
-            entries.sort(key=lambda e: (e.begin, e.end))
-            break
-        cursor = e.end
-    else:
-        if cursor == data_len:
-            return {e.name: e for e in entries}, metadata
+    # Sorted by offset, the tensors must tile the data area exactly: no overlap, no hole. A
+    # header whose entries already tile it in their own order (writers write it so) is done.
+    if cursor == data_len:
+        return {e.name: e for e in entries}, metadata
+    entries.sort(key=lambda e: (e.begin, e.end))
     cursor, prev = 0, None
     for e in entries:
         if e.begin < cursor:
