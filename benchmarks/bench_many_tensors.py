@@ -110,11 +110,18 @@ GC = GcClock()
 
 
 def forget_parsed_files() -> None:
-    """Empty the package's process-wide caches of what it read (parsed headers, parsed rank-file
-    descriptions, layouts' slices), so a round costs what the first command of a process
-    costs: every header parsed and validated once (issue 10 counts that as per-tensor
-    overhead). Caches a commit's package lacks are skipped (--against)."""
+    """Empty the package's process-wide caches of what it read and worked out, so a round
+    costs what the first command of a process costs: every header parsed and validated once
+    (issue 10 counts that as per-tensor overhead). `mindformers_st.caches.forget_all` knows
+    them all; a commit's package from before it (--against) has its caches emptied by name."""
     import importlib
+    try:
+        from mindformers_st.caches import forget_all
+    except ImportError:
+        forget_all = None
+    if forget_all is not None:
+        forget_all()
+        return
     for module, name, how in (("mindformers_st.storage.reader", "_HEADER_CACHE", "clear"),
                               ("mindformers_st.records.rank_meta", "_parse_described", "cache_clear"),
                               ("mindformers_st.layout.tensor_layout", "_slice_for", "cache_clear")):

@@ -1,6 +1,7 @@
 """Imports point down only: the allowed edges between the package's layers (docs/architecture.md).
 
-Bottom: `errors` and `fast_init` (records' quick constructor), then the `dtypes` leaf. `storage/` and `layout/` are siblings (layout writes
+Bottom: `errors`, `fast_init` (records' quick constructor) and `caches` (the process-wide
+caches' registry), then the `dtypes` leaf. `storage/` and `layout/` are siblings (layout writes
 its strategy files through storage's atomic helper only); `records/` over both; `transform/`
 over records; `convert/` over transform; `parallel/`, `models/`, `data/`; `checkpoint/` over
 transform, convert, records, parallel; `trainer/` over checkpoint, models, data; `config/` is
@@ -15,13 +16,15 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 BELOW = {
     "errors": set(),
     "fast_init": set(),
+    "caches": set(),
     "dtypes": {"errors"},
-    "storage": {"errors", "dtypes", "fast_init"},
-    "layout": {"errors", "dtypes", "storage", "fast_init"},
+    "storage": {"errors", "dtypes", "fast_init", "caches"},
+    "layout": {"errors", "dtypes", "storage", "fast_init", "caches"},
     "config": {"errors"},
-    "records": {"errors", "dtypes", "storage", "layout"},
-    "transform": {"errors", "dtypes", "storage", "layout", "records", "fast_init"},
-    "convert": {"errors", "dtypes", "storage", "layout", "records", "transform", "config"},
+    "records": {"errors", "dtypes", "storage", "layout", "caches"},
+    "transform": {"errors", "dtypes", "storage", "layout", "records", "fast_init", "caches"},
+    "convert": {"errors", "dtypes", "storage", "layout", "records", "transform", "config",
+                "caches"},
     "parallel": {"errors", "layout"},
     "models": {"errors", "dtypes", "layout", "parallel", "config"},
     "data": {"errors"},
@@ -90,9 +93,10 @@ def test_every_import_between_layers_points_down():
 
 def test_storage_imports_nothing_of_ours_but_the_leaves():
     edges = _edges()
-    assert {b for a, b in edges if a == "storage"} <= {"errors", "dtypes", "fast_init"}
-    assert {b for a, b in edges if a == "layout"} <= {"errors", "dtypes", "storage", "fast_init"}
-    assert {b for a, b in edges if a == "fast_init"} == set()
+    leaves = {"errors", "dtypes", "fast_init", "caches"}
+    assert {b for a, b in edges if a == "storage"} <= leaves
+    assert {b for a, b in edges if a == "layout"} <= leaves | {"storage"}
+    assert {b for a, b in edges if a in ("fast_init", "caches")} == set()
     for root, _, files in os.walk(os.path.join(PKG, "layout")):
         for f in (f for f in files if f.endswith(".py")):
             text = open(os.path.join(root, f), encoding="utf-8").read()

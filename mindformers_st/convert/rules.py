@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Pattern, Tuple
 
+from ..caches import on_forget
 from ..errors import ConversionError
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ def _compile(template: str) -> Pattern:
 
 
 _PATTERN_CACHE: Dict[str, Pattern] = {}
+on_forget(_PATTERN_CACHE.clear)
 
 
 def match_template(template: str, name: str) -> Optional[int]:

@@ -6,10 +6,10 @@ Pure Python; no numpy needed except for `index()` consumers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from math import prod
 from typing import Optional, Tuple
 
+from ..caches import process_cache
 from ..fast_init import fast_init
 
 
@@ -121,7 +121,7 @@ class TensorSlice:
         return h
 
 
-@lru_cache(maxsize=4096)
+@process_cache(maxsize=4096)
 def _whole(shape: Tuple[int, ...]) -> TensorSlice:
     shape = tuple(int(x) for x in shape)
     if any(x < 0 for x in shape):

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from functools import cached_property, lru_cache
+from functools import cached_property
 from math import prod
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from ..caches import process_cache
 from ..errors import LayoutError
 from .slices import TensorSlice
 
@@ -271,7 +272,7 @@ class TensorLayout:
                 f"{opt}, stage {self.stage}")
 
 
-@lru_cache(maxsize=1 << 16)
+@process_cache(maxsize=1 << 16)
 def _slice_for(layout: TensorLayout, rank: int) -> TensorSlice:
     # A model repeats a few layouts (one per kind of layer weight) over all its layers, and a
     # plan asks each for its rank's block: remembered by value (layouts and slices are frozen).

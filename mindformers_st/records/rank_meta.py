@@ -14,12 +14,12 @@ is the only one; a newer version is refused by name so an old reader never misre
 """
 from __future__ import annotations
 
-import functools
 import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Mapping, Optional
 
+from ..caches import process_cache
 from ..errors import CheckpointError
 from ..layout.slices import TensorSlice
 
@@ -145,7 +145,7 @@ def _int(obj: Mapping[str, Any], key: str) -> int:
 _WHERE = "\0rank-file-metadata\0"
 
 
-@functools.lru_cache(maxsize=256)
+@process_cache(maxsize=256)
 def _parse_described(raw: str) -> RankFileMeta:
     """`RankFileMeta.from_metadata`'s parse of the JSON text, kept per text: the several reads
     of one file in a command (scan, describe, resume) parse and validate its thousands of slices

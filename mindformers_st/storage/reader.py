@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..caches import on_forget
 from ..errors import CheckpointError, SafetensorsFormatError
 from ..fast_init import fast_init
 from ..dtypes import ITEMSIZE
@@ -226,6 +227,12 @@ def _short(value) -> str:
 _HEADER_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _HEADER_CACHE_SIZE = 512
 _HEADER_LOCK = threading.Lock()
+
+
+@on_forget
+def _forget_headers() -> None:
+    with _HEADER_LOCK:
+        _HEADER_CACHE.clear()
 
 
 def _read_header_fd(path, fd) -> Tuple[Dict[str, TensorEntry], Dict[str, str], int, int]:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
-from functools import lru_cache
 from math import prod
 from operator import sub
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from ..caches import process_cache
 from ..errors import PlanError
 from ..dtypes import ITEMSIZE
 from ..layout.slices import TensorSlice, box_within, pairwise_disjoint
@@ -36,7 +36,7 @@ DEFAULT_MAX_SHARD_SIZE = 5 * 10 ** 9
 
 
 # --------------------------------------------------------------------------- covering
-@lru_cache(maxsize=4096)
+@process_cache(maxsize=4096)
 def _cover_geometry(target: TensorSlice, slices: Tuple[TensorSlice, ...]):
     """How the distinct blocks `slices` of one tensor fill the block `target` exactly once:
     (pieces, hole). pieces: ((index into slices, block, block's offsets inside that slice,
