@@ -150,6 +150,13 @@ def box_within(inner_offsets, inner_sizes, outer_offsets, outer_sizes) -> bool:
     return True
 
 
+def tiles(target: TensorSlice, pieces) -> bool:
+    """True when `pieces` (a sequence of distinct blocks, each lying inside `target`) fill
+    `target` exactly: as many elements as it and no two sharing one, so no element is left
+    out or read twice. The one rule behind planning's shortcuts for a tensor split evenly."""
+    return sum(p.numel for p in pieces) == target.numel and pairwise_disjoint(pieces)
+
+
 def pairwise_disjoint(slices) -> bool:
     """True when no two of `slices` (blocks of one tensor) share an element."""
     slices = list(slices)

@@ -22,7 +22,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from ..caches import process_cache
 from ..errors import PlanError
 from ..dtypes import ITEMSIZE
-from ..layout.slices import TensorSlice, box_within, pairwise_disjoint
+from ..layout.slices import TensorSlice, box_within, tiles
 from ..records.names import HYPER_FILE
 from ..records.rank_meta import RankFileMeta
 from ..storage.index import MS_INDEX, index_text, shard_file_name
@@ -64,8 +64,7 @@ def _cover_geometry(target: TensorSlice, slices: Tuple[TensorSlice, ...]):
         # slices within the target, pairwise disjoint, as many elements as it: they tile it
         # exactly (a merge of one layout's slices), each read whole — no box arithmetic
         inside.sort(key=lambda i: slices[i].offsets)
-        if (sum(slices[i].numel for i in inside) == target.numel
-                and pairwise_disjoint([slices[i] for i in inside])):
+        if tiles(target, [slices[i] for i in inside]):
             return tuple(piece(i, slices[i]) for i in inside), None
     rest = [target] if target.numel else []
     out = []

@@ -25,7 +25,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 from ..errors import CheckpointError, LayoutError, UndescribedRankFilesError
 from ..fast_init import fast_init
-from ..layout.slices import TensorSlice, pairwise_disjoint
+from ..layout.slices import TensorSlice, tiles
 from ..records.hyper import HYPER_NAMES
 from ..records.iteration import (TRACKER_FILE, find_iteration, iterations_on_disk,
                                  parse_iteration_dir, read_common, read_metadata,
@@ -157,15 +157,10 @@ def _tile(whole: TensorSlice, pieces, most: int = 16) -> bool:
     """True when a few distinct `pieces` of `whole`'s tensor are pairwise disjoint and hold as
     many elements as it: then they cover it (the quick answer for a tensor split over a few
     ranks; False means "not known", never "not covered")."""
-    distinct = set(pieces)
-    if len(distinct) > most:
+    distinct = list(set(pieces))
+    if len(distinct) > most or any(p.global_shape != whole.global_shape for p in distinct):
         return False
-    shape, total = whole.global_shape, 0
-    for p in distinct:
-        if p.global_shape != shape:
-            return False
-        total += p.numel
-    return total == whole.numel and pairwise_disjoint(distinct)
+    return tiles(whole, distinct)   # a whole target holds every block of its tensor
 
 
 def uncovered(target: TensorSlice, pieces) -> List[TensorSlice]:

@@ -78,3 +78,19 @@ def test_whole_is_shared_per_shape_and_hash_is_by_value():
         TensorSlice.whole((4, -1))
     same = TensorSlice((4, 6), (0, 0), (4, 6))
     assert same == w and hash(same) == hash(w) and {w: 1}[same] == 1
+
+
+def test_tiles_agrees_with_element_counts():
+    from mindformers_st.layout.slices import tiles
+    rng = random.Random(9)
+    whole = TensorSlice.whole(SHAPE)
+    seen = {True: 0, False: 0}
+    for trial in range(800):
+        target = whole if trial % 2 else rng.choice(BOXES)
+        inside = [b for b in BOXES if box_within(b.offsets, b.sizes, target.offsets, target.sizes)]
+        pieces = rng.sample(inside, min(len(inside), rng.randint(1, 4)))
+        count = sum((_mask(s).astype(int) for s in pieces), np.zeros(SHAPE, int))
+        want = bool((count[target.index()] == 1).all())
+        assert tiles(target, pieces) == want, (target, pieces)
+        seen[want] += 1
+    assert seen[True] > 20 and seen[False] > 20
