@@ -12,7 +12,10 @@ their output durable on disk:
 
 Rounds alternate the sides (copy first in even rounds) after a warm-up of each; "warm": the HF
 files in the page cache, "cold": evicted before each run (provenance.evict, achieved checked).
-Outputs are removed (and synced away) before every run. Prints ratio (convert / copy) of
+Outputs are removed (and synced away) before every run, and every run starts on a quiet disk
+(provenance.settle_disk: nothing in flight and no I/O completed for a second; the time it took
+is recorded): on ext4 mounted with `discard`, as here, removing the previous output leaves
+trims the disk finishes later, and a run timed meanwhile paid for its predecessor. Prints ratio (convert / copy) of
 medians, median/min/max, the load average, and writes docs/bench/convert.json with the
 provenance header.
 
@@ -76,9 +79,10 @@ def main(argv=None) -> int:
            "convert": lambda: convert_once(hf, out)}
     evictions, results = [], {}
 
-    def fresh():
+    def fresh() -> float:
         shutil.rmtree(out, ignore_errors=True)
         os.sync()
+        return provenance.settle_disk(args.work)
     for side in SIDES:   # warm-up
         fresh()
         run[side]()
@@ -91,12 +95,13 @@ def main(argv=None) -> int:
                     evictions.append(provenance.evict(_hf_files(hf)))
                 else:
                     read_all(_hf_files(hf))
+                settled = provenance.settle_disk(args.work)   # the eviction's and reads' I/O too
                 load = prov.note_load()
                 seconds = run[side]()
                 results.setdefault(f"{cache}/{side}", []).append(
-                    {"seconds": seconds, "loadavg": load})
-                print(f"round {rnd} {cache} {side:8s} {seconds:6.2f} s (load {load:.2f})",
-                      flush=True)
+                    {"seconds": seconds, "loadavg": load, "settle_s": settled})
+                print(f"round {rnd} {cache} {side:8s} {seconds:6.2f} s (load {load:.2f}, "
+                      f"disk settled in {settled:.1f} s)", flush=True)
     fresh()
     summary = {}
     for cache in caches:

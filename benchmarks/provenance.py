@@ -25,6 +25,7 @@ import os
 import platform
 import subprocess
 import threading
+import time
 from typing import Dict, Iterable, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,6 +81,50 @@ def filesystem(path: str) -> dict:
     st = os.statvfs(real)
     return {"path": real, "mount_point": best[0], "fstype": best[1], "device": best[2],
             "free_gib": round(st.f_bavail * st.f_frsize / 2 ** 30, 1)}
+
+
+def _disk_of(path: str) -> Optional[str]:
+    """The /proc/diskstats name of the whole disk holding `path` (None when not found)."""
+    dev = os.stat(path).st_dev
+    sys_path = os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if not os.path.exists(sys_path):
+        return None
+    if os.path.exists(os.path.join(sys_path, "partition")):
+        sys_path = os.path.dirname(sys_path)   # a partition's parent is its disk
+    return os.path.basename(sys_path)
+
+
+def _disk_counters(name: str) -> Optional[tuple]:
+    """(I/Os in flight, reads, writes, discards, flushes completed) of disk `name`."""
+    with open("/proc/diskstats") as fh:
+        for line in fh:
+            f = line.split()
+            if len(f) > 3 and f[2] == name:
+                nums = [int(x) for x in f[3:]]
+                extra = nums[11:12] + nums[15:16]   # discards, flushes (newer kernels)
+                return (nums[8], nums[0], nums[4], *extra)
+    return None
+
+
+def settle_disk(path: str, quiet: float = 1.0, limit: float = 60.0) -> float:
+    """Wait until the disk holding `path` has had nothing in flight and completed no read,
+    write, discard or flush for `quiet` seconds (at most `limit`); returns the seconds waited.
+    Removing a large output leaves work the kernel finishes later (on ext4 mounted with
+    `discard`, the freed blocks are trimmed after the transaction commits): a run timed while
+    it drains pays for its predecessor."""
+    name = _disk_of(path)
+    if name is None or _disk_counters(name) is None:
+        return 0.0
+    start = time.monotonic()
+    last, since = _disk_counters(name), time.monotonic()
+    while time.monotonic() - start < limit:
+        time.sleep(0.1)
+        now = _disk_counters(name)
+        if now != last or now[0] != 0:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return time.monotonic() - start
 
 
 def machine(bench_dir: str) -> dict:
