@@ -112,14 +112,16 @@ class SourceCheckpoint:
 
     def check_complete(self) -> None:
         """Raise CheckpointError naming the first tensor whose stored pieces leave a hole."""
-        complete = set()   # pieces already found to cover their tensor: most tensors repeat a few
+        complete = set()   # (shape, pieces) found covered: most tensors repeat a few cuts
         for g, chunks in self.chunks.items():
-            pieces = tuple([c.slice for c in chunks])   # of one global shape (`add`): it is the key
-            if pieces in complete:
+            # keyed with the shape too: no pieces at all (a caller emptied the list) cover an
+            # empty tensor but not another, and pieces say nothing of a shape changed by hand
+            key = (self.global_shapes[g], tuple([c.slice for c in chunks]))
+            if key in complete:
                 continue
-            hole = uncovered(TensorSlice.whole(self.global_shapes[g]), pieces)
+            hole = uncovered(TensorSlice.whole(key[0]), key[1])
             if not hole:
-                complete.add(pieces)
+                complete.add(key)
             else:
                 files = sorted({os.path.relpath(c.file, self.root or "/") for c in chunks})
                 raise CheckpointError(

@@ -138,6 +138,20 @@ def test_check_complete_reports_missing_rank_pieces():
         src.check_complete()
 
 
+def test_check_complete_remembers_a_cover_for_its_shape_only():
+    """Pieces found to cover one tensor are remembered so an equal cut is not worked out again;
+    a tensor left with no pieces (a caller removed them) must still be reported though an
+    empty tensor with no pieces was complete a moment before."""
+    src = SourceCheckpoint({}, {}, {}, root="/src")
+    src.add(SourceChunk("/src/a", "empty", "F32", "empty", TensorSlice.whole((0, 4))))
+    src.add(SourceChunk("/src/a", "w", "F32", "w", TensorSlice.whole((4, 4))))
+    src.check_complete()
+    src.chunks["empty"].clear()
+    src.chunks["w"].clear()
+    with pytest.raises(CheckpointError, match=r"tensor 'w'.*in no file"):
+        src.check_complete()
+
+
 def test_source_refuses_disagreeing_shapes_and_dtypes():
     src = split_source("w", (4, 8), parts=2, dim=0)
     with pytest.raises(CheckpointError, match="global shape"):
