@@ -97,11 +97,15 @@ class TensorSlice:
     @staticmethod
     def from_json(obj: dict, memo: Optional[dict] = None) -> "TensorSlice":
         """Inverse of `to_json`. ValueError unless every number is an integer (not a bool or a
-        float) and the block lies inside its tensor; KeyError or TypeError for a malformed
-        object. `memo` (a dict the caller keeps): blocks already made, by value; an equal block
-        is returned as the same object (a rank file names a few distinct blocks thousands of
-        times, and each is validated once)."""
+        float) and the block lies inside its tensor, or when the object has a key besides
+        global_shape, offsets, sizes; KeyError or TypeError for a malformed object. `memo` (a
+        dict the caller keeps): blocks already made, by value; an equal block is returned as the
+        same object (a rank file names a few distinct blocks thousands of times, and each is
+        validated once)."""
         key = (tuple(obj["global_shape"]), tuple(obj["offsets"]), tuple(obj["sizes"]))
+        if len(obj) != 3:   # the three keys are there: anything more is unknown, not ignored
+            extra = sorted(str(k) for k in obj if k not in ("global_shape", "offsets", "sizes"))
+            raise ValueError(f"unknown keys {extra} (a slice has global_shape, offsets, sizes)")
         for part in key:
             for x in part:
                 if type(x) is not int:

@@ -68,6 +68,9 @@ def test_from_json_refuses_non_integers_and_reuses_equal_blocks():
         TensorSlice.from_json(dict(good, offsets=[3, 0]), memo)   # leaves the tensor
     with pytest.raises(KeyError):
         TensorSlice.from_json({"offsets": [0], "sizes": [1]}, memo)
+    for extra in ({"stride": [6, 1]}, {"global_shape ": [4, 6]}):   # unknown: refused, not ignored
+        with pytest.raises(ValueError, match="unknown keys"):
+            TensorSlice.from_json(dict(good, **extra), memo)
 
 
 def test_whole_is_shared_per_shape_and_hash_is_by_value():
