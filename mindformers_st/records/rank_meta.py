@@ -152,6 +152,10 @@ def _parse_described(raw: str) -> RankFileMeta:
     once. Errors name the placeholder `_WHERE`, replaced by the caller with the file."""
     try:
         obj = json.loads(raw)
+    except RecursionError:   # the header's own parse cannot see inside this string
+        raise CheckpointError(f"{_WHERE} is nested too deeply to be a rank file description; "
+                              f"the file was damaged — pass the run's strategy "
+                              f"(--src-strategy) to read it without its description") from None
     except ValueError as exc:
         raise CheckpointError(f"{_WHERE} is not JSON ({exc}); the file was damaged — pass "
                               f"the run's strategy (--src-strategy) to read it without "

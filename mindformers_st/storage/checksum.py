@@ -45,7 +45,11 @@ def decode_checksums(metadata: Dict[str, str]) -> Optional[Dict[str, str]]:
     raw = metadata.get(CHECKSUM_KEY)
     if raw is None:
         return None
-    obj = json.loads(raw)
+    try:
+        obj = json.loads(raw)
+    except RecursionError:   # the header's own parse cannot see inside this string
+        raise ValueError(f"the record is nested too deeply to be {{'algo': '{ALGO}', "
+                         f"'tensors': {{...}}}}") from None
     if not isinstance(obj, dict) or obj.get("algo") != ALGO or not isinstance(obj.get("tensors"), dict):
         raise ValueError(f"expected {{'algo': '{ALGO}', 'tensors': {{...}}}}, found {raw[:80]!r}")
     digests = obj["tensors"]

@@ -39,7 +39,8 @@ def test_a_newer_or_malformed_rank_file_meta_is_refused_by_name():
     newer = {"version": VERSION + 1, "rank": 0, "world_size": 1, "slices": {}}
     with pytest.raises(CheckpointError, match="newer than this reader"):
         RankFileMeta.from_metadata({"mindformers_st": json.dumps(newer)}, "x.safetensors")
-    for bad, why in (("{", "not JSON"), (json.dumps([1]), "JSON object"),
+    for bad, why in (("{", "not JSON"), ("[" * 100_000, "nested too deeply"),
+                     (json.dumps([1]), "JSON object"),
                      (json.dumps({"rank": 2, "world_size": 2}), "not inside world_size"),
                      (json.dumps({"rank": 0, "world_size": 1, "slices": {"w": {"offsets": []}}}),
                       "slice of tensor 'w'")):

@@ -60,6 +60,8 @@ def test_malformed_checksum_metadata_is_a_problem_not_a_crash(tmp_path):
                         metadata={"checksums": '{"algo": "md5", "tensors": {}}'}, checksums=False)
     with open_safetensors(path) as f:
         assert "malformed" in verify_checksums(f)[0]
+    with pytest.raises(ValueError, match="nested too deeply"):   # not a RecursionError
+        decode_checksums({"checksums": "[" * 100_000})
 
 
 def test_the_header_never_moves_when_checksums_are_filled_in(tmp_path):
