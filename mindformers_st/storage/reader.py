@@ -109,6 +109,31 @@ def _reject_constant(name):
     raise ValueError(f"non-standard JSON constant {name}")
 
 
+# JSON may spell a UTF-16 surrogate as an escape (\ud800); alone it is no character, and a name
+# holding one can be neither compared with the files' other records nor written back (UTF-8).
+# Only an escape makes one (the strict UTF-8 decode refuses an encoded surrogate), and a str
+# holding one is not ASCII (an O(1) flag): most headers are cleared without looking further.
+def _refuse_lone_surrogates(path, obj: dict) -> None:
+    meta = obj.get(METADATA_KEY)
+    meta = meta if isinstance(meta, dict) else {}
+    if "".join(obj).isascii() and all(type(s) is not str or s.isascii()
+                                      for pair in meta.items() for s in pair):
+        return
+    for name, info in obj.items():
+        strings = [name]
+        if name == METADATA_KEY and isinstance(info, dict):
+            strings += [s for pair in info.items() for s in pair if isinstance(s, str)]
+        for s in strings:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                rule = ("lone surrogate escape (\\ud800-\\udfff without its pair): not Unicode "
+                        "text, which every string of a header must be")
+                if s is name and name != METADATA_KEY:
+                    raise _fail(path, f"the name holds a {rule}", name) from None
+                raise _fail(path, f"__metadata__ string {_short(s)} holds a {rule}") from None
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -131,6 +156,8 @@ def _parse_header(path, raw: bytes, data_len: int) -> Tuple[Dict[str, TensorEntr
         raise _fail(path, f"header is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise _fail(path, f"header must be a JSON object, found {type(obj).__name__}")
+    if "\\" in text:   # an escape: it may spell a lone surrogate
+        _refuse_lone_surrogates(path, obj)
 
     metadata: Dict[str, str] = {}
     if METADATA_KEY in obj:

@@ -91,6 +91,17 @@ def test_deep_nesting_is_refused_not_crashed(tmp_path):
     _refused(_write(tmp_path, b'{"a": ' + b"[" * 200000 + b"]" * 200000 + b"}"), "nested too deeply")
 
 
+def test_a_lone_surrogate_escape_in_a_name_or_metadata_is_refused(tmp_path):
+    """JSON can escape half a UTF-16 pair (\\ud800); that is no character: a tensor named so
+    was accepted and made the writer of a merge die on it after all data was written."""
+    _refused(_write(tmp_path, {"a\ud800b": _t()}, b"\0" * 8), "tensor 'a\\ud800b'",
+             "lone surrogate")
+    _refused(_write(tmp_path, {"__metadata__": {"k": "v\udfff"}, "a": _t()}, b"\0" * 8,
+                    name="meta.safetensors"), "__metadata__ string", "lone surrogate")
+    pair = _write(tmp_path, {"\U0001F600 \\ud800": _t()}, b"\0" * 8, name="ok.safetensors")
+    assert list(read_header(pair)[0]) == ["\U0001F600 \\ud800"]   # a pair; a literal backslash
+
+
 def test_an_entry_that_is_not_an_object_is_refused(tmp_path):
     _refused(_write(tmp_path, {"w": [1, 2]}), "tensor 'w'", "must be an object")
 
