@@ -132,13 +132,13 @@ def read_index(folder, kind: Optional[str] = None) -> Optional[WeightIndex]:
 
 def index_text(weight_map: Mapping[str, str], total_size: int) -> str:
     """The text of an index file (either kind): `{"metadata": {"total_size": N}, "weight_map":
-    {name: file}}` with entries sorted by tensor name, as Hugging Face writes it, the same text
-    as `json.dumps(obj, indent=2, ensure_ascii=False) + "\n"` (a test pins that). Written
-    entry by entry because the indenting encoder is pure Python, 3 µs an entry."""
+    {name: file}}` with entries sorted by tensor name, the text transformers writes
+    (`json.dumps(obj, indent=2, sort_keys=True) + "\n"`: non-ASCII escaped; a test pins it).
+    Written entry by entry because the indenting encoder is pure Python, 3 µs an entry."""
     if not weight_map:
         entries = "{}"
     else:
-        enc = json.encoder.encode_basestring   # the C escaper json.dumps uses for str
+        enc = json.encoder.encode_basestring_ascii   # the C escaper json.dumps uses for str
         entries = "{\n" + ",\n".join([f"    {enc(k)}: {enc(weight_map[k])}"
                                         for k in sorted(weight_map)]) + "\n  }"
     return (f'{{\n  "metadata": {{\n    "total_size": {int(total_size)}\n  }},\n'

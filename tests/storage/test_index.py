@@ -103,13 +103,12 @@ def test_atomic_write_text_replaces_the_whole_file_and_leaves_no_temporary(tmp_p
 
 def test_index_text_is_what_json_dumps_writes():
     """The index is written entry by entry (the indenting encoder is slow); the text must stay
-    exactly json.dumps(indent=2, ensure_ascii=False) of the sorted map."""
+    exactly what transformers writes: json.dumps(indent=2, sort_keys=True) of the map."""
     from mindformers_st.storage.index import index_text
     names = ["model.layers.0.w", "é\u00e9", 'q"uote', "back\\slash", "tab\tnew\nline", "\x01",
              "emoji \U0001f600", "b", "a"]
     for wm in ({}, {n: f"model-0000{i % 3 + 1}-of-00003.safetensors" for i, n in enumerate(names)},
                {"x": 'odd "file".safetensors'}):
-        want = json.dumps({"metadata": {"total_size": 123},
-                           "weight_map": {k: wm[k] for k in sorted(wm)}},
-                          indent=2, ensure_ascii=False) + "\n"
+        want = json.dumps({"weight_map": wm, "metadata": {"total_size": 123}},
+                          indent=2, sort_keys=True) + "\n"
         assert index_text(wm, 123) == want
