@@ -25,6 +25,9 @@ from ..layout.slices import TensorSlice
 
 METADATA_KEY = "mindformers_st"
 VERSION = 1
+# the keys of version 1 (`RankFileMeta.to_json`); any other is refused, not ignored
+_KEYS = frozenset({"version", "rank", "world_size", "parallel_config", "remove_redundancy",
+                   "epoch", "step", "run_id", "save_id", "slices"})
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,10 @@ class RankFileMeta:
             raise CheckpointError(f"{where}: format version {version} is newer than this reader "
                                   f"(version {VERSION}); upgrade mindformers-st to read it")
         try:
+            unknown = sorted(str(k) for k in obj if k not in _KEYS)
+            if unknown:   # a later version adds keys with a new version number: this is damage
+                raise ValueError(f"unknown keys {unknown[:5]} for version {version} (it has "
+                                 f"{', '.join(sorted(_KEYS))})")
             rank, world = _int(obj, "rank"), _int(obj, "world_size")
             slices_obj = obj.get("slices") or {}
             if not isinstance(slices_obj, dict):

@@ -42,11 +42,16 @@ def test_a_newer_or_malformed_rank_file_meta_is_refused_by_name():
     for bad, why in (("{", "not JSON"), ("[" * 100_000, "nested too deeply"),
                      (json.dumps([1]), "JSON object"),
                      (json.dumps({"rank": 2, "world_size": 2}), "not inside world_size"),
+                     (json.dumps({"rank": 0, "world_size": 1, "slice": {}}),
+                      r"unknown keys \['slice'\]"),
                      (json.dumps({"rank": 0, "world_size": 1, "slices": {"w": {"offsets": []}}}),
                       "slice of tensor 'w'")):
         with pytest.raises(CheckpointError, match=why):
             RankFileMeta.from_metadata({"mindformers_st": bad}, "x.safetensors")
     assert RankFileMeta.from_metadata({"format": "ms"}, "x") is None
+    full = RankFileMeta(0, 2, {"w": TensorSlice((4,), (0,), (2,))}, {"data_parallel": 2}, True,
+                        1, 2, run_id="r", save_id="1_2@r")   # every key the writer has
+    assert RankFileMeta.from_metadata(full.to_metadata(), "x") == full
 
 
 def test_every_writer_of_rank_files_is_read_back_identically_by_every_reader(tmp_path):
