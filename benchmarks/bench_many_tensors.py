@@ -115,12 +115,11 @@ def forget_parsed_files() -> None:
     (issue 10 counts that as per-tensor overhead). `mindformers_st.caches.forget_all` knows
     them all; a commit's package from before it (--against) has its caches emptied by name."""
     import importlib
-    try:
-        from mindformers_st.caches import forget_all
-    except ImportError:
-        forget_all = None
-    if forget_all is not None:
-        forget_all()
+    import mindformers_st
+    # only the package's own registry: importing mindformers_st.caches where the package has
+    # none would find this checkout's module through the editable install (an empty registry)
+    if os.path.exists(os.path.join(os.path.dirname(mindformers_st.__file__), "caches.py")):
+        importlib.import_module("mindformers_st.caches").forget_all()
         return
     for module, name, how in (("mindformers_st.storage.reader", "_HEADER_CACHE", "clear"),
                               ("mindformers_st.records.rank_meta", "_parse_described", "cache_clear"),
