@@ -7,8 +7,9 @@ per five-field record than writing the instance dict directly (CPython 3.11, mea
 issue 10 counts that as per-tensor overhead. The class stays a dataclass: its fields, equality,
 hash, repr, `replace` and immutability to attribute assignment are unchanged. Each record then
 has a dict of its own (CPython 3.11 otherwise keeps a frozen record's fields inline): holding
-`object.__setattr__` once instead avoids that but counted 8% more instructions in planning,
-and the dicts cost the collector about 4 ms per 4000 tensors once planning ends (measured).
+`object.__setattr__` once instead avoids that but counted 8% more instructions in planning;
+the dicts make a full collection with a 4000-tensor load plan alive take 46 ms instead of 38
+(99k tracked objects instead of 71k; measured here, medians of 10 rounds).
 """
 from __future__ import annotations
 

@@ -32,10 +32,10 @@ class TensorSlice:
         if not (len(self.global_shape) == len(self.offsets) == len(self.sizes)):
             raise ValueError(f"TensorSlice rank mismatch: shape {self.global_shape}, "
                              f"offsets {self.offsets}, sizes {self.sizes}")
-        d, g, o, s = next((d, g, o, s) for d, (g, o, s) in
-                          enumerate(zip(self.global_shape, self.offsets, self.sizes))
-                          if not block_inside((g,), (o,), (s,)))
-        raise ValueError(f"TensorSlice dim {d}: offset {o} + size {s} outside global size {g}")
+        for d, (g, o, s) in enumerate(zip(self.global_shape, self.offsets, self.sizes)):
+            if not block_inside((g,), (o,), (s,)):   # name the first dimension it leaves
+                raise ValueError(f"TensorSlice dim {d}: offset {o} + size {s} outside global "
+                                 f"size {g}")
 
     @classmethod
     def _trusted(cls, global_shape, offsets, sizes) -> "TensorSlice":
@@ -136,7 +136,10 @@ def _whole(shape: Tuple[int, ...]) -> TensorSlice:
 def block_inside(shape, offsets, sizes) -> bool:
     """True when the block `offsets`+`sizes` lies inside an array of `shape`: one entry per
     dimension each, no offset or size negative, no block end past the shape (the rule for
-    slices and for plans' copies)."""
+    slices and for plans' copies). A block that is all of `shape` is answered first: most
+    copies of a plan read or fill a whole tensor."""
+    if sizes == shape and len(offsets) == len(shape) and not any(offsets):
+        return True
     if not len(shape) == len(offsets) == len(sizes):
         return False
     for n, o, s in zip(shape, offsets, sizes):

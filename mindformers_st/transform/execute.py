@@ -206,17 +206,13 @@ def validate_plan(plan: Plan, shapes=None) -> None:
                 if dtype != t.dtype:
                     raise PlanError(f"{f.path}: {t.name!r} is {t.dtype} but its source "
                                     f"{op.src_name!r} in {op.src_file} is {dtype}; plans never cast")
-                # a copy of all of the source (or into all of the target) needs no box test
-                sizes, src_off, dst_off = op.sizes, op.src_offsets, op.dst_offsets
-                if ((sizes != shape or len(src_off) != len(shape) or any(src_off))
-                        and not block_inside(shape, src_off, sizes)):
+                if not block_inside(shape, op.src_offsets, op.sizes):
                     raise PlanError(f"{f.path}: {t.name!r}: copy {op} leaves the source "
                                     f"tensor of shape {list(shape)}")
-                if ((sizes != t.shape or len(dst_off) != len(sizes) or any(dst_off))
-                        and not block_inside(t.shape, dst_off, sizes)):
+                if not block_inside(t.shape, op.dst_offsets, op.sizes):
                     raise PlanError(f"{f.path}: {t.name!r}: copy {op} leaves the target "
                                     f"tensor of shape {list(t.shape)}")
-                total += prod(sizes)
+                total += prod(op.sizes)
             if total != prod(t.shape):
                 raise PlanError(f"{f.path}: {t.name!r}: copies fill {total} of {prod(t.shape)} "
                                 f"elements; every element must come from exactly one copy")
